@@ -1,0 +1,35 @@
+# Everything a new machine needs: `make run` trains, `make test` tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Pinned torch build that pip finds on this project's machines; any torch >= 2.11 works.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+run: install
+	$(BIN)/cifar download
+	$(BIN)/cifar prepare
+	$(BIN)/cifar train
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/cifar bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

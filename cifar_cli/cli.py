@@ -1,0 +1,428 @@
+"""The `cifar` command. Each command: flags -> Settings -> one core call -> render the result or the error.
+
+No torch code lives here; heavy modules are imported inside the commands so `cifar --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from cifar_cli import __version__
+from cifar_cli.errors import CifarError, SettingsError
+from cifar_cli.settings import Settings, dump_yaml, load_settings, parse_set_options, set_dotted
+
+app = typer.Typer(
+    help="CIFAR-10 from nothing to a trained, evaluated, plotted classifier.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+config_app = typer.Typer(help="Inspect the resolved settings.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+error_console = Console(stderr=True)
+
+PATHS = "Paths"
+RECIPE = "Recipe"
+RUN = "Run"
+
+# Options shared by several commands, defined once.
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML settings file (default: ./settings.yaml when present).", rich_help_panel=RUN),
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).", rich_help_panel=RUN),
+]
+RawDirOption = Annotated[Optional[Path], typer.Option("--raw-dir", help="Where the archive is downloaded.", rich_help_panel=PATHS)]
+ProcessedDirOption = Annotated[
+    Optional[Path], typer.Option("--processed-dir", help="Where PNG folders and the tensor cache go.", rich_help_panel=PATHS)
+]
+CheckpointDirOption = Annotated[
+    Optional[Path], typer.Option("--checkpoint-dir", help="Checkpoints go to <dir>/<run>/.", rich_help_panel=PATHS)
+]
+LogDirOption = Annotated[
+    Optional[Path], typer.Option("--log-dir", help="TensorBoard logs and history go to <dir>/<run>/.", rich_help_panel=PATHS)
+]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+
+# Flag name -> dotted settings key; flags left unset (None) do not override anything.
+FLAG_KEYS = {
+    "raw_dir": "data.raw_data_dir",
+    "processed_dir": "data.processed_dir",
+    "checkpoint_dir": "log.checkpoint_dir",
+    "log_dir": "log.log_dir",
+    "urls": "data.urls",
+    "md5": "data.md5",
+    "no_png": "data.write_png",
+    "preset": "preset",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "wd": "optim.weight_decay",
+    "optimizer": "optim.name",
+    "scheduler": "scheduler.name",
+    "label_smoothing": "optim.label_smoothing",
+    "device": "train.device",
+    "precision": "train.precision",
+    "seed": "train.seed",
+    "run_name": "train.run_name",
+    "resume": "train.resume",
+    "compile": "train.compile",
+    "deterministic": "train.deterministic",
+    "val_size": "data.val_size",
+    "progress": "log.progress",
+}
+
+
+def resolve(config: Path | None, set_options: list[str] | None, **flags: Any) -> Settings:
+    """Settings from every source; flags beat `--set`, which beats environment, YAML, preset and defaults."""
+    overrides = parse_set_options(set_options or [])
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag == "no_png":
+            value = not value
+        if flag == "urls" and not value:
+            continue
+        set_dotted(overrides, FLAG_KEYS[flag], value)
+    return load_settings(config, overrides)
+
+
+@contextlib.contextmanager
+def handled_errors() -> Iterator[None]:
+    """Turn every expected failure into a short message and an exit code; never a traceback."""
+    try:
+        yield
+    except SettingsError as error:
+        table = Table("setting", "problem", "given", title=error.message, title_justify="left", border_style="red")
+        for row in error.rows:
+            table.add_row(*row)
+        error_console.print(table)
+        if error.hint:
+            error_console.print(f"[dim]{error.hint}[/dim]")
+        raise typer.Exit(error.exit_code) from None
+    except CifarError as error:
+        body = error.message + (f"\n\n[dim]{error.hint}[/dim]" if error.hint else "")
+        error_console.print(Panel(body, title="cifar: error", title_align="left", border_style="red", expand=False))
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        error_console.print("Interrupted.")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cifar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """CIFAR-10 from nothing to a trained, evaluated, plotted classifier: download, prepare, train, evaluate, plot."""
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, set_options: SetOption = None) -> None:
+    """Print the resolved settings as YAML (defaults < preset < YAML < environment < --set)."""
+    with handled_errors():
+        console.print(dump_yaml(resolve(config, set_options)), end="", highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------------------------------- download
+
+
+@app.command()
+def download(
+    urls: Annotated[
+        Optional[list[str]],
+        typer.Option("--url", help="Mirror to try, in order: http(s)://, file:// or a path (repeatable)."),
+    ] = None,
+    md5: Annotated[Optional[str], typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
+    raw_dir: RawDirOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if a valid archive is present.")] = False,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Fetch the CIFAR-10 python archive, resume partial downloads and verify its checksum."""
+    from cifar_cli.data.download import download_archive
+
+    with handled_errors():
+        data = resolve(config, set_options, urls=urls, md5=md5, raw_dir=raw_dir).data
+        with _transfer_progress() as (on_progress, on_message):
+            result = download_archive(
+                data.urls, data.md5, data.raw_data_dir, force=force, timeout=data.download_timeout,
+                retries=data.download_retries, on_progress=on_progress, on_message=on_message,
+            )
+        if result.already_present:
+            console.print(f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do.")
+        else:
+            console.print(f"Downloaded {result.path} from {result.source} (md5 {result.md5} verified).")
+
+
+@contextlib.contextmanager
+def _transfer_progress() -> Iterator[tuple[Any, Any]]:
+    progress = Progress(
+        TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=error_console, transient=True, disable=not error_console.is_terminal,
+    )
+    task = progress.add_task("download", total=None)
+
+    def on_progress(done: int, total: int | None) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield on_progress, progress.console.print
+
+
+# ---------------------------------------------------------------------------------------------------- prepare
+
+
+@app.command()
+def prepare(
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    no_png: Annotated[Optional[bool], typer.Option("--no-png", help="Only write the tensor cache, no PNG folders.")] = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Extract the archive safely and write PNG-per-class folders plus a tensor cache for training."""
+    from cifar_cli.data.prepare import prepare_dataset
+
+    with handled_errors():
+        data = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, no_png=no_png).data
+        with _count_progress() as on_progress:
+            result = prepare_dataset(data.raw_data_dir, data.processed_dir, write_png=data.write_png, on_progress=on_progress)
+        counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
+        if result.already_prepared:
+            console.print(f"Already prepared in {result.processed_dir} ({counts} images). Nothing to do.")
+        else:
+            console.print(f"Prepared {counts} images in {result.processed_dir}.")
+
+
+@contextlib.contextmanager
+def _count_progress() -> Iterator[Any]:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} PNG files"),
+        console=error_console, transient=True, disable=not error_console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"writing {stage}", total=total)
+        progress.update(tasks[stage], completed=done)
+
+    with progress:
+        yield on_progress
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    preset: Annotated[Optional[str], typer.Option("--preset", help="baseline, fast or resnet18.", rich_help_panel=RECIPE)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", rich_help_panel=RECIPE)] = None,
+    wd: Annotated[Optional[float], typer.Option("--wd", help="Weight decay.", rich_help_panel=RECIPE)] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adam, adamw or sgd.", rich_help_panel=RECIPE)] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option("--scheduler", help="plateau, cosine, onecycle, linear or none.", rich_help_panel=RECIPE)
+    ] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", rich_help_panel=RECIPE)] = None,
+    val_size: Annotated[
+        Optional[int], typer.Option("--val-size", help="Training images held out for validation (0: use test).", rich_help_panel=RECIPE)
+    ] = None,
+    device: DeviceOption = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto, fp32, bf16 or fp16.", rich_help_panel=RUN)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN)] = None,
+    run_name: Annotated[
+        Optional[str], typer.Option("--run-name", help="Run folder name (default: preset-model-<settings hash>).", rich_help_panel=RUN)
+    ] = None,
+    resume: Annotated[
+        Optional[bool], typer.Option("--resume/--no-resume", help="Continue from last.pth (default: when it exists).", rich_help_panel=RUN)
+    ] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN)] = None,
+    deterministic: Annotated[
+        Optional[bool], typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN)
+    ] = None,
+    progress: Annotated[Optional[str], typer.Option("--progress", help="auto, rich, plain or none.", rich_help_panel=RUN)] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)] = 1,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+    log_dir: LogDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
+    flags = dict(
+        preset=preset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd, optimizer=optimizer,
+        scheduler=scheduler, label_smoothing=label_smoothing, val_size=val_size, device=device, precision=precision,
+        seed=seed, run_name=run_name, resume=resume, compile=compile, deterministic=deterministic, progress=progress,
+        raw_dir=raw_dir, processed_dir=processed_dir, checkpoint_dir=checkpoint_dir, log_dir=log_dir,
+    )
+    with handled_errors():
+        settings = resolve(config, set_options, **flags)
+        if nproc > 1:
+            raise typer.Exit(_launch_torchrun(nproc))
+        from cifar_cli.engine.train import train as run_training
+        from cifar_cli.tracking import make_reporter
+
+        run_training(settings, make_reporter(settings.log.progress, console))
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this same command under torchrun with N processes (minus the --nproc flag)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cifar_cli", *args]
+    console.print("Launching: " + " ".join(command[2:]))
+    return subprocess.call(command, env=os.environ.copy())
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cifar train` (best.pth or last.pth).")],
+    split: Annotated[str, typer.Option("--split", help="test, train or val.")] = "test",
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Test-time augmentation (default: as trained).")] = None,
+    device: DeviceOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Accuracy, macro and per-class precision / recall / F1 and the confusion matrix of a checkpoint."""
+    with handled_errors():
+        if split not in ("test", "train", "val"):
+            raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
+        settings = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, device=device)
+        from cifar_cli.engine.evaluate import evaluate_checkpoint
+        from cifar_cli.tracking import write_text_atomically
+
+        metrics = evaluate_checkpoint(
+            checkpoint, settings.data, split, tta, settings.train.device, batch_size, say=error_console.print
+        )
+        _print_metrics(metrics)
+        if json_file:
+            write_text_atomically(json_file, json.dumps(metrics, indent=2))
+            console.print(f"Metrics written to {json_file}")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{metrics['checkpoint']}[/bold] (model {metrics['model']}, epoch {metrics['epoch']}): "
+        f"{metrics['split']} split, {metrics['num_samples']:,} images{', with TTA' if metrics['tta'] else ''}"
+    )
+    summary = Table("metric", "value")
+    for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        summary.add_row(key.replace("_", " "), f"{metrics[key]:.2%}")
+    console.print(summary)
+    per_class = Table("class", "precision", "recall", "F1", "support", title="Per class", title_justify="left")
+    for name, values in metrics["per_class"].items():
+        per_class.add_row(name, f"{values['precision']:.2%}", f"{values['recall']:.2%}", f"{values['f1']:.2%}", str(values["support"]))
+    console.print(per_class)
+    names = metrics["class_names"]
+    confusion = Table("true \\ predicted", *[name[:5] for name in names], title="Confusion matrix", title_justify="left")
+    for name, row in zip(names, metrics["confusion_matrix"]):
+        confusion.add_row(name, *[str(count) for count in row])
+    console.print(confusion)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cifar train`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files of any size (resized to 32x32).")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="Classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: DeviceOption = None,
+) -> None:
+    """Top-k classes with probabilities for image files."""
+    with handled_errors():
+        from cifar_cli.engine.evaluate import predict_images
+
+        device_name = resolve(None, None, device=device).train.device
+        results = predict_images(checkpoint, images, top_k, device_name)
+        if as_json:
+            console.print_json(json.dumps(results))
+            return
+        table = Table("image", *[f"#{rank}" for rank in range(1, top_k + 1)])
+        for result in results:
+            table.add_row(result["image"], *[f"{t['class']} {t['probability']:.1%}" for t in result["top"]])
+        console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------- plot
+
+
+@app.command()
+def plot(
+    target: Annotated[
+        Optional[Path], typer.Argument(help="A run folder (log_dir/<run>) or a checkpoint; default: the latest run.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNG files (default: <run>/plots).")] = None,
+    device: DeviceOption = None,
+    log_dir: LogDirOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    raw_dir: RawDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Training curves, confusion matrix, per-class accuracy and sample predictions as PNG files."""
+    with handled_errors():
+        settings = resolve(
+            config, set_options, device=device, log_dir=log_dir, checkpoint_dir=checkpoint_dir,
+            processed_dir=processed_dir, raw_dir=raw_dir,
+        )
+        from cifar_cli.plots import write_run_plots
+
+        written = write_run_plots(
+            target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, settings.train.device,
+            say=error_console.print,
+        )
+        console.print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
+
+
+def main() -> None:
+    app(prog_name="cifar")

@@ -1,0 +1,139 @@
+"""In-memory batches, augmented as whole batches on the training device (no per-image decoding in the loop)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+# Per-channel statistics of the CIFAR-10 training images, on the 0..1 scale.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = True
+    translate: int = 0  # pixels; random crop of the image padded by this much (reflect padding)
+    cutout: int = 0  # side of a zeroed square, pixels
+
+
+def normalize(images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> normalised floats in `dtype`, optionally in channels_last memory layout."""
+    mean = torch.tensor(CIFAR_MEAN, device=images_uint8.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=images_uint8.device).view(1, 3, 1, 1) * 255
+    images = ((images_uint8.float() - mean) / std).to(dtype)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random flip, translate and cutout of a uint8 or float batch, all decided by `generator`."""
+    batch = images.shape[0]
+    if augment.flip:
+        flip = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    if augment.translate:
+        images = _random_translate(images, augment.translate, generator)
+    if augment.cutout:
+        images = _cutout(images, augment.cutout, generator)
+    return images
+
+
+def _random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    batch, channels, height, width = images.shape
+    # Reflect padding (as airbench) needs floats; the result goes back to the input dtype.
+    padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
+    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(images.device)
+    rows = (shifts[0].view(-1, 1) + torch.arange(height, device=images.device)).view(batch, 1, height, 1)
+    cols = (shifts[1].view(-1, 1) + torch.arange(width, device=images.device)).view(batch, 1, 1, width)
+    index = torch.arange(batch, device=images.device).view(-1, 1, 1, 1)
+    channel = torch.arange(channels, device=images.device).view(1, -1, 1, 1)
+    return padded[index, channel, rows, cols].to(images.dtype)
+
+
+def _cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    batch, _, height, width = images.shape
+    centres = torch.rand(2, batch, generator=generator, device=generator.device).to(images.device)
+    top = (centres[0] * height).long().view(-1, 1, 1) - size // 2
+    left = (centres[1] * width).long().view(-1, 1, 1) - size // 2
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(inside.unsqueeze(1), 0)
+
+
+class BatchLoader:
+    """Yields (normalised images, labels) batches from tensors that already sit on the training device.
+
+    Each epoch's order comes from `seed` and the epoch number alone, so a resumed run sees the same batches. With
+    `world_size > 1` every rank takes a disjoint, equally long shard of that order (for DistributedDataParallel).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: Augment | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.train = batch_size, train
+        self.augment = augment or Augment(flip=False)
+        self.seed, self.dtype, self.channels_last = seed, dtype, channels_last
+        self.rank, self.world_size = rank, world_size
+        # Training drops the ragged last batch (BatchNorm dislikes tiny batches) unless it would drop everything.
+        self.drop_last = (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def samples_per_rank(self) -> int:
+        return len(self.labels) // self.world_size if self.train else len(self.labels)
+
+    def __len__(self) -> int:
+        count = self.samples_per_rank
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        if not self.train:
+            return torch.arange(len(self.labels))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.labels), generator=generator)
+        per_rank = self.samples_per_rank
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order().to(self.images.device)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
+        for batch_index in range(len(self)):
+            index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
+            images = self.images[index]
+            if self.train:
+                images = augment_batch(images, self.augment, generator)
+            yield normalize(images, self.dtype, self.channels_last), self.labels[index]
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val) with `val_size` validation images spread evenly over the classes, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    per_class = [val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))]
+    val_parts = []
+    for cls, count in zip(classes.tolist(), per_class):
+        members = (labels == cls).nonzero().flatten()
+        val_parts.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    val_index = torch.cat(val_parts).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val_index] = False
+    return keep.nonzero().flatten(), val_index

@@ -1,0 +1,197 @@
+"""Inference over a loader (with optional test-time augmentation) and evaluation of saved checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from torch import nn
+
+from cifar_cli.data import ensure_prepared
+from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
+from cifar_cli.data.prepare import CLASS_NAMES, load_cache
+from cifar_cli.engine.checkpoint import load_checkpoint
+from cifar_cli.engine.device import Precision, resolve_device, resolve_precision
+from cifar_cli.engine.metrics import ClassificationReport, classification_report
+from cifar_cli.errors import UsageError
+from cifar_cli.models import build_model
+from cifar_cli.settings import DataSettings, ModelSettings, TrainSettings
+
+
+def tta_level(train: TrainSettings, enabled: bool | None = None) -> int:
+    """0 without TTA; flips (1); flips and one-pixel shifts (2) for models that were trained with translation."""
+    if not (train.tta if enabled is None else enabled):
+        return 0
+    return 2 if train.augment.translate else 1
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tensor:
+    """Level 0: plain; 1: average with the mirror image; 2: also one-pixel shifts (for models trained with translate).
+
+    Weights as in airbench: half on the unshifted view, a quarter on each shifted view.
+    """
+    def with_flip(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch)
+        return logits if level == 0 else 0.5 * (logits + model(batch.flip(3)))
+
+    logits = with_flip(images)
+    if level < 2:
+        return logits
+    padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    up_left = padded[:, :, :-2, :-2].contiguous(memory_format=_memory_format(images))
+    down_right = padded[:, :, 2:, 2:].contiguous(memory_format=_memory_format(images))
+    return 0.5 * logits + 0.25 * with_flip(up_left) + 0.25 * with_flip(down_right)
+
+
+def _memory_format(images: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class Predictions:
+    logits: torch.Tensor  # float32, N x classes, on the CPU
+    targets: torch.Tensor  # int64, N
+    loss: float  # mean cross-entropy without label smoothing
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, tta_level: int = 0) -> Predictions:
+    was_training = model.training
+    model.eval()
+    logits_parts, target_parts = [], []
+    try:
+        for images, targets in loader:
+            with precision.autocast(device):
+                logits = tta_logits(model, images, tta_level)
+            logits_parts.append(logits.float())
+            target_parts.append(targets)
+    finally:
+        model.train(was_training)
+    logits, targets = torch.cat(logits_parts), torch.cat(target_parts)
+    loss = float(nn.functional.cross_entropy(logits, targets))
+    return Predictions(logits.cpu(), targets.cpu(), loss)
+
+
+def report_to_json(report: ClassificationReport, **extra: Any) -> dict[str, Any]:
+    return {
+        "accuracy": report.accuracy,
+        "precision_macro": report.precision_macro,
+        "recall_macro": report.recall_macro,
+        "f1_macro": report.f1_macro,
+        "per_class": report.per_class,
+        "confusion_matrix": report.confusion_matrix,
+        "num_samples": report.num_samples,
+        **extra,
+    }
+
+
+def report_from_predictions(predictions: Predictions, class_names: list[str]) -> ClassificationReport:
+    return classification_report(predictions.predicted, predictions.targets, class_names)
+
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    state: dict[str, Any]
+    train_settings: TrainSettings
+    data_settings: DataSettings
+
+
+def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
+    """Rebuild the model from the settings stored in a checkpoint; nothing in the file is executed."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    stored = state["settings"]
+    try:
+        model_settings = ModelSettings.model_validate(stored["model"])
+        train_settings = TrainSettings.model_validate(stored["train"])
+        data_settings = DataSettings.model_validate(stored["data"])
+    except (KeyError, TypeError, ValidationError) as error:
+        raise UsageError(f"{checkpoint} has damaged settings ({type(error).__name__}).") from None
+    model = build_model(model_settings.name, model_settings.width_multiplier)
+    try:
+        model.load_state_dict(state["model_state"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UsageError(f"{checkpoint}: the weights do not fit model {model_settings.name!r} ({str(error)[:200]}).") from None
+    model = model.to(device, memory_format=torch.channels_last if train_settings.channels_last else torch.contiguous_format)
+    return LoadedModel(model.eval(), state, train_settings, data_settings)
+
+
+def split_tensors(data: DataSettings, split: str, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels of `split`; `val` is the held-out part of train (or the test split if none was)."""
+    cache = load_cache(data.processed_dir)
+    if split == "test" or (split == "val" and val_size == 0):
+        return cache["test_images"], cache["test_labels"]
+    images, labels = cache["train_images"], cache["train_labels"]
+    if split == "train" and val_size == 0:
+        return images, labels
+    train_index, val_index = stratified_split(labels, val_size, seed)
+    index = val_index if split == "val" else train_index
+    return images[index], labels[index]
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    data: DataSettings,
+    split: str = "test",
+    tta: bool | None = None,
+    device_name: str = "auto",
+    batch_size: int = 1000,
+    say: Callable[[str], None] = lambda _text: None,
+) -> dict[str, Any]:
+    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes."""
+    device = resolve_device(device_name)
+    loaded = load_model(checkpoint, device)
+    ensure_prepared(data, say)
+    images, labels = split_tensors(data, split, loaded.data_settings.val_size, loaded.train_settings.seed)
+    precision = resolve_precision(loaded.train_settings.precision, device)
+    loader = BatchLoader(
+        images.to(device), labels.to(device), batch_size, train=False,
+        dtype=precision.autocast_dtype or torch.float32, channels_last=loaded.train_settings.channels_last,
+    )
+    level = tta_level(loaded.train_settings, tta)
+    predictions = predict(loaded.model, loader, precision, device, tta_level=level)
+    class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
+    report = report_from_predictions(predictions, class_names)
+    return report_to_json(
+        report, checkpoint=str(checkpoint), split=split, tta=bool(level), loss=predictions.loss,
+        model=loaded.state["model_name"], epoch=loaded.state["epoch"], class_names=class_names,
+    )
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Any image file as uint8 3 x 32 x 32 (RGB, resized with antialiasing)."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Cannot read image {path}: {error}") from None
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def predict_images(checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
+    """Top-k classes with probabilities for each image file."""
+    device = resolve_device(device_name)
+    loaded = load_model(checkpoint, device)
+    class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
+    images = torch.stack([load_image(path) for path in paths]).to(device)
+    precision = resolve_precision(loaded.train_settings.precision, device)
+    batch = normalize(images, precision.autocast_dtype or torch.float32, loaded.train_settings.channels_last)
+    level = tta_level(loaded.train_settings)
+    with torch.no_grad(), precision.autocast(device):
+        probabilities = torch.softmax(tta_logits(loaded.model, batch, level).float(), dim=1).cpu()
+    top = probabilities.topk(min(top_k, len(class_names)), dim=1)
+    return [
+        {"image": str(path), "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(values, indices)]}
+        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
+    ]

@@ -1,0 +1,80 @@
+"""Optimisers and learning-rate schedules built from the settings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
+
+from cifar_cli.settings import OptimSettings, SchedulerSettings
+
+Scheduler = LRScheduler | ReduceLROnPlateau
+
+
+def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
+    """Two groups: weights (with decay) and normalisation/bias parameters (no decay, lr x bias_lr_scale)."""
+    decayed, undecayed = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (undecayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
+    groups = [
+        {"params": decayed, "weight_decay": settings.weight_decay, "lr": settings.lr},
+        {"params": undecayed, "weight_decay": 0.0, "lr": settings.lr * settings.bias_lr_scale},
+    ]
+    groups = [group for group in groups if group["params"]]
+    if settings.name == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
+    if settings.name == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas)
+    return torch.optim.Adam(groups, lr=settings.lr, betas=settings.betas)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    settings: SchedulerSettings,
+    epochs: int,
+    steps_per_epoch: int,
+    monitor_mode: str = "max",
+) -> Scheduler | None:
+    """Per-step schedules (cosine, linear, onecycle, warm-up) or the per-epoch plateau schedule; None for `none`
+    without warm-up. `scheduler_steps_per_batch` tells the loop which kind it got."""
+    total_steps = max(1, epochs * steps_per_epoch)
+    warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
+    if settings.name == "plateau":
+        return ReduceLROnPlateau(optimizer, mode=monitor_mode, factor=settings.factor, patience=settings.patience)
+    if settings.name == "onecycle":
+        max_lrs = [group["lr"] for group in optimizer.param_groups]
+        pct_start = warmup_steps / total_steps if warmup_steps else 0.25
+        return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=min(pct_start, 0.9))
+    if settings.name == "none" and not warmup_steps:
+        return None
+    return LambdaLR(optimizer, _StepSchedule(settings, warmup_steps, total_steps))
+
+
+def scheduler_steps_per_batch(scheduler: Scheduler | None) -> bool:
+    return scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau)
+
+
+class _StepSchedule:
+    """lr multiplier at a step: linear warm-up, then constant, cosine or linear decay to `final_lr_factor`.
+
+    A plain class (not a lambda) so that the scheduler's state_dict stays plain data.
+    """
+
+    def __init__(self, settings: SchedulerSettings, warmup_steps: int, total_steps: int) -> None:
+        self.kind = settings.name
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.start, self.final = settings.warmup_start_factor, settings.final_lr_factor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start + (1 - self.start) * step / self.warmup_steps
+        if self.kind == "none":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "cosine":
+            return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - (1 - self.final) * progress  # linear

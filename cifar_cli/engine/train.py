@@ -1,0 +1,446 @@
+"""The training loop: data on the device, mixed precision, checkpoints every epoch, exact resume, early stopping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar_cli.data import ensure_prepared
+from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
+from cifar_cli.data.prepare import CLASS_NAMES, load_cache
+from cifar_cli.engine import distributed
+from cifar_cli.engine.checkpoint import FORMAT_VERSION, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
+from cifar_cli.engine.distributed import DistContext
+from cifar_cli.engine.evaluate import Predictions, predict, report_from_predictions, tta_level
+from cifar_cli.engine.metrics import epoch_metrics
+from cifar_cli.engine.optim import Scheduler, build_optimizer, build_scheduler, scheduler_steps_per_batch
+from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.models import build_model
+from cifar_cli.settings import Settings, dump_yaml
+from cifar_cli.tracking import NullReporter, Reporter, RunLogger
+
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "best.pth"
+WHITENING_SAMPLE = 5000  # training images used to estimate the whitening filters
+PROGRESS_UPDATES_PER_EPOCH = 50  # batch-bar refreshes; each one waits for the device
+
+
+class TrainingInterrupted(CifarError):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint_dir: Path
+    history: list[dict[str, Any]]
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from_epoch: int = 0
+    stopped_early: bool = False
+
+
+def default_run_name(settings: Settings) -> str:
+    """Same recipe, same name: running the same command again resumes instead of starting a second run."""
+    recipe = {
+        "model": settings.model.model_dump(mode="json"),
+        "optim": settings.optim.model_dump(mode="json"),
+        "scheduler": settings.scheduler.model_dump(mode="json"),
+        "train": settings.train.model_dump(
+            mode="json", include={"epochs", "batch_size", "seed", "precision", "augment", "early_stopping"}
+        ),
+        "val_size": settings.data.val_size,
+    }
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{settings.preset}-{settings.model.name}-{digest}"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before training, not after the first epoch, when a folder cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"Cannot write to {folder}: {error.strerror or error}.") from None
+
+
+class Trainer:
+    """One training run. `run()` does everything; the pieces are methods so each stays short."""
+
+    def __init__(self, settings: Settings, reporter: Reporter | None = None, context: DistContext | None = None):
+        self.settings = settings
+        self.context = context or distributed.context_from_env()
+        self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
+        self.run_name = settings.train.run_name or default_run_name(settings)
+        self.run_dir = settings.log.log_dir / self.run_name
+        self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0  # finished epochs
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.epochs_without_improvement = 0
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _setup_device(self) -> None:
+        train = self.settings.train
+        device = resolve_device(train.device)
+        if self.context.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.context.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self.precision: Precision = resolve_precision(train.precision, device)
+        if train.num_threads:
+            torch.set_num_threads(train.num_threads)
+        distributed.init_process_group(self.context, device)
+
+    def _setup_data(self) -> None:
+        ensure_prepared(self.settings.data, self.reporter.message)
+        cache = load_cache(self.settings.data.processed_dir)
+        images, labels = cache["train_images"], cache["train_labels"]
+        val_size = self.settings.data.val_size
+        if val_size:
+            if val_size >= len(labels):
+                raise UsageError(f"data.val_size={val_size} leaves no training images (the split has {len(labels)}).")
+            train_index, val_index = stratified_split(labels, val_size, self.settings.train.seed)
+            val_images, val_labels = images[val_index], labels[val_index]
+            images, labels = images[train_index], labels[train_index]
+        else:
+            val_images, val_labels = cache["test_images"], cache["test_labels"]
+        self.train_images = images.to(self.device)
+        train = self.settings.train
+        # Autocast would cast the inputs anyway; producing them in its dtype saves a conversion pass per batch.
+        input_dtype = self.precision.autocast_dtype or torch.float32
+        self.train_loader = BatchLoader(
+            self.train_images,
+            labels.to(self.device),
+            train.batch_size,
+            train=True,
+            augment=Augment(train.augment.flip, train.augment.translate, train.augment.cutout),
+            seed=train.seed,
+            dtype=input_dtype,
+            channels_last=train.channels_last,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+        )
+        self.val_loader = BatchLoader(
+            val_images.to(self.device), val_labels.to(self.device), train.eval_batch_size, train=False,
+            dtype=input_dtype, channels_last=train.channels_last,
+        )
+        if len(self.train_loader) == 0:
+            raise UsageError("No training batches: the training split is smaller than one batch per process.")
+
+    def _setup_model(self) -> None:
+        settings = self.settings
+        model = build_model(settings.model.name, settings.model.width_multiplier)
+        init_from_data = getattr(model, "init_from_data", None)
+        if init_from_data is not None:
+            sample = self.train_images[: min(WHITENING_SAMPLE, len(self.train_images))].cpu()
+            init_from_data(normalize(sample, torch.float32, channels_last=False))  # fp32, outside autocast
+        memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.optimizer = build_optimizer(self.model, settings.optim)
+        self.scheduler: Scheduler | None = build_scheduler(
+            self.optimizer, settings.scheduler, settings.train.epochs, len(self.train_loader),
+            settings.train.early_stopping.mode,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=settings.optim.label_smoothing)
+        self.train_model: nn.Module = self.model
+        if self.context.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if settings.train.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _should_resume(self) -> bool:
+        wanted = self.settings.train.resume
+        exists = (self.checkpoint_dir / LAST_CHECKPOINT).is_file()
+        if wanted and not exists:
+            raise UsageError(
+                f"--resume was given but {self.checkpoint_dir / LAST_CHECKPOINT} does not exist.",
+                hint="Check --run-name and --checkpoint-dir, or drop --resume.",
+            )
+        return exists and wanted is not False
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=self.device)
+        stored_model = state["settings"]["model"]
+        if stored_model != self.settings.model.model_dump(mode="json"):
+            raise UsageError(
+                f"Run {self.run_name!r} was trained with model {stored_model}, not {self.settings.model.model_dump()}.",
+                hint="Use another --run-name, or --no-resume to start this run again.",
+            )
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.scheduler is not None and state.get("scheduler_state"):
+            self.scheduler.load_state_dict(state["scheduler_state"])
+        if state.get("scaler_state"):
+            self.scaler.load_state_dict(state["scaler_state"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.history = list(state["history"])[: self.epoch]
+        self.best_metric = state.get("best_metric")
+        self.epochs_without_improvement = state.get("epochs_without_improvement", 0)
+        restore_rng_states(state["rng"])
+        self.reporter.message(f"Resuming run {self.run_name} after epoch {self.epoch} ({LAST_CHECKPOINT}).")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        settings = self.settings
+        if self.context.is_main:
+            check_writable(self.checkpoint_dir)
+            check_writable(self.run_dir)
+        seed_everything(settings.train.seed, settings.train.deterministic)
+        self._setup_device()
+        try:
+            return self._run()
+        finally:
+            distributed.destroy_process_group()
+
+    def _run(self) -> TrainResult:
+        self._setup_data()
+        self._setup_model()
+        resumed_from = 0
+        if self._should_resume():
+            self._resume()
+            resumed_from = self.epoch
+        logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard) if self.context.is_main else None
+        if resumed_from >= self.settings.train.epochs:
+            self.reporter.message(
+                f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
+                "Use --no-resume to train it again, or raise --epochs to extend it."
+            )
+            return TrainResult(self.run_name, self.run_dir, self.checkpoint_dir, self.history, {}, resumed_from)
+        self.reporter.message(self._banner())
+        stopped_early = False
+        try:
+            while self.epoch < self.settings.train.epochs and not stopped_early:
+                record = self._train_and_validate_epoch()
+                stopped_early = self._after_epoch(record, logger)
+            final_metrics = self._finish(logger)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"Interrupted. {LAST_CHECKPOINT} holds epoch {self.epoch} of run {self.run_name}.",
+                hint=f"Resume with: cifar train --run-name {self.run_name} (plus the same options as before).",
+            ) from None
+        finally:
+            self.reporter.close()
+            if logger is not None:
+                logger.close()
+        return TrainResult(
+            self.run_name, self.run_dir, self.checkpoint_dir, self.history, final_metrics, resumed_from, stopped_early
+        )
+
+    def _banner(self) -> str:
+        train = self.settings.train
+        parts = [
+            f"run {self.run_name}",
+            f"model {self.settings.model.name}",
+            f"device {describe(self.device)}",
+            f"precision {self.precision.name}",
+            f"{len(self.train_loader.labels):,} training images, {len(self.val_loader.labels):,} for validation",
+            f"batch {train.batch_size} x {len(self.train_loader)} steps x {train.epochs} epochs",
+        ]
+        if self.context.enabled:
+            parts.append(f"{self.context.world_size} processes")
+        return "Training: " + ", ".join(parts)
+
+    def _train_and_validate_epoch(self) -> dict[str, Any]:
+        epoch = self.epoch + 1
+        self.reporter.start_epoch(epoch, self.settings.train.epochs, len(self.train_loader))
+        started = time.perf_counter()
+        train_stats = self._train_one_epoch()
+        seconds = time.perf_counter() - started
+        val = predict(self.model, self.val_loader, self.precision, self.device, tta_level=0)
+        val_report = report_from_predictions(val, CLASS_NAMES)
+        images_seen = len(self.train_loader) * self.settings.train.batch_size * self.context.world_size
+        return {
+            "epoch": epoch,
+            **{f"train_{key}": value for key, value in train_stats.items()},
+            "val_loss": val.loss,
+            "val_accuracy": val_report.accuracy,
+            "val_precision": val_report.precision_macro,
+            "val_recall": val_report.recall_macro,
+            "val_f1": val_report.f1_macro,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images_per_second": images_seen / seconds,
+            "step": self.global_step,
+        }
+
+    def _train_one_epoch(self) -> dict[str, float]:
+        model, loader = self.train_model, self.train_loader
+        loader.set_epoch(self.epoch)
+        model.train()
+        metrics = epoch_metrics(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        steps_per_batch = scheduler_steps_per_batch(self.scheduler)
+        refresh_every = max(1, len(loader) // PROGRESS_UPDATES_PER_EPOCH)
+        started = time.perf_counter()
+        for batch_index, (images, targets) in enumerate(loader, start=1):
+            with self.precision.autocast(self.device):
+                logits = model(images)
+            loss = self.criterion(logits.float(), targets)
+            self._step(loss)
+            if steps_per_batch:
+                self.scheduler.step()
+            self.global_step += 1
+            loss_sum += loss.detach()
+            predicted = logits.detach().argmax(dim=1)
+            metrics.update(predicted, targets)
+            correct += (predicted == targets).sum()
+            if batch_index % refresh_every == 0 or batch_index == len(loader):
+                self._check_finite(loss_sum, batch_index)
+                self._report_batch(batch_index, loss_sum, correct, started)
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(len(loader)), device=self.device)]))
+        computed = {key: float(value) for key, value in metrics.compute().items()}
+        return {"loss": float(totals[0] / totals[1]), **computed}
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.settings.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _check_finite(self, loss_sum: torch.Tensor, batch_index: int) -> None:
+        if not math.isfinite(float(loss_sum)):
+            raise CifarError(
+                f"The loss became {float(loss_sum)} in epoch {self.epoch + 1} by batch {batch_index}; training stopped.",
+                hint="Lower the learning rate (--lr), enable --set optim.grad_clip=1.0, or use --precision fp32.",
+            )
+
+    def _report_batch(self, done: int, loss_sum: torch.Tensor, correct: torch.Tensor, started: float) -> None:
+        """Live numbers of this process's batches so far (the epoch record holds the all-rank values)."""
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        self.reporter.update_batch(
+            done,
+            {
+                "loss": float(loss_sum) / done,
+                "accuracy": float(correct) / (done * self.settings.train.batch_size),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_second": done * self.settings.train.batch_size * self.context.world_size / elapsed,
+            },
+        )
+
+    def _after_epoch(self, record: dict[str, Any], logger: RunLogger | None) -> bool:
+        """Bookkeeping after an epoch; returns True when early stopping says to stop."""
+        self.epoch = record["epoch"]
+        self.history.append(record)
+        stopping = self.settings.train.early_stopping
+        monitored = record[stopping.monitor]
+        improved = self.best_metric is None or (
+            monitored > self.best_metric if stopping.mode == "max" else monitored < self.best_metric
+        )
+        if improved:
+            self.best_metric, self.epochs_without_improvement = monitored, 0
+        else:
+            self.epochs_without_improvement += 1
+        if self.scheduler is not None and not scheduler_steps_per_batch(self.scheduler):
+            self.scheduler.step(monitored)
+        if self.context.is_main:
+            self._save(self.checkpoint_dir / LAST_CHECKPOINT)
+            if improved:
+                self._save(self.checkpoint_dir / BEST_CHECKPOINT)
+            logger.log_epoch(record, self.history, self.global_step)
+        self.reporter.end_epoch(record)
+        distributed.barrier()
+        stop = bool(stopping.patience) and self.epochs_without_improvement >= stopping.patience
+        if stop:
+            self.reporter.message(
+                f"Early stopping: {stopping.monitor} has not improved for {stopping.patience} epochs "
+                f"(best {self.best_metric:.4f})."
+            )
+        return stop
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.settings.model.name,
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "rng": capture_rng_states(),
+            "settings": self.settings.to_plain(),
+            "class_names": CLASS_NAMES,
+            "run_name": self.run_name,
+        }
+
+    def _save(self, path: Path) -> None:
+        try:
+            save_checkpoint(self.checkpoint_state(), path)
+        except OSError as error:
+            raise CifarError(
+                f"Could not write checkpoint {path}: {error.strerror or error}. The previous file is intact.",
+                hint="Free disk space or choose another --checkpoint-dir, then run the same command to resume.",
+            ) from None
+
+    def _finish(self, logger: RunLogger | None) -> dict[str, float]:
+        """Final evaluation (with TTA when enabled) of the last weights, logged to TensorBoard."""
+        level = tta_level(self.settings.train)
+        predictions: Predictions = predict(self.model, self.val_loader, self.precision, self.device, level)
+        report = report_from_predictions(predictions, CLASS_NAMES)
+        final = {"accuracy": report.accuracy, "f1": report.f1_macro, "loss": predictions.loss}
+        if self.history:
+            self.reporter.message(
+                f"Final {'TTA ' if level else ''}accuracy {report.accuracy:.2%} (macro F1 {report.f1_macro:.3f}); "
+                f"checkpoints in {self.checkpoint_dir}, logs in {self.run_dir}"
+            )
+        if logger is not None:
+            from cifar_cli.plots import confusion_matrix_figure
+
+            figure = confusion_matrix_figure(report.confusion_matrix, CLASS_NAMES)
+            logger.log_final(_hparams(self.settings), final, figure)
+        return final
+
+
+def _hparams(settings: Settings) -> dict[str, Any]:
+    return {
+        "model": settings.model.name,
+        "optimizer": settings.optim.name,
+        "lr": settings.optim.lr,
+        "weight_decay": settings.optim.weight_decay,
+        "batch_size": settings.train.batch_size,
+        "epochs": settings.train.epochs,
+        "scheduler": settings.scheduler.name,
+        "precision": settings.train.precision,
+        "seed": settings.train.seed,
+    }
+
+
+def train(settings: Settings, reporter: Reporter | None = None) -> TrainResult:
+    """Train with `settings`; the one entry point that the CLI and Python users call."""
+    return Trainer(settings, reporter).run()

@@ -1,0 +1,27 @@
+"""The seed project's network: three 3x3 conv + ReLU + max-pool stages and a two-layer classifier."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cifar_cli.models.registry import register_model
+
+
+def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+@register_model("seed-cnn")
+def seed_cnn(width_multiplier: float = 1.0) -> nn.Module:
+    widths = [max(1, round(w * width_multiplier)) for w in (32, 64, 128)]
+    hidden = max(1, round(256 * width_multiplier))
+    return nn.Sequential(
+        _stage(3, widths[0]),  # 32x32 -> 16x16
+        _stage(widths[0], widths[1]),  # -> 8x8
+        _stage(widths[1], widths[2]),  # -> 4x4
+        nn.Flatten(),
+        nn.Linear(widths[2] * 4 * 4, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+        nn.Linear(hidden, 10),
+    )

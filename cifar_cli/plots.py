@@ -1,0 +1,195 @@
+"""Matplotlib figures of a run, written as PNG files. Uses `Figure` objects directly (no pyplot state, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cifar_cli.errors import UsageError
+from cifar_cli.settings import DataSettings
+
+DPI = 120
+
+
+def save(figure: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Figure:
+    """Loss, accuracy, macro F1 and learning rate per epoch, train and validation side by side."""
+    figure = Figure(figsize=(11, 8))
+    axes = figure.subplots(2, 2)
+    epochs = [record["epoch"] for record in history]
+    panels = [("loss", "cross-entropy loss"), ("accuracy", "accuracy"), ("f1", "macro F1")]
+    for axis, (metric, label) in zip(axes.flat, panels):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [record.get(f"{split}_{metric}") for record in history]
+            if any(v is not None for v in values):
+                axis.plot(epochs, values, style, markersize=3, label=split)
+        axis.set(title=label, xlabel="epoch", ylabel=label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    lr_axis = axes.flat[3]
+    lr_axis.plot(epochs, [record["lr"] for record in history], "-o", markersize=3, color="tab:purple", label="lr (end of epoch)")
+    lr_axis.set(title="learning rate", xlabel="epoch", ylabel="learning rate")
+    lr_axis.grid(alpha=0.3)
+    lr_axis.legend()
+    for axis in axes.flat:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
+    """Rows normalised to sum to 1 (colour); each cell also shows its count."""
+    counts = np.asarray(matrix)
+    normalised = counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None)
+    figure = Figure(figsize=(8, 7))
+    axis = figure.subplots()
+    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axis, label="fraction of the true class")
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
+    for row in ticks:
+        for col in ticks:
+            colour = "white" if normalised[row, col] > 0.5 else "black"
+            axis.text(col, row, f"{counts[row, col]}", ha="center", va="center", fontsize=7, color=colour)
+    figure.tight_layout()
+    return figure
+
+
+def per_class_figure(per_class: dict[str, dict[str, float]]) -> Figure:
+    """Recall (the per-class accuracy) and F1 for each class."""
+    names = list(per_class)
+    recall = [per_class[name]["recall"] for name in names]
+    f1 = [per_class[name]["f1"] for name in names]
+    positions = np.arange(len(names))
+    figure = Figure(figsize=(10, 4.5))
+    axis = figure.subplots()
+    axis.bar(positions - 0.2, recall, width=0.4, label="accuracy (recall)")
+    axis.bar(positions + 0.2, f1, width=0.4, label="F1")
+    axis.set_xticks(positions, names, rotation=30, ha="right")
+    axis.set(ylim=(0, 1), ylabel="fraction", title="Per-class accuracy and F1")
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def predictions_figure(
+    images: np.ndarray, targets: list[int], predicted: list[int], class_names: list[str], columns: int = 8
+) -> Figure:
+    """A grid of uint8 N x 3 x 32 x 32 images titled 'true / predicted'; mistakes in red with a red frame."""
+    rows = -(-len(images) // columns)
+    figure = Figure(figsize=(columns * 1.5, rows * 1.7))
+    axes = list(np.atleast_1d(figure.subplots(rows, columns)).flat)
+    for axis in axes[len(images) :]:
+        axis.axis("off")
+    for axis, image, target, guess in zip(axes, images, targets, predicted):
+        wrong = target != guess
+        axis.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+        axis.set_title(f"{class_names[target]}\n→ {class_names[guess]}", fontsize=8, color="red" if wrong else "black")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        for spine in axis.spines.values():
+            spine.set(color="red" if wrong else "grey", linewidth=2.5 if wrong else 0.5)
+    figure.suptitle("Test images: true class → prediction (mistakes in red)")
+    figure.tight_layout()
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------ a run's plots
+
+PREDICTION_SAMPLES = 32  # test images in predictions.png
+
+
+@dataclass(frozen=True)
+class PlotSources:
+    run_dir: Path | None
+    checkpoint: Path | None
+    history: list[dict[str, Any]]
+
+
+def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> PlotSources:
+    """Resolve a run folder, a checkpoint file, or (None) the most recent run under `log_dir`."""
+    from cifar_cli.engine.checkpoint import load_checkpoint
+    from cifar_cli.tracking import HISTORY_FILE, read_history
+
+    if target is None:
+        runs = sorted(log_dir.glob(f"*/{HISTORY_FILE}"), key=lambda p: p.stat().st_mtime) if log_dir.is_dir() else []
+        if not runs:
+            raise UsageError(f"No runs with a history in {log_dir}.", hint="Train first, or pass a run folder or checkpoint.")
+        target = runs[-1].parent
+    if target.is_file():
+        state = load_checkpoint(target)
+        if not state["history"]:
+            raise UsageError(f"{target} has no training history to plot.")
+        return PlotSources(None, target, list(state["history"]))
+    if not target.is_dir():
+        raise UsageError(f"{target} is neither a run folder nor a checkpoint file.")
+    history = read_history(target)
+    if not history:
+        raise UsageError(f"{target} has no {HISTORY_FILE}.", hint="Pass a run folder made by `cifar train` (log_dir/<run>).")
+    run_checkpoints = checkpoint_dir / target.name
+    checkpoint = next((p for p in (run_checkpoints / "best.pth", run_checkpoints / "last.pth") if p.is_file()), None)
+    return PlotSources(target, checkpoint, history)
+
+
+def write_run_plots(
+    target: Path | None,
+    out: Path | None,
+    log_dir: Path,
+    checkpoint_dir: Path,
+    data: DataSettings,
+    device_name: str = "auto",
+    say: Callable[[str], None] = lambda _text: None,
+) -> list[Path]:
+    """curves.png always; confusion_matrix.png, per_class.png and predictions.png when a checkpoint is found."""
+    from cifar_cli.engine.evaluate import evaluate_checkpoint
+
+    sources = find_sources(target, log_dir, checkpoint_dir)
+    out = out or (sources.run_dir or sources.checkpoint.parent) / "plots"
+    written = [save(curves_figure(sources.history), out / "curves.png")]
+    if sources.checkpoint is None:
+        say(f"No checkpoint found in {checkpoint_dir}: only the training curves were drawn.")
+        return written
+    say(f"Evaluating {sources.checkpoint} on the test split for the other plots.")
+    metrics = evaluate_checkpoint(sources.checkpoint, data, "test", device_name=device_name, say=say)
+    written.append(save(confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]), out / "confusion_matrix.png"))
+    written.append(save(per_class_figure(metrics["per_class"]), out / "per_class.png"))
+    written.append(save(_sample_predictions_figure(sources.checkpoint, data, device_name), out / "predictions.png"))
+    return written
+
+
+def _sample_predictions_figure(checkpoint: Path, data: DataSettings, device_name: str) -> Figure:
+    import torch
+
+    from cifar_cli.data.loader import normalize
+    from cifar_cli.data.prepare import load_cache
+    from cifar_cli.engine.device import resolve_device
+    from cifar_cli.engine.evaluate import load_model
+
+    device = resolve_device(device_name)
+    loaded = load_model(checkpoint, device)
+    cache = load_cache(data.processed_dir)
+    # A fixed, spread-out sample so the picture is comparable between runs.
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(cache["test_labels"]), generator=generator)[:PREDICTION_SAMPLES]
+    images, targets = cache["test_images"][index], cache["test_labels"][index]
+    batch = normalize(images.to(device), torch.float32, loaded.train_settings.channels_last)
+    with torch.no_grad():
+        predicted = loaded.model(batch).argmax(dim=1).cpu()
+    class_names = list(loaded.state.get("class_names"))
+    return predictions_figure(images.numpy(), targets.tolist(), predicted.tolist(), class_names)

@@ -1,0 +1,307 @@
+"""Every option of the tool as pydantic models, and the one function that resolves them.
+
+Precedence, highest first: command-line flags (and `--set key=value`) > environment (`CIFAR_` prefix, `__` between
+levels, e.g. `CIFAR_OPTIM__LR=0.1`) > the YAML file (`--config`, default `./settings.yaml` when present) > the named
+preset (`preset: fast`, a YAML file shipped in `cifar_cli/presets/`) > the defaults written below.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cifar_cli.errors import SettingsError, UsageError
+
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+DEFAULT_CONFIG_FILE = Path("settings.yaml")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Section(BaseModel):
+    """A group of settings: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    raw_data_dir: Path = Path("./data_raw")
+    processed_dir: Path = Path("./my_cifar_data")
+    # Mirrors tried in order: http(s)://, file:// or a plain path.
+    urls: list[str] = Field(default_factory=lambda: [OFFICIAL_URL], min_length=1)
+    md5: str = Field(OFFICIAL_MD5, pattern=r"^[0-9a-fA-F]{32}$")
+    download_timeout: float = Field(30.0, gt=0, description="seconds without a byte before a retry")
+    download_retries: int = Field(3, ge=0, description="extra attempts per mirror, with doubling back-off")
+    write_png: bool = True
+    # Images held out of the training split for validation; 0 evaluates on the test split, as the seed did.
+    val_size: int = Field(0, ge=0)
+
+
+class AugmentSettings(_Section):
+    flip: bool = True
+    translate: int = Field(4, ge=0, le=16, description="pixels of random crop padding (translate)")
+    cutout: int = Field(0, ge=0, le=32, description="side of a zeroed square in pixels; 0 turns it off")
+
+
+class ModelSettings(_Section):
+    name: str = "seed-cnn"
+    # Multiplies every width of the network; 1.0 is the published architecture.
+    width_multiplier: float = Field(1.0, gt=0, le=8)
+
+
+class OptimSettings(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Learning-rate multiplier for normalisation biases (airbench trains them much faster, without decay).
+    bias_lr_scale: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 turns clipping off")
+
+
+class SchedulerSettings(_Section):
+    name: Literal["plateau", "cosine", "onecycle", "linear", "none"] = "plateau"
+    factor: float = Field(0.1, gt=0, lt=1, description="plateau: lr multiplier on a plateau")
+    patience: int = Field(2, ge=0, description="plateau: epochs without improvement before reducing")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from warmup_start_factor * lr")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    final_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine/linear: lr at the end, as a fraction")
+
+
+MonitoredMetric = Literal[
+    "val_accuracy", "val_loss", "val_f1", "val_precision", "val_recall", "train_accuracy", "train_loss", "train_f1"
+]
+
+
+class EarlyStoppingSettings(_Section):
+    # Also the metric that picks best.pth and drives the plateau scheduler.
+    monitor: MonitoredMetric = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(0, ge=0, description="epochs without improvement before stopping; 0 turns it off")
+
+
+class TrainSettings(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    tta: bool = True
+    run_name: str | None = None
+    resume: bool | None = Field(None, description="None: resume when last.pth of the run exists")
+    # Threads for CPU training; 0 lets torch choose (one per core).
+    num_threads: int = Field(0, ge=0)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+
+class LogSettings(_Section):
+    checkpoint_dir: Path = Path("./checkpoints")
+    log_dir: Path = Path("./runs")
+    tensorboard: bool = True
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_settings`, which applies the precedence above."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CIFAR_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    preset: str = "fast"
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings cannot take a YAML path at run time (its issue 259): the file and preset are read by
+        # `load_settings` and handed over through a context variable, as the lowest-priority sources.
+        return (init_settings, env_settings, _DictSource(settings_cls, _file_layers.get()))
+
+    def to_plain(self) -> dict[str, Any]:
+        """JSON-safe nested dict (paths as strings): what checkpoints and run folders store."""
+        return self.model_dump(mode="json")
+
+
+_file_layers: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_file_layers", default={})
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """A settings source backed by an already-merged dict (preset below YAML)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("cifar_cli") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    if name not in available_presets():
+        raise SettingsError(
+            "Unknown preset.",
+            [("preset", f"must be one of: {', '.join(available_presets())}", name)],
+        )
+    text = (resources.files("cifar_cli") / "presets" / f"{name}.yaml").read_text()
+    return _parse_yaml(text, f"preset {name}")
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"Config file not found: {path}", hint="Pass an existing file to --config.")
+    return _parse_yaml(path.read_text(), str(path))
+
+
+def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UsageError(f"Malformed YAML in {origin}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin} must hold a mapping of settings, not a {type(data).__name__}.")
+    return data
+
+
+def parse_set_options(assignments: list[str]) -> dict[str, Any]:
+    """Turn `["optim.lr=0.1", "train.augment.flip=false"]` into a nested dict; values are read as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw_value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError("Bad --set option.", [("--set", "expected dotted.key=value", assignment)])
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        except yaml.YAMLError:
+            value = raw_value
+        set_dotted(nested, key.strip(), value)
+    return nested
+
+
+def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SettingsError("Conflicting settings.", [(dotted_key, "parent is not a section", str(child))])
+        target = child
+    target[leaf] = value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Resolve settings from defaults, preset, YAML, environment and overrides (flags), in rising priority.
+
+    `config_file=None` reads `./settings.yaml` when it exists. Raises `SettingsError` (exit code 2) on any problem.
+    """
+    overrides = overrides or {}
+    yaml_data = read_yaml_file(config_file) if config_file else _default_yaml()
+    preset_name = _choose_preset(overrides, yaml_data)
+    layers = deep_merge(read_preset(preset_name), yaml_data)
+    token = _file_layers.set(layers)
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise settings_error_from(error) from None
+    finally:
+        _file_layers.reset(token)
+
+
+def _default_yaml() -> dict[str, Any]:
+    return read_yaml_file(DEFAULT_CONFIG_FILE) if DEFAULT_CONFIG_FILE.is_file() else {}
+
+
+def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str:
+    """The preset has to be known before the other layers are merged, so it is resolved on its own first."""
+    for candidate in (overrides.get("preset"), os.environ.get("CIFAR_PRESET"), yaml_data.get("preset")):
+        if candidate is not None:
+            return str(candidate)
+    return str(Settings.model_fields["preset"].default)
+
+
+def settings_error_from(error: ValidationError) -> SettingsError:
+    rows = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown setting"
+        given = problem.get("input")
+        rows.append((field, message, _short_repr(given)))
+    return SettingsError("Invalid settings.", rows, hint="Run `cifar config show` to see every setting.")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dump_yaml(settings: Settings) -> str:
+    return yaml.safe_dump(settings.to_plain(), sort_keys=False)

@@ -1,0 +1,181 @@
+"""What a run shows and leaves behind: live progress (rich or plain lines), TensorBoard events, `history.json`.
+
+The training loop talks to a `Reporter` (display) and a `RunLogger` (files) and never prints itself, so the same
+core runs quietly from Python, on non-zero ranks, or in CI logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+HISTORY_FILE = "history.json"
+SETTINGS_FILE = "settings.yaml"
+
+
+class Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None: ...
+    def update_batch(self, done: int, stats: dict[str, float]) -> None: ...
+    def end_epoch(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullReporter:
+    """Says nothing: for library use and for every rank but 0."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+        pass
+
+    def update_batch(self, done: int, stats: dict[str, float]) -> None:
+        pass
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def epoch_summary(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']:>3}", f"train loss {record['train_loss']:.4f}", f"acc {record['train_accuracy']:.2%}"]
+    if record.get("val_loss") is not None:
+        parts += [f"val loss {record['val_loss']:.4f}", f"acc {record['val_accuracy']:.2%}", f"f1 {record['val_f1']:.3f}"]
+    parts += [f"lr {record['lr']:.3g}", f"{record['images_per_second']:,.0f} img/s", f"{record['seconds']:.1f} s"]
+    return " | ".join(parts)
+
+
+class PlainReporter(NullReporter):
+    """One line per epoch and per message: readable in CI logs and files."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.console.print(epoch_summary(record), highlight=False)
+
+
+class RichReporter(PlainReporter):
+    """An epoch bar and a batch bar with live loss, accuracy, lr and images/s."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.epoch_task = self.batch_task = None
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+        if self.epoch_task is None:
+            self.progress.start()
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="")
+            self.batch_task = self.progress.add_task("batches", total=batches, stats="")
+        self.progress.update(self.epoch_task, completed=epoch - 1, total=epochs)
+        self.progress.reset(self.batch_task, total=batches, description=f"epoch {epoch}", stats="")
+
+    def update_batch(self, done: int, stats: dict[str, float]) -> None:
+        text = f"loss {stats['loss']:.3f} acc {stats['accuracy']:.1%} lr {stats['lr']:.3g} {stats['images_per_second']:,.0f} img/s"
+        self.progress.update(self.batch_task, completed=done, stats=text)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.epoch_task, completed=record["epoch"])
+        self.progress.console.print(epoch_summary(record), highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_reporter(mode: str, console: Console | None = None) -> Reporter:
+    """`auto`: bars on a terminal, plain lines otherwise (CI); `none`: silent."""
+    console = console or Console()
+    if mode == "none":
+        return NullReporter()
+    if mode == "rich" or (mode == "auto" and console.is_terminal and not os.environ.get("CI")):
+        return RichReporter(console)
+    return PlainReporter(console)
+
+
+class RunLogger:
+    """Files of one run in `run_dir`: TensorBoard events, `history.json`, the resolved `settings.yaml`."""
+
+    def __init__(self, run_dir: Path, settings_yaml: str, tensorboard: bool) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(run_dir / SETTINGS_FILE, settings_yaml)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]], step: int) -> None:
+        write_text_atomically(self.run_dir / HISTORY_FILE, json.dumps(history, indent=2))
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            tag = _tensorboard_tag(key)
+            if tag and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(tag, value, record["epoch"])
+        self.writer.add_scalar("lr/step", record["lr"], step)
+        self.writer.flush()
+
+    def log_final(self, hparams: dict[str, Any], metrics: dict[str, float], confusion_figure: Any | None) -> None:
+        if self.writer is None:
+            return
+        if confusion_figure is not None:
+            self.writer.add_figure("confusion_matrix", confusion_figure)
+        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_tag(key: str) -> str | None:
+    """`train_loss` -> `loss/train`, `val_f1` -> `f1/val`; `lr` -> `lr`; other keys are not scalars to plot."""
+    if key == "lr":
+        return "lr"
+    split, _, metric = key.partition("_")
+    if split in ("train", "val") and metric in ("loss", "accuracy", "precision", "recall", "f1"):
+        return f"{metric}/{split}"
+    if key in ("images_per_second", "seconds"):
+        return f"speed/{key}"
+    return None
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny CIFAR-10 archive in the official format, built on the fly, and a prepared copy of it."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-python.tar.gz"
+SHARED_MD5 = "3466e0b843d66efd7e25787f51d01865"
+LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class Python2StylePickler(pickle._Pickler):
+    """Writes `bytes` as Python 2 `str` (SHORT_BINSTRING), as the official batches do, and names numpy's
+    reconstruction function by its Python-2-era module path."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes) -> None:
+        size = len(obj)
+        if size < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj)
+        else:
+            self.write(pickle.BINSTRING + size.to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):  # noqa: ANN001 - pickle's signature
+        module = getattr(obj, "__module__", "")
+        if module.startswith("numpy._core"):
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + obj.__name__.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch[type(len)] = save_global
+
+
+def py2_pickle(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    Python2StylePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def make_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """Images whose class is visible in their colour, so a tiny net can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = [i % 10 for i in range(count)]
+    rng.shuffle(labels)
+    base = np.array([[(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256] for c in range(10)], dtype=np.float64)
+    noise = rng.normal(0, 30, size=(count, 3, 32 * 32))
+    data = np.clip(base[labels][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
+    return data, labels
+
+
+def batch_bytes(data: np.ndarray, labels: list[int], label: str) -> bytes:
+    return py2_pickle(
+        {b"batch_label": label.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}
+    )
+
+
+def build_archive(path: Path, per_batch: int = 20, test_count: int = 30, overrides: dict[str, bytes] | None = None) -> Path:
+    """A CIFAR-10-layout archive with 5 x per_batch training and test_count test images."""
+    members: dict[str, bytes] = {}
+    for index in range(1, 6):
+        data, labels = make_images(per_batch, seed=index)
+        members[f"data_batch_{index}"] = batch_bytes(data, labels, f"training batch {index} of 5")
+    data, labels = make_images(test_count, seed=99)
+    members["test_batch"] = batch_bytes(data, labels, "testing batch 1 of 1")
+    members["batches.meta"] = py2_pickle(
+        {b"label_names": [n.encode() for n in LABEL_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    )
+    members["readme.html"] = b"<html>tiny test copy</html>"
+    members.update(overrides or {})
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            if payload is None:
+                continue
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_archive(tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path) -> Path:
+    """A processed folder (cache + PNG) made from the tiny archive, shared by the tests that only read it."""
+    from cifar_cli.data.prepare import prepare_dataset
+
+    raw = tmp_path_factory.mktemp("raw")
+    (raw / tiny_archive.name).write_bytes(tiny_archive.read_bytes())
+    processed = tmp_path_factory.mktemp("processed")
+    prepare_dataset(raw, processed, write_png=True)
+    return processed
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder (no ./settings.yaml) with no CIFAR_ variables from the caller."""
+    monkeypatch.chdir(tmp_path)
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("CIFAR_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CI", "true")
