@@ -115,3 +115,25 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         if key.startswith("CIFAR_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("CI", "true")
+
+
+def tiny_settings(tmp_path: Path, prepared: Path, *assignments: str, preset: str = "baseline"):
+    """Settings for a fast CPU run on the tiny prepared data; extra `dotted.key=value` strings override."""
+    from cifar_cli.settings import load_settings, parse_set_options
+
+    base = [
+        f"preset={preset}",
+        f"data.processed_dir={prepared}",
+        f"data.raw_data_dir={tmp_path / 'raw'}",
+        f"log.checkpoint_dir={tmp_path / 'checkpoints'}",
+        f"log.log_dir={tmp_path / 'runs'}",
+        "log.progress=none",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.eval_batch_size=64",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "train.run_name=tiny",
+        "train.num_threads=1",
+    ]
+    return load_settings(None, parse_set_options(base + list(assignments)))

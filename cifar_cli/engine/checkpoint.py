@@ -6,6 +6,7 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -44,12 +45,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise UsageError(f"No checkpoint at {path}.")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a checkpoint file.")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a readable checkpoint (truncated, or not a torch file).")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any global outside tensors and plain data: nothing was executed.
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise UsageError(
-            f"{path} asks to unpickle arbitrary objects; refused. ({str(error).splitlines()[0][:200]})",
+            f"{path} asks to unpickle arbitrary objects ({named.group(1) if named else 'unknown global'}); refused.",
             hint="Only checkpoints written by `cifar train` can be loaded.",
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:

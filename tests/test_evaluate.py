@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_cli.engine.checkpoint import load_checkpoint
+from cifar_cli.engine.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.engine.metrics import classification_report
+from cifar_cli.engine.train import train
+from cifar_cli.errors import UsageError
+from tests.conftest import tiny_settings
+
+NAMES = [f"c{i}" for i in range(10)]
+
+
+def test_metrics_match_a_hand_computation() -> None:
+    # Class 0: 3 samples, 2 right (one predicted as 1). Class 1: 2 samples, both right. Class 2: 1 sample, predicted 0.
+    targets = torch.tensor([0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 1, 1, 1, 0])
+    report = classification_report(predicted, targets, NAMES)
+    assert report.accuracy == pytest.approx(4 / 6)
+    # precision: c0 2/3, c1 2/3, c2 0 (nothing predicted); recall: c0 2/3, c1 1, c2 0
+    assert report.per_class["c0"]["precision"] == pytest.approx(2 / 3)
+    assert report.per_class["c1"]["precision"] == pytest.approx(2 / 3)
+    assert report.per_class["c1"]["recall"] == pytest.approx(1.0)
+    assert report.per_class["c2"]["recall"] == 0.0
+    assert report.per_class["c0"]["support"] == 3
+    f1 = [2 * (2 / 3) * (2 / 3) / (4 / 3), 2 * (2 / 3) * 1 / (5 / 3), 0.0]
+    # Macro averages are over the classes present in targets or predictions (torchmetrics' rule).
+    assert report.f1_macro == pytest.approx(sum(f1) / 3)
+    assert report.recall_macro == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert report.precision_macro == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert report.confusion_matrix[0][:3] == [2, 1, 0] and report.confusion_matrix[2][:3] == [1, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("trained")
+    result = train(tiny_settings(folder, prepared_dir, "train.epochs=2", "train.tta=true"))
+    return result.checkpoint_dir / "best.pth"
+
+
+def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
+    from cifar_cli.settings import DataSettings
+
+    metrics = evaluate_checkpoint(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True)
+    assert {"accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class", "confusion_matrix", "checkpoint",
+            "split", "tta", "num_samples"} <= set(metrics)
+    assert metrics["num_samples"] == 30 and metrics["tta"] is True and metrics["split"] == "test"
+    assert 0 <= metrics["accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 10
+    assert sum(map(sum, metrics["confusion_matrix"])) == 30
+    correct = sum(metrics["confusion_matrix"][i][i] for i in range(10))
+    assert metrics["accuracy"] == pytest.approx(correct / 30)
+    json.dumps(metrics)
+
+
+def test_predict_images(trained_checkpoint: Path, prepared_dir: Path) -> None:
+    image = next((prepared_dir / "test").rglob("*.png"))
+    [result] = predict_images(trained_checkpoint, [image], top_k=3, device_name="cpu")
+    probabilities = [entry["probability"] for entry in result["top"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert 0 < sum(probabilities) <= 1.0001
+
+
+def _save(obj: object, path: Path) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_bad_checkpoints_are_refused(tmp_path: Path, trained_checkpoint: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(trained_checkpoint.read_bytes()[:5000])
+    state = load_checkpoint(trained_checkpoint)
+    future = _save({**state, "format_version": 99}, tmp_path / "future.pth")
+    unknown_model = _save({**state, "model_name": "vgg99"}, tmp_path / "vgg.pth")
+    plain_dict = _save({"weights": torch.zeros(3)}, tmp_path / "plain.pth")
+    evil = _save({**state, "extra": _Payload()}, tmp_path / "evil.pth")
+    cases = {
+        text: "not a readable checkpoint",
+        truncated: "not a readable checkpoint",
+        future: "format version 99",
+        unknown_model: "unknown model 'vgg99'",
+        plain_dict: "not a cifar checkpoint",
+        evil: "arbitrary objects",
+        tmp_path / "missing.pth": "No checkpoint",
+        tmp_path: "is a folder",
+    }
+    for path, message in cases.items():
+        with pytest.raises(UsageError, match=message):
+            load_checkpoint(path)
+    assert not Path("pwned-by-checkpoint").exists()
+
+
+def test_weights_that_do_not_fit_the_model(tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path) -> None:
+    from cifar_cli.settings import DataSettings
+
+    state = load_checkpoint(trained_checkpoint)
+    state["settings"]["model"]["width_multiplier"] = 0.5
+    path = _save(state, tmp_path / "mismatch.pth")
+    with pytest.raises(UsageError, match="do not fit"):
+        evaluate_checkpoint(path, DataSettings(processed_dir=prepared_dir))

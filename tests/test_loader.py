@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import torch
+
+from cifar_cli.data.loader import Augment, BatchLoader, augment_batch, normalize, stratified_split
+
+
+def images_and_labels(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.arange(count * 3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 3, 32, 32)
+    return images, torch.arange(count) % 10
+
+
+def test_epochs_are_reproducible_and_differ_between_epochs() -> None:
+    images, labels = images_and_labels()
+    loader = BatchLoader(images, labels, 8, train=True, augment=Augment(True, 2, 4), seed=3)
+    first = [batch for batch, _ in loader]
+    again = [batch for batch, _ in loader]
+    loader.set_epoch(1)
+    other = [batch for batch, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_ranks_get_disjoint_equal_shards() -> None:
+    images, labels = images_and_labels(42)
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(images, labels, 7, train=True, augment=Augment(False), seed=1, rank=rank, world_size=2)
+        seen.append(torch.cat([lab for _, lab in loader]))
+    # labels are index % 10, so compare through the order indices the loader uses
+    orders = [BatchLoader(images, labels, 7, train=True, seed=1, rank=r, world_size=2)._order() for r in range(2)]
+    assert len(orders[0]) == len(orders[1]) == 21
+    assert not set(orders[0].tolist()) & set(orders[1].tolist())
+    assert len(seen[0]) == len(seen[1]) == 21
+
+
+def test_evaluation_order_is_fixed_and_complete() -> None:
+    images, labels = images_and_labels(23)
+    loader = BatchLoader(images, labels, 10, train=False)
+    assert len(loader) == 3
+    assert torch.equal(torch.cat([lab for _, lab in loader]), labels)
+
+
+def test_flip_and_translate_move_pixels_but_keep_content() -> None:
+    images, _ = images_and_labels(16)
+    generator = torch.Generator().manual_seed(0)
+    flipped = augment_batch(images, Augment(flip=True), generator)
+    for original, result in zip(images, flipped):
+        assert torch.equal(result, original) or torch.equal(result, original.flip(2))
+    shifted = augment_batch(images, Augment(flip=False, translate=2), generator)
+    assert shifted.shape == images.shape and shifted.dtype == images.dtype
+    # The centre of a shifted image is a shifted window of the original.
+    assert any(not torch.equal(a, b) for a, b in zip(shifted, images))
+
+
+def test_cutout_zeroes_a_square() -> None:
+    images = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    result = augment_batch(images, Augment(flip=False, cutout=8), torch.Generator().manual_seed(0))
+    zeros_per_image = (result[:, 0] == 0).flatten(1).sum(1)
+    assert (zeros_per_image > 0).all() and (zeros_per_image <= 64).all()
+
+
+def test_normalize_and_channels_last() -> None:
+    images, _ = images_and_labels(2)
+    batch = normalize(images, torch.bfloat16, channels_last=True)
+    assert batch.dtype == torch.bfloat16 and batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_stratified_split_is_balanced_and_seeded() -> None:
+    labels = torch.arange(200) % 10
+    train_a, val_a = stratified_split(labels, 50, seed=1)
+    train_b, val_b = stratified_split(labels, 50, seed=1)
+    assert torch.equal(val_a, val_b) and len(val_a) == 50 and len(train_a) == 150
+    assert torch.bincount(labels[val_a]).tolist() == [5] * 10
+    assert not set(train_a.tolist()) & set(val_a.tolist())

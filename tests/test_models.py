@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_cli.errors import UsageError
+from cifar_cli.models import available_models, build_model
+from cifar_cli.models.airbench import AirbenchNet
+
+
+@pytest.mark.parametrize("name", ["seed-cnn", "resnet18", "airbench"])
+def test_forward_and_backward(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, width_multiplier=0.25)
+    images = torch.randn(4, 3, 32, 32)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(torch.randn(16, 3, 32, 32))
+    logits = model(images)
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_registry_lists_every_model_and_rejects_unknown_names() -> None:
+    assert set(available_models()) == {"seed-cnn", "resnet18", "airbench"}
+    with pytest.raises(UsageError, match="Unknown model"):
+        build_model("vgg99")
+
+
+def test_whitening_filters_whiten_the_patches() -> None:
+    torch.manual_seed(0)
+    # Correlated inputs: the whitened 2x2 patch features should come out decorrelated with unit variance.
+    base = torch.randn(256, 1, 32, 32)
+    images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), torch.randn(256, 1, 32, 32)], dim=1)
+    model = AirbenchNet()
+    model.init_from_data(images, eps=1e-6)
+    features = torch.nn.functional.conv2d(images, model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = torch.cov(features.T)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert not model.whiten.weight.requires_grad

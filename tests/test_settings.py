@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cifar_cli.errors import SettingsError, UsageError
+from cifar_cli.settings import available_presets, load_settings, parse_set_options, read_preset
+
+REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.yaml"
+
+
+def test_defaults_come_from_the_fast_preset() -> None:
+    settings = load_settings()
+    assert settings.preset == "fast" and settings.model.name == "airbench" and settings.train.batch_size == 1024
+
+
+def test_precedence_flags_over_env_over_yaml_over_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "custom.yaml"
+    config.write_text("optim:\n  lr: 0.5\n  momentum: 0.7\ntrain:\n  seed: 3\n  epochs: 4\n")
+    monkeypatch.setenv("CIFAR_OPTIM__LR", "0.25")
+    monkeypatch.setenv("CIFAR_TRAIN__SEED", "5")
+    settings = load_settings(config, {"optim": {"lr": 0.125}})
+    assert settings.optim.lr == 0.125  # flag beats env and YAML
+    assert settings.train.seed == 5  # env beats YAML
+    assert settings.optim.momentum == 0.7  # YAML beats the preset (0.85)
+    assert settings.optim.nesterov is True  # preset beats the defaults
+    assert settings.train.epochs == 4
+
+
+def test_default_config_file_is_read_from_the_working_folder(tmp_path: Path) -> None:
+    (tmp_path / "settings.yaml").write_text("preset: baseline\ntrain:\n  epochs: 7\n")
+    settings = load_settings()
+    assert settings.model.name == "seed-cnn" and settings.train.epochs == 7
+
+
+def test_the_shipped_settings_file_is_valid_and_matches_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(REPO_SETTINGS) == load_settings()
+
+
+def test_preset_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CIFAR_PRESET", "resnet18")
+    assert load_settings().model.name == "resnet18"
+
+
+def test_set_options_are_typed_yaml_scalars() -> None:
+    nested = parse_set_options(["optim.lr=0.1", "train.augment.flip=false", "model.name=resnet18", "data.urls=[a, b]"])
+    assert nested == {
+        "optim": {"lr": 0.1},
+        "train": {"augment": {"flip": False}},
+        "model": {"name": "resnet18"},
+        "data": {"urls": ["a", "b"]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "problem"),
+    [
+        ({"optim": {"lrr": 1}}, "optim.lrr", "unknown setting"),
+        ({"optim": {"lr": -0.1}}, "optim.lr", "greater than 0"),
+        ({"train": {"batch_size": 0}}, "train.batch_size", "greater than or equal to 1"),
+        ({"train": {"device": "tpu"}}, "train.device", "must be auto, cpu"),
+        ({"train": {"epochs": "many"}}, "train.epochs", "valid integer"),
+        ({"bogus": 1}, "bogus", "unknown setting"),
+    ],
+)
+def test_rejections_name_field_problem_and_value(overrides: dict, field: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(None, overrides)
+    rows = {row[0]: row for row in error.value.rows}
+    assert field in rows and problem in rows[field][1]
+    assert error.value.exit_code == 2
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(SettingsError, match="preset"):
+        load_settings(None, {"preset": "turbo"})
+
+
+def test_malformed_yaml_reports_the_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  epochs: 3\n  seed: [1, 2\nlog: {}\n")
+    with pytest.raises(UsageError, match=r"line \d+"):
+        load_settings(config)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    config = tmp_path / "list.yaml"
+    config.write_text("- 1\n- 2\n")
+    with pytest.raises(UsageError, match="mapping"):
+        load_settings(config)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_every_preset_loads() -> None:
+    assert set(available_presets()) >= {"baseline", "fast", "resnet18"}
+    for name in available_presets():
+        assert load_settings(None, {"preset": name}).model.name == read_preset(name)["model"]["name"]

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_cli.engine import checkpoint as checkpoint_module
+from cifar_cli.engine.checkpoint import load_checkpoint
+from cifar_cli.engine.train import Trainer, default_run_name, train
+from cifar_cli.errors import CifarError, UsageError
+from tests.conftest import tiny_settings
+
+
+def test_run_writes_history_tensorboard_settings_and_checkpoints(tmp_path: Path, prepared_dir: Path) -> None:
+    result = train(tiny_settings(tmp_path, prepared_dir))
+    history = json.loads((result.run_dir / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_f1", "lr", "seconds"):
+        assert key in history[0]
+    assert list(result.run_dir.glob("events.out.tfevents*"))
+    assert "seed-cnn" in (result.run_dir / "settings.yaml").read_text()
+    state = torch.load(result.checkpoint_dir / "last.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["format_version"] == 1 and state["settings"]["train"]["epochs"] == 2
+    assert (result.checkpoint_dir / "best.pth").is_file()
+
+
+def test_tensorboard_scalars_are_grouped(tmp_path: Path, prepared_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
+    tags = set()
+    for events in result.run_dir.glob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "accuracy/val", "f1/val", "lr"} <= tags
+
+
+@pytest.mark.parametrize("preset", ["baseline", "fast"])
+def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, preset: str) -> None:
+    extra = ["model.width_multiplier=0.25", "train.precision=fp32"]
+    straight = train(tiny_settings(tmp_path / "a", prepared_dir, *extra, preset=preset))
+    train(tiny_settings(tmp_path / "b", prepared_dir, *extra, "train.epochs=1", preset=preset))
+    resumed = train(tiny_settings(tmp_path / "b", prepared_dir, *extra, preset=preset))
+    assert resumed.resumed_from_epoch == 1
+    a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
+    b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
+    for key, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][key]), key
+    assert [r["epoch"] for r in b["history"]] == [1, 2]
+    assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
+
+
+def test_no_resume_starts_again(tmp_path: Path, prepared_dir: Path) -> None:
+    train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1", "train.resume=false"))
+    assert result.resumed_from_epoch == 0 and len(result.history) == 1
+
+
+def test_resume_requested_without_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        train(tiny_settings(tmp_path, prepared_dir, "train.resume=true"))
+
+
+def test_early_stopping(tmp_path: Path, prepared_dir: Path) -> None:
+    # lr so small nothing improves after the first epoch: patience 1 stops at epoch 2 of 6.
+    settings = tiny_settings(
+        tmp_path, prepared_dir, "train.epochs=6", "optim.lr=1e-12", "train.early_stopping.patience=1",
+        "train.early_stopping.monitor=val_loss", "train.early_stopping.mode=min", "scheduler.name=none",
+    )
+    result = train(settings)
+    assert result.stopped_early and len(result.history) < 6
+
+
+def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
+    last = result.checkpoint_dir / "last.pth"
+    before = last.read_bytes()
+
+    def crash(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(CifarError, match="No space left on device"):
+        train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2"))
+    assert last.read_bytes() == before
+    assert load_checkpoint(last)["epoch"] == 1
+    assert not [p for p in result.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_absent_device_is_a_usage_error(tmp_path: Path, prepared_dir: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        train(tiny_settings(tmp_path, prepared_dir, "train.device=cuda"))
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path: Path, prepared_dir: Path) -> None:
+    with pytest.raises(CifarError, match="loss became nan"):
+        train(tiny_settings(tmp_path, prepared_dir, "optim.lr=1e30", "optim.name=sgd", "scheduler.name=none"))
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(tmp_path: Path, prepared_dir: Path) -> None:
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(UsageError, match="Cannot write to .*checkpoints"):
+        train(tiny_settings(tmp_path, prepared_dir))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validation_split_and_bf16(tmp_path: Path, prepared_dir: Path) -> None:
+    trainer = Trainer(tiny_settings(tmp_path, prepared_dir, "data.val_size=20", "train.precision=bf16", "train.epochs=1"))
+    result = trainer.run()
+    assert len(trainer.val_loader.labels) == 20 and len(trainer.train_loader.labels) == 80
+    assert result.history[0]["val_accuracy"] >= 0
+
+
+def test_same_recipe_same_run_name(tmp_path: Path, prepared_dir: Path) -> None:
+    a = tiny_settings(tmp_path, prepared_dir, "train.run_name=null")
+    b = tiny_settings(tmp_path, prepared_dir, "train.run_name=null", "train.device=auto")
+    c = tiny_settings(tmp_path, prepared_dir, "train.run_name=null", "optim.lr=0.5")
+    assert default_run_name(a) == default_run_name(b) != default_run_name(c)
+    assert default_run_name(a).startswith("baseline-seed-cnn-")
