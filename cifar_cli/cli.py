@@ -424,5 +424,58 @@ def plot(
         console.print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
 
 
+# ---------------------------------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", help="Model for the pipeline comparison.")] = "seed-cnn",
+    models: Annotated[
+        Optional[list[str]], typer.Option("--models", help="Models for the precision table (default: all; repeatable).")
+    ] = None,
+    device: DeviceOption = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Timed batches per repeat.")] = 10,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Repeats; medians are reported.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of the pipeline and model rows.")] = 128,
+    fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")] = True,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results to this JSON file.")] = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Measure training throughput on this machine: our pipeline vs the seed's, fp32 vs mixed precision."""
+    with handled_errors():
+        settings = resolve(config, set_options, device=device, raw_dir=raw_dir, processed_dir=processed_dir)
+        from cifar_cli.bench import BenchOptions, run_benchmark
+        from cifar_cli.tracking import write_text_atomically
+
+        options = BenchOptions(
+            model=model, device=settings.train.device, batches=batches, repeats=repeats, batch_size=batch_size,
+            models=tuple(models or ()), include_fast=fast,
+        )
+        results = run_benchmark(options, settings.data, say=error_console.print)
+        _print_bench(results)
+        if json_file:
+            write_text_atomically(json_file, json.dumps(results, indent=2))
+            console.print(f"Results written to {json_file}")
+
+
+def _print_bench(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    console.print(f"[bold]{machine['device']}[/bold], {machine['cpu_count']} CPUs, torch {machine['torch']}")
+    sections = [("Input pipeline (same model, Adam)", results["pipeline"]), ("Train step by model", results["models"])]
+    if results["fast_preset"]:
+        sections.append(("fast preset step", [results["fast_preset"]]))
+    for title, rows in sections:
+        table = Table("configuration", "batch", "images/s", "ratio", "epoch (50k)", "data share", title=title, title_justify="left")
+        for row in rows:
+            ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+            table.add_row(row["name"], str(row["batch_size"]), f"{row['images_per_second']:,.0f}", ratio,
+                          f"{row['epoch_seconds']:,.0f} s", f"{row['data_share']:.0%}")
+        console.print(table)
+    console.print(f"Pipeline speed-up: [bold]{results['pipeline_speedup']:.2f}x[/bold]")
+
+
 def main() -> None:
     app(prog_name="cifar")

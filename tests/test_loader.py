@@ -73,3 +73,12 @@ def test_stratified_split_is_balanced_and_seeded() -> None:
     assert torch.equal(val_a, val_b) and len(val_a) == 50 and len(train_a) == 150
     assert torch.bincount(labels[val_a]).tolist() == [5] * 10
     assert not set(train_a.tolist()) & set(val_a.tolist())
+
+
+def test_translate_is_a_reflect_padded_crop() -> None:
+    images, _ = images_and_labels(6)
+    shifted = augment_batch(images, Augment(flip=False, translate=3), torch.Generator().manual_seed(5))
+    padded = torch.nn.functional.pad(images.float(), (3, 3, 3, 3), mode="reflect").to(torch.uint8)
+    for original_padded, result in zip(padded, shifted):
+        windows = [original_padded[:, dy : dy + 32, dx : dx + 32] for dy in range(7) for dx in range(7)]
+        assert any(torch.equal(result, window) for window in windows)

@@ -41,15 +41,24 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
 
 
 def _random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to `pad` pixels each way, filling with the mirrored border (as airbench).
+
+    Works in the input dtype (uint8 stays one byte per value): reflect-pad by indexing, then two gathers.
+    """
     batch, channels, height, width = images.shape
-    # Reflect padding (as airbench) needs floats; the result goes back to the input dtype.
-    padded = torch.nn.functional.pad(images.float(), (pad,) * 4, mode="reflect")
-    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(images.device)
-    rows = (shifts[0].view(-1, 1) + torch.arange(height, device=images.device)).view(batch, 1, height, 1)
-    cols = (shifts[1].view(-1, 1) + torch.arange(width, device=images.device)).view(batch, 1, 1, width)
-    index = torch.arange(batch, device=images.device).view(-1, 1, 1, 1)
-    channel = torch.arange(channels, device=images.device).view(1, -1, 1, 1)
-    return padded[index, channel, rows, cols].to(images.dtype)
+    device = images.device
+    padded = images.index_select(2, _reflect_index(height, pad, device)).index_select(3, _reflect_index(width, pad, device))
+    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(device)
+    rows = shifts[0].view(-1, 1, 1, 1) + torch.arange(height, device=device).view(1, 1, -1, 1)
+    cropped_rows = padded.gather(2, rows.expand(batch, channels, height, width + 2 * pad))
+    cols = shifts[1].view(-1, 1, 1, 1) + torch.arange(width, device=device).view(1, 1, 1, -1)
+    return cropped_rows.gather(3, cols.expand(batch, channels, height, width))
+
+
+def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Source index of each position of a reflect-padded axis: -2 -> 2, size -> size - 2, ..."""
+    index = torch.arange(-pad, size + pad, device=device).abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 def _cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

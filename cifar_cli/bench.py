@@ -1,0 +1,282 @@
+"""`cifar bench`: throughput measured in one run on this machine, with ratios against references from the same run.
+
+1. Pipeline: our in-memory, on-device batches (mixed precision, channels_last) against the seed's pipeline (one PNG per
+   sample through a torchvision DataLoader with its transforms, fp32), same model, same optimiser (Adam).
+2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
+   precision + channels_last.
+3. The `fast` preset's real step (airbench, batch 1024, augmentation included) and its extrapolated epoch time.
+
+Warm-up steps are not timed; each figure is the median over repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.data import ensure_prepared
+from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
+from cifar_cli.data.prepare import load_cache, read_manifest
+from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
+from cifar_cli.errors import UsageError
+from cifar_cli.models import available_models, build_model
+from cifar_cli.settings import DataSettings
+
+TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch
+
+
+@dataclass
+class Measurement:
+    name: str
+    batch_size: int
+    images_per_second: float  # median over repeats
+    data_seconds_per_batch: float  # time waiting for the next batch
+    compute_seconds_per_batch: float  # forward + backward + optimiser step
+    ratio: float | None = None  # against the reference row of its table
+    epoch_seconds: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.epoch_seconds = TRAIN_IMAGES / self.images_per_second
+
+    @property
+    def data_share(self) -> float:
+        total = self.data_seconds_per_batch + self.compute_seconds_per_batch
+        return self.data_seconds_per_batch / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: str = "seed-cnn"
+    device: str = "auto"
+    batches: int = 10  # timed batches per repeat
+    warmup: int = 2  # untimed batches before each measurement
+    repeats: int = 3
+    batch_size: int = 128
+    seed_workers: int = 2  # DataLoader workers of the seed-style pipeline
+    models: tuple[str, ...] = ()  # () = every registered model
+    include_fast: bool = True
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Stepper:
+    """One optimiser step of `model` on a batch, timed with device synchronisation."""
+
+    def __init__(self, model: nn.Module, precision: Precision, device: torch.device) -> None:
+        self.model, self.precision, self.device = model.train(), precision, device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        with self.precision.autocast(self.device):
+            logits = self.model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def _measure(
+    name: str,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    step: _Stepper,
+    batch_size: int,
+    options: BenchOptions,
+) -> Measurement:
+    """Median images/s over repeats of `options.batches` timed steps, after `options.warmup` untimed ones."""
+    device = step.device
+    throughputs, data_times, compute_times = [], [], []
+    for _ in range(options.repeats):
+        iterator = batches()
+        for _ in range(options.warmup):
+            step(*next(iterator))
+        _sync(device)
+        data_total = compute_total = 0.0
+        for _ in range(options.batches):
+            started = time.perf_counter()
+            images, labels = next(iterator)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            _sync(device)
+            loaded = time.perf_counter()
+            step(images, labels)
+            _sync(device)
+            data_total += loaded - started
+            compute_total += time.perf_counter() - loaded
+        throughputs.append(options.batches * batch_size / (data_total + compute_total))
+        data_times.append(data_total / options.batches)
+        compute_times.append(compute_total / options.batches)
+    return Measurement(
+        name, batch_size, statistics.median(throughputs), statistics.median(data_times), statistics.median(compute_times)
+    )
+
+
+def _forever(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> Any:
+    """The seed's input pipeline: ImageFolder of PNG files, per-sample transforms, a shuffling DataLoader."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+        ]
+    )
+    dataset = datasets.ImageFolder(str(processed_dir / "train"), transform=transform)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def _fresh_model(name: str, device: torch.device, channels_last: bool, width: float = 1.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, width)
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        init(torch.randn(512, 3, 32, 32))
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.device) -> list[Measurement]:
+    """The seed-style pipeline (reference) and ours, same model and batch size."""
+    cache = load_cache(data.processed_dir)
+    mixed = resolve_precision("auto", device)
+    fp32 = resolve_precision("fp32", device)
+    seed_loader = _seed_style_loader(data.processed_dir, options.batch_size, options.seed_workers)
+    reference = _measure(
+        "seed-style: PNG + DataLoader, fp32",
+        lambda: _forever(seed_loader),
+        _Stepper(_fresh_model(options.model, device, False), fp32, device),
+        options.batch_size,
+        options,
+    )
+    ours_loader = BatchLoader(
+        cache["train_images"].to(device), cache["train_labels"].to(device), options.batch_size, train=True,
+        augment=Augment(flip=True, translate=4), dtype=mixed.autocast_dtype or torch.float32, channels_last=True,
+    )
+    ours = _measure(
+        f"in-memory on {device.type}, {mixed.name} + channels_last",
+        lambda: _forever(ours_loader),
+        _Stepper(_fresh_model(options.model, device, True), mixed, device),
+        options.batch_size,
+        options,
+    )
+    reference.ratio, ours.ratio = 1.0, ours.images_per_second / reference.images_per_second
+    return [reference, ours]
+
+
+def _synthetic(batch_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, generator=generator).to(device, dtype)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield images, labels
+
+    return batches
+
+
+def bench_models(options: BenchOptions, device: torch.device) -> list[Measurement]:
+    """Train-step throughput per model: fp32 (reference), mixed precision, mixed precision + channels_last."""
+    mixed = resolve_precision("auto", device)
+    fp32 = resolve_precision("fp32", device)
+    rows = []
+    for name in options.models or tuple(available_models()):
+        configs = [("fp32", fp32, False), (mixed.name, mixed, False), (f"{mixed.name} + channels_last", mixed, True)]
+        reference = None
+        for label, precision, channels_last in configs:
+            dtype = precision.autocast_dtype or torch.float32
+            step = _Stepper(_fresh_model(name, device, channels_last), precision, device)
+            row = _measure(f"{name}: {label}", _synthetic(options.batch_size, device, dtype, channels_last), step,
+                           options.batch_size, options)
+            reference = reference or row
+            row.ratio = row.images_per_second / reference.images_per_second
+            rows.append(row)
+    return rows
+
+
+def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.device) -> Measurement:
+    """The `fast` preset's step as training runs it: airbench, batch 1024, augmentation on the device."""
+    from cifar_cli.settings import load_settings
+
+    fast = load_settings(None, {"preset": "fast"})
+    cache = load_cache(data.processed_dir)
+    precision = resolve_precision("auto", device)
+    augment = fast.train.augment
+    loader = BatchLoader(
+        cache["train_images"].to(device), cache["train_labels"].to(device), fast.train.batch_size, train=True,
+        augment=Augment(augment.flip, augment.translate, augment.cutout),
+        dtype=precision.autocast_dtype or torch.float32, channels_last=True,
+    )
+    step = _Stepper(_fresh_model(fast.model.name, device, True), precision, device)
+    step.optimizer = torch.optim.SGD(step.model.parameters(), lr=0.01, momentum=0.85, nesterov=True)
+    light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
+    return _measure(f"fast preset: {fast.model.name}, {precision.name} + channels_last", lambda: _forever(loader),
+                    step, fast.train.batch_size, light)
+
+
+def run_benchmark(options: BenchOptions, data: DataSettings, say: Callable[[str], None] = lambda _t: None) -> dict[str, Any]:
+    device = resolve_device(options.device)
+    ensure_prepared(data, say)
+    manifest = read_manifest(data.processed_dir) or {}
+    if not manifest.get("png"):
+        raise UsageError("The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png.")
+    if options.model not in available_models():
+        raise UsageError(f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+    say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe(device)}")
+    pipeline = bench_pipeline(options, data, device)
+    say("Models: synthetic batches, fp32 vs mixed precision")
+    models = bench_models(options, device)
+    fast = None
+    if options.include_fast:
+        say("fast preset: real batches with augmentation")
+        fast = bench_fast_preset(options, data, device)
+    return {
+        "machine": _machine(device),
+        "options": asdict(options),
+        "pipeline": [_row(m) for m in pipeline],
+        "pipeline_speedup": pipeline[1].ratio,
+        "models": [_row(m) for m in models],
+        "fast_preset": _row(fast) if fast else None,
+    }
+
+
+def _row(measurement: Measurement) -> dict[str, Any]:
+    return {**asdict(measurement), "data_share": measurement.data_share}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    return {
+        "device": describe(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
