@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 HISTORY_FILE = "history.json"
+FINAL_METRICS_FILE = "final_metrics.json"
 SETTINGS_FILE = "settings.yaml"
 
 
@@ -141,12 +142,14 @@ class RunLogger:
         self.writer.add_scalar("lr/step", record["lr"], step)
         self.writer.flush()
 
-    def log_final(self, hparams: dict[str, Any], metrics: dict[str, float], confusion_figure: Any | None) -> None:
+    def log_final(self, hparams: dict[str, Any], metrics: dict[str, Any], confusion_figure: Any | None) -> None:
+        write_text_atomically(self.run_dir / FINAL_METRICS_FILE, json.dumps(metrics, indent=2))
         if self.writer is None:
             return
         if confusion_figure is not None:
             self.writer.add_figure("confusion_matrix", confusion_figure)
-        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        scalars = {f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.writer.add_hparams(hparams, scalars, run_name=".")
         self.writer.flush()
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,10 +20,17 @@ class Augment:
     cutout: int = 0  # side of a zeroed square, pixels
 
 
+@functools.cache
+def _mean_and_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the 0..255 scale, made once per device (a host-to-device copy per batch would stall a GPU)."""
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     """uint8 N x 3 x H x W -> normalised floats in `dtype`, optionally in channels_last memory layout."""
-    mean = torch.tensor(CIFAR_MEAN, device=images_uint8.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR_STD, device=images_uint8.device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_and_std(images_uint8.device)
     images = ((images_uint8.float() - mean) / std).to(dtype)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 

@@ -413,7 +413,14 @@ class Trainer:
         level = tta_level(self.settings.train)
         predictions: Predictions = predict(self.model, self.val_loader, self.precision, self.device, level)
         report = report_from_predictions(predictions, CLASS_NAMES)
-        final = {"accuracy": report.accuracy, "f1": report.f1_macro, "loss": predictions.loss}
+        final = {
+            "accuracy": report.accuracy,
+            "f1": report.f1_macro,
+            "loss": predictions.loss,
+            "tta_level": level,
+            "epochs": self.epoch,
+            "train_seconds": sum(record["seconds"] for record in self.history),
+        }
         if self.history:
             self.reporter.message(
                 f"Final {'TTA ' if level else ''}accuracy {report.accuracy:.2%} (macro F1 {report.f1_macro:.3f}); "
