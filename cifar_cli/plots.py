@@ -93,7 +93,7 @@ def predictions_figure(
 ) -> Figure:
     """A grid of uint8 N x 3 x 32 x 32 images titled 'true / predicted'; mistakes in red with a red frame."""
     rows = -(-len(images) // columns)
-    figure = Figure(figsize=(columns * 1.5, rows * 1.7))
+    figure = Figure(figsize=(columns * 1.5, rows * 1.9))
     axes = list(np.atleast_1d(figure.subplots(rows, columns)).flat)
     for axis in axes[len(images) :]:
         axis.axis("off")
