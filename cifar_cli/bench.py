@@ -118,7 +118,11 @@ def _measure(
         data_times.append(data_total / options.batches)
         compute_times.append(compute_total / options.batches)
     return Measurement(
-        name, batch_size, statistics.median(throughputs), statistics.median(data_times), statistics.median(compute_times)
+        name,
+        batch_size,
+        statistics.median(throughputs),
+        statistics.median(data_times),
+        statistics.median(compute_times),
     )
 
 
@@ -153,7 +157,11 @@ def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> An
     )
     dataset = datasets.ImageFolder(str(processed_dir / "train"), transform=transform)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
         persistent_workers=workers > 0,
     )
 
@@ -181,8 +189,13 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
         options,
     )
     ours_loader = BatchLoader(
-        cache["train_images"].to(device), cache["train_labels"].to(device), options.batch_size, train=True,
-        augment=Augment(flip=True, translate=4), dtype=mixed.autocast_dtype or torch.float32, channels_last=True,
+        cache["train_images"].to(device),
+        cache["train_labels"].to(device),
+        options.batch_size,
+        train=True,
+        augment=Augment(flip=True, translate=4),
+        dtype=mixed.autocast_dtype or torch.float32,
+        channels_last=True,
     )
     ours = _measure(
         f"in-memory on {device.type}, {mixed.name} + channels_last",
@@ -215,13 +228,22 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
     fp32 = resolve_precision("fp32", device)
     rows = []
     for name in options.models or tuple(available_models()):
-        configs = [("fp32", fp32, False), (mixed.name, mixed, False), (f"{mixed.name} + channels_last", mixed, True)]
+        configs = [
+            ("fp32", fp32, False),
+            (mixed.name, mixed, False),
+            (f"{mixed.name} + channels_last", mixed, True),
+        ]
         reference = None
         for label, precision, channels_last in configs:
             dtype = precision.autocast_dtype or torch.float32
             step = _Stepper(_fresh_model(name, device, channels_last), precision, device)
-            row = _measure(f"{name}: {label}", _synthetic(options.batch_size, device, dtype, channels_last), step,
-                           options.batch_size, options)
+            row = _measure(
+                f"{name}: {label}",
+                _synthetic(options.batch_size, device, dtype, channels_last),
+                step,
+                options.batch_size,
+                options,
+            )
             reference = reference or row
             row.ratio = row.images_per_second / reference.images_per_second
             rows.append(row)
@@ -237,25 +259,40 @@ def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.d
     precision = resolve_precision("auto", device)
     augment = fast.train.augment
     loader = BatchLoader(
-        cache["train_images"].to(device), cache["train_labels"].to(device), fast.train.batch_size, train=True,
+        cache["train_images"].to(device),
+        cache["train_labels"].to(device),
+        fast.train.batch_size,
+        train=True,
         augment=Augment(augment.flip, augment.translate, augment.cutout),
-        dtype=precision.autocast_dtype or torch.float32, channels_last=True,
+        dtype=precision.autocast_dtype or torch.float32,
+        channels_last=True,
     )
     step = _Stepper(_fresh_model(fast.model.name, device, True), precision, device)
     step.optimizer = torch.optim.SGD(step.model.parameters(), lr=0.01, momentum=0.85, nesterov=True)
     light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
-    return _measure(f"fast preset: {fast.model.name}, {precision.name} + channels_last", lambda: _forever(loader),
-                    step, fast.train.batch_size, light)
+    return _measure(
+        f"fast preset: {fast.model.name}, {precision.name} + channels_last",
+        lambda: _forever(loader),
+        step,
+        fast.train.batch_size,
+        light,
+    )
 
 
-def run_benchmark(options: BenchOptions, data: DataSettings, say: Callable[[str], None] = lambda _t: None) -> dict[str, Any]:
+def run_benchmark(
+    options: BenchOptions, data: DataSettings, say: Callable[[str], None] = lambda _t: None
+) -> dict[str, Any]:
     device = resolve_device(options.device)
     ensure_prepared(data, say)
     manifest = read_manifest(data.processed_dir) or {}
     if not manifest.get("png"):
-        raise UsageError("The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png.")
+        raise UsageError(
+            "The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png."
+        )
     if options.model not in available_models():
-        raise UsageError(f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+        raise UsageError(
+            f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}."
+        )
     say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe(device)}")
     pipeline = bench_pipeline(options, data, device)
     say("Models: synthetic batches, fp32 vs mixed precision")

@@ -12,12 +12,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from cifar_cli import __version__
@@ -42,24 +49,40 @@ RUN = "Run"
 
 # Options shared by several commands, defined once.
 ConfigOption = Annotated[
-    Optional[Path],
-    typer.Option("--config", "-c", help="YAML settings file (default: ./settings.yaml when present).", rich_help_panel=RUN),
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML settings file (default: ./settings.yaml when present).",
+        rich_help_panel=RUN,
+    ),
 ]
 SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).", rich_help_panel=RUN),
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).",
+        rich_help_panel=RUN,
+    ),
 ]
-RawDirOption = Annotated[Optional[Path], typer.Option("--raw-dir", help="Where the archive is downloaded.", rich_help_panel=PATHS)]
+RawDirOption = Annotated[
+    Path | None, typer.Option("--raw-dir", help="Where the archive is downloaded.", rich_help_panel=PATHS)
+]
 ProcessedDirOption = Annotated[
-    Optional[Path], typer.Option("--processed-dir", help="Where PNG folders and the tensor cache go.", rich_help_panel=PATHS)
+    Path | None,
+    typer.Option("--processed-dir", help="Where PNG folders and the tensor cache go.", rich_help_panel=PATHS),
 ]
 CheckpointDirOption = Annotated[
-    Optional[Path], typer.Option("--checkpoint-dir", help="Checkpoints go to <dir>/<run>/.", rich_help_panel=PATHS)
+    Path | None,
+    typer.Option("--checkpoint-dir", help="Checkpoints go to <dir>/<run>/.", rich_help_panel=PATHS),
 ]
 LogDirOption = Annotated[
-    Optional[Path], typer.Option("--log-dir", help="TensorBoard logs and history go to <dir>/<run>/.", rich_help_panel=PATHS)
+    Path | None,
+    typer.Option("--log-dir", help="TensorBoard logs and history go to <dir>/<run>/.", rich_help_panel=PATHS),
 ]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)
+]
 
 # Flag name -> dotted settings key; flags left unset (None) do not override anything.
 FLAG_KEYS = {
@@ -111,7 +134,9 @@ def handled_errors() -> Iterator[None]:
     try:
         yield
     except SettingsError as error:
-        table = Table("setting", "problem", "given", title=error.message, title_justify="left", border_style="red")
+        table = Table(
+            "setting", "problem", "given", title=error.message, title_justify="left", border_style="red"
+        )
         for row in error.rows:
             table.add_row(*row)
         error_console.print(table)
@@ -120,7 +145,9 @@ def handled_errors() -> Iterator[None]:
         raise typer.Exit(error.exit_code) from None
     except CifarError as error:
         body = error.message + (f"\n\n[dim]{error.hint}[/dim]" if error.hint else "")
-        error_console.print(Panel(body, title="cifar: error", title_align="left", border_style="red", expand=False))
+        error_console.print(
+            Panel(body, title="cifar: error", title_align="left", border_style="red", expand=False)
+        )
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         error_console.print("Interrupted.")
@@ -158,12 +185,14 @@ def config_show(config: ConfigOption = None, set_options: SetOption = None) -> N
 @app.command()
 def download(
     urls: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--url", help="Mirror to try, in order: http(s)://, file:// or a path (repeatable)."),
     ] = None,
-    md5: Annotated[Optional[str], typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
+    md5: Annotated[str | None, typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
     raw_dir: RawDirOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if a valid archive is present.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Download again even if a valid archive is present.")
+    ] = False,
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
@@ -174,11 +203,19 @@ def download(
         data = resolve(config, set_options, urls=urls, md5=md5, raw_dir=raw_dir).data
         with _transfer_progress() as (on_progress, on_message):
             result = download_archive(
-                data.urls, data.md5, data.raw_data_dir, force=force, timeout=data.download_timeout,
-                retries=data.download_retries, on_progress=on_progress, on_message=on_message,
+                data.urls,
+                data.md5,
+                data.raw_data_dir,
+                force=force,
+                timeout=data.download_timeout,
+                retries=data.download_retries,
+                on_progress=on_progress,
+                on_message=on_message,
             )
         if result.already_present:
-            console.print(f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do.")
+            console.print(
+                f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do."
+            )
         else:
             console.print(f"Downloaded {result.path} from {result.source} (md5 {result.md5} verified).")
 
@@ -186,8 +223,14 @@ def download(
 @contextlib.contextmanager
 def _transfer_progress() -> Iterator[tuple[Any, Any]]:
     progress = Progress(
-        TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=error_console, transient=True, disable=not error_console.is_terminal,
+        TextColumn("[bold]download"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=error_console,
+        transient=True,
+        disable=not error_console.is_terminal,
     )
     task = progress.add_task("download", total=None)
 
@@ -205,7 +248,9 @@ def _transfer_progress() -> Iterator[tuple[Any, Any]]:
 def prepare(
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
-    no_png: Annotated[Optional[bool], typer.Option("--no-png", help="Only write the tensor cache, no PNG folders.")] = None,
+    no_png: Annotated[
+        bool | None, typer.Option("--no-png", help="Only write the tensor cache, no PNG folders.")
+    ] = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
@@ -215,7 +260,9 @@ def prepare(
     with handled_errors():
         data = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, no_png=no_png).data
         with _count_progress() as on_progress:
-            result = prepare_dataset(data.raw_data_dir, data.processed_dir, write_png=data.write_png, on_progress=on_progress)
+            result = prepare_dataset(
+                data.raw_data_dir, data.processed_dir, write_png=data.write_png, on_progress=on_progress
+            )
         counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
         if result.already_prepared:
             console.print(f"Already prepared in {result.processed_dir} ({counts} images). Nothing to do.")
@@ -226,8 +273,12 @@ def prepare(
 @contextlib.contextmanager
 def _count_progress() -> Iterator[Any]:
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} PNG files"),
-        console=error_console, transient=True, disable=not error_console.is_terminal,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} PNG files"),
+        console=error_console,
+        transient=True,
+        disable=not error_console.is_terminal,
     )
     tasks: dict[str, Any] = {}
 
@@ -245,35 +296,76 @@ def _count_progress() -> Iterator[Any]:
 
 @app.command()
 def train(
-    preset: Annotated[Optional[str], typer.Option("--preset", help="baseline, fast or resnet18.", rich_help_panel=RECIPE)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", rich_help_panel=RECIPE)] = None,
-    wd: Annotated[Optional[float], typer.Option("--wd", help="Weight decay.", rich_help_panel=RECIPE)] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="adam, adamw or sgd.", rich_help_panel=RECIPE)] = None,
-    scheduler: Annotated[
-        Optional[str], typer.Option("--scheduler", help="plateau, cosine, onecycle, linear or none.", rich_help_panel=RECIPE)
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="baseline, fast or resnet18.", rich_help_panel=RECIPE)
     ] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option("--label-smoothing", rich_help_panel=RECIPE)] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE)
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE),
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=RECIPE)] = None,
+    wd: Annotated[float | None, typer.Option("--wd", help="Weight decay.", rich_help_panel=RECIPE)] = None,
+    optimizer: Annotated[
+        str | None, typer.Option("--optimizer", help="adam, adamw or sgd.", rich_help_panel=RECIPE)
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", help="plateau, cosine, onecycle, linear or none.", rich_help_panel=RECIPE
+        ),
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", rich_help_panel=RECIPE)
+    ] = None,
     val_size: Annotated[
-        Optional[int], typer.Option("--val-size", help="Training images held out for validation (0: use test).", rich_help_panel=RECIPE)
+        int | None,
+        typer.Option(
+            "--val-size",
+            help="Training images held out for validation (0: use test).",
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     device: DeviceOption = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto, fp32, bf16 or fp16.", rich_help_panel=RUN)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN)] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16.", rich_help_panel=RUN)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN)
+    ] = None,
     run_name: Annotated[
-        Optional[str], typer.Option("--run-name", help="Run folder name (default: preset-model-<settings hash>).", rich_help_panel=RUN)
+        str | None,
+        typer.Option(
+            "--run-name", help="Run folder name (default: preset-model-<settings hash>).", rich_help_panel=RUN
+        ),
     ] = None,
     resume: Annotated[
-        Optional[bool], typer.Option("--resume/--no-resume", help="Continue from last.pth (default: when it exists).", rich_help_panel=RUN)
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue from last.pth (default: when it exists).",
+            rich_help_panel=RUN,
+        ),
     ] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN)] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN),
+    ] = None,
     deterministic: Annotated[
-        Optional[bool], typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN)
+        bool | None,
+        typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN),
     ] = None,
-    progress: Annotated[Optional[str], typer.Option("--progress", help="auto, rich, plain or none.", rich_help_panel=RUN)] = None,
-    nproc: Annotated[int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)] = 1,
+    progress: Annotated[
+        str | None, typer.Option("--progress", help="auto, rich, plain or none.", rich_help_panel=RUN)
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)
+    ] = 1,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,
@@ -283,10 +375,28 @@ def train(
 ) -> None:
     """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
     flags = dict(
-        preset=preset, model=model, epochs=epochs, batch_size=batch_size, lr=lr, wd=wd, optimizer=optimizer,
-        scheduler=scheduler, label_smoothing=label_smoothing, val_size=val_size, device=device, precision=precision,
-        seed=seed, run_name=run_name, resume=resume, compile=compile, deterministic=deterministic, progress=progress,
-        raw_dir=raw_dir, processed_dir=processed_dir, checkpoint_dir=checkpoint_dir, log_dir=log_dir,
+        preset=preset,
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        wd=wd,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        label_smoothing=label_smoothing,
+        val_size=val_size,
+        device=device,
+        precision=precision,
+        seed=seed,
+        run_name=run_name,
+        resume=resume,
+        compile=compile,
+        deterministic=deterministic,
+        progress=progress,
+        raw_dir=raw_dir,
+        processed_dir=processed_dir,
+        checkpoint_dir=checkpoint_dir,
+        log_dir=log_dir,
     )
     with handled_errors():
         settings = resolve(config, set_options, **flags)
@@ -311,7 +421,16 @@ def _launch_torchrun(nproc: int) -> int:
         if arg.startswith("--nproc="):
             continue
         args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cifar_cli", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cifar_cli",
+        *args,
+    ]
     console.print("Launching: " + " ".join(command[2:]))
     return subprocess.call(command, env=os.environ.copy())
 
@@ -321,12 +440,20 @@ def _launch_torchrun(nproc: int) -> int:
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cifar train` (best.pth or last.pth).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint written by `cifar train` (best.pth or last.pth).")
+    ],
     split: Annotated[str, typer.Option("--split", help="test, train or val.")] = "test",
-    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Test-time augmentation (default: as trained).")] = None,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation (default: as trained).")
+    ] = None,
     device: DeviceOption = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Images per inference batch.")
+    ] = 1000,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
+    ] = None,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     config: ConfigOption = None,
@@ -338,7 +465,7 @@ def evaluate(
             raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
         settings = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, device=device)
         from cifar_cli.engine.evaluate import evaluate_checkpoint
-        from cifar_cli.tracking import write_text_atomically
+        from cifar_cli.files import write_text_atomically
 
         metrics = evaluate_checkpoint(
             checkpoint, settings.data, split, tta, settings.train.device, batch_size, say=error_console.print
@@ -358,12 +485,22 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         summary.add_row(key.replace("_", " "), f"{metrics[key]:.2%}")
     console.print(summary)
-    per_class = Table("class", "precision", "recall", "F1", "support", title="Per class", title_justify="left")
+    per_class = Table(
+        "class", "precision", "recall", "F1", "support", title="Per class", title_justify="left"
+    )
     for name, values in metrics["per_class"].items():
-        per_class.add_row(name, f"{values['precision']:.2%}", f"{values['recall']:.2%}", f"{values['f1']:.2%}", str(values["support"]))
+        per_class.add_row(
+            name,
+            f"{values['precision']:.2%}",
+            f"{values['recall']:.2%}",
+            f"{values['f1']:.2%}",
+            str(values["support"]),
+        )
     console.print(per_class)
     names = metrics["class_names"]
-    confusion = Table("true \\ predicted", *[name[:5] for name in names], title="Confusion matrix", title_justify="left")
+    confusion = Table(
+        "true \\ predicted", *[name[:5] for name in names], title="Confusion matrix", title_justify="left"
+    )
     for name, row in zip(names, metrics["confusion_matrix"]):
         confusion.add_row(name, *[str(count) for count in row])
     console.print(confusion)
@@ -398,9 +535,12 @@ def predict(
 @app.command()
 def plot(
     target: Annotated[
-        Optional[Path], typer.Argument(help="A run folder (log_dir/<run>) or a checkpoint; default: the latest run.")
+        Path | None,
+        typer.Argument(help="A run folder (log_dir/<run>) or a checkpoint; default: the latest run."),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNG files (default: <run>/plots).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the PNG files (default: <run>/plots).")
+    ] = None,
     device: DeviceOption = None,
     log_dir: LogDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,
@@ -412,13 +552,23 @@ def plot(
     """Training curves, confusion matrix, per-class accuracy and sample predictions as PNG files."""
     with handled_errors():
         settings = resolve(
-            config, set_options, device=device, log_dir=log_dir, checkpoint_dir=checkpoint_dir,
-            processed_dir=processed_dir, raw_dir=raw_dir,
+            config,
+            set_options,
+            device=device,
+            log_dir=log_dir,
+            checkpoint_dir=checkpoint_dir,
+            processed_dir=processed_dir,
+            raw_dir=raw_dir,
         )
         from cifar_cli.plots import write_run_plots
 
         written = write_run_plots(
-            target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, settings.train.device,
+            target,
+            out,
+            settings.log.log_dir,
+            settings.log.checkpoint_dir,
+            settings.data,
+            settings.train.device,
             say=error_console.print,
         )
         console.print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
@@ -431,14 +581,21 @@ def plot(
 def bench(
     model: Annotated[str, typer.Option("--model", help="Model for the pipeline comparison.")] = "seed-cnn",
     models: Annotated[
-        Optional[list[str]], typer.Option("--models", help="Models for the precision table (default: all; repeatable).")
+        list[str] | None,
+        typer.Option("--models", help="Models for the precision table (default: all; repeatable)."),
     ] = None,
     device: DeviceOption = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Timed batches per repeat.")] = 10,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Repeats; medians are reported.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size of the pipeline and model rows.")] = 128,
-    fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")] = True,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results to this JSON file.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Batch size of the pipeline and model rows.")
+    ] = 128,
+    fast: Annotated[
+        bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")
+    ] = True,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
+    ] = None,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     config: ConfigOption = None,
@@ -448,11 +605,16 @@ def bench(
     with handled_errors():
         settings = resolve(config, set_options, device=device, raw_dir=raw_dir, processed_dir=processed_dir)
         from cifar_cli.bench import BenchOptions, run_benchmark
-        from cifar_cli.tracking import write_text_atomically
+        from cifar_cli.files import write_text_atomically
 
         options = BenchOptions(
-            model=model, device=settings.train.device, batches=batches, repeats=repeats, batch_size=batch_size,
-            models=tuple(models or ()), include_fast=fast,
+            model=model,
+            device=settings.train.device,
+            batches=batches,
+            repeats=repeats,
+            batch_size=batch_size,
+            models=tuple(models or ()),
+            include_fast=fast,
         )
         results = run_benchmark(options, settings.data, say=error_console.print)
         _print_bench(results)
@@ -464,15 +626,33 @@ def bench(
 def _print_bench(results: dict[str, Any]) -> None:
     machine = results["machine"]
     console.print(f"[bold]{machine['device']}[/bold], {machine['cpu_count']} CPUs, torch {machine['torch']}")
-    sections = [("Input pipeline (same model, Adam)", results["pipeline"]), ("Train step by model", results["models"])]
+    sections = [
+        ("Input pipeline (same model, Adam)", results["pipeline"]),
+        ("Train step by model", results["models"]),
+    ]
     if results["fast_preset"]:
         sections.append(("fast preset step", [results["fast_preset"]]))
     for title, rows in sections:
-        table = Table("configuration", "batch", "images/s", "ratio", "epoch (50k)", "data share", title=title, title_justify="left")
+        table = Table(
+            "configuration",
+            "batch",
+            "images/s",
+            "ratio",
+            "epoch (50k)",
+            "data share",
+            title=title,
+            title_justify="left",
+        )
         for row in rows:
             ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-            table.add_row(row["name"], str(row["batch_size"]), f"{row['images_per_second']:,.0f}", ratio,
-                          f"{row['epoch_seconds']:,.0f} s", f"{row['data_share']:.0%}")
+            table.add_row(
+                row["name"],
+                str(row["batch_size"]),
+                f"{row['images_per_second']:,.0f}",
+                ratio,
+                f"{row['epoch_seconds']:,.0f} s",
+                f"{row['data_share']:.0%}",
+            )
         console.print(table)
     console.print(f"Pipeline speed-up: [bold]{results['pipeline_speedup']:.2f}x[/bold]")
 

@@ -40,7 +40,14 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure:
         axis.grid(alpha=0.3)
         axis.legend()
     lr_axis = axes.flat[3]
-    lr_axis.plot(epochs, [record["lr"] for record in history], "-o", markersize=3, color="tab:purple", label="lr (end of epoch)")
+    lr_axis.plot(
+        epochs,
+        [record["lr"] for record in history],
+        "-o",
+        markersize=3,
+        color="tab:purple",
+        label="lr (end of epoch)",
+    )
     lr_axis.set(title="learning rate", xlabel="epoch", ylabel="learning rate")
     lr_axis.grid(alpha=0.3)
     lr_axis.legend()
@@ -100,7 +107,9 @@ def predictions_figure(
     for axis, image, target, guess in zip(axes, images, targets, predicted):
         wrong = target != guess
         axis.imshow(image.transpose(1, 2, 0), interpolation="nearest")
-        axis.set_title(f"{class_names[target]}\n→ {class_names[guess]}", fontsize=8, color="red" if wrong else "black")
+        axis.set_title(
+            f"{class_names[target]}\n→ {class_names[guess]}", fontsize=8, color="red" if wrong else "black"
+        )
         axis.set_xticks([])
         axis.set_yticks([])
         for spine in axis.spines.values():
@@ -128,9 +137,16 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
     from cifar_cli.tracking import HISTORY_FILE, read_history
 
     if target is None:
-        runs = sorted(log_dir.glob(f"*/{HISTORY_FILE}"), key=lambda p: p.stat().st_mtime) if log_dir.is_dir() else []
+        runs = (
+            sorted(log_dir.glob(f"*/{HISTORY_FILE}"), key=lambda p: p.stat().st_mtime)
+            if log_dir.is_dir()
+            else []
+        )
         if not runs:
-            raise UsageError(f"No runs with a history in {log_dir}.", hint="Train first, or pass a run folder or checkpoint.")
+            raise UsageError(
+                f"No runs with a history in {log_dir}.",
+                hint="Train first, or pass a run folder or checkpoint.",
+            )
         target = runs[-1].parent
     if target.is_file():
         state = load_checkpoint(target)
@@ -141,9 +157,14 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
         raise UsageError(f"{target} is neither a run folder nor a checkpoint file.")
     history = read_history(target)
     if not history:
-        raise UsageError(f"{target} has no {HISTORY_FILE}.", hint="Pass a run folder made by `cifar train` (log_dir/<run>).")
+        raise UsageError(
+            f"{target} has no {HISTORY_FILE}.",
+            hint="Pass a run folder made by `cifar train` (log_dir/<run>).",
+        )
     run_checkpoints = checkpoint_dir / target.name
-    checkpoint = next((p for p in (run_checkpoints / "best.pth", run_checkpoints / "last.pth") if p.is_file()), None)
+    checkpoint = next(
+        (p for p in (run_checkpoints / "best.pth", run_checkpoints / "last.pth") if p.is_file()), None
+    )
     return PlotSources(target, checkpoint, history)
 
 
@@ -167,9 +188,16 @@ def write_run_plots(
         return written
     say(f"Evaluating {sources.checkpoint} on the test split for the other plots.")
     metrics = evaluate_checkpoint(sources.checkpoint, data, "test", device_name=device_name, say=say)
-    written.append(save(confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]), out / "confusion_matrix.png"))
+    written.append(
+        save(
+            confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]),
+            out / "confusion_matrix.png",
+        )
+    )
     written.append(save(per_class_figure(metrics["per_class"]), out / "per_class.png"))
-    written.append(save(_sample_predictions_figure(sources.checkpoint, data, device_name), out / "predictions.png"))
+    written.append(
+        save(_sample_predictions_figure(sources.checkpoint, data, device_name), out / "predictions.png")
+    )
     return written
 
 

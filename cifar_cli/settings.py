@@ -81,7 +81,14 @@ class SchedulerSettings(_Section):
 
 
 MonitoredMetric = Literal[
-    "val_accuracy", "val_loss", "val_f1", "val_precision", "val_recall", "train_accuracy", "train_loss", "train_f1"
+    "val_accuracy",
+    "val_loss",
+    "val_f1",
+    "val_precision",
+    "val_recall",
+    "train_accuracy",
+    "train_loss",
+    "train_f1",
 ]
 
 
@@ -158,14 +165,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # pydantic-settings cannot take a YAML path at run time (its issue 259): the file and preset are read by
         # `load_settings` and handed over through a context variable, as the lowest-priority sources.
-        return (init_settings, env_settings, _DictSource(settings_cls, _file_layers.get()))
+        return (init_settings, env_settings, _DictSource(settings_cls, _file_layers.get() or {}))
 
     def to_plain(self) -> dict[str, Any]:
         """JSON-safe nested dict (paths as strings): what checkpoints and run folders store."""
         return self.model_dump(mode="json")
 
 
-_file_layers: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_file_layers", default={})
+_file_layers: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "_file_layers", default=None
+)
 
 
 class _DictSource(PydanticBaseSettingsSource):
@@ -241,7 +250,9 @@ def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
     for part in parents:
         child = target.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SettingsError("Conflicting settings.", [(dotted_key, "parent is not a section", str(child))])
+            raise SettingsError(
+                "Conflicting settings.", [(dotted_key, "parent is not a section", str(child))]
+            )
         target = child
     target[leaf] = value
 

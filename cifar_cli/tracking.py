@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from cifar_cli.files import write_text_atomically
 
 HISTORY_FILE = "history.json"
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -48,10 +57,22 @@ class NullReporter:
 
 
 def epoch_summary(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch']:>3}", f"train loss {record['train_loss']:.4f}", f"acc {record['train_accuracy']:.2%}"]
+    parts = [
+        f"epoch {record['epoch']:>3}",
+        f"train loss {record['train_loss']:.4f}",
+        f"acc {record['train_accuracy']:.2%}",
+    ]
     if record.get("val_loss") is not None:
-        parts += [f"val loss {record['val_loss']:.4f}", f"acc {record['val_accuracy']:.2%}", f"f1 {record['val_f1']:.3f}"]
-    parts += [f"lr {record['lr']:.3g}", f"{record['images_per_second']:,.0f} img/s", f"{record['seconds']:.1f} s"]
+        parts += [
+            f"val loss {record['val_loss']:.4f}",
+            f"acc {record['val_accuracy']:.2%}",
+            f"f1 {record['val_f1']:.3f}",
+        ]
+    parts += [
+        f"lr {record['lr']:.3g}",
+        f"{record['images_per_second']:,.0f} img/s",
+        f"{record['seconds']:.1f} s",
+    ]
     return " | ".join(parts)
 
 
@@ -142,7 +163,9 @@ class RunLogger:
         self.writer.add_scalar("lr/step", record["lr"], step)
         self.writer.flush()
 
-    def log_final(self, hparams: dict[str, Any], metrics: dict[str, Any], confusion_figure: Any | None) -> None:
+    def log_final(
+        self, hparams: dict[str, Any], metrics: dict[str, Any], confusion_figure: Any | None
+    ) -> None:
         write_text_atomically(self.run_dir / FINAL_METRICS_FILE, json.dumps(metrics, indent=2))
         if self.writer is None:
             return
@@ -172,12 +195,6 @@ def _tensorboard_tag(key: str) -> str | None:
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / HISTORY_FILE
     return json.loads(path.read_text()) if path.is_file() else []
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def stderr_console() -> Console:

@@ -53,7 +53,9 @@ def make_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     labels = [i % 10 for i in range(count)]
     rng.shuffle(labels)
-    base = np.array([[(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256] for c in range(10)], dtype=np.float64)
+    base = np.array(
+        [[(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256] for c in range(10)], dtype=np.float64
+    )
     noise = rng.normal(0, 30, size=(count, 3, 32 * 32))
     data = np.clip(base[labels][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
     return data, labels
@@ -61,11 +63,18 @@ def make_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
 
 def batch_bytes(data: np.ndarray, labels: list[int], label: str) -> bytes:
     return py2_pickle(
-        {b"batch_label": label.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}
+        {
+            b"batch_label": label.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"x.png"] * len(labels),
+        }
     )
 
 
-def build_archive(path: Path, per_batch: int = 20, test_count: int = 30, overrides: dict[str, bytes] | None = None) -> Path:
+def build_archive(
+    path: Path, per_batch: int = 20, test_count: int = 30, overrides: dict[str, bytes] | None = None
+) -> Path:
     """A CIFAR-10-layout archive with 5 x per_batch training and test_count test images."""
     members: dict[str, bytes] = {}
     for index in range(1, 6):
@@ -74,7 +83,11 @@ def build_archive(path: Path, per_batch: int = 20, test_count: int = 30, overrid
     data, labels = make_images(test_count, seed=99)
     members["test_batch"] = batch_bytes(data, labels, "testing batch 1 of 1")
     members["batches.meta"] = py2_pickle(
-        {b"label_names": [n.encode() for n in LABEL_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+        {
+            b"label_names": [n.encode() for n in LABEL_NAMES],
+            b"num_cases_per_batch": per_batch,
+            b"num_vis": 3072,
+        }
     )
     members["readme.html"] = b"<html>tiny test copy</html>"
     members.update(overrides or {})

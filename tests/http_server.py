@@ -33,7 +33,9 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             body = state.payload[start:]
             self.send_response(206 if header else 200)
             if header:
-                self.send_header("Content-Range", f"bytes {start}-{len(state.payload) - 1}/{len(state.payload)}")
+                self.send_header(
+                    "Content-Range", f"bytes {start}-{len(state.payload) - 1}/{len(state.payload)}"
+                )
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if state.mode == "stall":

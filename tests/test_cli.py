@@ -29,7 +29,9 @@ def test_version_and_help() -> None:
 def test_config_show_applies_set_env_and_config(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  seed: 11\n")
-    result = invoke("config", "show", "--config", str(config), "--set", "optim.lr=0.02", env={"CIFAR_TRAIN__EPOCHS": "3"})
+    result = invoke(
+        "config", "show", "--config", str(config), "--set", "optim.lr=0.02", env={"CIFAR_TRAIN__EPOCHS": "3"}
+    )
     assert result.exit_code == 0
     assert "lr: 0.02" in result.output and "seed: 11" in result.output and "epochs: 3" in result.output
 
@@ -78,21 +80,47 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     assert "Nothing to do" in invoke("prepare", *common, *processed).output
 
     paths = [*processed, "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs")]
-    result = invoke("train", "--preset", "baseline", "--epochs", "2", "--batch-size", "16", "--lr", "0.002",
-                    "--precision", "fp32", "--run-name", "cli", "--seed", "3", *paths)
+    result = invoke(
+        "train",
+        "--preset",
+        "baseline",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.002",
+        "--precision",
+        "fp32",
+        "--run-name",
+        "cli",
+        "--seed",
+        "3",
+        *paths,
+    )
     assert result.exit_code == 0, result.output
     assert "epoch   2" in result.output and "Final accuracy" in result.output
     stored = (tmp_path / "runs" / "cli" / "settings.yaml").read_text()
     assert "lr: 0.002" in stored and "seed: 3" in stored and "batch_size: 16" in stored
 
     checkpoint = tmp_path / "ck" / "cli" / "best.pth"
-    result = invoke("evaluate", str(checkpoint), "--json", str(tmp_path / "m.json"), "--device", "cpu", *processed)
+    result = invoke(
+        "evaluate", str(checkpoint), "--json", str(tmp_path / "m.json"), "--device", "cpu", *processed
+    )
     assert result.exit_code == 0 and "Confusion matrix" in result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_samples"] == 30 and metrics["split"] == "test"
 
-    result = invoke("plot", "--out", str(tmp_path / "plots"), "--log-dir", str(tmp_path / "runs"),
-                    "--checkpoint-dir", str(tmp_path / "ck"), *processed)
+    result = invoke(
+        "plot",
+        "--out",
+        str(tmp_path / "plots"),
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        *processed,
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
         ["curves.png", "confusion_matrix.png", "per_class.png", "predictions.png"]
@@ -108,10 +136,27 @@ def test_download_checksum_error_is_exit_1_with_hint(tmp_path: Path, tiny_archiv
 def test_train_prepares_missing_data_first(tmp_path: Path, tiny_archive: Path) -> None:
     md5 = hashlib.md5(tiny_archive.read_bytes()).hexdigest()
     result = invoke(
-        "train", "--preset", "baseline", "--epochs", "1", "--batch-size", "32", "--precision", "fp32",
-        "--raw-dir", str(tmp_path / "raw"), "--processed-dir", str(tmp_path / "processed"),
-        "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
-        "--set", f"data.urls=[{tiny_archive}]", "--set", f"data.md5={md5}",
+        "train",
+        "--preset",
+        "baseline",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--precision",
+        "fp32",
+        "--raw-dir",
+        str(tmp_path / "raw"),
+        "--processed-dir",
+        str(tmp_path / "processed"),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--set",
+        f"data.urls=[{tiny_archive}]",
+        "--set",
+        f"data.md5={md5}",
     )
     assert result.exit_code == 0, result.output
     assert "downloading and preparing it first" in result.output

@@ -15,9 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _settings_args(tmp_path: Path, prepared: Path, *extra: str) -> list[str]:
     return [
-        "preset=baseline", f"data.processed_dir={prepared}", f"log.checkpoint_dir={tmp_path / 'ck'}",
-        f"log.log_dir={tmp_path / 'runs'}", "log.progress=plain", "train.epochs=2", "train.batch_size=16",
-        "train.device=cpu", "train.precision=fp32", "train.run_name=ddp", "train.num_threads=1", *extra,
+        "preset=baseline",
+        f"data.processed_dir={prepared}",
+        f"log.checkpoint_dir={tmp_path / 'ck'}",
+        f"log.log_dir={tmp_path / 'runs'}",
+        "log.progress=plain",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "train.run_name=ddp",
+        "train.num_threads=1",
+        *extra,
     ]
 
 
@@ -30,7 +39,9 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_agree_and_write_one_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
     weights = tmp_path / "weights"
     weights.mkdir()
-    done = _torchrun(str(REPO / "tests" / "ddp_worker.py"), str(weights), *_settings_args(tmp_path, prepared_dir))
+    done = _torchrun(
+        str(REPO / "tests" / "ddp_worker.py"), str(weights), *_settings_args(tmp_path, prepared_dir)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
@@ -46,15 +57,38 @@ def test_two_gloo_processes_agree_and_write_one_checkpoint(tmp_path: Path, prepa
 
 
 def test_cli_nproc_launches_torchrun_and_resumes(tmp_path: Path, prepared_dir: Path) -> None:
-    args = ["--preset", "baseline", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--precision", "fp32",
-            "--run-name", "ddp-cli", "--processed-dir", str(prepared_dir), "--checkpoint-dir", str(tmp_path / "ck"),
-            "--log-dir", str(tmp_path / "runs"), "--progress", "plain", "--set", "train.num_threads=1"]
+    args = [
+        "--preset",
+        "baseline",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--run-name",
+        "ddp-cli",
+        "--processed-dir",
+        str(prepared_dir),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--log-dir",
+        str(tmp_path / "runs"),
+        "--progress",
+        "plain",
+        "--set",
+        "train.num_threads=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "cifar_cli", "train", "--nproc", "2", *args]
     first = subprocess.run(run, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("epoch   1 |") == 1  # only rank 0 reports
-    second = subprocess.run([*run, "--epochs", "2"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    second = subprocess.run(
+        [*run, "--epochs", "2"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming run ddp-cli after epoch 1" in second.stdout
     history = json.loads((tmp_path / "runs" / "ddp-cli" / "history.json").read_text())

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import io
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -48,9 +46,21 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: P
 def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
     from cifar_cli.settings import DataSettings
 
-    metrics = evaluate_checkpoint(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True)
-    assert {"accuracy", "precision_macro", "recall_macro", "f1_macro", "per_class", "confusion_matrix", "checkpoint",
-            "split", "tta", "num_samples"} <= set(metrics)
+    metrics = evaluate_checkpoint(
+        trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True
+    )
+    assert {
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "per_class",
+        "confusion_matrix",
+        "checkpoint",
+        "split",
+        "tta",
+        "num_samples",
+    } <= set(metrics)
     assert metrics["num_samples"] == 30 and metrics["tta"] is True and metrics["split"] == "test"
     assert 0 <= metrics["accuracy"] <= 1 and len(metrics["confusion_matrix"]) == 10
     assert sum(map(sum, metrics["confusion_matrix"])) == 30
@@ -105,7 +115,9 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, trained_checkpoint: Path) -
     assert not Path("pwned-by-checkpoint").exists()
 
 
-def test_weights_that_do_not_fit_the_model(tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path) -> None:
+def test_weights_that_do_not_fit_the_model(
+    tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path
+) -> None:
     from cifar_cli.settings import DataSettings
 
     state = load_checkpoint(trained_checkpoint)

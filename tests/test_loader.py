@@ -6,7 +6,12 @@ from cifar_cli.data.loader import Augment, BatchLoader, augment_batch, normalize
 
 
 def images_and_labels(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.arange(count * 3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 3, 32, 32)
+    images = (
+        torch.arange(count * 3 * 32 * 32, dtype=torch.int64)
+        .remainder(256)
+        .to(torch.uint8)
+        .view(count, 3, 32, 32)
+    )
     return images, torch.arange(count) % 10
 
 
@@ -25,10 +30,14 @@ def test_ranks_get_disjoint_equal_shards() -> None:
     images, labels = images_and_labels(42)
     seen = []
     for rank in range(2):
-        loader = BatchLoader(images, labels, 7, train=True, augment=Augment(False), seed=1, rank=rank, world_size=2)
+        loader = BatchLoader(
+            images, labels, 7, train=True, augment=Augment(False), seed=1, rank=rank, world_size=2
+        )
         seen.append(torch.cat([lab for _, lab in loader]))
     # labels are index % 10, so compare through the order indices the loader uses
-    orders = [BatchLoader(images, labels, 7, train=True, seed=1, rank=r, world_size=2)._order() for r in range(2)]
+    orders = [
+        BatchLoader(images, labels, 7, train=True, seed=1, rank=r, world_size=2)._order() for r in range(2)
+    ]
     assert len(orders[0]) == len(orders[1]) == 21
     assert not set(orders[0].tolist()) & set(orders[1].tolist())
     assert len(seen[0]) == len(seen[1]) == 21

@@ -35,7 +35,9 @@ def test_whitening_filters_whiten_the_patches() -> None:
     images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), torch.randn(256, 1, 32, 32)], dim=1)
     model = AirbenchNet()
     model.init_from_data(images, eps=1e-6)
-    features = torch.nn.functional.conv2d(images, model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    features = (
+        torch.nn.functional.conv2d(images, model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    )
     covariance = torch.cov(features.T)
     assert torch.allclose(covariance, torch.eye(12), atol=0.05)
     assert not model.whiten.weight.requires_grad

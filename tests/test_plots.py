@@ -26,7 +26,9 @@ def test_plots_of_a_trained_run(tmp_path: Path, prepared_dir: Path) -> None:
     result = train(settings)
     for target in (result.run_dir, None, result.checkpoint_dir / "last.pth"):
         out = tmp_path / f"plots-{'x' if target is None else target.name}"
-        written = write_run_plots(target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, "cpu")
+        written = write_run_plots(
+            target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, "cpu"
+        )
         assert [p.name for p in written] == EXPECTED
         for path in written:
             _check_png(path)
@@ -38,8 +40,15 @@ def test_run_without_checkpoint_draws_only_curves(tmp_path: Path, prepared_dir: 
     for path in result.checkpoint_dir.iterdir():
         path.unlink()
     messages = []
-    written = write_run_plots(result.run_dir, None, settings.log.log_dir, settings.log.checkpoint_dir, settings.data,
-                              "cpu", say=messages.append)
+    written = write_run_plots(
+        result.run_dir,
+        None,
+        settings.log.log_dir,
+        settings.log.checkpoint_dir,
+        settings.data,
+        "cpu",
+        say=messages.append,
+    )
     assert [p.name for p in written] == ["curves.png"] and "only the training curves" in messages[0]
     assert written[0].parent == result.run_dir / "plots"
 
@@ -50,4 +59,6 @@ def test_clear_errors_without_history(tmp_path: Path, prepared_dir: Path) -> Non
         write_run_plots(None, None, tmp_path / "runs", tmp_path / "checkpoints", settings.data)
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(UsageError, match="has no history.json"):
-        write_run_plots(tmp_path / "empty-run", None, tmp_path / "runs", tmp_path / "checkpoints", settings.data)
+        write_run_plots(
+            tmp_path / "empty-run", None, tmp_path / "runs", tmp_path / "checkpoints", settings.data
+        )

@@ -142,7 +142,9 @@ def test_label_out_of_range(tmp_path: Path) -> None:
     data, labels = make_images(10, seed=3)
     labels[4] = 12
     with pytest.raises(UsageError, match="label 12 is out of range"):
-        prepare_dataset(raw_folder(tmp_path, overrides={"test_batch": batch_bytes(data, labels, "t")}), tmp_path / "out")
+        prepare_dataset(
+            raw_folder(tmp_path, overrides={"test_batch": batch_bytes(data, labels, "t")}), tmp_path / "out"
+        )
 
 
 def test_missing_archive_says_what_to_run(tmp_path: Path) -> None:

@@ -12,10 +12,14 @@ REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.yaml"
 
 def test_defaults_come_from_the_fast_preset() -> None:
     settings = load_settings()
-    assert settings.preset == "fast" and settings.model.name == "airbench" and settings.train.batch_size == 1024
+    assert (
+        settings.preset == "fast" and settings.model.name == "airbench" and settings.train.batch_size == 1024
+    )
 
 
-def test_precedence_flags_over_env_over_yaml_over_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precedence_flags_over_env_over_yaml_over_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "custom.yaml"
     config.write_text("optim:\n  lr: 0.5\n  momentum: 0.7\ntrain:\n  seed: 3\n  epochs: 4\n")
     monkeypatch.setenv("CIFAR_OPTIM__LR", "0.25")
@@ -44,7 +48,9 @@ def test_preset_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_set_options_are_typed_yaml_scalars() -> None:
-    nested = parse_set_options(["optim.lr=0.1", "train.augment.flip=false", "model.name=resnet18", "data.urls=[a, b]"])
+    nested = parse_set_options(
+        ["optim.lr=0.1", "train.augment.flip=false", "model.name=resnet18", "data.urls=[a, b]"]
+    )
     assert nested == {
         "optim": {"lr": 0.1},
         "train": {"augment": {"flip": False}},

@@ -67,14 +67,22 @@ def test_resume_requested_without_checkpoint(tmp_path: Path, prepared_dir: Path)
 def test_early_stopping(tmp_path: Path, prepared_dir: Path) -> None:
     # lr so small nothing improves after the first epoch: patience 1 stops at epoch 2 of 6.
     settings = tiny_settings(
-        tmp_path, prepared_dir, "train.epochs=6", "optim.lr=1e-12", "train.early_stopping.patience=1",
-        "train.early_stopping.monitor=val_loss", "train.early_stopping.mode=min", "scheduler.name=none",
+        tmp_path,
+        prepared_dir,
+        "train.epochs=6",
+        "optim.lr=1e-12",
+        "train.early_stopping.patience=1",
+        "train.early_stopping.monitor=val_loss",
+        "train.early_stopping.mode=min",
+        "scheduler.name=none",
     )
     result = train(settings)
     assert result.stopped_early and len(result.history) < 6
 
 
-def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+def test_crash_during_save_leaves_previous_checkpoint(
+    tmp_path: Path, prepared_dir: Path, monkeypatch
+) -> None:
     result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
     last = result.checkpoint_dir / "last.pth"
     before = last.read_bytes()
@@ -111,7 +119,9 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path: Path, prepare
 
 
 def test_validation_split_and_bf16(tmp_path: Path, prepared_dir: Path) -> None:
-    trainer = Trainer(tiny_settings(tmp_path, prepared_dir, "data.val_size=20", "train.precision=bf16", "train.epochs=1"))
+    trainer = Trainer(
+        tiny_settings(tmp_path, prepared_dir, "data.val_size=20", "train.precision=bf16", "train.epochs=1")
+    )
     result = trainer.run()
     assert len(trainer.val_loader.labels) == 20 and len(trainer.train_loader.labels) == 80
     assert result.history[0]["val_accuracy"] >= 0

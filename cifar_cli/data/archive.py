@@ -71,7 +71,9 @@ def safe_unpickle(payload: bytes, origin: str) -> dict[str, object]:
     except UnsafePickleError:
         raise
     except Exception as error:  # a corrupt pickle can raise almost anything
-        raise CifarError(f"{origin} is not a readable CIFAR-10 batch ({type(error).__name__}: {error}).") from None
+        raise CifarError(
+            f"{origin} is not a readable CIFAR-10 batch ({type(error).__name__}: {error})."
+        ) from None
     if not isinstance(data, dict):
         raise CifarError(f"{origin} holds a {type(data).__name__}, not the dict a CIFAR-10 batch holds.")
     return {_text(key): value for key, value in data.items()}

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from cifar_cli.errors import CifarError
+from cifar_cli.files import ensure_writable_folder
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 CHUNK_BYTES = 1 << 20
@@ -58,7 +59,7 @@ def download_archive(
     expected = md5.lower()
     target = raw_dir / ARCHIVE_NAME
     say = on_message or (lambda _text: None)
-    _ensure_writable_dir(raw_dir)
+    ensure_writable_folder(raw_dir)
     if target.exists() and not force:
         if md5_of(target) == expected:
             return DownloadResult(target, str(target), True, expected)
@@ -79,15 +80,6 @@ def download_archive(
         "Could not download the CIFAR-10 archive from any mirror:\n  " + "\n  ".join(failures),
         hint="Pass a reachable mirror or a local copy with --url (http(s)://, file:// or a path) and its --md5.",
     )
-
-
-def _ensure_writable_dir(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CifarError(f"Cannot create the download folder {folder}: {error.strerror}") from None
-    if not folder.is_dir():
-        raise CifarError(f"{folder} is not a folder.", exit_code=2)
 
 
 def _verify(part: Path, expected: str, url: str) -> None:
@@ -121,7 +113,9 @@ def _fetch_with_retries(
             if attempt == retries:
                 raise CifarError(f"gave up after {retries + 1} attempts ({reason})") from None
             delay = backoff_seconds * 2**attempt
-            say(f"Attempt {attempt + 1} failed ({reason}); retrying in {delay:.1f} s, resuming where it stopped.")
+            say(
+                f"Attempt {attempt + 1} failed ({reason}); retrying in {delay:.1f} s, resuming where it stopped."
+            )
             time.sleep(delay)
 
 

@@ -55,8 +55,12 @@ def _random_translate(images: torch.Tensor, pad: int, generator: torch.Generator
     """
     batch, channels, height, width = images.shape
     device = images.device
-    padded = images.index_select(2, _reflect_index(height, pad, device)).index_select(3, _reflect_index(width, pad, device))
-    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(device)
+    padded = images.index_select(2, _reflect_index(height, pad, device)).index_select(
+        3, _reflect_index(width, pad, device)
+    )
+    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(
+        device
+    )
     rows = shifts[0].view(-1, 1, 1, 1) + torch.arange(height, device=device).view(1, 1, -1, 1)
     cropped_rows = padded.gather(2, rows.expand(batch, channels, height, width + 2 * pad))
     cols = shifts[1].view(-1, 1, 1, 1) + torch.arange(width, device=device).view(1, 1, 1, -1)
@@ -108,7 +112,9 @@ class BatchLoader:
         self.seed, self.dtype, self.channels_last = seed, dtype, channels_last
         self.rank, self.world_size = rank, world_size
         # Training drops the ragged last batch (BatchNorm dislikes tiny batches) unless it would drop everything.
-        self.drop_last = (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
+        self.drop_last = (
+            (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,7 +138,9 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
+        generator = torch.Generator(device="cpu").manual_seed(
+            self.seed * 7_919 + self.epoch * 31 + self.rank + 1
+        )
         for batch_index in range(len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images = self.images[index]
@@ -145,7 +153,9 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     """Indices (train, val) with `val_size` validation images spread evenly over the classes, seeded."""
     generator = torch.Generator().manual_seed(seed)
     classes = labels.unique()
-    per_class = [val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))]
+    per_class = [
+        val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))
+    ]
     val_parts = []
     for cls, count in zip(classes.tolist(), per_class):
         members = (labels == cls).nonzero().flatten()

@@ -24,11 +24,23 @@ from PIL import Image
 from cifar_cli.data import archive
 from cifar_cli.data.download import ARCHIVE_NAME, md5_of
 from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.files import ensure_writable_folder, write_text_atomically
 
 CACHE_FILE = "cache.pt"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-CLASS_FOLDERS = ["0_plane", "1_car", "2_bird", "3_cat", "4_deer", "5_dog", "6_frog", "7_horse", "8_ship", "9_truck"]
+CLASS_FOLDERS = [
+    "0_plane",
+    "1_car",
+    "2_bird",
+    "3_cat",
+    "4_deer",
+    "5_dog",
+    "6_frog",
+    "7_horse",
+    "8_ship",
+    "9_truck",
+]
 CLASS_NAMES = [folder.split("_", 1)[1] for folder in CLASS_FOLDERS]
 # Called with (stage name, done, total) while PNG files are written.
 ProgressCallback = Callable[[str, int, int], None]
@@ -50,8 +62,10 @@ def prepare_dataset(
     """Extract, validate and write the cache (and PNG folders); does nothing when the same inputs are prepared."""
     archive_path = raw_dir / ARCHIVE_NAME
     if not archive_path.is_file():
-        raise UsageError(f"No archive at {archive_path}.", hint="Run `cifar download` first (or pass --raw-dir).")
-    _ensure_folder(processed_dir)
+        raise UsageError(
+            f"No archive at {archive_path}.", hint="Run `cifar download` first (or pass --raw-dir)."
+        )
+    ensure_writable_folder(processed_dir)
     source_md5 = md5_of(archive_path)
     existing = read_manifest(processed_dir)
     if existing and _is_up_to_date(existing, processed_dir, source_md5, write_png):
@@ -68,17 +82,8 @@ def prepare_dataset(
         for name, split in splits.items():
             _write_png_folder(processed_dir / name, split, on_progress)
     manifest = _manifest(splits, class_names, source_md5, write_png)
-    _write_json_atomically(processed_dir / MANIFEST_FILE, manifest)
+    write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return PrepareResult(processed_dir, False, manifest["counts"])
-
-
-def _ensure_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a folder.", hint="Pass a folder to --processed-dir.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CifarError(f"Cannot create {folder}: {error.strerror}") from None
 
 
 def read_manifest(processed_dir: Path) -> dict | None:
@@ -150,21 +155,19 @@ def _manifest(splits: dict[str, archive.Split], class_names: list[str], source_m
     }
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def load_cache(processed_dir: Path) -> dict[str, torch.Tensor]:
     """The tensor cache as uint8 images and int64 labels; a clear error when it is missing or damaged."""
     path = processed_dir / CACHE_FILE
     if not path.is_file():
-        raise UsageError(f"No prepared data at {path}.", hint="Run `cifar prepare` (or pass --processed-dir).")
+        raise UsageError(
+            f"No prepared data at {path}.", hint="Run `cifar prepare` (or pass --processed-dir)."
+        )
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
-        raise CifarError(f"{path} is damaged ({type(error).__name__}).", hint="Run `cifar prepare` again.") from None
+        raise CifarError(
+            f"{path} is damaged ({type(error).__name__}).", hint="Run `cifar prepare` again."
+        ) from None
     expected = {"train_images", "train_labels", "test_images", "test_labels"}
     if not isinstance(tensors, dict) or not expected <= set(tensors):
         raise CifarError(f"{path} is not a cifar tensor cache.", hint="Run `cifar prepare` again.")

@@ -87,7 +87,11 @@ def capture_rng_states() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     states: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])],
+        "numpy": [
+            numpy_state[0],
+            torch.from_numpy(numpy_state[1].astype(np.int64)),
+            *map(float, numpy_state[2:]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -36,6 +36,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tens
 
     Weights as in airbench: half on the unshifted view, a quarter on each shifted view.
     """
+
     def with_flip(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch)
         return logits if level == 0 else 0.5 * (logits + model(batch.flip(3)))
@@ -50,7 +51,11 @@ def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tens
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return (
+        torch.channels_last
+        if images.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,9 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, tta_level: int = 0) -> Predictions:
+def predict(
+    model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, tta_level: int = 0
+) -> Predictions:
     was_training = model.training
     model.eval()
     logits_parts, target_parts = [], []
@@ -99,7 +106,6 @@ def report_from_predictions(predictions: Predictions, class_names: list[str]) ->
     return classification_report(predictions.predicted, predictions.targets, class_names)
 
 
-
 @dataclass(frozen=True)
 class LoadedModel:
     model: nn.Module
@@ -122,12 +128,18 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
     try:
         model.load_state_dict(state["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise UsageError(f"{checkpoint}: the weights do not fit model {model_settings.name!r} ({str(error)[:200]}).") from None
-    model = model.to(device, memory_format=torch.channels_last if train_settings.channels_last else torch.contiguous_format)
+        raise UsageError(
+            f"{checkpoint}: the weights do not fit model {model_settings.name!r} ({str(error)[:200]})."
+        ) from None
+    model = model.to(
+        device, memory_format=torch.channels_last if train_settings.channels_last else torch.contiguous_format
+    )
     return LoadedModel(model.eval(), state, train_settings, data_settings)
 
 
-def split_tensors(data: DataSettings, split: str, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(
+    data: DataSettings, split: str, val_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images and labels of `split`; `val` is the held-out part of train (or the test split if none was)."""
     cache = load_cache(data.processed_dir)
     if split == "test" or (split == "val" and val_size == 0):
@@ -156,16 +168,26 @@ def evaluate_checkpoint(
     images, labels = split_tensors(data, split, loaded.data_settings.val_size, loaded.train_settings.seed)
     precision = resolve_precision(loaded.train_settings.precision, device)
     loader = BatchLoader(
-        images.to(device), labels.to(device), batch_size, train=False,
-        dtype=precision.autocast_dtype or torch.float32, channels_last=loaded.train_settings.channels_last,
+        images.to(device),
+        labels.to(device),
+        batch_size,
+        train=False,
+        dtype=precision.autocast_dtype or torch.float32,
+        channels_last=loaded.train_settings.channels_last,
     )
     level = tta_level(loaded.train_settings, tta)
     predictions = predict(loaded.model, loader, precision, device, tta_level=level)
     class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
     report = report_from_predictions(predictions, class_names)
     return report_to_json(
-        report, checkpoint=str(checkpoint), split=split, tta=bool(level), loss=predictions.loss,
-        model=loaded.state["model_name"], epoch=loaded.state["epoch"], class_names=class_names,
+        report,
+        checkpoint=str(checkpoint),
+        split=split,
+        tta=bool(level),
+        loss=predictions.loss,
+        model=loaded.state["model_name"],
+        epoch=loaded.state["epoch"],
+        class_names=class_names,
     )
 
 
@@ -179,7 +201,9 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
-def predict_images(checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict[str, Any]]:
+def predict_images(
+    checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto"
+) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file."""
     device = resolve_device(device_name)
     loaded = load_model(checkpoint, device)
@@ -192,6 +216,9 @@ def predict_images(checkpoint: Path, paths: list[Path], top_k: int = 3, device_n
         probabilities = torch.softmax(tta_logits(loaded.model, batch, level).float(), dim=1).cpu()
     top = probabilities.topk(min(top_k, len(class_names)), dim=1)
     return [
-        {"image": str(path), "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(values, indices)]}
+        {
+            "image": str(path),
+            "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(values, indices)],
+        }
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
     ]

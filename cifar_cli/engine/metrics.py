@@ -42,7 +42,9 @@ class ClassificationReport:
     num_samples: int
 
 
-def classification_report(predictions: torch.Tensor, targets: torch.Tensor, class_names: list[str]) -> ClassificationReport:
+def classification_report(
+    predictions: torch.Tensor, targets: torch.Tensor, class_names: list[str]
+) -> ClassificationReport:
     predictions, targets = predictions.cpu(), targets.cpu()
     overall = {name: float(value) for name, value in epoch_metrics().forward(predictions, targets).items()}
     per_class_metrics = {
@@ -53,7 +55,10 @@ def classification_report(predictions: torch.Tensor, targets: torch.Tensor, clas
     confusion = MulticlassConfusionMatrix(NUM_CLASSES)(predictions, targets)
     support = confusion.sum(dim=1)
     per_class = {
-        name: {**{key: float(values[index]) for key, values in per_class_metrics.items()}, "support": int(support[index])}
+        name: {
+            **{key: float(values[index]) for key, values in per_class_metrics.items()},
+            "support": int(support[index]),
+        }
         for index, name in enumerate(class_names)
     }
     return ClassificationReport(

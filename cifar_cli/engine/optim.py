@@ -44,7 +44,9 @@ def build_scheduler(
     total_steps = max(1, epochs * steps_per_epoch)
     warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
     if settings.name == "plateau":
-        return ReduceLROnPlateau(optimizer, mode=monitor_mode, factor=settings.factor, patience=settings.patience)
+        return ReduceLROnPlateau(
+            optimizer, mode=monitor_mode, factor=settings.factor, patience=settings.patience
+        )
     if settings.name == "onecycle":
         max_lrs = [group["lr"] for group in optimizer.param_groups]
         pct_start = warmup_steps / total_steps if warmup_steps else 0.25

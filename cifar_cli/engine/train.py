@@ -19,13 +19,20 @@ from cifar_cli.data import ensure_prepared
 from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
 from cifar_cli.data.prepare import CLASS_NAMES, load_cache
 from cifar_cli.engine import distributed
-from cifar_cli.engine.checkpoint import FORMAT_VERSION, capture_rng_states, load_checkpoint, restore_rng_states, save_checkpoint
+from cifar_cli.engine.checkpoint import (
+    FORMAT_VERSION,
+    capture_rng_states,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.evaluate import Predictions, predict, report_from_predictions, tta_level
 from cifar_cli.engine.metrics import epoch_metrics
 from cifar_cli.engine.optim import Scheduler, build_optimizer, build_scheduler, scheduler_steps_per_batch
 from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.files import ensure_writable_folder
 from cifar_cli.models import build_model
 from cifar_cli.settings import Settings, dump_yaml
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
@@ -75,23 +82,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before training, not after the first epoch, when a folder cannot be written."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder} is a file, not a folder.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"Cannot write to {folder}: {error.strerror or error}.") from None
-
-
 class Trainer:
     """One training run. `run()` does everything; the pieces are methods so each stays short."""
 
-    def __init__(self, settings: Settings, reporter: Reporter | None = None, context: DistContext | None = None):
+    def __init__(
+        self, settings: Settings, reporter: Reporter | None = None, context: DistContext | None = None
+    ):
         self.settings = settings
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
@@ -124,7 +120,9 @@ class Trainer:
         val_size = self.settings.data.val_size
         if val_size:
             if val_size >= len(labels):
-                raise UsageError(f"data.val_size={val_size} leaves no training images (the split has {len(labels)}).")
+                raise UsageError(
+                    f"data.val_size={val_size} leaves no training images (the split has {len(labels)})."
+                )
             train_index, val_index = stratified_split(labels, val_size, self.settings.train.seed)
             val_images, val_labels = images[val_index], labels[val_index]
             images, labels = images[train_index], labels[train_index]
@@ -147,8 +145,12 @@ class Trainer:
             world_size=self.context.world_size,
         )
         self.val_loader = BatchLoader(
-            val_images.to(self.device), val_labels.to(self.device), train.eval_batch_size, train=False,
-            dtype=input_dtype, channels_last=train.channels_last,
+            val_images.to(self.device),
+            val_labels.to(self.device),
+            train.eval_batch_size,
+            train=False,
+            dtype=input_dtype,
+            channels_last=train.channels_last,
         )
         if len(self.train_loader) == 0:
             raise UsageError("No training batches: the training split is smaller than one batch per process.")
@@ -164,7 +166,10 @@ class Trainer:
         self.model = model.to(self.device, memory_format=memory_format)
         self.optimizer = build_optimizer(self.model, settings.optim)
         self.scheduler: Scheduler | None = build_scheduler(
-            self.optimizer, settings.scheduler, settings.train.epochs, len(self.train_loader),
+            self.optimizer,
+            settings.scheduler,
+            settings.train.epochs,
+            len(self.train_loader),
             settings.train.early_stopping.mode,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
@@ -212,8 +217,9 @@ class Trainer:
     def run(self) -> TrainResult:
         settings = self.settings
         if self.context.is_main:
-            check_writable(self.checkpoint_dir)
-            check_writable(self.run_dir)
+            # Fail now, not after the first epoch, when a folder cannot be written or the disk is full.
+            ensure_writable_folder(self.checkpoint_dir, probe=True)
+            ensure_writable_folder(self.run_dir, probe=True)
         seed_everything(settings.train.seed, settings.train.deterministic)
         self._setup_device()
         try:
@@ -228,13 +234,19 @@ class Trainer:
         if self._should_resume():
             self._resume()
             resumed_from = self.epoch
-        logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard) if self.context.is_main else None
+        logger = (
+            RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
+            if self.context.is_main
+            else None
+        )
         if resumed_from >= self.settings.train.epochs:
             self.reporter.message(
                 f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
                 "Use --no-resume to train it again, or raise --epochs to extend it."
             )
-            return TrainResult(self.run_name, self.run_dir, self.checkpoint_dir, self.history, {}, resumed_from)
+            return TrainResult(
+                self.run_name, self.run_dir, self.checkpoint_dir, self.history, {}, resumed_from
+            )
         self.reporter.message(self._banner())
         stopped_early = False
         try:
@@ -252,7 +264,13 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return TrainResult(
-            self.run_name, self.run_dir, self.checkpoint_dir, self.history, final_metrics, resumed_from, stopped_early
+            self.run_name,
+            self.run_dir,
+            self.checkpoint_dir,
+            self.history,
+            final_metrics,
+            resumed_from,
+            stopped_early,
         )
 
     def _banner(self) -> str:
@@ -317,7 +335,9 @@ class Trainer:
             if batch_index % refresh_every == 0 or batch_index == len(loader):
                 self._check_finite(loss_sum, batch_index)
                 self._report_batch(batch_index, loss_sum, correct, started)
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(len(loader)), device=self.device)]))
+        totals = distributed.all_reduce_sum(
+            torch.stack([loss_sum, torch.tensor(float(len(loader)), device=self.device)])
+        )
         computed = {key: float(value) for key, value in metrics.compute().items()}
         return {"loss": float(totals[0] / totals[1]), **computed}
 
@@ -346,7 +366,10 @@ class Trainer:
                 "loss": float(loss_sum) / done,
                 "accuracy": float(correct) / (done * self.settings.train.batch_size),
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "images_per_second": done * self.settings.train.batch_size * self.context.world_size / elapsed,
+                "images_per_second": done
+                * self.settings.train.batch_size
+                * self.context.world_size
+                / elapsed,
             },
         )
 

@@ -55,7 +55,9 @@ class AirbenchNet(nn.Module):
         self.whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.groups = nn.Sequential(
-            ConvGroup(WHITEN_WIDTH, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2])
+            ConvGroup(WHITEN_WIDTH, widths[0]),
+            ConvGroup(widths[0], widths[1]),
+            ConvGroup(widths[1], widths[2]),
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[2], num_classes, bias=False)

@@ -28,4 +28,3 @@ def build_model(name: str, width_multiplier: float = 1.0) -> nn.Module:
     if name not in _REGISTRY:
         raise UsageError(f"Unknown model {name!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
     return _REGISTRY[name](width_multiplier)
-
