@@ -263,7 +263,7 @@ def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.d
         cache["train_labels"].to(device),
         fast.train.batch_size,
         train=True,
-        augment=Augment(augment.flip, augment.translate, augment.cutout),
+        augment=Augment(**augment.model_dump()),
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=True,
     )

@@ -91,3 +91,20 @@ def test_translate_is_a_reflect_padded_crop() -> None:
     for original_padded, result in zip(padded, shifted):
         windows = [original_padded[:, dy : dy + 32, dx : dx + 32] for dy in range(7) for dx in range(7)]
         assert any(torch.equal(result, window) for window in windows)
+
+
+def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
+    images, labels = images_and_labels(16)
+    loader = BatchLoader(
+        images, labels, 16, train=True, augment=Augment(flip=True, alternate_flip=True), seed=2
+    )
+    epochs = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        order = loader._order()
+        [(batch, _)] = list(loader)
+        flipped = [not torch.equal(batch[i], normalize(images[order[i] : order[i] + 1], torch.float32, False)[0])
+                   for i in range(16)]  # fmt: skip
+        epochs.append(dict(zip(order.tolist(), flipped)))
+    for index in range(16):
+        assert epochs[0][index] != epochs[1][index] and epochs[0][index] == epochs[2][index]

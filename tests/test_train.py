@@ -8,8 +8,9 @@ import torch
 
 from cifar_cli.engine import checkpoint as checkpoint_module
 from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.train import Trainer, default_run_name, train
+from cifar_cli.engine.train import Trainer, TrainingInterrupted, default_run_name, train
 from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.tracking import NullReporter
 from tests.conftest import tiny_settings
 
 
@@ -38,19 +39,52 @@ def test_tensorboard_scalars_are_grouped(tmp_path: Path, prepared_dir: Path) -> 
     assert {"loss/train", "loss/val", "accuracy/val", "f1/val", "lr"} <= tags
 
 
-@pytest.mark.parametrize("preset", ["baseline", "fast"])
-def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, preset: str) -> None:
-    extra = ["model.width_multiplier=0.25", "train.precision=fp32"]
+class InterruptAfterFirstEpoch(NullReporter):
+    """Presses Ctrl-C once the first epoch has been checkpointed."""
+
+    def end_epoch(self, record: dict) -> None:
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+
+def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset: str):
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train(tiny_settings(folder, prepared, *extra, preset=preset), InterruptAfterFirstEpoch())
+    assert interrupted.value.exit_code == 130 and "--run-name tiny" in interrupted.value.hint
+    return train(tiny_settings(folder, prepared, *extra, preset=preset))
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra"),
+    [
+        ("baseline", ()),
+        ("fast", ()),
+        ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "optim.label_smoothing=0.1")),
+        ("resnet18", ("train.augment.cutout=4",)),
+    ],
+)
+def test_resume_gives_identical_weights(
+    tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple
+) -> None:
+    extra = ("model.width_multiplier=0.25", "train.precision=fp32", "train.epochs=3", *extra)
     straight = train(tiny_settings(tmp_path / "a", prepared_dir, *extra, preset=preset))
-    train(tiny_settings(tmp_path / "b", prepared_dir, *extra, "train.epochs=1", preset=preset))
-    resumed = train(tiny_settings(tmp_path / "b", prepared_dir, *extra, preset=preset))
+    resumed = _interrupted_then_resumed(tmp_path / "b", prepared_dir, *extra, preset=preset)
     assert resumed.resumed_from_epoch == 1
     a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
     b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
     for key, tensor in a["model_state"].items():
         assert torch.equal(tensor, b["model_state"][key]), key
-    assert [r["epoch"] for r in b["history"]] == [1, 2]
-    assert a["history"][1]["train_loss"] == b["history"][1]["train_loss"]
+    assert [r["epoch"] for r in b["history"]] == [1, 2, 3]
+    assert a["history"][2]["train_loss"] == b["history"][2]["train_loss"]
+
+
+def test_extending_a_finished_run_stretches_the_schedule(tmp_path: Path, prepared_dir: Path) -> None:
+    for scheduler in ("linear", "onecycle"):
+        folder = tmp_path / scheduler
+        train(tiny_settings(folder, prepared_dir, f"scheduler.name={scheduler}", "train.epochs=1"))
+        longer = train(tiny_settings(folder, prepared_dir, f"scheduler.name={scheduler}", "train.epochs=3"))
+        assert [r["epoch"] for r in longer.history] == [1, 2, 3]
+        assert longer.history[1]["lr"] > 0  # not stuck at the end of the old 1-epoch schedule
 
 
 def test_no_resume_starts_again(tmp_path: Path, prepared_dir: Path) -> None:
@@ -133,3 +167,16 @@ def test_same_recipe_same_run_name(tmp_path: Path, prepared_dir: Path) -> None:
     c = tiny_settings(tmp_path, prepared_dir, "train.run_name=null", "optim.lr=0.5")
     assert default_run_name(a) == default_run_name(b) != default_run_name(c)
     assert default_run_name(a).startswith("baseline-seed-cnn-")
+
+
+def test_lookahead_moves_weights_towards_their_average() -> None:
+    from cifar_cli.engine.lookahead import Lookahead
+
+    model = torch.nn.Linear(2, 2)
+    lookahead = Lookahead(model)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lookahead.sync(model, decay=0.75)
+    assert torch.allclose(model.weight, start + 0.25)  # a quarter of the way from the average
+    assert Lookahead.decay(0, 100) == 0 and Lookahead.decay(100, 100) == pytest.approx(0.95**5)

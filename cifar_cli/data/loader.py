@@ -18,6 +18,7 @@ class Augment:
     flip: bool = True
     translate: int = 0  # pixels; random crop of the image padded by this much (reflect padding)
     cutout: int = 0  # side of a zeroed square, pixels
+    alternate_flip: bool = False  # flip every other epoch per image instead of at random
 
 
 @functools.cache
@@ -35,11 +36,14 @@ def normalize(images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, translate and cutout of a uint8 or float batch, all decided by `generator`."""
+def augment_batch(
+    images: torch.Tensor, augment: Augment, generator: torch.Generator, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flip, translate and cutout of a uint8 or float batch, decided by `generator` (or the given flip mask)."""
     batch = images.shape[0]
     if augment.flip:
-        flip = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < 0.5
+        if flip is None:
+            flip = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < 0.5
         images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     if augment.translate:
         images = _random_translate(images, augment.translate, generator)
@@ -116,6 +120,9 @@ class BatchLoader:
             (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
         )
         self.epoch = 0
+        # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
+        first_flip = torch.Generator().manual_seed(seed + 12_345)
+        self.even_epoch_flip = (torch.rand(len(labels), generator=first_flip) < 0.5).to(images.device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -145,7 +152,12 @@ class BatchLoader:
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images = self.images[index]
             if self.train:
-                images = augment_batch(images, self.augment, generator)
+                flip = (
+                    self.even_epoch_flip[index] ^ bool(self.epoch % 2)
+                    if self.augment.alternate_flip
+                    else None
+                )
+                images = augment_batch(images, self.augment, generator, flip)
             yield normalize(images, self.dtype, self.channels_last), self.labels[index]
 
 

@@ -56,6 +56,18 @@ def build_scheduler(
     return LambdaLR(optimizer, _StepSchedule(settings, warmup_steps, total_steps))
 
 
+def restore_scheduler(scheduler: Scheduler, state: dict) -> None:
+    """Restore the position in the schedule but keep its length from the current settings, so that a run resumed
+    with more epochs stretches its schedule instead of ending at the old length."""
+    state = dict(state)
+    if "lr_lambdas" in state:
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])  # None: keep the schedule built from the settings
+    if isinstance(scheduler, OneCycleLR):
+        state["total_steps"] = scheduler.total_steps
+        state.pop("_schedule_phases", None)
+    scheduler.load_state_dict(state)
+
+
 def scheduler_steps_per_batch(scheduler: Scheduler | None) -> bool:
     return scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau)
 

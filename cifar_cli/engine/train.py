@@ -29,8 +29,15 @@ from cifar_cli.engine.checkpoint import (
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.evaluate import Predictions, predict, report_from_predictions, tta_level
+from cifar_cli.engine.lookahead import Lookahead
 from cifar_cli.engine.metrics import epoch_metrics
-from cifar_cli.engine.optim import Scheduler, build_optimizer, build_scheduler, scheduler_steps_per_batch
+from cifar_cli.engine.optim import (
+    Scheduler,
+    build_optimizer,
+    build_scheduler,
+    restore_scheduler,
+    scheduler_steps_per_batch,
+)
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import ensure_writable_folder
 from cifar_cli.models import build_model
@@ -137,7 +144,7 @@ class Trainer:
             labels.to(self.device),
             train.batch_size,
             train=True,
-            augment=Augment(train.augment.flip, train.augment.translate, train.augment.cutout),
+            augment=Augment(**train.augment.model_dump()),
             seed=train.seed,
             dtype=input_dtype,
             channels_last=train.channels_last,
@@ -174,6 +181,8 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_grad_scaler)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=settings.optim.label_smoothing)
+        self.total_steps = settings.train.epochs * len(self.train_loader)
+        self.lookahead = Lookahead(self.model) if settings.train.lookahead else None
         self.train_model: nn.Module = self.model
         if self.context.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -203,9 +212,11 @@ class Trainer:
         self.model.load_state_dict(state["model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         if self.scheduler is not None and state.get("scheduler_state"):
-            self.scheduler.load_state_dict(state["scheduler_state"])
+            restore_scheduler(self.scheduler, state["scheduler_state"])
         if state.get("scaler_state"):
             self.scaler.load_state_dict(state["scaler_state"])
+        if self.lookahead is not None and state.get("lookahead_state"):
+            self.lookahead.load_state_dict(state["lookahead_state"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.history = list(state["history"])[: self.epoch]
         self.best_metric = state.get("best_metric")
@@ -328,6 +339,8 @@ class Trainer:
             if steps_per_batch:
                 self.scheduler.step()
             self.global_step += 1
+            if self.lookahead is not None:
+                self.lookahead.maybe_sync(self.model, self.global_step, self.total_steps)
             loss_sum += loss.detach()
             predicted = logits.detach().argmax(dim=1)
             metrics.update(predicted, targets)
@@ -339,6 +352,8 @@ class Trainer:
             torch.stack([loss_sum, torch.tensor(float(len(loader)), device=self.device)])
         )
         computed = {key: float(value) for key, value in metrics.compute().items()}
+        if self.lookahead is not None and self.epoch + 1 == self.settings.train.epochs:
+            self.lookahead.finish(self.model)  # the last epoch ends on the averaged weights
         return {"loss": float(totals[0] / totals[1]), **computed}
 
     def _step(self, loss: torch.Tensor) -> None:
@@ -411,6 +426,7 @@ class Trainer:
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "lookahead_state": self.lookahead.state_dict() if self.lookahead is not None else None,
             "epoch": self.epoch,
             "global_step": self.global_step,
             "history": self.history,

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifar_cli.bench import BenchOptions, run_benchmark
+from cifar_cli.cli import app
+from cifar_cli.errors import UsageError
+from cifar_cli.settings import DataSettings
+
+QUICK = {"batches": 2, "warmup": 1, "repeats": 1, "batch_size": 16, "seed_workers": 0, "device": "cpu"}
+
+
+def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Path) -> None:
+    options = BenchOptions(**QUICK, models=("seed-cnn", "airbench"), include_fast=False)
+    results = run_benchmark(options, DataSettings(processed_dir=prepared_dir))
+    reference, ours = results["pipeline"]
+    assert reference["ratio"] == 1.0
+    assert results["pipeline_speedup"] == pytest.approx(
+        ours["images_per_second"] / reference["images_per_second"]
+    )
+    assert [row["name"].split(":")[0] for row in results["models"]] == ["seed-cnn"] * 3 + ["airbench"] * 3
+    for row in results["pipeline"] + results["models"]:
+        assert row["images_per_second"] > 0 and 0 <= row["data_share"] <= 1
+        assert row["epoch_seconds"] == pytest.approx(50_000 / row["images_per_second"])
+    assert results["fast_preset"] is None
+
+
+def test_bench_cli_writes_json(prepared_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--batches", "1", "--repeats", "1", "--batch-size", "8", "--models", "seed-cnn", "--no-fast",
+         "--device", "cpu", "--processed-dir", str(prepared_dir), "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Pipeline speed-up" in result.output
+    assert json.loads(out.read_text())["pipeline_speedup"] > 0
+
+
+def test_bench_needs_the_png_folders(tmp_path: Path, prepared_dir: Path) -> None:
+    no_png = tmp_path / "no-png"
+    no_png.mkdir()
+    (no_png / "cache.pt").write_bytes((prepared_dir / "cache.pt").read_bytes())
+    (no_png / "manifest.json").write_text(json.dumps({"png": False}))
+    with pytest.raises(UsageError, match="PNG folders"):
+        run_benchmark(BenchOptions(**QUICK), DataSettings(processed_dir=no_png))
