@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Pinned torch build that pip finds on this project's machines; any torch >= 2.11 works.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Extra flags for `make run`, e.g. DOWNLOAD_ARGS="--url /path/to/cifar-10-python.tar.gz --md5 <hex>".
+DOWNLOAD_ARGS ?=
+TRAIN_ARGS ?=
 
 .PHONY: install run test lint bench clean
 
@@ -17,9 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/cifar download
+	$(BIN)/cifar download $(DOWNLOAD_ARGS)
 	$(BIN)/cifar prepare
-	$(BIN)/cifar train
+	$(BIN)/cifar train $(TRAIN_ARGS)
 
 test: install
 	$(BIN)/pytest -q

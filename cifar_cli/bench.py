@@ -89,41 +89,51 @@ class _Stepper:
         self.scaler.update()
 
 
-def _measure(
-    name: str,
-    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-    step: _Stepper,
-    batch_size: int,
-    options: BenchOptions,
-) -> Measurement:
-    """Median images/s over repeats of `options.batches` timed steps, after `options.warmup` untimed ones."""
-    device = step.device
-    throughputs, data_times, compute_times = [], [], []
-    for _ in range(options.repeats):
-        iterator = _on_device(batches(), device)
-        for _ in range(options.warmup):
-            step(*next(iterator))
+@dataclass
+class _Candidate:
+    """One configuration to time: where its batches come from and the step that consumes them."""
+
+    name: str
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    step: _Stepper
+    batch_size: int
+
+
+def _one_repeat(candidate: _Candidate, options: BenchOptions) -> tuple[float, float, float]:
+    """(images/s, data seconds per batch, compute seconds per batch) over `options.batches` timed steps."""
+    device = candidate.step.device
+    iterator = _on_device(candidate.batches(), device)
+    for _ in range(options.warmup):
+        candidate.step(*next(iterator))
+    _sync(device)
+    data_total = compute_total = 0.0
+    for _ in range(options.batches):
+        started = time.perf_counter()
+        images, labels = next(iterator)
         _sync(device)
-        data_total = compute_total = 0.0
-        for _ in range(options.batches):
-            started = time.perf_counter()
-            images, labels = next(iterator)
-            _sync(device)
-            loaded = time.perf_counter()
-            step(images, labels)
-            _sync(device)
-            data_total += loaded - started
-            compute_total += time.perf_counter() - loaded
-        throughputs.append(options.batches * batch_size / (data_total + compute_total))
-        data_times.append(data_total / options.batches)
-        compute_times.append(compute_total / options.batches)
-    return Measurement(
-        name,
-        batch_size,
-        statistics.median(throughputs),
-        statistics.median(data_times),
-        statistics.median(compute_times),
-    )
+        loaded = time.perf_counter()
+        candidate.step(images, labels)
+        _sync(device)
+        data_total += loaded - started
+        compute_total += time.perf_counter() - loaded
+    throughput = options.batches * candidate.batch_size / (data_total + compute_total)
+    return throughput, data_total / options.batches, compute_total / options.batches
+
+
+def _measure(candidates: list[_Candidate], options: BenchOptions) -> list[Measurement]:
+    """Medians over repeats, the candidates taking turns within each repeat so that a slow spell of a shared
+    machine hits all of them alike; ratios are against the first candidate."""
+    samples: list[list[tuple[float, float, float]]] = [[] for _ in candidates]
+    for _ in range(options.repeats):
+        for candidate, collected in zip(candidates, samples):
+            collected.append(_one_repeat(candidate, options))
+    rows = []
+    for candidate, collected in zip(candidates, samples):
+        throughput, data, compute = (statistics.median(values) for values in zip(*collected))
+        rows.append(Measurement(candidate.name, candidate.batch_size, throughput, data, compute))
+    for row in rows:
+        row.ratio = row.images_per_second / rows[0].images_per_second
+    return rows
 
 
 def _on_device(
@@ -181,13 +191,6 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
     mixed = resolve_precision("auto", device)
     fp32 = resolve_precision("fp32", device)
     seed_loader = _seed_style_loader(data.processed_dir, options.batch_size, options.seed_workers)
-    reference = _measure(
-        "seed-style: PNG + DataLoader, fp32",
-        lambda: _forever(seed_loader),
-        _Stepper(_fresh_model(options.model, device, False), fp32, device),
-        options.batch_size,
-        options,
-    )
     ours_loader = BatchLoader(
         cache["train_images"].to(device),
         cache["train_labels"].to(device),
@@ -197,15 +200,19 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
         dtype=mixed.autocast_dtype or torch.float32,
         channels_last=True,
     )
-    ours = _measure(
+    reference = _Candidate(
+        "seed-style: PNG + DataLoader, fp32",
+        lambda: _forever(seed_loader),
+        _Stepper(_fresh_model(options.model, device, False), fp32, device),
+        options.batch_size,
+    )
+    ours = _Candidate(
         f"in-memory on {device.type}, {mixed.name} + channels_last",
         lambda: _forever(ours_loader),
         _Stepper(_fresh_model(options.model, device, True), mixed, device),
         options.batch_size,
-        options,
     )
-    reference.ratio, ours.ratio = 1.0, ours.images_per_second / reference.images_per_second
-    return [reference, ours]
+    return _measure([reference, ours], options)
 
 
 def _synthetic(batch_size: int, device: torch.device, dtype: torch.dtype, channels_last: bool):
@@ -233,20 +240,18 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
             (mixed.name, mixed, False),
             (f"{mixed.name} + channels_last", mixed, True),
         ]
-        reference = None
-        for label, precision, channels_last in configs:
-            dtype = precision.autocast_dtype or torch.float32
-            step = _Stepper(_fresh_model(name, device, channels_last), precision, device)
-            row = _measure(
+        candidates = [
+            _Candidate(
                 f"{name}: {label}",
-                _synthetic(options.batch_size, device, dtype, channels_last),
-                step,
+                _synthetic(
+                    options.batch_size, device, precision.autocast_dtype or torch.float32, channels_last
+                ),
+                _Stepper(_fresh_model(name, device, channels_last), precision, device),
                 options.batch_size,
-                options,
             )
-            reference = reference or row
-            row.ratio = row.images_per_second / reference.images_per_second
-            rows.append(row)
+            for label, precision, channels_last in configs
+        ]
+        rows += _measure(candidates, options)
     return rows
 
 
@@ -270,13 +275,10 @@ def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.d
     step = _Stepper(_fresh_model(fast.model.name, device, True), precision, device)
     step.optimizer = torch.optim.SGD(step.model.parameters(), lr=0.01, momentum=0.85, nesterov=True)
     light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
-    return _measure(
-        f"fast preset: {fast.model.name}, {precision.name} + channels_last",
-        lambda: _forever(loader),
-        step,
-        fast.train.batch_size,
-        light,
-    )
+    name = f"fast preset: {fast.model.name}, {precision.name} + channels_last"
+    [row] = _measure([_Candidate(name, lambda: _forever(loader), step, fast.train.batch_size)], light)
+    row.ratio = None  # nothing to compare with
+    return row
 
 
 def run_benchmark(

@@ -61,7 +61,9 @@ def restore_scheduler(scheduler: Scheduler, state: dict) -> None:
     with more epochs stretches its schedule instead of ending at the old length."""
     state = dict(state)
     if "lr_lambdas" in state:
-        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])  # None: keep the schedule built from the settings
+        state["lr_lambdas"] = [None] * len(
+            state["lr_lambdas"]
+        )  # None: keep the schedule built from the settings
     if isinstance(scheduler, OneCycleLR):
         state["total_steps"] = scheduler.total_steps
         state.pop("_schedule_phases", None)
