@@ -59,6 +59,9 @@ class ModelSettings(_Section):
     name: str = "seed-cnn"
     # Multiplies every width of the network; 1.0 is the published architecture.
     width_multiplier: float = Field(1.0, gt=0, le=8)
+    # airbench only: epochs during which the whitening layer's bias trains; afterwards it is frozen, which also
+    # spares the backward pass through the first convolution's input.
+    whiten_bias_epochs: float = Field(3.0, ge=0)
 
 
 class OptimSettings(_Section):
@@ -70,6 +73,8 @@ class OptimSettings(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     # Learning-rate multiplier for normalisation biases (airbench trains them much faster, without decay).
     bias_lr_scale: float = Field(1.0, gt=0)
+    # Weight decay of the normalisation/bias group (kept apart so that its lr scale does not scale its decay).
+    bias_weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 turns clipping off")
 

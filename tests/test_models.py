@@ -41,3 +41,12 @@ def test_whitening_filters_whiten_the_patches() -> None:
     covariance = torch.cov(features.T)
     assert torch.allclose(covariance, torch.eye(12), atol=0.05)
     assert not model.whiten.weight.requires_grad
+
+
+def test_frozen_whitening_bias_gets_no_gradient() -> None:
+    model = AirbenchNet(width_multiplier=0.25)
+    model.init_from_data(torch.randn(16, 3, 32, 32))
+    model.whiten_bias_trainable = False
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert model.whiten.bias.grad is None
+    assert model.groups[0].conv1.weight.grad is not None

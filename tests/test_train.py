@@ -59,7 +59,7 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
     [
         ("baseline", ()),
         ("fast", ()),
-        ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "optim.label_smoothing=0.1")),
+        ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "model.whiten_bias_epochs=1")),
         ("resnet18", ("train.augment.cutout=4",)),
     ],
 )

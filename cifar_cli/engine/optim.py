@@ -14,7 +14,8 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 
 
 def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
-    """Two groups: weights (with decay) and normalisation/bias parameters (no decay, lr x bias_lr_scale)."""
+    """Two groups: weights (`weight_decay`) and normalisation/bias parameters (lr x `bias_lr_scale`,
+    `bias_weight_decay`)."""
     decayed, undecayed = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -22,7 +23,11 @@ def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Op
         (undecayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
     groups = [
         {"params": decayed, "weight_decay": settings.weight_decay, "lr": settings.lr},
-        {"params": undecayed, "weight_decay": 0.0, "lr": settings.lr * settings.bias_lr_scale},
+        {
+            "params": undecayed,
+            "weight_decay": settings.bias_weight_decay,
+            "lr": settings.lr * settings.bias_lr_scale,
+        },
     ]
     groups = [group for group in groups if group["params"]]
     if settings.name == "sgd":

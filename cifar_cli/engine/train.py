@@ -186,7 +186,12 @@ class Trainer:
         self.train_model: nn.Module = self.model
         if self.context.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            # A frozen whitening bias (airbench, after a few epochs) stops receiving gradients mid-run.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=device_ids,
+                find_unused_parameters=hasattr(self.model, "whiten_bias_trainable"),
+            )
         if settings.train.compile:
             self.train_model = torch.compile(self.train_model)
 
@@ -203,10 +208,12 @@ class Trainer:
 
     def _resume(self) -> None:
         state = load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=self.device)
-        stored_model = state["settings"]["model"]
-        if stored_model != self.settings.model.model_dump(mode="json"):
+        stored = state["settings"]["model"]
+        current = self.settings.model
+        if (stored["name"], stored["width_multiplier"]) != (current.name, current.width_multiplier):
             raise UsageError(
-                f"Run {self.run_name!r} was trained with model {stored_model}, not {self.settings.model.model_dump()}.",
+                f"Run {self.run_name!r} holds a {stored['name']} (width x{stored['width_multiplier']}), "
+                f"not a {current.name} (width x{current.width_multiplier}).",
                 hint="Use another --run-name, or --no-resume to start this run again.",
             )
         self.model.load_state_dict(state["model_state"])
@@ -324,6 +331,8 @@ class Trainer:
     def _train_one_epoch(self) -> dict[str, float]:
         model, loader = self.train_model, self.train_loader
         loader.set_epoch(self.epoch)
+        if hasattr(self.model, "whiten_bias_trainable"):
+            self.model.whiten_bias_trainable = self.epoch < self.settings.model.whiten_bias_epochs
         model.train()
         metrics = epoch_metrics(self.device)
         loss_sum = torch.zeros((), device=self.device)

@@ -62,9 +62,11 @@ class AirbenchNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.activation = nn.GELU()
+        self.whiten_bias_trainable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.activation(self.whiten(x))
+        bias = self.whiten.bias if self.whiten_bias_trainable else self.whiten.bias.detach()
+        x = self.activation(nn.functional.conv2d(x, self.whiten.weight, bias))
         x = self.pool(self.groups(x)).flatten(1)
         return self.head(x) * LOGIT_SCALE
 
