@@ -8,12 +8,10 @@ class CifarError(Exception):
 
     exit_code: int = 1
 
-    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
-        if exit_code is not None:
-            self.exit_code = exit_code
 
 
 class UsageError(CifarError):

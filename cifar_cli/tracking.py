@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -195,7 +194,3 @@ def _tensorboard_tag(key: str) -> str | None:
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / HISTORY_FILE
     return json.loads(path.read_text()) if path.is_file() else []
-
-
-def stderr_console() -> Console:
-    return Console(file=sys.stderr)

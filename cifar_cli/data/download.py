@@ -32,10 +32,6 @@ class DownloadResult:
     md5: str
 
 
-class ChecksumMismatch(CifarError):
-    pass
-
-
 def md5_of(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as handle:
@@ -86,7 +82,7 @@ def _verify(part: Path, expected: str, url: str) -> None:
     actual = md5_of(part)
     if actual != expected:
         part.unlink(missing_ok=True)
-        raise ChecksumMismatch(f"checksum mismatch (md5 {actual}, expected {expected}); the file was deleted")
+        raise CifarError(f"checksum mismatch (md5 {actual}, expected {expected}); the file was deleted")
 
 
 def _fetch_with_retries(
