@@ -65,7 +65,8 @@ class ModelSettings(_Section):
 
 
 class OptimSettings(_Section):
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    # muon: Muon for convolution filters, SGD-Nesterov (lr, momentum, decays below) for the other parameters.
+    name: Literal["adam", "adamw", "sgd", "muon"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -75,6 +76,8 @@ class OptimSettings(_Section):
     bias_lr_scale: float = Field(1.0, gt=0)
     # Weight decay of the normalisation/bias group (kept apart so that its lr scale does not scale its decay).
     bias_weight_decay: float = Field(0.0, ge=0)
+    muon_lr: float = Field(0.24, gt=0, description="muon only: step size of the convolution filters")
+    muon_momentum: float = Field(0.6, ge=0, lt=1, description="muon only: momentum of the filters")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float = Field(0.0, ge=0, description="max global gradient norm; 0 turns clipping off")
 

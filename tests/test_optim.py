@@ -50,3 +50,52 @@ def test_cosine_ends_at_the_final_factor() -> None:
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_orthogonalize_flattens_the_singular_values() -> None:
+    from cifar_cli.engine.muon import orthogonalize
+
+    torch.manual_seed(0)
+    matrix = (
+        torch.randn(32, 8)
+        @ torch.diag(torch.tensor([100.0, 30, 10, 3, 1, 0.3, 0.1, 0.03]))
+        @ torch.randn(8, 72)
+    )
+    singular_values = torch.linalg.svdvals(orthogonalize(matrix, steps=5).float())[:8]
+    assert singular_values.max() < 1.6 and singular_values[:4].min() > 0.3  # was a spread of 3,000x
+
+
+def test_muon_groups_and_step() -> None:
+    from cifar_cli.engine.muon import MuonSGD
+
+    torch.manual_seed(0)
+    model = build_model("airbench", 0.25)
+    settings = OptimSettings(
+        name="muon", lr=0.5, momentum=0.85, nesterov=True, muon_lr=0.2, muon_momentum=0.6
+    )
+    optimizer = build_optimizer(model, settings)
+    assert isinstance(optimizer, MuonSGD)
+    weights, biases, filters = optimizer.param_groups
+    assert all(p.ndim == 4 for p in filters["params"]) and filters["use_muon"] and filters["momentum"] == 0.6
+    assert all(p.ndim == 2 for p in weights["params"]) and not weights["use_muon"]
+    model.init_from_data(torch.randn(16, 3, 32, 32))
+    model(torch.randn(8, 3, 32, 32)).logsumexp(1).sum().backward()
+    conv = model.groups[1].conv2.weight
+    optimizer.step()
+    assert conv.norm().item() == pytest.approx(len(conv) ** 0.5, rel=0.1)  # kept near sqrt(out_channels)
+
+
+def test_sgd_groups_match_torch_sgd() -> None:
+    from cifar_cli.engine.muon import MuonSGD
+
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    with torch.no_grad():
+        reference.copy_(ours)
+    mine = MuonSGD([{"params": [ours], "weight_decay": 0.01}], lr=0.1, momentum=0.9, nesterov=True)
+    torch_sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for step in range(3):
+        for parameter, optimizer in ((ours, mine), (reference, torch_sgd)):
+            parameter.grad = torch.full((5,), float(step + 1))
+            optimizer.step()
+    assert torch.allclose(ours, reference)

@@ -8,28 +8,37 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
+from cifar_cli.engine.muon import MuonSGD
 from cifar_cli.settings import OptimSettings, SchedulerSettings
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
 def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
-    """Two groups: weights (`weight_decay`) and normalisation/bias parameters (lr x `bias_lr_scale`,
-    `bias_weight_decay`)."""
-    decayed, undecayed = [], []
+    """Parameter groups: weights (`lr`, `weight_decay`) and normalisation/bias parameters (lr x `bias_lr_scale`,
+    `bias_weight_decay`); with `muon`, the convolution filters form a third group that takes Muon steps."""
+    weights, biases, filters = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (undecayed if parameter.ndim <= 1 or name.endswith(".bias") else decayed).append(parameter)
+        if parameter.ndim <= 1 or name.endswith(".bias"):
+            biases.append(parameter)
+        elif settings.name == "muon" and parameter.ndim == 4:
+            filters.append(parameter)
+        else:
+            weights.append(parameter)
     groups = [
-        {"params": decayed, "weight_decay": settings.weight_decay, "lr": settings.lr},
+        {"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay},
         {
-            "params": undecayed,
-            "weight_decay": settings.bias_weight_decay,
+            "params": biases,
             "lr": settings.lr * settings.bias_lr_scale,
+            "weight_decay": settings.bias_weight_decay,
         },
+        {"params": filters, "lr": settings.muon_lr, "momentum": settings.muon_momentum, "use_muon": True},
     ]
     groups = [group for group in groups if group["params"]]
+    if settings.name == "muon":
+        return MuonSGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
     if settings.name == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
     if settings.name == "adamw":

@@ -1,0 +1,60 @@
+"""Muon for convolution filters (after Keller Jordan's airbench94_muon), SGD-Nesterov for everything else.
+
+Muon keeps each filter bank at a fixed norm and steps along an approximately orthogonalised momentum (five-term
+Newton-Schulz iteration), so its step size does not depend on the gradient's scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Quintic Newton-Schulz coefficients chosen for a steep slope at zero (airbench94_muon).
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T of `matrix` = U S V^T (singular values end up near 1, within about 0.5..1.5)."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.bfloat16()
+    x = x / (x.norm() + eps)  # top singular value <= 1
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(matrix.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """One optimiser, two rules: groups with `use_muon=True` take Muon steps, the others SGD with (Nesterov)
+    momentum and weight decay exactly as torch.optim.SGD."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, nesterov: bool = True) -> None:
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0,
+                                  "use_muon": False})  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                direction = self._momentum_direction(parameter, group)
+                if group["use_muon"]:
+                    # Keep the filter bank's norm at sqrt(out_channels), then step orthogonally.
+                    parameter.mul_(len(parameter) ** 0.5 / parameter.norm().clamp_min(1e-12))
+                    direction = orthogonalize(direction.reshape(len(direction), -1)).view_as(parameter)
+                parameter.add_(direction, alpha=-group["lr"])
+
+    def _momentum_direction(self, parameter: torch.Tensor, group: dict) -> torch.Tensor:
+        gradient = parameter.grad
+        if group["weight_decay"]:
+            gradient = gradient.add(parameter, alpha=group["weight_decay"])
+        state = self.state[parameter]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = gradient.clone()
+        else:
+            state["momentum_buffer"].mul_(group["momentum"]).add_(gradient)
+        buffer = state["momentum_buffer"]
+        return gradient.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
