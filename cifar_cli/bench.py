@@ -1,7 +1,8 @@
 """`cifar bench`: throughput measured in one run on this machine, with ratios against references from the same run.
 
 1. Pipeline: our in-memory, on-device batches (mixed precision, channels_last) against the seed's pipeline (one PNG per
-   sample through a torchvision DataLoader with its transforms, fp32), same model, same optimiser (Adam).
+   sample through a torchvision DataLoader with its transforms, fp32, Adam), same model; ours steps Adam with the
+   fused kernels that `cifar train` uses.
 2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
    precision + channels_last.
 3. The `fast` preset's real step (airbench, batch 1024, augmentation included) and its extrapolated epoch time.
@@ -27,6 +28,7 @@ from cifar_cli.data import ensure_prepared
 from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_manifest
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
+from cifar_cli.engine.optim import build_optimizer, use_fused_kernels
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
 from cifar_cli.settings import DataSettings
@@ -71,12 +73,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _adam(model: nn.Module, fused: bool) -> torch.optim.Optimizer:
+    """Adam at lr 1e-3 as the seed trains; ours with the fused kernels that `cifar train` uses."""
+    return torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+
+
 class _Stepper:
     """One optimiser step of `model` on a batch, timed with device synchronisation."""
 
-    def __init__(self, model: nn.Module, precision: Precision, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: Precision,
+        device: torch.device,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.model, self.precision, self.device = model.train(), precision, device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.optimizer = optimizer or _adam(model, fused=use_fused_kernels(model))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -200,10 +213,11 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
         dtype=mixed.autocast_dtype or torch.float32,
         channels_last=True,
     )
+    seed_model = _fresh_model(options.model, device, False)
     reference = _Candidate(
         "seed-style: PNG + DataLoader, fp32",
         lambda: _forever(seed_loader),
-        _Stepper(_fresh_model(options.model, device, False), fp32, device),
+        _Stepper(seed_model, fp32, device, _adam(seed_model, fused=False)),
         options.batch_size,
     )
     ours = _Candidate(
@@ -272,8 +286,11 @@ def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.d
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=True,
     )
-    step = _Stepper(_fresh_model(fast.model.name, device, True), precision, device)
-    step.optimizer = torch.optim.SGD(step.model.parameters(), lr=0.01, momentum=0.85, nesterov=True)
+    model = _fresh_model(fast.model.name, device, True)
+    # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could diverge, and
+    # NaN/denormal arithmetic would distort the timing.
+    optimizer = build_optimizer(model, fast.optim.model_copy(update={"lr": 0.01}))
+    step = _Stepper(model, precision, device, optimizer)
     light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
     name = f"fast preset: {fast.model.name}, {precision.name} + channels_last"
     [row] = _measure([_Candidate(name, lambda: _forever(loader), step, fast.train.batch_size)], light)

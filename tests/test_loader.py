@@ -102,3 +102,16 @@ def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
         epochs.append(dict(zip(order.tolist(), flipped)))
     for index in range(16):
         assert epochs[0][index] != epochs[1][index] and epochs[0][index] == epochs[2][index]
+
+
+def test_flip_and_translate_equal_a_reflect_padded_crop_of_the_mirrored_image() -> None:
+    images = torch.randint(
+        0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    flip = torch.arange(12) % 3 == 0
+    result = augment_batch(images, Augment(flip=True, translate=2), torch.Generator().manual_seed(1), flip)
+    for image, mirrored, shifted in zip(images, flip.tolist(), result):
+        source = image.flip(2) if mirrored else image
+        padded = torch.nn.functional.pad(source.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+        windows = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
+        assert sum(torch.equal(shifted, window) for window in windows) == 1

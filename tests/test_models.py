@@ -50,3 +50,20 @@ def test_frozen_whitening_bias_gets_no_gradient() -> None:
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     assert model.whiten.bias.grad is None
     assert model.groups[0].conv1.weight.grad is not None
+
+
+def test_seed_cnn_pools_before_the_relu_and_still_computes_the_seeds_function() -> None:
+    torch.manual_seed(0)
+    ours = build_model("seed-cnn").eval()
+    # The seed's order within each stage: conv, ReLU, max-pool (same parameter names).
+    seed = build_model("seed-cnn").eval()
+    for stage in list(seed)[:3]:
+        stage[1], stage[2] = stage[2], stage[1]
+    assert isinstance(seed[0][1], torch.nn.ReLU) and isinstance(ours[0][1], torch.nn.MaxPool2d)
+    seed.load_state_dict(ours.state_dict())
+    images = torch.randn(6, 3, 32, 32)
+    ours(images).square().sum().backward()
+    seed(images).square().sum().backward()
+    torch.testing.assert_close(ours(images), seed(images))
+    for a, b in zip(ours.parameters(), seed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -99,3 +99,28 @@ def test_sgd_groups_match_torch_sgd() -> None:
             parameter.grad = torch.full((5,), float(step + 1))
             optimizer.step()
     assert torch.allclose(ours, reference)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_cpu_optimizers_use_fused_kernels_with_the_same_steps(name: str) -> None:
+    torch.manual_seed(0)
+    model, twin = build_model("seed-cnn", 0.25).eval(), build_model("seed-cnn", 0.25).eval()
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, OptimSettings(name=name, lr=0.01, momentum=0.9, weight_decay=5e-4))
+    assert fused.defaults["fused"] is True
+    # The same groups over the twin's parameters, with torch's per-tensor implementation.
+    twin_of = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
+    plain = type(fused)(
+        [
+            {**group, "params": [twin_of[id(p)] for p in group["params"]], "fused": False}
+            for group in fused.param_groups
+        ]
+    )
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    for net, optimizer in ((model, fused), (twin, plain)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(images), labels).backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

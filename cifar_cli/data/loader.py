@@ -41,34 +41,41 @@ def augment_batch(
 ) -> torch.Tensor:
     """Flip, translate and cutout of a uint8 or float batch, decided by `generator` (or the given flip mask)."""
     batch = images.shape[0]
-    if augment.flip:
-        if flip is None:
-            flip = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < 0.5
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-    if augment.translate:
-        images = _random_translate(images, augment.translate, generator)
+    if augment.flip and flip is None:
+        flip = torch.rand(batch, generator=generator, device=generator.device).to(images.device) < 0.5
+    if not augment.flip:
+        flip = None
+    if flip is not None or augment.translate:
+        images = _flip_and_translate(images, flip, augment.translate, generator)
     if augment.cutout:
         images = _cutout(images, augment.cutout, generator)
     return images
 
 
-def _random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `pad` pixels each way, filling with the mirrored border (as airbench).
+def _flip_and_translate(
+    images: torch.Tensor, flip: torch.Tensor | None, pad: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Mirror the images where `flip` is set, then shift each by up to `pad` pixels each way, filling with the
+    mirrored border (as airbench).
 
-    Works in the input dtype (uint8 stays one byte per value): reflect-pad by indexing, then two gathers.
+    One gather per batch in the input dtype (uint8 stays one byte per value): the source pixel of every output
+    pixel is worked out on B x H and B x W index tables, about 6x faster on the CPU than flipping, padding and
+    cropping in turn.
     """
     batch, channels, height, width = images.shape
     device = images.device
-    padded = images.index_select(2, _reflect_index(height, pad, device)).index_select(
-        3, _reflect_index(width, pad, device)
-    )
-    shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device).to(
-        device
-    )
-    rows = shifts[0].view(-1, 1, 1, 1) + torch.arange(height, device=device).view(1, 1, -1, 1)
-    cropped_rows = padded.gather(2, rows.expand(batch, channels, height, width + 2 * pad))
-    cols = shifts[1].view(-1, 1, 1, 1) + torch.arange(width, device=device).view(1, 1, 1, -1)
-    return cropped_rows.gather(3, cols.expand(batch, channels, height, width))
+    rows = torch.arange(height, device=device).expand(batch, height)
+    cols = torch.arange(width, device=device).expand(batch, width)
+    if pad:
+        shifts = torch.randint(0, 2 * pad + 1, (2, batch), generator=generator, device=generator.device)
+        shifts = shifts.to(device)
+        rows = _reflect_index(height, pad, device)[rows + shifts[0].view(-1, 1)]
+        cols = _reflect_index(width, pad, device)[cols + shifts[1].view(-1, 1)]
+    if flip is not None:
+        cols = torch.where(flip.view(-1, 1), width - 1 - cols, cols)
+    source = (rows.view(batch, height, 1) * width + cols.view(batch, 1, width)).view(batch, 1, -1)
+    flat = images.reshape(batch, channels, height * width)
+    return flat.gather(2, source.expand(batch, channels, height * width)).view(batch, channels, height, width)
 
 
 def _reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
