@@ -312,7 +312,12 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=RECIPE)] = None,
     wd: Annotated[float | None, typer.Option("--wd", help="Weight decay.", rich_help_panel=RECIPE)] = None,
     optimizer: Annotated[
-        str | None, typer.Option("--optimizer", help="adam, adamw, sgd or muon (Muon for conv filters, SGD for the rest).", rich_help_panel=RECIPE)
+        str | None,
+        typer.Option(
+            "--optimizer",
+            help="adam, adamw, sgd or muon (Muon for conv filters, SGD for the rest).",
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     scheduler: Annotated[
         str | None,
