@@ -29,7 +29,14 @@ from rich.table import Table
 
 from cifar_cli import __version__
 from cifar_cli.errors import CifarError, SettingsError
-from cifar_cli.settings import Settings, dump_yaml, load_settings, parse_set_options, set_dotted
+from cifar_cli.settings import (
+    Settings,
+    available_presets,
+    dump_yaml,
+    load_settings,
+    parse_set_options,
+    set_dotted,
+)
 
 app = typer.Typer(
     help="CIFAR-10 from nothing to a trained, evaluated, plotted classifier.",
@@ -297,7 +304,8 @@ def _count_progress() -> Iterator[Any]:
 @app.command()
 def train(
     preset: Annotated[
-        str | None, typer.Option("--preset", help="baseline, fast or resnet18.", rich_help_panel=RECIPE)
+        str | None,
+        typer.Option("--preset", help=f"{', '.join(available_presets())}.", rich_help_panel=RECIPE),
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,8 @@ REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.yaml"
 
 def test_defaults_come_from_the_fast_preset() -> None:
     settings = load_settings()
-    assert (
-        settings.preset == "fast" and settings.model.name == "airbench" and settings.train.batch_size == 1024
-    )
+    assert (settings.preset, settings.model.name, settings.optim.name) == ("fast", "airbench", "muon")
+    assert (settings.train.batch_size, settings.train.epochs) == (2000, 8)
 
 
 def test_precedence_flags_over_env_over_yaml_over_preset(
@@ -106,3 +106,19 @@ def test_every_preset_loads() -> None:
     assert set(available_presets()) >= {"baseline", "fast", "resnet18"}
     for name in available_presets():
         assert load_settings(None, {"preset": name}).model.name == read_preset(name)["model"]["name"]
+
+
+def test_commented_recipe_in_settings_yaml_matches_the_fast_preset(tmp_path: Path) -> None:
+    # Uncommenting the recipe keys of the shipped file must not change the recipe: the comments show the preset.
+    lines = []
+    for line in REPO_SETTINGS.read_text().splitlines():
+        if re.match(r"^# (model|optim|scheduler):", line) or re.match(r"^#   \w+:", line):
+            line = line[2:]
+        elif re.match(r"^  # \w+:", line):
+            line = "  " + line[4:]
+        lines.append(line)
+    uncommented = tmp_path / "settings.yaml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    shipped, explicit = load_settings(REPO_SETTINGS), load_settings(uncommented)
+    for section in ("model", "optim", "scheduler", "train"):
+        assert getattr(explicit, section) == getattr(shipped, section), section

@@ -60,7 +60,7 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
         ("baseline", ()),
         ("fast", ()),
         ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "model.whiten_bias_epochs=1")),
-        ("fast", ("optim.name=muon",)),
+        ("fast-sgd", ()),
         ("resnet18", ("train.augment.cutout=4",)),
     ],
 )
