@@ -5,7 +5,7 @@
    fused kernels that `cifar train` uses.
 2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
    precision + channels_last.
-3. The `fast` preset's real step (airbench, batch 1024, augmentation included) and its extrapolated epoch time.
+3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time.
 
 Warm-up steps are not timed; each figure is the median over repeats.
 """
@@ -270,7 +270,7 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
 
 
 def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.device) -> Measurement:
-    """The `fast` preset's step as training runs it: airbench, batch 1024, augmentation on the device."""
+    """The `fast` preset's step as training runs it: its model, optimiser, batch size and augmentation."""
     from cifar_cli.settings import load_settings
 
     fast = load_settings(None, {"preset": "fast"})
@@ -292,7 +292,7 @@ def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.d
     optimizer = build_optimizer(model, fast.optim.model_copy(update={"lr": 0.01}))
     step = _Stepper(model, precision, device, optimizer)
     light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
-    name = f"fast preset: {fast.model.name}, {precision.name} + channels_last"
+    name = f"fast preset: {fast.model.name}, {fast.optim.name}, {precision.name} + channels_last"
     [row] = _measure([_Candidate(name, lambda: _forever(loader), step, fast.train.batch_size)], light)
     row.ratio = None  # nothing to compare with
     return row
