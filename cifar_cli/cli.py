@@ -305,7 +305,11 @@ def _count_progress() -> Iterator[Any]:
 def train(
     preset: Annotated[
         str | None,
-        typer.Option("--preset", help=f"{', '.join(available_presets())}.", rich_help_panel=RECIPE),
+        typer.Option(
+            "--preset",
+            help=f"One of: {', '.join(available_presets())} (default fast).",
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)
