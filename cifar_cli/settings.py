@@ -113,6 +113,11 @@ class EarlyStoppingSettings(_Section):
 class TrainSettings(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="forward/backward in chunks of this many images, one optimiser step per batch (engine/step.py)",
+    )
     eval_batch_size: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0)
     device: str = "auto"

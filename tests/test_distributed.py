@@ -39,9 +39,9 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_agree_and_write_one_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
     weights = tmp_path / "weights"
     weights.mkdir()
-    done = _torchrun(
-        str(REPO / "tests" / "ddp_worker.py"), str(weights), *_settings_args(tmp_path, prepared_dir)
-    )
+    # Micro-batches of 5 (5, 5, 5, 1): gradients are all-reduced only after the last chunk of each step.
+    args = _settings_args(tmp_path, prepared_dir, "train.micro_batch_size=5")
+    done = _torchrun(str(REPO / "tests" / "ddp_worker.py"), str(weights), *args)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:

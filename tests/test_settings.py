@@ -15,6 +15,15 @@ def test_defaults_come_from_the_fast_preset() -> None:
     settings = load_settings()
     assert (settings.preset, settings.model.name, settings.optim.name) == ("fast", "airbench", "muon")
     assert (settings.train.batch_size, settings.train.epochs) == (2000, 8)
+    assert settings.train.micro_batch_size is None
+
+
+def test_micro_batches_are_set_and_must_be_positive() -> None:
+    chunked = load_settings(None, parse_set_options(["train.micro_batch_size=500"]))
+    assert chunked.train.micro_batch_size == 500 and chunked.train.batch_size == 2000
+    with pytest.raises(SettingsError) as error:
+        load_settings(None, parse_set_options(["train.micro_batch_size=0"]))
+    assert [row[0] for row in error.value.rows] == ["train.micro_batch_size"]
 
 
 def test_precedence_flags_over_env_over_yaml_over_preset(

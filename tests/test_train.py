@@ -59,6 +59,7 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
     [
         ("baseline", ()),
         ("fast", ()),
+        ("fast", ("train.micro_batch_size=5",)),  # chunks of 5, 5, 5 and 1
         ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "model.whiten_bias_epochs=1")),
         ("fast-sgd", ()),
         ("resnet18", ("train.augment.cutout=4",)),

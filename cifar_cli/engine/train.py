@@ -38,6 +38,7 @@ from cifar_cli.engine.optim import (
     restore_scheduler,
     scheduler_steps_per_batch,
 )
+from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import ensure_writable_folder
 from cifar_cli.models import build_model
@@ -341,17 +342,14 @@ class Trainer:
         refresh_every = max(1, len(loader) // PROGRESS_UPDATES_PER_EPOCH)
         started = time.perf_counter()
         for batch_index, (images, targets) in enumerate(loader, start=1):
-            with self.precision.autocast(self.device):
-                logits = model(images)
-            loss = self.criterion(logits.float(), targets)
-            self._step(loss)
+            loss, logits = self._step(model, images, targets)
             if steps_per_batch:
                 self.scheduler.step()
             self.global_step += 1
             if self.lookahead is not None:
                 self.lookahead.maybe_sync(self.model, self.global_step, self.total_steps)
-            loss_sum += loss.detach()
-            predicted = logits.detach().argmax(dim=1)
+            loss_sum += loss
+            predicted = logits.argmax(dim=1)
             metrics.update(predicted, targets)
             correct += (predicted == targets).sum()
             if batch_index % refresh_every == 0 or batch_index == len(loader):
@@ -365,14 +363,26 @@ class Trainer:
             self.lookahead.finish(self.model)  # the last epoch ends on the averaged weights
         return {"loss": float(totals[0] / totals[1]), **computed}
 
-    def _step(self, loss: torch.Tensor) -> None:
+    def _step(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on the batch; returns its mean loss and the logits, detached."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss, logits = forward_backward(
+            model,
+            images,
+            targets,
+            self.criterion,
+            self.precision,
+            self.scaler,
+            self.settings.train.micro_batch_size,
+        )
         if self.settings.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return loss, logits
 
     def _check_finite(self, loss_sum: torch.Tensor, batch_index: int) -> None:
         if not math.isfinite(float(loss_sum)):
