@@ -5,7 +5,8 @@
    fused kernels that `cifar train` uses.
 2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
    precision + channels_last.
-3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time.
+3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time,
+   against the same step cut into micro-batches of 500.
 
 Warm-up steps are not timed; each figure is the median over repeats.
 """
@@ -29,11 +30,13 @@ from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_manifest
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
 from cifar_cli.engine.optim import build_optimizer, use_fused_kernels
+from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
-from cifar_cli.settings import DataSettings
+from cifar_cli.settings import DataSettings, Settings, load_settings
 
 TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch
+CPU_MICRO_BATCH = 500  # images per chunk in the fast table's micro-batch row (faster per image on CPUs)
 
 
 @dataclass
@@ -87,17 +90,24 @@ class _Stepper:
         precision: Precision,
         device: torch.device,
         optimizer: torch.optim.Optimizer | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         self.model, self.precision, self.device = model.train(), precision, device
         self.optimizer = optimizer or _adam(model, fused=use_fused_kernels(model))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+        self.micro_batch_size = micro_batch_size
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with self.precision.autocast(self.device):
-            logits = self.model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        forward_backward(
+            self.model,
+            images,
+            labels,
+            nn.functional.cross_entropy,
+            self.precision,
+            self.scaler,
+            self.micro_batch_size,
+        )
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -116,19 +126,22 @@ def _one_repeat(candidate: _Candidate, options: BenchOptions) -> tuple[float, fl
     """(images/s, data seconds per batch, compute seconds per batch) over `options.batches` timed steps."""
     device = candidate.step.device
     iterator = _on_device(candidate.batches(), device)
-    for _ in range(options.warmup):
-        candidate.step(*next(iterator))
-    _sync(device)
-    data_total = compute_total = 0.0
-    for _ in range(options.batches):
-        started = time.perf_counter()
-        images, labels = next(iterator)
+    try:
+        for _ in range(options.warmup):
+            candidate.step(*next(iterator))
         _sync(device)
-        loaded = time.perf_counter()
-        candidate.step(images, labels)
-        _sync(device)
-        data_total += loaded - started
-        compute_total += time.perf_counter() - loaded
+        data_total = compute_total = 0.0
+        for _ in range(options.batches):
+            started = time.perf_counter()
+            images, labels = next(iterator)
+            _sync(device)
+            loaded = time.perf_counter()
+            candidate.step(images, labels)
+            _sync(device)
+            data_total += loaded - started
+            compute_total += time.perf_counter() - loaded
+    finally:
+        iterator.close()  # ends this candidate's loading (and its worker processes) before the next is timed
     throughput = options.batches * candidate.batch_size / (data_total + compute_total)
     return throughput, data_total / options.batches, compute_total / options.batches
 
@@ -162,7 +175,13 @@ def _forever(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        yield from loader
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:
+            # Dropping a DataLoader iterator stops its worker processes and waits for them: otherwise they go on
+            # decoding the batches they were asked to prefetch while the next candidate is being timed.
+            del batches
         epoch += 1
 
 
@@ -185,7 +204,6 @@ def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> An
         shuffle=True,
         num_workers=workers,
         drop_last=True,
-        persistent_workers=workers > 0,
     )
 
 
@@ -269,33 +287,59 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
     return rows
 
 
-def bench_fast_preset(options: BenchOptions, data: DataSettings, device: torch.device) -> Measurement:
-    """The `fast` preset's step as training runs it: its model, optimiser, batch size and augmentation."""
-    from cifar_cli.settings import load_settings
-
-    fast = load_settings(None, {"preset": "fast"})
+def bench_fast_preset(
+    options: BenchOptions,
+    data: DataSettings,
+    device: torch.device,
+    fast: Settings | None = None,
+    micro_batch_size: int = CPU_MICRO_BATCH,
+) -> list[Measurement]:
+    """The `fast` preset's step as training runs it (its model, optimiser, batch size and augmentation), then the
+    same step cut into micro-batches of `micro_batch_size`, with its ratio to the preset's step."""
+    fast = fast or load_settings(None, {"preset": "fast"})
+    train = fast.train
     cache = load_cache(data.processed_dir)
+    if len(cache["train_labels"]) < train.batch_size:
+        raise UsageError(
+            f"The fast preset's batch of {train.batch_size} is larger than the training split.",
+            hint="Use the full data set, or leave this row out with --no-fast.",
+        )
     precision = resolve_precision("auto", device)
-    augment = fast.train.augment
     loader = BatchLoader(
         cache["train_images"].to(device),
         cache["train_labels"].to(device),
-        fast.train.batch_size,
+        train.batch_size,
         train=True,
-        augment=Augment(**augment.model_dump()),
+        augment=Augment(**train.augment.model_dump()),
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=True,
     )
-    model = _fresh_model(fast.model.name, device, True)
-    # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could diverge, and
-    # NaN/denormal arithmetic would distort the timing.
-    optimizer = build_optimizer(model, fast.optim.model_copy(update={"lr": 0.01}))
-    step = _Stepper(model, precision, device, optimizer)
-    light = BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
-    name = f"fast preset: {fast.model.name}, {fast.optim.name}, {precision.name} + channels_last"
-    [row] = _measure([_Candidate(name, lambda: _forever(loader), step, fast.train.batch_size)], light)
-    row.ratio = None  # nothing to compare with
-    return row
+
+    def candidate(micro_batch_size: int | None) -> _Candidate:
+        model = _fresh_model(fast.model.name, device, True, fast.model.width_multiplier)
+        # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
+        # diverge, and NaN/denormal arithmetic would distort the timing.
+        optimizer = build_optimizer(model, fast.optim.model_copy(update={"lr": 0.01}))
+        chunks = f" in chunks of {micro_batch_size}" if micro_batch_size else ", whole"
+        name = (
+            f"fast preset: {fast.model.name}, {fast.optim.name}, batch {train.batch_size}{chunks},"
+            f" {precision.name} + channels_last"
+        )
+        step = _Stepper(model, precision, device, optimizer, micro_batch_size)
+        return _Candidate(name, lambda: _forever(loader), step, train.batch_size)
+
+    preset = candidate(train.micro_batch_size)
+    other = micro_batch_size if micro_batch_size < train.batch_size else None
+    if other is None or other == train.micro_batch_size:
+        [row] = _measure([preset], _light(options))
+        row.ratio = None  # nothing to compare with
+        return [row]
+    return _measure([preset, candidate(other)], _light(options))
+
+
+def _light(options: BenchOptions) -> BenchOptions:
+    """Fewer timed batches for the big `fast` batches."""
+    return BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
 
 
 def run_benchmark(
@@ -316,7 +360,7 @@ def run_benchmark(
     pipeline = bench_pipeline(options, data, device)
     say("Models: synthetic batches, fp32 vs mixed precision")
     models = bench_models(options, device)
-    fast = None
+    fast: list[Measurement] = []
     if options.include_fast:
         say("fast preset: real batches with augmentation")
         fast = bench_fast_preset(options, data, device)
@@ -326,7 +370,10 @@ def run_benchmark(
         "pipeline": [_row(m) for m in pipeline],
         "pipeline_speedup": pipeline[1].ratio,
         "models": [_row(m) for m in models],
-        "fast_preset": _row(fast) if fast else None,
+        "fast_preset": _row(fast[0]) if fast else None,
+        # The same step in micro-batches (--set train.micro_batch_size=500) and its speed-up over the preset's.
+        "fast_preset_micro_batches": _row(fast[1]) if len(fast) == 2 else None,
+        "micro_batch_speedup": fast[1].ratio if len(fast) == 2 else None,
     }
 
 

@@ -648,7 +648,8 @@ def _print_bench(results: dict[str, Any]) -> None:
         ("Train step by model", results["models"]),
     ]
     if results["fast_preset"]:
-        sections.append(("fast preset step", [results["fast_preset"]]))
+        fast_rows = [results["fast_preset"], results["fast_preset_micro_batches"]]
+        sections.append(("fast preset step", [row for row in fast_rows if row]))
     for title, rows in sections:
         table = Table(
             "configuration",

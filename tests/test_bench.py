@@ -4,12 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from cifar_cli.bench import BenchOptions, run_benchmark
+from cifar_cli.bench import BenchOptions, bench_fast_preset, run_benchmark
 from cifar_cli.cli import app
 from cifar_cli.errors import UsageError
-from cifar_cli.settings import DataSettings
+from cifar_cli.settings import DataSettings, load_settings
 
 QUICK = {"batches": 2, "warmup": 1, "repeats": 1, "batch_size": 16, "seed_workers": 0, "device": "cpu"}
 
@@ -48,3 +49,22 @@ def test_bench_needs_the_png_folders(tmp_path: Path, prepared_dir: Path) -> None
     (no_png / "manifest.json").write_text(json.dumps({"png": False}))
     with pytest.raises(UsageError, match="PNG folders"):
         run_benchmark(BenchOptions(**QUICK), DataSettings(processed_dir=no_png))
+
+
+def test_fast_row_times_the_preset_against_micro_batches(prepared_dir: Path) -> None:
+    fast = load_settings(
+        None, {"preset": "fast", "model": {"width_multiplier": 0.25}, "train": {"batch_size": 16}}
+    )
+    data = DataSettings(processed_dir=prepared_dir)
+    cpu = torch.device("cpu")
+    preset, chunked = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=8)
+    assert "whole" in preset.name and "in chunks of 8" in chunked.name
+    assert preset.ratio == 1.0
+    assert chunked.ratio == pytest.approx(chunked.images_per_second / preset.images_per_second)
+    assert preset.batch_size == chunked.batch_size == 16
+    # Chunks no smaller than the batch: only the preset's row, with nothing to compare with.
+    [alone] = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=16)
+    assert alone.ratio is None
+    # The preset's own batch of 2000 is more than the tiny data set holds: a clear error, not an endless wait.
+    with pytest.raises(UsageError, match="larger than the training split"):
+        bench_fast_preset(BenchOptions(**QUICK), data, cpu)
