@@ -6,21 +6,24 @@
 2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
    precision + channels_last.
 3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time,
-   against the same step cut into micro-batches of 500.
+   against the same step with glibc's malloc defaults (`cifar train` keeps freed memory: engine/memory.py) and cut
+   into micro-batches of 500; every repeat of these rows runs in a new process.
 
 Warm-up steps are not timed; each figure is the median over repeats.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ from cifar_cli.data import ensure_prepared
 from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_manifest
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
+from cifar_cli.engine.memory import keep_freed_memory, keep_freed_memory_supported
 from cifar_cli.engine.optim import build_optimizer, use_fused_kernels
 from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import UsageError
@@ -36,7 +40,7 @@ from cifar_cli.models import available_models, build_model
 from cifar_cli.settings import DataSettings, Settings, load_settings
 
 TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch
-CPU_MICRO_BATCH = 500  # images per chunk in the fast table's micro-batch row (faster per image on CPUs)
+CPU_MICRO_BATCH = 500  # images per chunk in the fast table's micro-batch row
 
 
 @dataclass
@@ -69,6 +73,7 @@ class BenchOptions:
     seed_workers: int = 2  # DataLoader workers of the seed-style pipeline
     models: tuple[str, ...] = ()  # () = every registered model
     include_fast: bool = True
+    keep_freed_memory: bool = True  # CPU on Linux: malloc keeps freed memory, as `cifar train` does
 
 
 def _sync(device: torch.device) -> None:
@@ -121,6 +126,16 @@ class _Candidate:
     step: _Stepper
     batch_size: int
 
+    def repeat(self, options: BenchOptions) -> tuple[float, float, float]:
+        return _one_repeat(self, options)
+
+
+class _Timed(Protocol):
+    name: str
+    batch_size: int
+
+    def repeat(self, options: BenchOptions) -> tuple[float, float, float]: ...
+
 
 def _one_repeat(candidate: _Candidate, options: BenchOptions) -> tuple[float, float, float]:
     """(images/s, data seconds per batch, compute seconds per batch) over `options.batches` timed steps."""
@@ -146,13 +161,13 @@ def _one_repeat(candidate: _Candidate, options: BenchOptions) -> tuple[float, fl
     return throughput, data_total / options.batches, compute_total / options.batches
 
 
-def _measure(candidates: list[_Candidate], options: BenchOptions) -> list[Measurement]:
+def _measure(candidates: Sequence[_Timed], options: BenchOptions) -> list[Measurement]:
     """Medians over repeats, the candidates taking turns within each repeat so that a slow spell of a shared
     machine hits all of them alike; ratios are against the first candidate."""
     samples: list[list[tuple[float, float, float]]] = [[] for _ in candidates]
     for _ in range(options.repeats):
         for candidate, collected in zip(candidates, samples):
-            collected.append(_one_repeat(candidate, options))
+            collected.append(candidate.repeat(options))
     rows = []
     for candidate, collected in zip(candidates, samples):
         throughput, data, compute = (statistics.median(values) for values in zip(*collected))
@@ -287,24 +302,29 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
     return rows
 
 
-def bench_fast_preset(
-    options: BenchOptions,
-    data: DataSettings,
-    device: torch.device,
-    fast: Settings | None = None,
-    micro_batch_size: int = CPU_MICRO_BATCH,
-) -> list[Measurement]:
-    """The `fast` preset's step as training runs it (its model, optimiser, batch size and augmentation), then the
-    same step cut into micro-batches of `micro_batch_size`, with its ratio to the preset's step."""
-    fast = fast or load_settings(None, {"preset": "fast"})
-    train = fast.train
-    cache = load_cache(data.processed_dir)
-    if len(cache["train_labels"]) < train.batch_size:
-        raise UsageError(
-            f"The fast preset's batch of {train.batch_size} is larger than the training split.",
-            hint="Use the full data set, or leave this row out with --no-fast.",
-        )
+@dataclass(frozen=True)
+class FastRows:
+    preset: Measurement  # the step as `cifar train` runs it
+    system_malloc: Measurement | None  # the same step with glibc's malloc defaults (heap not kept)
+    micro_batches: Measurement | None  # the same step in micro-batches
+
+
+@dataclass(frozen=True)
+class _FastJob:
+    """Everything a fresh process needs to time one configuration of the fast preset's step (picklable)."""
+
+    fast: Settings
+    data: DataSettings
+    device: str
+    micro_batch_size: int | None
+    keep_freed_memory: bool
+    options: BenchOptions
+
+
+def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
+    train = job.fast.train
     precision = resolve_precision("auto", device)
+    cache = load_cache(job.data.processed_dir)
     loader = BatchLoader(
         cache["train_images"].to(device),
         cache["train_labels"].to(device),
@@ -314,38 +334,88 @@ def bench_fast_preset(
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=True,
     )
+    model = _fresh_model(job.fast.model.name, device, True, job.fast.model.width_multiplier)
+    # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
+    # diverge, and NaN/denormal arithmetic would distort the timing.
+    optimizer = build_optimizer(model, job.fast.optim.model_copy(update={"lr": 0.01}))
+    step = _Stepper(model, precision, device, optimizer, job.micro_batch_size)
+    return _Candidate("", lambda: _forever(loader), step, train.batch_size)
 
-    def candidate(micro_batch_size: int | None) -> _Candidate:
-        model = _fresh_model(fast.model.name, device, True, fast.model.width_multiplier)
-        # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
-        # diverge, and NaN/denormal arithmetic would distort the timing.
-        optimizer = build_optimizer(model, fast.optim.model_copy(update={"lr": 0.01}))
+
+def _time_fast_job(job: _FastJob) -> tuple[float, float, float]:
+    """Runs in a fresh process, so that the malloc mode and the heap left by other rows cannot leak in."""
+    if job.keep_freed_memory:
+        keep_freed_memory()
+    return _one_repeat(_fast_candidate(job, torch.device(job.device)), job.options)
+
+
+@dataclass
+class _IsolatedCandidate:
+    """A candidate whose every repeat runs in a new spawned process."""
+
+    name: str
+    batch_size: int
+    job: _FastJob
+
+    def repeat(self, options: BenchOptions) -> tuple[float, float, float]:
+        job = replace(self.job, options=options)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_time_fast_job, job).result()
+
+
+def bench_fast_preset(
+    options: BenchOptions,
+    data: DataSettings,
+    device: torch.device,
+    fast: Settings | None = None,
+    micro_batch_size: int = CPU_MICRO_BATCH,
+) -> FastRows:
+    """The `fast` preset's step as training runs it (its model, optimiser, batch size and augmentation), against
+    the same step with glibc's malloc defaults (CPU on Linux, when `cifar train` would keep freed memory) and cut
+    into micro-batches of `micro_batch_size`; each repeat of each row in a fresh process."""
+    fast = fast or load_settings(None, {"preset": "fast"})
+    train = fast.train
+    if len(load_cache(data.processed_dir)["train_labels"]) < train.batch_size:
+        raise UsageError(
+            f"The fast preset's batch of {train.batch_size} is larger than the training split.",
+            hint="Use the full data set, or leave this row out with --no-fast.",
+        )
+    keep = options.keep_freed_memory and device.type == "cpu" and keep_freed_memory_supported()
+    precision = resolve_precision("auto", device)
+
+    def candidate(micro_batch_size: int | None, keep_memory: bool) -> _IsolatedCandidate:
         chunks = f" in chunks of {micro_batch_size}" if micro_batch_size else ", whole"
+        malloc = "" if device.type != "cpu" else ", heap kept" if keep_memory else ", malloc defaults"
         name = (
             f"fast preset: {fast.model.name}, {fast.optim.name}, batch {train.batch_size}{chunks},"
-            f" {precision.name} + channels_last"
+            f" {precision.name} + channels_last{malloc}"
         )
-        step = _Stepper(model, precision, device, optimizer, micro_batch_size)
-        return _Candidate(name, lambda: _forever(loader), step, train.batch_size)
+        job = _FastJob(fast, data, str(device), micro_batch_size, keep_memory, options)
+        return _IsolatedCandidate(name, train.batch_size, job)
 
-    preset = candidate(train.micro_batch_size)
+    candidates = {"preset": candidate(train.micro_batch_size, keep)}
+    if keep:
+        candidates["system_malloc"] = candidate(train.micro_batch_size, False)
     other = micro_batch_size if micro_batch_size < train.batch_size else None
-    if other is None or other == train.micro_batch_size:
-        [row] = _measure([preset], _light(options))
-        row.ratio = None  # nothing to compare with
-        return [row]
-    return _measure([preset, candidate(other)], _light(options))
+    if other is not None and other != train.micro_batch_size:
+        candidates["micro_batches"] = candidate(other, keep)
+    rows = dict(zip(candidates, _measure(list(candidates.values()), _light(options))))
+    if len(rows) == 1:
+        rows["preset"].ratio = None  # nothing to compare with
+    return FastRows(rows["preset"], rows.get("system_malloc"), rows.get("micro_batches"))
 
 
 def _light(options: BenchOptions) -> BenchOptions:
-    """Fewer timed batches for the big `fast` batches."""
-    return BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 1})
+    """Fewer timed batches for the big `fast` batches; two warm-up steps, as each repeat starts a new process."""
+    return BenchOptions(**{**asdict(options), "batches": max(2, options.batches // 3), "warmup": 2})
 
 
 def run_benchmark(
     options: BenchOptions, data: DataSettings, say: Callable[[str], None] = lambda _t: None
 ) -> dict[str, Any]:
     device = resolve_device(options.device)
+    # The pipeline and model rows run as `cifar train` would.
+    malloc_keeps_memory = options.keep_freed_memory and device.type == "cpu" and keep_freed_memory()
     ensure_prepared(data, say)
     manifest = read_manifest(data.processed_dir) or {}
     if not manifest.get("png"):
@@ -360,21 +430,30 @@ def run_benchmark(
     pipeline = bench_pipeline(options, data, device)
     say("Models: synthetic batches, fp32 vs mixed precision")
     models = bench_models(options, device)
-    fast: list[Measurement] = []
+    fast = None
     if options.include_fast:
-        say("fast preset: real batches with augmentation")
+        say("fast preset: real batches with augmentation, each repeat in a new process")
         fast = bench_fast_preset(options, data, device)
     return {
-        "machine": _machine(device),
+        "machine": {**_machine(device), "keep_freed_memory": malloc_keeps_memory},
         "options": asdict(options),
         "pipeline": [_row(m) for m in pipeline],
         "pipeline_speedup": pipeline[1].ratio,
         "models": [_row(m) for m in models],
-        "fast_preset": _row(fast[0]) if fast else None,
+        "fast_preset": _row(fast.preset) if fast else None,
+        # The same step with glibc's malloc defaults, and how much faster the preset's step (heap kept) is.
+        "fast_preset_system_malloc": _row(fast.system_malloc) if fast and fast.system_malloc else None,
+        "keep_freed_memory_speedup": _speedup(fast.preset, fast.system_malloc) if fast else None,
         # The same step in micro-batches (--set train.micro_batch_size=500) and its speed-up over the preset's.
-        "fast_preset_micro_batches": _row(fast[1]) if len(fast) == 2 else None,
-        "micro_batch_speedup": fast[1].ratio if len(fast) == 2 else None,
+        "fast_preset_micro_batches": _row(fast.micro_batches) if fast and fast.micro_batches else None,
+        "micro_batch_speedup": _speedup(fast.micro_batches, fast.preset) if fast else None,
     }
+
+
+def _speedup(faster: Measurement | None, reference: Measurement | None) -> float | None:
+    if faster is None or reference is None:
+        return None
+    return faster.images_per_second / reference.images_per_second
 
 
 def _row(measurement: Measurement) -> dict[str, Any]:

@@ -485,7 +485,14 @@ def evaluate(
         from cifar_cli.files import write_text_atomically
 
         metrics = evaluate_checkpoint(
-            checkpoint, settings.data, split, tta, settings.train.device, batch_size, say=error_console.print
+            checkpoint,
+            settings.data,
+            split,
+            tta,
+            settings.train.device,
+            batch_size,
+            say=error_console.print,
+            keep_memory=settings.train.keep_freed_memory,
         )
         _print_metrics(metrics)
         if json_file:
@@ -632,6 +639,7 @@ def bench(
             batch_size=batch_size,
             models=tuple(models or ()),
             include_fast=fast,
+            keep_freed_memory=settings.train.keep_freed_memory,
         )
         results = run_benchmark(options, settings.data, say=error_console.print)
         _print_bench(results)
@@ -648,7 +656,11 @@ def _print_bench(results: dict[str, Any]) -> None:
         ("Train step by model", results["models"]),
     ]
     if results["fast_preset"]:
-        fast_rows = [results["fast_preset"], results["fast_preset_micro_batches"]]
+        fast_rows = [
+            results["fast_preset"],
+            results["fast_preset_system_malloc"],
+            results["fast_preset_micro_batches"],
+        ]
         sections.append(("fast preset step", [row for row in fast_rows if row]))
     for title, rows in sections:
         table = Table(
@@ -673,6 +685,9 @@ def _print_bench(results: dict[str, Any]) -> None:
             )
         console.print(table)
     console.print(f"Pipeline speed-up: [bold]{results['pipeline_speedup']:.2f}x[/bold]")
+    if results["keep_freed_memory_speedup"]:
+        speedup = results["keep_freed_memory_speedup"]
+        console.print(f"fast preset step, freed memory kept vs malloc defaults: [bold]{speedup:.2f}x[/bold]")
 
 
 def main() -> None:

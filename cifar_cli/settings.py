@@ -131,6 +131,10 @@ class TrainSettings(_Section):
     resume: bool | None = Field(None, description="None: resume when last.pth of the run exists")
     # Threads for CPU training; 0 lets torch choose (one per core).
     num_threads: int = Field(0, ge=0)
+    keep_freed_memory: bool = Field(
+        True,
+        description="CPU runs on Linux: malloc reuses freed memory instead of unmapping it (engine/memory.py)",
+    )
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 

@@ -51,20 +51,27 @@ def test_bench_needs_the_png_folders(tmp_path: Path, prepared_dir: Path) -> None
         run_benchmark(BenchOptions(**QUICK), DataSettings(processed_dir=no_png))
 
 
-def test_fast_row_times_the_preset_against_micro_batches(prepared_dir: Path) -> None:
+def test_fast_rows_time_the_preset_against_malloc_defaults_and_micro_batches(prepared_dir: Path) -> None:
     fast = load_settings(
         None, {"preset": "fast", "model": {"width_multiplier": 0.25}, "train": {"batch_size": 16}}
     )
     data = DataSettings(processed_dir=prepared_dir)
     cpu = torch.device("cpu")
-    preset, chunked = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=8)
-    assert "whole" in preset.name and "in chunks of 8" in chunked.name
+    rows = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=8)
+    preset, system, chunked = rows.preset, rows.system_malloc, rows.micro_batches
+    assert "whole" in preset.name and "heap kept" in preset.name
+    assert "whole" in system.name and "malloc defaults" in system.name
+    assert "in chunks of 8" in chunked.name and "heap kept" in chunked.name
     assert preset.ratio == 1.0
-    assert chunked.ratio == pytest.approx(chunked.images_per_second / preset.images_per_second)
-    assert preset.batch_size == chunked.batch_size == 16
-    # Chunks no smaller than the batch: only the preset's row, with nothing to compare with.
-    [alone] = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=16)
-    assert alone.ratio is None
+    for row in (system, chunked):
+        assert row.ratio == pytest.approx(row.images_per_second / preset.images_per_second)
+        assert row.batch_size == 16
+    # Chunks no smaller than the batch and the heap left to malloc: only the preset's row, nothing to compare with.
+    alone = bench_fast_preset(
+        BenchOptions(**QUICK, keep_freed_memory=False), data, cpu, fast, micro_batch_size=16
+    )
+    assert alone.system_malloc is None and alone.micro_batches is None
+    assert alone.preset.ratio is None and "malloc defaults" in alone.preset.name
     # The preset's own batch of 2000 is more than the tiny data set holds: a clear error, not an endless wait.
     with pytest.raises(UsageError, match="larger than the training split"):
         bench_fast_preset(BenchOptions(**QUICK), data, cpu)

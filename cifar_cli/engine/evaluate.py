@@ -18,6 +18,7 @@ from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
 from cifar_cli.data.prepare import CLASS_NAMES, load_cache
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, resolve_device, resolve_precision
+from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.metrics import ClassificationReport, classification_report
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model
@@ -160,9 +161,13 @@ def evaluate_checkpoint(
     device_name: str = "auto",
     batch_size: int = 1000,
     say: Callable[[str], None] = lambda _text: None,
+    keep_memory: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes."""
+    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes. `keep_memory`: on
+    the CPU, malloc keeps freed memory for the next batch (`train.keep_freed_memory`, engine/memory.py)."""
     device = resolve_device(device_name)
+    if keep_memory and device.type == "cpu":
+        keep_freed_memory()
     loaded = load_model(checkpoint, device)
     ensure_prepared(data, say)
     images, labels = split_tensors(data, split, loaded.data_settings.val_size, loaded.train_settings.seed)

@@ -2,8 +2,10 @@
 
 Micro-batches: the batch goes through the network in chunks and their gradients add up before the single optimiser
 step, which so sees the gradient of the whole batch's mean loss. BatchNorm normalises each chunk with that chunk's
-statistics ("ghost" batch norm). Why bother: on these CPUs four 500-image chunks of the `fast` step run about 1.2x
-faster per image than one 2000-image batch (`cifar bench` times both); on a GPU whole batches are the faster choice.
+statistics ("ghost" batch norm). What for: a batch larger than the device's memory holds at once (activation memory
+scales with the chunk, not the batch). On these CPUs chunks of 500 were also 1.18x faster per image than the whole
+2000-image batch while malloc handed freed memory back to the OS; with freed memory kept (engine/memory.py, the
+default) `cifar bench` timed them at 0.95x, so whole batches are the faster choice there too.
 """
 
 from __future__ import annotations

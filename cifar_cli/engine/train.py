@@ -30,6 +30,7 @@ from cifar_cli.engine.device import Precision, describe, resolve_device, resolve
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.evaluate import Predictions, predict, report_from_predictions, tta_level
 from cifar_cli.engine.lookahead import Lookahead
+from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.metrics import epoch_metrics
 from cifar_cli.engine.optim import (
     Scheduler,
@@ -119,6 +120,8 @@ class Trainer:
         self.precision: Precision = resolve_precision(train.precision, device)
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
+        if device.type == "cpu" and train.keep_freed_memory:
+            keep_freed_memory()
         distributed.init_process_group(self.context, device)
 
     def _setup_data(self) -> None:
