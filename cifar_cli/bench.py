@@ -344,9 +344,10 @@ def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
 
 def _time_fast_job(job: _FastJob) -> tuple[float, float, float]:
     """Runs in a fresh process, so that the malloc mode and the heap left by other rows cannot leak in."""
+    device = torch.device(job.device)
     if job.keep_freed_memory:
-        keep_freed_memory()
-    return _one_repeat(_fast_candidate(job, torch.device(job.device)), job.options)
+        keep_freed_memory(device.type)
+    return _one_repeat(_fast_candidate(job, device), job.options)
 
 
 @dataclass
@@ -380,7 +381,7 @@ def bench_fast_preset(
             f"The fast preset's batch of {train.batch_size} is larger than the training split.",
             hint="Use the full data set, or leave this row out with --no-fast.",
         )
-    keep = options.keep_freed_memory and device.type == "cpu" and keep_freed_memory_supported()
+    keep = options.keep_freed_memory and keep_freed_memory_supported(device.type)
     precision = resolve_precision("auto", device)
 
     def candidate(micro_batch_size: int | None, keep_memory: bool) -> _IsolatedCandidate:
@@ -415,7 +416,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     device = resolve_device(options.device)
     # The pipeline and model rows run as `cifar train` would.
-    malloc_keeps_memory = options.keep_freed_memory and device.type == "cpu" and keep_freed_memory()
+    malloc_keeps_memory = options.keep_freed_memory and keep_freed_memory(device.type)
     ensure_prepared(data, say)
     manifest = read_manifest(data.processed_dir) or {}
     if not manifest.get("png"):

@@ -46,12 +46,17 @@ def test_without_glibc_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert memory.keep_freed_memory_supported() is False
 
 
+def test_other_devices_keep_their_own_allocators() -> None:
+    assert memory.keep_freed_memory("cuda") is False
+    assert memory.keep_freed_memory_supported("cuda") is False
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_training_keeps_freed_memory_unless_told_not_to(
     monkeypatch: pytest.MonkeyPatch, keep: bool
 ) -> None:
-    calls: list[bool] = []
-    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(True) or True)
+    calls: list[str] = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda device_type: calls.append(device_type) or True)
     settings = load_settings(None, {"train": {"device": "cpu", "keep_freed_memory": keep}})
     train.Trainer(settings)._setup_device()
-    assert calls == ([True] if keep else [])
+    assert calls == (["cpu"] if keep else [])

@@ -166,8 +166,8 @@ def evaluate_checkpoint(
     """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes. `keep_memory`: on
     the CPU, malloc keeps freed memory for the next batch (`train.keep_freed_memory`, engine/memory.py)."""
     device = resolve_device(device_name)
-    if keep_memory and device.type == "cpu":
-        keep_freed_memory()
+    if keep_memory:
+        keep_freed_memory(device.type)
     loaded = load_model(checkpoint, device)
     ensure_prepared(data, say)
     images, labels = split_tensors(data, split, loaded.data_settings.val_size, loaded.train_settings.seed)

@@ -120,8 +120,8 @@ class Trainer:
         self.precision: Precision = resolve_precision(train.precision, device)
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
-        if device.type == "cpu" and train.keep_freed_memory:
-            keep_freed_memory()
+        if train.keep_freed_memory:
+            keep_freed_memory(device.type)
         distributed.init_process_group(self.context, device)
 
     def _setup_data(self) -> None:
