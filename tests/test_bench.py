@@ -1,18 +1,29 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from cifar_cli.bench import BenchOptions, bench_fast_preset, run_benchmark
+from cifar_cli.bench import BenchOptions, _Candidate, _one_repeat, bench_fast_preset, run_benchmark
 from cifar_cli.cli import app
 from cifar_cli.errors import UsageError
 from cifar_cli.settings import DataSettings, load_settings
 
-QUICK = {"batches": 2, "warmup": 1, "repeats": 1, "batch_size": 16, "seed_workers": 0, "device": "cpu"}
+QUICK = {
+    "batches": 2,
+    "warmup": 1,
+    "repeats": 1,
+    "min_seconds": 0.0,
+    "batch_size": 16,
+    "seed_workers": 0,
+    "device": "cpu",
+}
 
 
 def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Path) -> None:
@@ -28,6 +39,55 @@ def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Pat
         assert row["images_per_second"] > 0 and 0 <= row["data_share"] <= 1
         assert row["epoch_seconds"] == pytest.approx(50_000 / row["images_per_second"])
     assert results["fast_preset"] is None
+
+
+def test_pipeline_ratio_is_also_given_per_repeat(prepared_dir: Path) -> None:
+    options = BenchOptions(**{**QUICK, "repeats": 3}, models=("seed-cnn",), include_fast=False)
+    results = run_benchmark(options, DataSettings(processed_dir=prepared_dir))
+    reference, ours = results["pipeline"]
+    assert len(reference["per_repeat"]) == len(ours["per_repeat"]) == 3
+    assert reference["images_per_second"] == pytest.approx(statistics.median(reference["per_repeat"]))
+    assert results["pipeline_speedup_per_repeat"] == pytest.approx(
+        [mine / theirs for theirs, mine in zip(reference["per_repeat"], ours["per_repeat"])]
+    )
+
+
+class _SleepingStep:
+    """Stands in for a train step that takes `seconds`; counts its calls."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+def _same_batch_forever() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+
+
+def _sleeper(seconds: float) -> tuple[_Candidate, _SleepingStep]:
+    step = _SleepingStep(seconds)
+    return _Candidate("sleeper", _same_batch_forever, step, batch_size=4), step  # type: ignore[arg-type]
+
+
+def test_a_timed_window_runs_for_at_least_min_seconds() -> None:
+    candidate, step = _sleeper(0.01)
+    images_per_second, data, compute = _one_repeat(
+        candidate, BenchOptions(batches=2, warmup=1, min_seconds=0.2)
+    )
+    timed = step.calls - 1  # after one warm-up step
+    assert timed > 2  # more than `batches`: the window was stretched to min_seconds
+    assert timed * (data + compute) >= 0.2
+    assert compute >= 0.01 and images_per_second == pytest.approx(4 / (data + compute))
+    # No minimum duration: exactly `batches` timed steps.
+    candidate, step = _sleeper(0.01)
+    _one_repeat(candidate, BenchOptions(batches=3, warmup=0, min_seconds=0))
+    assert step.calls == 3
 
 
 def test_bench_cli_writes_json(prepared_dir: Path, tmp_path: Path) -> None:
