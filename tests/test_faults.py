@@ -187,6 +187,7 @@ def test_paths_that_do_not_exist_or_are_files(tmp_path: Path, args: list[str]) -
         ["evaluate", "x.pth", "--batch-size", "0"],
         ["predict", "x.pth", "y.png", "--top-k", "20"],
         ["bench", "--batches", "0"],
+        ["bench", "--min-seconds", "-1"],
         ["download", "--md5", "not-hex"],
     ],
 )
