@@ -30,6 +30,7 @@ from rich.table import Table
 from cifar_cli import __version__
 from cifar_cli.errors import CifarError, SettingsError
 from cifar_cli.settings import (
+    MODEL_RECIPES,
     Settings,
     available_presets,
     dump_yaml,
@@ -118,6 +119,7 @@ FLAG_KEYS = {
     "deterministic": "train.deterministic",
     "val_size": "data.val_size",
     "progress": "log.progress",
+    "time_budget": "train.time_budget",
 }
 
 
@@ -312,7 +314,14 @@ def train(
         ),
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="seed-cnn, resnet18 or airbench.", rich_help_panel=RECIPE)
+        str | None,
+        typer.Option(
+            "--model",
+            help="One of: "
+            + ", ".join(f"{name} (recipe {recipe})" for name, recipe in MODEL_RECIPES.items())
+            + ". Without --preset, the model's own recipe.",
+            rich_help_panel=RECIPE,
+        ),
     ] = None,
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE)
@@ -383,6 +392,21 @@ def train(
     nproc: Annotated[
         int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)
     ] = 1,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time-budget",
+            help="Fit the run (training + final evaluation) to this wall clock on this machine: 90s, 15m, 1h. "
+            "Picks the epochs, and a narrower model if one epoch does not fit.",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan (precision, epochs, steps, time) and exit.", rich_help_panel=RUN
+        ),
+    ] = False,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,
@@ -410,6 +434,7 @@ def train(
         compile=compile,
         deterministic=deterministic,
         progress=progress,
+        time_budget=time_budget,
         raw_dir=raw_dir,
         processed_dir=processed_dir,
         checkpoint_dir=checkpoint_dir,
@@ -417,6 +442,13 @@ def train(
     )
     with handled_errors():
         settings = resolve(config, set_options, **flags)
+        if dry_run:
+            from cifar_cli.engine.train import plan_run
+            from cifar_cli.tracking import PlainReporter
+
+            plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
+            console.print("Dry run: nothing was trained.")
+            return
         if nproc > 1:
             raise typer.Exit(_launch_torchrun(nproc))
         from cifar_cli.engine.train import train as run_training

@@ -19,12 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from cifar_cli.durations import parse_duration
 from cifar_cli.errors import SettingsError, UsageError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 DEFAULT_CONFIG_FILE = Path("settings.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# The recipe made for each model: `--model X` without a preset trains X with it. tests/test_settings.py checks
+# that every registered model has one and that the preset trains that model.
+MODEL_RECIPES = {"seed-cnn": "baseline", "resnet18": "resnet18", "airbench": "fast"}
 
 
 class _Section(BaseModel):
@@ -121,8 +125,13 @@ class TrainSettings(_Section):
     eval_batch_size: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0)
     device: str = "auto"
+    # auto: on a CPU, the faster of fp32 and bf16 for this model, measured on this machine (engine/calibrate.py);
+    # on a GPU, bf16 where supported, else fp16.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
+    channels_last: Literal["auto"] | bool = Field("auto", description="auto: measured on a CPU, on for GPUs")
+    # Seconds of wall clock for the whole run (training and final evaluation); YAML and flags take 90s, 15m, 1h.
+    # Set, it picks the epochs (and, where one epoch does not fit, a narrower width) from measured speeds.
+    time_budget: float | None = None
     compile: bool = False
     deterministic: bool = False
     tta: bool = True
@@ -144,6 +153,11 @@ class TrainSettings(_Section):
         if not DEVICE_PATTERN.match(value):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
         return value
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else parse_duration(value)
 
     @field_validator("run_name")
     @classmethod
@@ -299,7 +313,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     layers = deep_merge(read_preset(preset_name), yaml_data)
     token = _file_layers.set(layers)
     try:
-        return Settings(**overrides)
+        # The preset chosen above names the recipe merged in, whichever layer or model chose it.
+        return Settings(**{**overrides, "preset": preset_name})
     except ValidationError as error:
         raise settings_error_from(error) from None
     finally:
@@ -311,11 +326,27 @@ def _default_yaml() -> dict[str, Any]:
 
 
 def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str:
-    """The preset has to be known before the other layers are merged, so it is resolved on its own first."""
-    for candidate in (overrides.get("preset"), os.environ.get("CIFAR_PRESET"), yaml_data.get("preset")):
-        if candidate is not None:
-            return str(candidate)
+    """The preset has to be known before the other layers are merged, so it is resolved on its own first.
+
+    Layer by layer (flags, environment, YAML): a preset named there wins; else a model named there brings the
+    recipe made for it (MODEL_RECIPES); else the next layer decides; else the default preset.
+    """
+    layers = [
+        (overrides.get("preset"), _model_name(overrides)),
+        (os.environ.get("CIFAR_PRESET"), os.environ.get("CIFAR_MODEL__NAME")),
+        (yaml_data.get("preset"), _model_name(yaml_data)),
+    ]
+    for preset, model in layers:
+        if preset is not None:
+            return str(preset)
+        if model in MODEL_RECIPES:
+            return MODEL_RECIPES[model]
     return str(Settings.model_fields["preset"].default)
+
+
+def _model_name(layer: dict[str, Any]) -> str | None:
+    model = layer.get("model")
+    return model.get("name") if isinstance(model, dict) else None
 
 
 def settings_error_from(error: ValidationError) -> SettingsError:

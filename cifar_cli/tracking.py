@@ -18,9 +18,9 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
+from cifar_cli.durations import format_duration
 from cifar_cli.files import write_text_atomically
 
 HISTORY_FILE = "history.json"
@@ -72,6 +72,8 @@ def epoch_summary(record: dict[str, Any]) -> str:
         f"{record['images_per_second']:,.0f} img/s",
         f"{record['seconds']:.1f} s",
     ]
+    if record.get("remaining_seconds") is not None:
+        parts.append(f"about {format_duration(record['remaining_seconds'])} left")
     return " | ".join(parts)
 
 
@@ -89,7 +91,10 @@ class PlainReporter(NullReporter):
 
 
 class RichReporter(PlainReporter):
-    """An epoch bar and a batch bar with live loss, accuracy, lr and images/s."""
+    """An epoch bar and a batch bar with live loss, accuracy, lr, images/s and the run's time left.
+
+    The time left comes from the trainer (measured speeds, then this run's own batches), not from rich's bar rate:
+    a step of 2,000 images can take a minute on a small CPU, long before rich has a rate to extrapolate."""
 
     def __init__(self, console: Console) -> None:
         super().__init__(console)
@@ -99,7 +104,7 @@ class RichReporter(PlainReporter):
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[left]}"),
             console=console,
             transient=False,
         )
@@ -111,17 +116,25 @@ class RichReporter(PlainReporter):
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
         if self.epoch_task is None:
             self.progress.start()
-            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="")
-            self.batch_task = self.progress.add_task("batches", total=batches, stats="")
+            self.epoch_task = self.progress.add_task(
+                "epochs", total=epochs, completed=epoch - 1, stats="", left=""
+            )
+            self.batch_task = self.progress.add_task("batches", total=batches, stats="", left="")
         self.progress.update(self.epoch_task, completed=epoch - 1, total=epochs)
         self.progress.reset(self.batch_task, total=batches, description=f"epoch {epoch}", stats="")
 
     def update_batch(self, done: int, stats: dict[str, float]) -> None:
         text = f"loss {stats['loss']:.3f} acc {stats['accuracy']:.1%} lr {stats['lr']:.3g} {stats['images_per_second']:,.0f} img/s"
         self.progress.update(self.batch_task, completed=done, stats=text)
+        self._show_left(stats.get("remaining_seconds"))
+
+    def _show_left(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.progress.update(self.epoch_task, left=f"about {format_duration(seconds)} left")
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         self.progress.update(self.epoch_task, completed=record["epoch"])
+        self._show_left(record.get("remaining_seconds"))
         self.progress.console.print(epoch_summary(record), highlight=False)
 
     def close(self) -> None:

@@ -118,10 +118,17 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path) -
     return processed
 
 
+@pytest.fixture(scope="session")
+def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache of measured step speeds for the whole session (engine/calibrate.py), never the user's own."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calibration_cache: Path) -> None:
     """Every test runs in its own folder (no ./settings.yaml) with no CIFAR_ variables from the caller."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(calibration_cache))
     import os
 
     for key in list(os.environ):
@@ -146,6 +153,7 @@ def tiny_settings(tmp_path: Path, prepared: Path, *assignments: str, preset: str
         "train.eval_batch_size=64",
         "train.device=cpu",
         "train.precision=fp32",
+        "train.channels_last=true",  # fixed, so that runs compared bit for bit share one layout
         "train.run_name=tiny",
         "train.num_threads=1",
     ]

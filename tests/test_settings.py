@@ -131,3 +131,47 @@ def test_commented_recipe_in_settings_yaml_matches_the_fast_preset(tmp_path: Pat
     shipped, explicit = load_settings(REPO_SETTINGS), load_settings(uncommented)
     for section in ("model", "optim", "scheduler", "train"):
         assert getattr(explicit, section) == getattr(shipped, section), section
+
+
+def test_every_model_has_a_recipe_that_trains_it() -> None:
+    from cifar_cli.models import available_models
+    from cifar_cli.settings import MODEL_RECIPES
+
+    assert sorted(MODEL_RECIPES) == available_models()
+    for model, preset in MODEL_RECIPES.items():
+        assert read_preset(preset)["model"]["name"] == model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "yaml_text", "preset"),
+    [
+        ({"model": {"name": "seed-cnn"}}, {}, "", "baseline"),  # a model alone brings its recipe
+        ({"model": {"name": "resnet18"}}, {}, "", "resnet18"),
+        ({"model": {"name": "seed-cnn"}, "preset": "fast"}, {}, "", "fast"),  # both: exactly what they say
+        ({"model": {"name": "seed-cnn"}}, {}, "preset: fast\n", "baseline"),  # the flag is above the file
+        ({}, {"CIFAR_MODEL__NAME": "resnet18"}, "preset: fast\n", "resnet18"),
+        ({}, {"CIFAR_PRESET": "fast-sgd", "CIFAR_MODEL__NAME": "airbench"}, "", "fast-sgd"),
+        ({}, {}, "model:\n  name: seed-cnn\n", "baseline"),
+        ({}, {}, "preset: resnet18\nmodel:\n  name: seed-cnn\n", "resnet18"),
+        ({}, {}, "", "fast"),
+    ],
+)
+def test_a_model_without_a_preset_trains_with_its_own_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict, env: dict, yaml_text: str, preset: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml_text)
+    settings = load_settings(config, overrides)
+    assert settings.preset == preset
+    assert settings.optim.model_dump() == load_settings(None, {"preset": preset}).optim.model_dump()
+
+
+def test_time_budget_and_layout_settings() -> None:
+    settings = load_settings(None, parse_set_options(["train.time_budget=15m", "train.channels_last=false"]))
+    assert settings.train.time_budget == 900 and settings.train.channels_last is False
+    assert load_settings().train.channels_last == "auto" and load_settings().train.time_budget is None
+    for bad in ("train.time_budget=0", "train.time_budget=soon", "train.channels_last=maybe"):
+        with pytest.raises(SettingsError):
+            load_settings(None, parse_set_options([bad]))

@@ -168,6 +168,12 @@ class BatchLoader:
             yield normalize(images, self.dtype, self.channels_last), self.labels[index]
 
 
+def training_steps_per_epoch(images: int, batch_size: int, world_size: int = 1) -> int:
+    """len() of a training BatchLoader over `images` images, known before the loader is built."""
+    per_rank = images // world_size
+    return per_rank // batch_size if per_rank >= batch_size else -(-per_rank // batch_size)
+
+
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val) with `val_size` validation images spread evenly over the classes, seeded."""
     generator = torch.Generator().manual_seed(seed)

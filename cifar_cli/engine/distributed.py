@@ -60,3 +60,12 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def broadcast_from_main(value: object) -> object:
+    """Rank 0's Python object (e.g. the measured run plan) on every rank; other ranks pass a placeholder."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

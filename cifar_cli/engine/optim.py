@@ -14,9 +14,12 @@ from cifar_cli.settings import OptimSettings, SchedulerSettings
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
-def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, settings: OptimSettings, muon_dtype: torch.dtype = torch.bfloat16
+) -> torch.optim.Optimizer:
     """Parameter groups: weights (`lr`, `weight_decay`) and normalisation/bias parameters (lr x `bias_lr_scale`,
-    `bias_weight_decay`); with `muon`, the convolution filters form a third group that takes Muon steps."""
+    `bias_weight_decay`); with `muon`, the convolution filters form a third group that takes Muon steps, whose
+    orthogonalisation multiplies matrices in `muon_dtype` (the run's autocast dtype, else fp32)."""
     weights, biases, filters = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -38,7 +41,13 @@ def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Op
     ]
     groups = [group for group in groups if group["params"]]
     if settings.name == "muon":
-        return MuonSGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov)
+        return MuonSGD(
+            groups,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+            matmul_dtype=muon_dtype,
+        )
     fused = use_fused_kernels(model)
     if settings.name == "sgd":
         return torch.optim.SGD(

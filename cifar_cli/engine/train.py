@@ -16,9 +16,16 @@ import torch
 from torch import nn
 
 from cifar_cli.data import ensure_prepared
-from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
-from cifar_cli.data.prepare import CLASS_NAMES, load_cache
+from cifar_cli.data.loader import (
+    Augment,
+    BatchLoader,
+    normalize,
+    stratified_split,
+    training_steps_per_epoch,
+)
+from cifar_cli.data.prepare import CLASS_NAMES, load_cache, read_manifest
 from cifar_cli.engine import distributed
+from cifar_cli.engine.calibrate import Calibration, calibrate
 from cifar_cli.engine.checkpoint import (
     FORMAT_VERSION,
     capture_rng_states,
@@ -39,9 +46,10 @@ from cifar_cli.engine.optim import (
     restore_scheduler,
     scheduler_steps_per_batch,
 )
+from cifar_cli.engine.plan import RemainingTime, RunPlan, fit_budget
 from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.files import ensure_writable_folder
+from cifar_cli.files import ensure_writable_folder, write_text_atomically
 from cifar_cli.models import build_model
 from cifar_cli.settings import Settings, dump_yaml
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
@@ -50,6 +58,8 @@ LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 WHITENING_SAMPLE = 5000  # training images used to estimate the whitening filters
 PROGRESS_UPDATES_PER_EPOCH = 50  # batch-bar refreshes; each one waits for the device
+PLAN_FILE = "plan.json"
+CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
 
 
 class TrainingInterrupted(CifarError):
@@ -65,6 +75,7 @@ class TrainResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     resumed_from_epoch: int = 0
     stopped_early: bool = False
+    plan: RunPlan | None = None
 
 
 def default_run_name(settings: Settings) -> str:
@@ -74,7 +85,10 @@ def default_run_name(settings: Settings) -> str:
         "optim": settings.optim.model_dump(mode="json"),
         "scheduler": settings.scheduler.model_dump(mode="json"),
         "train": settings.train.model_dump(
-            mode="json", include={"epochs", "batch_size", "seed", "precision", "augment", "early_stopping"}
+            mode="json",
+            # A time budget decides the epochs (and the width) on the machine at hand: it names the run instead.
+            include={"batch_size", "seed", "precision", "augment", "early_stopping"}
+            | ({"time_budget"} if settings.train.time_budget else {"epochs"}),
         ),
         "val_size": settings.data.val_size,
     }
@@ -97,7 +111,8 @@ class Trainer:
     def __init__(
         self, settings: Settings, reporter: Reporter | None = None, context: DistContext | None = None
     ):
-        self.settings = settings
+        self.started = time.perf_counter()  # a time budget counts from here
+        self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
         self.run_name = settings.train.run_name or default_run_name(settings)
@@ -117,14 +132,12 @@ class Trainer:
             device = torch.device("cuda", self.context.local_rank)
             torch.cuda.set_device(device)
         self.device = device
-        self.precision: Precision = resolve_precision(train.precision, device)
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
         if train.keep_freed_memory:
             keep_freed_memory(device.type)
-        distributed.init_process_group(self.context, device)
 
-    def _setup_data(self) -> None:
+    def _load_data(self) -> None:
         ensure_prepared(self.settings.data, self.reporter.message)
         cache = load_cache(self.settings.data.processed_dir)
         images, labels = cache["train_images"], cache["train_labels"]
@@ -139,6 +152,79 @@ class Trainer:
             images, labels = images[train_index], labels[train_index]
         else:
             val_images, val_labels = cache["test_images"], cache["test_labels"]
+        self.split = (images, labels, val_images, val_labels)
+
+    # ------------------------------------------------------------------------------------------ plan
+    def plan(self, train_images: int, val_images: int) -> RunPlan:
+        """Precision, memory layout, epochs and width of this run, from speeds measured on this machine (on rank 0,
+        shared with the others); a resumed run keeps what its checkpoint chose."""
+        plan = self._measure_plan(train_images, val_images) if self.context.is_main else None
+        plan = distributed.broadcast_from_main(plan)
+        train, model = self.settings.train, self.settings.model
+        train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
+        train.epochs, model.width_multiplier = plan.epochs, plan.width_multiplier
+        self.precision: Precision = resolve_precision(train.precision, self.device)
+        self.reporter.message(plan.describe())
+        return plan
+
+    def _measure_plan(self, train_images: int, val_images: int) -> RunPlan:
+        settings, train = self.settings, self.settings.train
+        stored = self._stored_settings()
+        precision, channels_last = train.precision, train.channels_last
+        if stored is not None:  # the same numerics as the epochs before
+            precision = stored["train"]["precision"] if precision == "auto" else precision
+            channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
+
+        def calibrate_at(width: float) -> Calibration:
+            model = settings.model.model_copy(update={"width_multiplier": width})
+            result = calibrate(model, settings.optim, train.batch_size, self.device, precision, channels_last)
+            self.reporter.message(
+                result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else "")
+            )
+            return result
+
+        steps = training_steps_per_epoch(train_images, train.batch_size, self.context.world_size)
+        level = tta_level(train)
+        budget = train.time_budget
+        if budget is None or stored is not None:
+            epochs, width = train.epochs, settings.model.width_multiplier
+            if (
+                stored is not None and budget is not None
+            ):  # a budget run goes on with the plan it started with
+                epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
+            elapsed = time.perf_counter() - self.started
+            calibration = calibrate_at(width)
+            return RunPlan(
+                epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed
+            )
+        return fit_budget(
+            budget,
+            time.perf_counter() - self.started,
+            calibrate_at,
+            settings.model.width_multiplier,
+            steps,
+            train.batch_size,
+            val_images,
+            level,
+        )
+
+    def _stored_settings(self) -> dict[str, Any] | None:
+        """The settings saved in the run's last.pth, when this run will resume from it."""
+        if not self._should_resume():
+            return None
+        return load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location="cpu")["settings"]
+
+    def dry_run(self) -> RunPlan:
+        """The plan, without training or touching the data (counts from the manifest, else CIFAR-10's)."""
+        self._setup_device()
+        manifest = read_manifest(self.settings.data.processed_dir) or {}
+        counts = manifest.get("counts", {})
+        train_images = counts.get("train", CIFAR10_SIZES[0])
+        val_images = self.settings.data.val_size or counts.get("test", CIFAR10_SIZES[1])
+        return self.plan(train_images - self.settings.data.val_size, val_images)
+
+    def _setup_loaders(self) -> None:
+        images, labels, val_images, val_labels = self.split
         self.train_images = images.to(self.device)
         train = self.settings.train
         # Autocast would cast the inputs anyway; producing them in its dtype saves a conversion pass per batch.
@@ -175,7 +261,9 @@ class Trainer:
             init_from_data(normalize(sample, torch.float32, channels_last=False))  # fp32, outside autocast
         memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
-        self.optimizer = build_optimizer(self.model, settings.optim)
+        # Muon's matrix products in the step's precision: bf16 only where it was chosen for being fast here.
+        muon_dtype = self.precision.autocast_dtype or torch.float32
+        self.optimizer = build_optimizer(self.model, settings.optim, muon_dtype)
         self.scheduler: Scheduler | None = build_scheduler(
             self.optimizer,
             settings.scheduler,
@@ -245,29 +333,41 @@ class Trainer:
         seed_everything(settings.train.seed, settings.train.deterministic)
         self._setup_device()
         try:
+            distributed.init_process_group(self.context, self.device)
             return self._run()
         finally:
             distributed.destroy_process_group()
 
     def _run(self) -> TrainResult:
-        self._setup_data()
+        self._load_data()
+        self.run_plan = self.plan(len(self.split[1]), len(self.split[3]))
+        self._setup_loaders()
         self._setup_model()
         resumed_from = 0
         if self._should_resume():
             self._resume()
             resumed_from = self.epoch
+        self.remaining = RemainingTime(self.run_plan, self.epoch)
         logger = (
             RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
             if self.context.is_main
             else None
         )
+        if self.context.is_main:
+            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(self.run_plan.to_json(), indent=2))
         if resumed_from >= self.settings.train.epochs:
             self.reporter.message(
                 f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
                 "Use --no-resume to train it again, or raise --epochs to extend it."
             )
             return TrainResult(
-                self.run_name, self.run_dir, self.checkpoint_dir, self.history, {}, resumed_from
+                self.run_name,
+                self.run_dir,
+                self.checkpoint_dir,
+                self.history,
+                {},
+                resumed_from,
+                plan=self.run_plan,
             )
         self.reporter.message(self._banner())
         stopped_early = False
@@ -293,6 +393,7 @@ class Trainer:
             final_metrics,
             resumed_from,
             stopped_early,
+            self.run_plan,
         )
 
     def _banner(self) -> str:
@@ -312,6 +413,7 @@ class Trainer:
     def _train_and_validate_epoch(self) -> dict[str, Any]:
         epoch = self.epoch + 1
         self.reporter.start_epoch(epoch, self.settings.train.epochs, len(self.train_loader))
+        self.remaining.start_epoch()
         started = time.perf_counter()
         train_stats = self._train_one_epoch()
         seconds = time.perf_counter() - started
@@ -407,6 +509,7 @@ class Trainer:
                 * self.settings.train.batch_size
                 * self.context.world_size
                 / elapsed,
+                "remaining_seconds": self.remaining.during_epoch(done),
             },
         )
 
@@ -430,7 +533,7 @@ class Trainer:
             if improved:
                 self._save(self.checkpoint_dir / BEST_CHECKPOINT)
             logger.log_epoch(record, self.history, self.global_step)
-        self.reporter.end_epoch(record)
+        self.reporter.end_epoch({**record, "remaining_seconds": self.remaining.end_epoch()})
         distributed.barrier()
         stop = bool(stopping.patience) and self.epochs_without_improvement >= stopping.patience
         if stop:
@@ -481,6 +584,10 @@ class Trainer:
             "tta_level": level,
             "epochs": self.epoch,
             "train_seconds": sum(record["seconds"] for record in self.history),
+            # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
+            # estimate of it: a time budget bounds the first.
+            "wall_seconds": time.perf_counter() - self.started,
+            "planned_seconds": self.run_plan.total_seconds,
         }
         if self.history:
             self.reporter.message(
@@ -512,3 +619,8 @@ def _hparams(settings: Settings) -> dict[str, Any]:
 def train(settings: Settings, reporter: Reporter | None = None) -> TrainResult:
     """Train with `settings`; the one entry point that the CLI and Python users call."""
     return Trainer(settings, reporter).run()
+
+
+def plan_run(settings: Settings, reporter: Reporter | None = None) -> RunPlan:
+    """What `train(settings)` would do and how long it would take here, measured but without training."""
+    return Trainer(settings, reporter).dry_run()

@@ -1,0 +1,127 @@
+"""Precision and memory layout chosen by measurement: faked CPU kinds, the cache, and a real run on this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_cli.engine import calibrate as calibrate_module
+from cifar_cli.engine.calibrate import Layout, cache_dir, calibrate, candidates
+from cifar_cli.settings import ModelSettings, OptimSettings
+
+CPU = torch.device("cpu")
+SEED_CNN = ModelSettings(name="seed-cnn", width_multiplier=0.25)
+ADAM = OptimSettings(name="adam")
+
+# Train-step images/s per layout, as measured on the project's CPU kinds (airbench, README and issue 13).
+AVX2_EPYC = {"fp32": 98, "fp32 + channels_last": 130, "bf16": 8, "bf16 + channels_last": 8}
+AMX_XEON = {"fp32": 185, "fp32 + channels_last": 250, "bf16": 314, "bf16 + channels_last": 511}
+ZEN4_AVX512_BF16 = {"fp32": 215, "fp32 + channels_last": 255, "bf16": 350, "bf16 + channels_last": 440}
+
+
+@pytest.fixture
+def fake_speeds(monkeypatch: pytest.MonkeyPatch):
+    """Replace the timed steps by a CPU kind's speeds; records every forward/backward each layout was asked for."""
+    calls: list[tuple[str, int]] = []
+
+    def install(speeds: dict[str, float]) -> list[tuple[str, int]]:
+        def step(self, images: int, optimizer_step: bool = False) -> tuple[float, float]:
+            calls.append((self.layout.label, images))
+            return images / speeds[self.layout.label], 0.01 if optimizer_step else 0.0
+
+        monkeypatch.setattr(calibrate_module._Probe, "step", step)
+        monkeypatch.setattr(calibrate_module._Probe, "eval_images_per_second", lambda self: 1000.0)
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("speeds", "expected"),
+    [
+        (AVX2_EPYC, Layout("fp32", True)),
+        (AMX_XEON, Layout("bf16", True)),
+        (ZEN4_AVX512_BF16, Layout("bf16", True)),
+        ({**AVX2_EPYC, "fp32": 140}, Layout("fp32", False)),
+    ],
+    ids=["avx2", "amx", "zen4", "contiguous-faster"],
+)
+def test_auto_picks_the_fastest_layout_and_never_one_slower_than_fp32(fake_speeds, speeds, expected) -> None:
+    fake_speeds(speeds)
+    result = calibrate(SEED_CNN, ADAM, 128, CPU, use_cache=False)
+    assert result.layout == expected
+    assert result.images_per_second >= max(speeds["fp32"], speeds["fp32 + channels_last"])
+    assert result.precision == ("bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32")
+    assert "precision auto -> " + expected.label in result.summary()
+
+
+def test_a_much_slower_candidate_costs_one_tiny_step(fake_speeds) -> None:
+    calls = fake_speeds(AVX2_EPYC)
+    result = calibrate(SEED_CNN, ADAM, 128, CPU, use_cache=False)
+    # bf16 on an AVX2 CPU: a warm-up and a screening step of a few images, then it is dropped.
+    assert [images for label, images in calls if label.startswith("bf16")] == [8, 8, 8, 8]
+    assert result.train_images_per_second["bf16 + channels_last"] == pytest.approx(8)
+
+
+def test_explicit_precision_and_layout_are_kept(fake_speeds) -> None:
+    fake_speeds(AMX_XEON)
+    assert calibrate(SEED_CNN, ADAM, 128, CPU, "fp32", use_cache=False).layout == Layout("fp32", True)
+    assert calibrate(SEED_CNN, ADAM, 128, CPU, "bf16", False, use_cache=False).layout == Layout("bf16", False)
+
+
+def test_gpus_keep_the_rule_and_time_only_it() -> None:
+    assert candidates("auto", "auto", torch.device("mps")) == [Layout("fp16", True)]
+    assert candidates("auto", "auto", CPU) == [
+        Layout("fp32", True),
+        Layout("fp32", False),
+        Layout("bf16", True),
+        Layout("bf16", False),
+    ]
+
+
+def test_the_decision_is_cached_per_machine_model_and_batch(fake_speeds, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = fake_speeds(AVX2_EPYC)
+    first = calibrate(SEED_CNN, ADAM, 128, CPU)
+    measured = len(calls)
+    second = calibrate(SEED_CNN, ADAM, 128, CPU)
+    assert (first.cached, second.cached) == (False, True) and len(calls) == measured
+    assert second.layout == first.layout and second.train_images_per_second == first.train_images_per_second
+    assert "(cached)" in second.summary()
+    calibrate(SEED_CNN, ADAM, 256, CPU)  # another batch size: measured again
+    assert len(calls) > measured
+    stored = json.loads((cache_dir() / "calibration.json").read_text())
+    assert len(stored) == 2 and all('"cpu"' in key and '"torch"' in key for key in stored)
+
+
+def test_a_damaged_or_unwritable_cache_only_costs_a_measurement(fake_speeds, monkeypatch, tmp_path) -> None:
+    fake_speeds(AVX2_EPYC)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "calibration.json").write_text("{not json")
+    assert calibrate(SEED_CNN, ADAM, 128, CPU).layout == Layout("fp32", True)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert calibrate(SEED_CNN, ADAM, 128, CPU).cached is False
+
+
+def test_real_calibration_on_this_machine_never_picks_slower_than_fp32() -> None:
+    result = calibrate(ModelSettings(name="airbench", width_multiplier=0.25), OptimSettings(name="muon"), 64, CPU,
+                       use_cache=False)  # fmt: skip
+    rates = result.train_images_per_second
+    assert set(rates) == {layout.label for layout in candidates("auto", "auto", CPU)}
+    assert result.images_per_second == max(rates.values())
+    assert result.images_per_second >= max(rates["fp32"], rates["fp32 + channels_last"])
+    assert result.eval_images_per_second > 0 and result.optimizer_seconds > 0
+
+
+def test_calibration_leaves_the_random_state_alone() -> None:
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    calibrate(SEED_CNN, ADAM, 32, CPU, use_cache=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -1,0 +1,124 @@
+"""Run plans from measured speeds: the time estimate, fitting a budget, the time left, durations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifar_cli.cli import app
+from cifar_cli.durations import format_duration, parse_duration
+from cifar_cli.engine.calibrate import Calibration
+from cifar_cli.engine.plan import PLAN_SHARE, RemainingTime, RunPlan, fit_budget
+from cifar_cli.engine.train import train
+from cifar_cli.errors import UsageError
+from tests.conftest import tiny_settings
+
+runner = CliRunner()
+
+
+def fake_calibration(images_per_second: float, eval_images_per_second: float = 1000.0) -> Calibration:
+    label = "fp32 + channels_last"
+    return Calibration("fp32", True, {label: images_per_second}, eval_images_per_second, 0.5, 1.0)
+
+
+def test_plan_estimates_from_the_measured_speeds() -> None:
+    # 25 steps of 2000 at 100 img/s + 0.5 s optimiser: 512.5 s; validation 10,000 at 1000 img/s: 10 s.
+    plan = RunPlan(8, 1.0, 2000, 25, 10_000, 2, fake_calibration(100.0), elapsed_seconds=4.0)
+    assert plan.train_seconds_per_epoch == pytest.approx(512.5)
+    assert plan.epoch_seconds == pytest.approx(512.5 + 10 + 1)
+    assert plan.final_seconds == pytest.approx(60 + 3)  # flips and shifts: 6 views per image
+    assert plan.total_seconds == pytest.approx(4 + 8 * 523.5 + 63)
+    assert "8 epochs x 25 steps of 2000" in plan.describe()
+
+
+def test_a_budget_picks_the_epochs_that_fit() -> None:
+    plan = fit_budget(3600, 5.0, lambda width: fake_calibration(100.0), 1.0, 25, 2000, 10_000, 2)
+    assert plan.width_multiplier == 1.0
+    assert plan.epochs == int((3600 * PLAN_SHARE - 5 - 63) // 523.5)  # 6
+    assert plan.total_seconds <= 3600 * PLAN_SHARE < plan.total_seconds + plan.epoch_seconds
+
+
+def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:
+    widths = []
+
+    def calibrate_at(width: float) -> Calibration:
+        widths.append(width)
+        return fake_calibration(100.0 / width**2)  # convolutions cost about width squared
+
+    plan = fit_budget(300, 5.0, calibrate_at, 1.0, 25, 2000, 10_000, 0)
+    assert widths == [1.0, 0.75, 0.5] and plan.width_multiplier == 0.5 and plan.epochs >= 1
+    assert plan.total_seconds <= 300
+
+
+def test_a_budget_nothing_fits_is_a_clear_error() -> None:
+    with pytest.raises(UsageError, match="too short"):
+        fit_budget(20, 5.0, lambda width: fake_calibration(10.0), 1.0, 25, 2000, 10_000, 0)
+
+
+def test_time_left_follows_the_run_once_it_has_measured() -> None:
+    plan = RunPlan(4, 1.0, 2000, 25, 10_000, 0, fake_calibration(100.0))
+    remaining = RemainingTime(plan, epochs_done=1)
+    before = remaining.during_epoch(0)
+    assert before == pytest.approx(plan.train_seconds_per_epoch + plan.val_seconds + 2 * plan.epoch_seconds + 13)
+    remaining.epoch_started -= 100.0  # pretend the first 5 batches took 100 s: 20 s per batch, not 20.5
+    assert remaining.during_epoch(5) == pytest.approx(20 * 20 + 10 + 2 * plan.epoch_seconds + 13, rel=1e-3)
+    remaining.epoch_started -= 400.0
+    left = remaining.end_epoch()  # this epoch took ~500 s: the next two are expected to take as long
+    assert left == pytest.approx(2 * 500 + 13, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("1h", 3600), ("1h30m", 5400), ("2.5min", 150), ("120", 120), (45, 45)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "15x", "-5m", "0", "m", "1h-5m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (45, 725, 5400)] == ["45 s", "12 min 5 s", "1 h 30 min"]
+
+
+def test_a_bad_time_budget_flag_exits_2() -> None:
+    result = runner.invoke(app, ["train", "--time-budget", "soon", "--dry-run"])
+    assert result.exit_code == 2 and "train.time_budget" in result.output
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["train", "--dry-run", "--model", "seed-cnn", "--device", "cpu", "--time-budget", "10m",
+         "--processed-dir", str(tmp_path / "nothing"), "--checkpoint-dir", str(tmp_path / "ck"),
+         "--log-dir", str(tmp_path / "runs")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "precision auto -> " in result.output and "Plan: " in result.output
+    assert "steps of 128" in result.output and "390 steps" in result.output  # 50,000 CIFAR-10 images / 128
+    assert "Dry run: nothing was trained." in result.output
+    assert not any((tmp_path / name).exists() for name in ("nothing", "ck", "runs"))
+
+
+def test_a_budget_run_stores_its_plan_and_ends_in_time(tmp_path: Path, prepared_dir: Path) -> None:
+    settings = tiny_settings(
+        tmp_path, prepared_dir, "train.time_budget=20s", "train.epochs=1", "train.channels_last=auto",
+        "train.precision=auto",
+    )  # fmt: skip
+    result = train(settings)
+    plan = json.loads((result.run_dir / "plan.json").read_text())
+    stored = (result.run_dir / "settings.yaml").read_text()
+    assert plan["budget_seconds"] == 20 and plan["epochs"] == len(result.history) >= 2  # not the 1 asked for
+    assert f"epochs: {plan['epochs']}" in stored and f"precision: {plan['precision']}" in stored
+    assert "precision: auto" not in stored and "channels_last: auto" not in stored
+    assert result.final_metrics["wall_seconds"] <= 20 * 1.1
+    # The same command again resumes with the plan it started with, whatever the machine measures now.
+    again = train(settings)
+    assert again.resumed_from_epoch == plan["epochs"] and again.plan.epochs == plan["epochs"]
