@@ -3,11 +3,14 @@
 1. Pipeline: our in-memory, on-device batches (mixed precision, channels_last) against the seed's pipeline (one PNG per
    sample through a torchvision DataLoader with its transforms, fp32, Adam), same model; ours steps Adam with the
    fused kernels that `cifar train` uses.
-2. Models: the train step of every registered model on synthetic batches in fp32, mixed precision, and mixed
-   precision + channels_last.
+2. Models: the train step of every registered model on synthetic batches in fp32 and mixed precision (bf16 on CPUs),
+   each in both memory layouts, with its utilisation of this machine's ceiling (engine/flops.py).
 3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time,
    against the same step with glibc's malloc defaults (`cifar train` keeps freed memory: engine/memory.py) and cut
    into micro-batches of 500; every repeat of these rows runs in a new process.
+
+Our pipeline and the `fast` rows use the precision and layout `cifar train` would choose here (engine/calibrate.py);
+the bench prints those decisions and the ceiling: the FLOP/s of a large matrix multiply in fp32 and bf16.
 
 Warm-up steps are not timed; each figure is the median over repeats, and every timed window runs for at least
 `min_seconds`, so that a 20 ms step is not judged on a fraction of a second of a shared, noisy machine. The pipeline
@@ -33,13 +36,15 @@ from torch import nn
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_manifest
+from cifar_cli.engine.calibrate import Calibration, calibrate, machine_identity
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
+from cifar_cli.engine.flops import machine_ceiling, train_step_flops_per_image
 from cifar_cli.engine.memory import keep_freed_memory, keep_freed_memory_supported
 from cifar_cli.engine.optim import build_optimizer, use_fused_kernels
 from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
-from cifar_cli.settings import DataSettings, Settings, load_settings
+from cifar_cli.settings import DataSettings, ModelSettings, OptimSettings, Settings, load_settings
 
 TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch
 CPU_MICRO_BATCH = 500  # images per chunk in the fast table's micro-batch row
@@ -54,6 +59,9 @@ class Measurement:
     compute_seconds_per_batch: float  # forward + backward + optimiser step
     ratio: float | None = None  # against the reference row of its table
     per_repeat: list[float] = field(default_factory=list)  # images/s of each repeat, in order
+    precision: str = "fp32"  # of the step's matrix work: its ceiling is the machine's rate in this precision
+    flops_per_image: float = 0.0  # train step FLOPs per image (engine/flops.py); 0 when not counted
+    utilisation: float | None = None  # FLOP/s over the ceiling of `precision`; set by run_benchmark
     epoch_seconds: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +137,8 @@ class _Candidate:
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     step: _Stepper
     batch_size: int
+    precision: str = "fp32"
+    flops_per_image: float = 0.0
 
     def repeat(self, options: BenchOptions) -> tuple[float, float, float]:
         return _one_repeat(self, options)
@@ -137,6 +147,8 @@ class _Candidate:
 class _Timed(Protocol):
     name: str
     batch_size: int
+    precision: str
+    flops_per_image: float
 
     def repeat(self, options: BenchOptions) -> tuple[float, float, float]: ...
 
@@ -181,7 +193,14 @@ def _measure(candidates: Sequence[_Timed], options: BenchOptions) -> list[Measur
         per_repeat = [images_per_second for images_per_second, _, _ in collected]
         rows.append(
             Measurement(
-                candidate.name, candidate.batch_size, throughput, data, compute, per_repeat=per_repeat
+                candidate.name,
+                candidate.batch_size,
+                throughput,
+                data,
+                compute,
+                per_repeat=per_repeat,
+                precision=candidate.precision,
+                flops_per_image=candidate.flops_per_image,
             )
         )
     for row in rows:
@@ -243,11 +262,14 @@ def _fresh_model(name: str, device: torch.device, channels_last: bool, width: fl
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.device) -> list[Measurement]:
-    """The seed-style pipeline (reference) and ours, same model and batch size."""
+def bench_pipeline(
+    options: BenchOptions, data: DataSettings, device: torch.device, choice: Calibration
+) -> list[Measurement]:
+    """The seed-style pipeline (reference) and ours (in `choice`'s precision and layout), same model and batch."""
     cache = load_cache(data.processed_dir)
-    mixed = resolve_precision("auto", device)
+    mixed = resolve_precision(choice.precision, device)
     fp32 = resolve_precision("fp32", device)
+    flops = train_step_flops_per_image(options.model)
     seed_loader = _seed_style_loader(data.processed_dir, options.batch_size, options.seed_workers)
     ours_loader = BatchLoader(
         cache["train_images"].to(device),
@@ -256,7 +278,7 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
         train=True,
         augment=Augment(flip=True, translate=4),
         dtype=mixed.autocast_dtype or torch.float32,
-        channels_last=True,
+        channels_last=choice.channels_last,
     )
     seed_model = _fresh_model(options.model, device, False)
     reference = _Candidate(
@@ -264,12 +286,16 @@ def bench_pipeline(options: BenchOptions, data: DataSettings, device: torch.devi
         lambda: _forever(seed_loader),
         _Stepper(seed_model, fp32, device, _adam(seed_model, fused=False)),
         options.batch_size,
+        "fp32",
+        flops,
     )
     ours = _Candidate(
-        f"in-memory on {device.type}, {mixed.name} + channels_last",
+        f"in-memory on {device.type}, {choice.layout.label}",
         lambda: _forever(ours_loader),
-        _Stepper(_fresh_model(options.model, device, True), mixed, device),
+        _Stepper(_fresh_model(options.model, device, choice.channels_last), mixed, device),
         options.batch_size,
+        mixed.name,
+        flops,
     )
     return _measure([reference, ours], options)
 
@@ -289,13 +315,15 @@ def _synthetic(batch_size: int, device: torch.device, dtype: torch.dtype, channe
 
 
 def bench_models(options: BenchOptions, device: torch.device) -> list[Measurement]:
-    """Train-step throughput per model: fp32 (reference), mixed precision, mixed precision + channels_last."""
-    mixed = resolve_precision("auto", device)
+    """Train-step throughput per model: fp32 (reference) and mixed precision (bf16 on CPUs), each in both layouts."""
+    mixed = resolve_precision("bf16" if device.type == "cpu" else "auto", device)
     fp32 = resolve_precision("fp32", device)
     rows = []
     for name in options.models or tuple(available_models()):
+        flops = train_step_flops_per_image(name)
         configs = [
             ("fp32", fp32, False),
+            ("fp32 + channels_last", fp32, True),
             (mixed.name, mixed, False),
             (f"{mixed.name} + channels_last", mixed, True),
         ]
@@ -307,6 +335,8 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
                 ),
                 _Stepper(_fresh_model(name, device, channels_last), precision, device),
                 options.batch_size,
+                precision.name,
+                flops,
             )
             for label, precision, channels_last in configs
         ]
@@ -320,6 +350,9 @@ class FastRows:
     system_malloc: Measurement | None  # the same step with glibc's malloc defaults (heap not kept)
     micro_batches: Measurement | None  # the same step in micro-batches
 
+    def rows(self) -> list[Measurement]:
+        return [row for row in (self.preset, self.system_malloc, self.micro_batches) if row is not None]
+
 
 @dataclass(frozen=True)
 class _FastJob:
@@ -331,11 +364,13 @@ class _FastJob:
     micro_batch_size: int | None
     keep_freed_memory: bool
     options: BenchOptions
+    precision: str  # and layout: as `cifar train` chooses them here
+    channels_last: bool
 
 
 def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
     train = job.fast.train
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(job.precision, device)
     cache = load_cache(job.data.processed_dir)
     loader = BatchLoader(
         cache["train_images"].to(device),
@@ -344,12 +379,14 @@ def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
         train=True,
         augment=Augment(**train.augment.model_dump()),
         dtype=precision.autocast_dtype or torch.float32,
-        channels_last=True,
+        channels_last=job.channels_last,
     )
-    model = _fresh_model(job.fast.model.name, device, True, job.fast.model.width_multiplier)
+    model = _fresh_model(job.fast.model.name, device, job.channels_last, job.fast.model.width_multiplier)
     # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
     # diverge, and NaN/denormal arithmetic would distort the timing.
-    optimizer = build_optimizer(model, job.fast.optim.model_copy(update={"lr": 0.01}))
+    optimizer = build_optimizer(
+        model, job.fast.optim.model_copy(update={"lr": 0.01}), precision.autocast_dtype or torch.float32
+    )
     step = _Stepper(model, precision, device, optimizer, job.micro_batch_size)
     return _Candidate("", lambda: _forever(loader), step, train.batch_size)
 
@@ -369,6 +406,8 @@ class _IsolatedCandidate:
     name: str
     batch_size: int
     job: _FastJob
+    precision: str = "fp32"
+    flops_per_image: float = 0.0
 
     def repeat(self, options: BenchOptions) -> tuple[float, float, float]:
         job = replace(self.job, options=options)
@@ -382,6 +421,7 @@ def bench_fast_preset(
     device: torch.device,
     fast: Settings | None = None,
     micro_batch_size: int = CPU_MICRO_BATCH,
+    choice: Calibration | None = None,
 ) -> FastRows:
     """The `fast` preset's step as training runs it (its model, optimiser, batch size and augmentation), against
     the same step with glibc's malloc defaults (CPU on Linux, when `cifar train` would keep freed memory) and cut
@@ -394,17 +434,27 @@ def bench_fast_preset(
             hint="Use the full data set, or leave this row out with --no-fast.",
         )
     keep = options.keep_freed_memory and keep_freed_memory_supported(device.type)
-    precision = resolve_precision("auto", device)
+    choice = choice or calibrate(fast.model, fast.optim, train.batch_size, device)
+    flops = train_step_flops_per_image(fast.model.name, fast.model.width_multiplier)
 
     def candidate(micro_batch_size: int | None, keep_memory: bool) -> _IsolatedCandidate:
         chunks = f" in chunks of {micro_batch_size}" if micro_batch_size else ", whole"
         malloc = "" if device.type != "cpu" else ", heap kept" if keep_memory else ", malloc defaults"
         name = (
             f"fast preset: {fast.model.name}, {fast.optim.name}, batch {train.batch_size}{chunks},"
-            f" {precision.name} + channels_last{malloc}"
+            f" {choice.layout.label}{malloc}"
         )
-        job = _FastJob(fast, data, str(device), micro_batch_size, keep_memory, options)
-        return _IsolatedCandidate(name, train.batch_size, job)
+        job = _FastJob(
+            fast,
+            data,
+            str(device),
+            micro_batch_size,
+            keep_memory,
+            options,
+            choice.precision,
+            choice.channels_last,
+        )
+        return _IsolatedCandidate(name, train.batch_size, job, choice.precision, flops)
 
     candidates = {"preset": candidate(train.micro_batch_size, keep)}
     if keep:
@@ -439,17 +489,32 @@ def run_benchmark(
         raise UsageError(
             f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}."
         )
+    say("Ceiling: large matrix multiplies in fp32 and bf16")
+    ceiling = machine_ceiling(device)
+    decisions = [
+        calibrate(ModelSettings(name=options.model), OptimSettings(name="adam"), options.batch_size, device)
+    ]
+    say(f"{options.model}, batch {options.batch_size}: {decisions[0].summary()}")
     say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe(device)}")
-    pipeline = bench_pipeline(options, data, device)
+    pipeline = bench_pipeline(options, data, device, decisions[0])
     say("Models: synthetic batches, fp32 vs mixed precision")
     models = bench_models(options, device)
     fast = None
     if options.include_fast:
+        preset = load_settings(None, {"preset": "fast"})
+        decisions.append(calibrate(preset.model, preset.optim, preset.train.batch_size, device))
+        say(f"fast preset: {decisions[-1].summary()}")
         say("fast preset: real batches with augmentation, each repeat in a new process")
-        fast = bench_fast_preset(options, data, device)
+        fast = bench_fast_preset(options, data, device, preset, choice=decisions[-1])
+    for row in [*pipeline, *models, *(fast.rows() if fast else [])]:
+        row.utilisation = _utilisation(row, ceiling)
     return {
         "machine": {**_machine(device), "keep_freed_memory": malloc_keeps_memory},
         "options": asdict(options),
+        # FLOP/s of a 2048 x 2048 matrix multiply per precision: what the step's utilisation is measured against.
+        "ceiling": ceiling,
+        # What `cifar train` chooses here for the pipeline's model (Adam) and for the fast preset.
+        "precision_decisions": [_decision(choice) for choice in decisions],
         "pipeline": [_row(m) for m in pipeline],
         "pipeline_speedup": pipeline[1].ratio,
         # Ours over the reference in each repeat (timed back to back): the spread says how much the machine moved.
@@ -467,6 +532,22 @@ def run_benchmark(
     }
 
 
+def _utilisation(row: Measurement, ceiling: dict[str, float]) -> float | None:
+    rate = ceiling.get(row.precision)
+    return row.flops_per_image * row.images_per_second / rate if rate and row.flops_per_image else None
+
+
+def _decision(choice: Calibration) -> dict[str, Any]:
+    return {
+        "model": choice.key.get("model"),
+        "optimizer": choice.key.get("optimizer"),
+        "batch_size": choice.key.get("batch_size"),
+        "chosen": choice.layout.label,
+        "train_images_per_second": choice.train_images_per_second,
+        "summary": choice.summary(),
+    }
+
+
 def _speedup(faster: Measurement | None, reference: Measurement | None) -> float | None:
     if faster is None or reference is None:
         return None
@@ -480,7 +561,8 @@ def _row(measurement: Measurement) -> dict[str, Any]:
 def _machine(device: torch.device) -> dict[str, Any]:
     return {
         "device": describe(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": machine_identity(device)["cpu"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

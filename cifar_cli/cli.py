@@ -687,7 +687,16 @@ def bench(
 
 def _print_bench(results: dict[str, Any]) -> None:
     machine = results["machine"]
-    console.print(f"[bold]{machine['device']}[/bold], {machine['cpu_count']} CPUs, torch {machine['torch']}")
+    console.print(
+        f"[bold]{machine['device']}[/bold] ({machine['cpu']}, {machine['cpu_capability']}), "
+        f"{machine['cpu_count']} CPUs, torch {machine['torch']}"
+    )
+    ceiling = ", ".join(f"{name} {rate / 1e9:,.0f} GFLOP/s" for name, rate in results["ceiling"].items())
+    console.print(f"Ceiling (2048 x 2048 matrix multiply): {ceiling}")
+    for decision in results["precision_decisions"]:
+        console.print(
+            f"{decision['model']}, {decision['optimizer']}, batch {decision['batch_size']}: {decision['summary']}"
+        )
     sections = [
         ("Input pipeline (same model, Adam)", results["pipeline"]),
         ("Train step by model", results["models"]),
@@ -707,6 +716,7 @@ def _print_bench(results: dict[str, Any]) -> None:
             "ratio",
             "epoch (50k)",
             "data share",
+            "utilisation",
             title=title,
             title_justify="left",
         )
@@ -719,6 +729,7 @@ def _print_bench(results: dict[str, Any]) -> None:
                 ratio,
                 f"{row['epoch_seconds']:,.0f} s",
                 f"{row['data_share']:.0%}",
+                f"{row['utilisation']:.0%}" if row["utilisation"] is not None else "-",
             )
         console.print(table)
     per_repeat = results["pipeline_speedup_per_repeat"]

@@ -34,10 +34,23 @@ def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Pat
     assert results["pipeline_speedup"] == pytest.approx(
         ours["images_per_second"] / reference["images_per_second"]
     )
-    assert [row["name"].split(":")[0] for row in results["models"]] == ["seed-cnn"] * 3 + ["airbench"] * 3
+    assert [row["name"].split(":")[0] for row in results["models"]] == ["seed-cnn"] * 4 + ["airbench"] * 4
+    assert [row["name"].split(": ")[1] for row in results["models"][:4]] == [
+        "fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last",
+    ]  # fmt: skip
     for row in results["pipeline"] + results["models"]:
         assert row["images_per_second"] > 0 and 0 <= row["data_share"] <= 1
         assert row["epoch_seconds"] == pytest.approx(50_000 / row["images_per_second"])
+        # FLOP/s over the matrix-multiply ceiling of the row's precision.
+        expected = row["flops_per_image"] * row["images_per_second"] / results["ceiling"][row["precision"]]
+        assert row["flops_per_image"] > 0 and row["utilisation"] == pytest.approx(expected)
+    assert results["ceiling"]["fp32"] > 1e9 and results["ceiling"]["bf16"] > 0
+    # Our pipeline runs in the precision and layout that `cifar train` measured as fastest here.
+    decision = results["precision_decisions"][0]
+    assert decision["model"] == "seed-cnn" and decision["batch_size"] == 16
+    assert results["pipeline"][1]["name"].endswith(decision["chosen"])
+    speeds = decision["train_images_per_second"]
+    assert speeds[decision["chosen"]] == max(speeds.values())
     assert results["fast_preset"] is None
 
 

@@ -44,15 +44,18 @@ def test_full_archive_counts(real_data: dict[str, Path]) -> None:
             assert sum(1 for _ in folder.iterdir()) == per_class
 
 
-def test_short_fast_run_learns(real_data: dict[str, Path], tmp_path: Path) -> None:
-    # The fast recipe for one epoch at batch 256 (about 190 steps, lr scaled down with the batch), 2,000 held out.
+def test_a_time_budget_run_learns_within_its_budget(real_data: dict[str, Path], tmp_path: Path) -> None:
+    # The default recipe (fast) fitted to 3 minutes of this machine: one full-width epoch where it fits (the CPUs
+    # with fast bf16), a narrower network where it does not (AVX2); precision and layout measured here.
+    budget = 180
     result = runner.invoke(
         app,
-        ["train", "--preset", "fast", "--epochs", "1", "--batch-size", "256", "--lr", "0.4", "--val-size", "2000",
-         "--device", "cpu", "--run-name", "real", "--processed-dir", str(real_data["processed"]),
-         "--checkpoint-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "runs"),
-         "--set", "scheduler.warmup_epochs=0.2"],
+        ["train", "--time-budget", f"{budget}s", "--device", "cpu", "--run-name", "real", "--progress", "plain",
+         "--processed-dir", str(real_data["processed"]), "--checkpoint-dir", str(tmp_path / "ck"),
+         "--log-dir", str(tmp_path / "runs")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "precision auto -> " in result.output and "Plan: " in result.output
     final = json.loads((tmp_path / "runs" / "real" / "final_metrics.json").read_text())
-    assert final["accuracy"] > 0.5, final  # chance is 0.1
+    assert final["accuracy"] > 0.6, final  # chance is 0.1; one epoch reached 74-76% on both CPU kinds
+    assert final["wall_seconds"] <= budget * 1.1, final
