@@ -54,7 +54,9 @@ def test_auto_picks_the_fastest_layout_and_never_one_slower_than_fp32(fake_speed
     result = calibrate(SEED_CNN, ADAM, 128, CPU, use_cache=False)
     assert result.layout == expected
     assert result.images_per_second >= max(speeds["fp32"], speeds["fp32 + channels_last"])
-    assert result.precision == ("bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32")
+    assert result.precision == (
+        "bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32"
+    )
     assert "precision auto -> " + expected.label in result.summary()
 
 
