@@ -653,6 +653,12 @@ def bench(
     fast: Annotated[
         bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")
     ] = True,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile", help="Only profile the fast preset's step: time per operator, utilisation."
+        ),
+    ] = False,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the results to this JSON file.")
     ] = None,
@@ -678,8 +684,14 @@ def bench(
             include_fast=fast,
             keep_freed_memory=settings.train.keep_freed_memory,
         )
-        results = run_benchmark(options, settings.data, say=error_console.print)
-        _print_bench(results)
+        if profile:
+            from cifar_cli.bench import profile_fast_step
+
+            results = profile_fast_step(options, settings.data)
+            _print_profile(results)
+        else:
+            results = run_benchmark(options, settings.data, say=error_console.print)
+            _print_bench(results)
         if json_file:
             write_text_atomically(json_file, json.dumps(results, indent=2))
             console.print(f"Results written to {json_file}")
@@ -740,6 +752,20 @@ def _print_bench(results: dict[str, Any]) -> None:
     if results["keep_freed_memory_speedup"]:
         speedup = results["keep_freed_memory_speedup"]
         console.print(f"fast preset step, freed memory kept vs malloc defaults: [bold]{speedup:.2f}x[/bold]")
+
+
+def _print_profile(results: dict[str, Any]) -> None:
+    console.print(
+        f"fast preset step on {results['machine']['device']} ({results['machine']['cpu']}), {results['choice']}: "
+        f"{results['step_seconds']:.2f} s per step under the profiler, {results['images_per_second']:,.0f} images/s, "
+        f"utilisation {results['utilisation']:.0%}"
+    )
+    table = Table("operator", "calls per step", "self seconds per step", "share", title="By self time")
+    for row in results["operators"]:
+        table.add_row(
+            row["name"], str(row["calls"]), f"{row['self_seconds_per_step']:.3f}", f"{row['share']:.1%}"
+        )
+    console.print(table)
 
 
 def main() -> None:

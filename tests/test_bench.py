@@ -148,3 +148,14 @@ def test_fast_rows_time_the_preset_against_malloc_defaults_and_micro_batches(pre
     # The preset's own batch of 2000 is more than the tiny data set holds: a clear error, not an endless wait.
     with pytest.raises(UsageError, match="larger than the training split"):
         bench_fast_preset(BenchOptions(**QUICK), data, cpu)
+
+
+def test_profile_lists_the_fast_steps_operators(prepared_dir: Path) -> None:
+    from cifar_cli.bench import profile_fast_step
+
+    results = profile_fast_step(BenchOptions(**QUICK), DataSettings(processed_dir=prepared_dir))
+    names = [row["name"] for row in results["operators"]]
+    assert any("conv" in name for name in names), names
+    assert 0 < sum(row["share"] for row in results["operators"]) <= 1.0 + 1e-9
+    assert results["utilisation"] > 0 and results["images_per_second"] > 0
+    assert results["choice"] in ("fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last")

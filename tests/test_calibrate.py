@@ -50,7 +50,7 @@ def fake_speeds(monkeypatch: pytest.MonkeyPatch):
     ids=["avx2", "amx", "zen4", "contiguous-faster"],
 )
 def test_auto_picks_the_fastest_layout_and_never_one_slower_than_fp32(fake_speeds, speeds, expected) -> None:
-    fake_speeds(speeds)
+    calls = fake_speeds(speeds)
     result = calibrate(SEED_CNN, ADAM, 128, CPU, use_cache=False)
     assert result.layout == expected
     assert result.images_per_second >= max(speeds["fp32"], speeds["fp32 + channels_last"])
@@ -58,6 +58,10 @@ def test_auto_picks_the_fastest_layout_and_never_one_slower_than_fp32(fake_speed
         "bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32"
     )
     assert "precision auto -> " + expected.label in result.summary()
+    # The winner is timed again on steps of the run's batch (warm-up + one timed), the estimate's speed.
+    assert calls.count((expected.label, 128)) == 2
+    assert result.batch_images_per_second == pytest.approx(speeds[expected.label])
+    assert result.step_seconds(128) == pytest.approx(128 / speeds[expected.label] + 0.01)
 
 
 def test_a_much_slower_candidate_costs_one_tiny_step(fake_speeds) -> None:

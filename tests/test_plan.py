@@ -35,7 +35,7 @@ def test_plan_estimates_from_the_measured_speeds() -> None:
 
 
 def test_a_budget_picks_the_epochs_that_fit() -> None:
-    plan = fit_budget(3600, 5.0, lambda width: fake_calibration(100.0), 1.0, 25, 2000, 10_000, 2)
+    plan = fit_budget(3600, lambda: 5.0, lambda width: fake_calibration(100.0), 1.0, 25, 2000, 10_000, 2)
     assert plan.width_multiplier == 1.0
     assert plan.epochs == int((3600 * PLAN_SHARE - 5 - 63) // 523.5)  # 6
     assert plan.total_seconds <= 3600 * PLAN_SHARE < plan.total_seconds + plan.epoch_seconds
@@ -48,14 +48,14 @@ def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:
         widths.append(width)
         return fake_calibration(100.0 / width**2)  # convolutions cost about width squared
 
-    plan = fit_budget(300, 5.0, calibrate_at, 1.0, 25, 2000, 10_000, 0)
+    plan = fit_budget(300, lambda: 5.0, calibrate_at, 1.0, 25, 2000, 10_000, 0)
     assert widths == [1.0, 0.75, 0.5] and plan.width_multiplier == 0.5 and plan.epochs >= 1
     assert plan.total_seconds <= 300
 
 
 def test_a_budget_nothing_fits_is_a_clear_error() -> None:
     with pytest.raises(UsageError, match="too short"):
-        fit_budget(20, 5.0, lambda width: fake_calibration(10.0), 1.0, 25, 2000, 10_000, 0)
+        fit_budget(20, lambda: 5.0, lambda width: fake_calibration(10.0), 1.0, 25, 2000, 10_000, 0)
 
 
 def test_time_left_follows_the_run_once_it_has_measured() -> None:

@@ -88,7 +88,7 @@ class RunPlan:
 
 def fit_budget(
     budget_seconds: float,
-    elapsed_seconds: float,
+    elapsed_seconds: Callable[[], float],
     calibrate_at: Callable[[float], Calibration],
     recipe_width: float,
     steps_per_epoch: int,
@@ -97,15 +97,17 @@ def fit_budget(
     tta_level: int,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width; where not even one does, the widest narrower network that
-    fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width."""
+    fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width; `elapsed_seconds()` is the time
+    the run has spent so far, measurements included."""
     widths = [recipe_width] + [width for width in WIDTHS if width < recipe_width]
     plan = None
     for width in widths:
+        calibration = calibrate_at(width)
+        elapsed = elapsed_seconds()
         plan = RunPlan(
-            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibrate_at(width),
-            budget_seconds, elapsed_seconds,
-        )  # fmt: skip
-        spare = budget_seconds * PLAN_SHARE - elapsed_seconds - plan.final_seconds
+            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibration, budget_seconds, elapsed
+        )
+        spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
         epochs = math.floor(spare / plan.epoch_seconds)
         if epochs >= 1:
             return RunPlan(**{**plan.__dict__, "epochs": epochs})

@@ -123,6 +123,7 @@ class Trainer:
         self.global_step = 0
         self.best_metric: float | None = None
         self.epochs_without_improvement = 0
+        self._last_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
     def _setup_device(self) -> None:
@@ -184,35 +185,35 @@ class Trainer:
             return result
 
         steps = training_steps_per_epoch(train_images, train.batch_size, self.context.world_size)
-        level = tta_level(train)
-        budget = train.time_budget
-        if budget is None or stored is not None:
-            epochs, width = train.epochs, settings.model.width_multiplier
-            if (
-                stored is not None and budget is not None
-            ):  # a budget run goes on with the plan it started with
-                epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
-            elapsed = time.perf_counter() - self.started
-            calibration = calibrate_at(width)
-            return RunPlan(
-                epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed
+        level, budget = tta_level(train), train.time_budget
+        if budget is not None and stored is None:
+            width = settings.model.width_multiplier
+            return fit_budget(
+                budget, self._elapsed, calibrate_at, width, steps, train.batch_size, val_images, level
             )
-        return fit_budget(
-            budget,
-            time.perf_counter() - self.started,
-            calibrate_at,
-            settings.model.width_multiplier,
-            steps,
-            train.batch_size,
-            val_images,
-            level,
+        epochs, width = train.epochs, settings.model.width_multiplier
+        if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
+            epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
+        calibration = calibrate_at(width)
+        return RunPlan(
+            epochs, width, train.batch_size, steps, val_images, level, calibration, budget, self._elapsed()
         )
+
+    def _elapsed(self) -> float:
+        """Seconds since this run started (a time budget counts from there)."""
+        return time.perf_counter() - self.started
 
     def _stored_settings(self) -> dict[str, Any] | None:
         """The settings saved in the run's last.pth, when this run will resume from it."""
-        if not self._should_resume():
-            return None
-        return load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location="cpu")["settings"]
+        return self._last_checkpoint()["settings"] if self._should_resume() else None
+
+    def _last_checkpoint(self) -> dict[str, Any]:
+        """last.pth of this run, read once (the plan needs its settings, the resume everything)."""
+        if self._last_state is None:
+            self._last_state = load_checkpoint(
+                self.checkpoint_dir / LAST_CHECKPOINT, map_location=self.device
+            )
+        return self._last_state
 
     def dry_run(self) -> RunPlan:
         """The plan, without training or touching the data (counts from the manifest, else CIFAR-10's)."""
@@ -299,7 +300,7 @@ class Trainer:
         return exists and wanted is not False
 
     def _resume(self) -> None:
-        state = load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=self.device)
+        state = self._last_checkpoint()
         stored = state["settings"]["model"]
         current = self.settings.model
         if (stored["name"], stored["width_multiplier"]) != (current.name, current.width_multiplier):
@@ -586,7 +587,7 @@ class Trainer:
             "train_seconds": sum(record["seconds"] for record in self.history),
             # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
             # estimate of it: a time budget bounds the first.
-            "wall_seconds": time.perf_counter() - self.started,
+            "wall_seconds": self._elapsed(),
             "planned_seconds": self.run_plan.total_seconds,
         }
         if self.history:
