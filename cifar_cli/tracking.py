@@ -121,7 +121,7 @@ class RichReporter(PlainReporter):
             )
             self.batch_task = self.progress.add_task("batches", total=batches, stats="", left="")
         self.progress.update(self.epoch_task, completed=epoch - 1, total=epochs)
-        self.progress.reset(self.batch_task, total=batches, description=f"epoch {epoch}", stats="")
+        self.progress.reset(self.batch_task, total=batches, description=f"epoch {epoch}", stats="", left="")
 
     def update_batch(self, done: int, stats: dict[str, float]) -> None:
         text = f"loss {stats['loss']:.3f} acc {stats['accuracy']:.1%} lr {stats['lr']:.3g} {stats['images_per_second']:,.0f} img/s"
