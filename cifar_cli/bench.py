@@ -610,7 +610,18 @@ def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, An
         "choice": choice.layout.label,
         "step_seconds": seconds,  # with the profiler's own overhead
         "images_per_second": images_per_second,
-        "utilisation": flops * images_per_second / ceiling[choice.precision],
+        "utilisation": _utilisation(
+            Measurement(
+                "fast",
+                fast.train.batch_size,
+                images_per_second,
+                0.0,
+                seconds,
+                precision=choice.precision,
+                flops_per_image=flops,
+            ),
+            ceiling,
+        ),
         "operators": [
             {
                 "name": event.key,

@@ -757,8 +757,8 @@ def _print_bench(results: dict[str, Any]) -> None:
 def _print_profile(results: dict[str, Any]) -> None:
     console.print(
         f"fast preset step on {results['machine']['device']} ({results['machine']['cpu']}), {results['choice']}: "
-        f"{results['step_seconds']:.2f} s per step under the profiler, {results['images_per_second']:,.0f} images/s, "
-        f"utilisation {results['utilisation']:.0%}"
+        f"{results['step_seconds']:.2f} s per step under the profiler, {results['images_per_second']:,.0f} images/s"
+        + (f", utilisation {results['utilisation']:.0%}" if results["utilisation"] is not None else "")
     )
     table = Table("operator", "calls per step", "self seconds per step", "share", title="By self time")
     for row in results["operators"]:

@@ -41,10 +41,12 @@ def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Pat
     for row in results["pipeline"] + results["models"]:
         assert row["images_per_second"] > 0 and 0 <= row["data_share"] <= 1
         assert row["epoch_seconds"] == pytest.approx(50_000 / row["images_per_second"])
-        # FLOP/s over the matrix-multiply ceiling of the row's precision.
-        expected = row["flops_per_image"] * row["images_per_second"] / results["ceiling"][row["precision"]]
+        # FLOP/s over the ceiling of the row's precision; none where that precision is not faster than fp32.
+        ceiling = results["ceiling"].get(row["precision"])
+        expected = row["flops_per_image"] * row["images_per_second"] / ceiling if ceiling else None
         assert row["flops_per_image"] > 0 and row["utilisation"] == pytest.approx(expected)
-    assert results["ceiling"]["fp32"] > 1e9 and results["ceiling"]["bf16"] > 0
+    assert results["ceiling"]["fp32"] > 1e9
+    assert results["ceiling"].get("bf16", float("inf")) > results["ceiling"]["fp32"]
     # Our pipeline runs in the precision and layout that `cifar train` measured as fastest here.
     decision = results["precision_decisions"][0]
     assert decision["model"] == "seed-cnn" and decision["batch_size"] == 16
