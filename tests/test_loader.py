@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cifar_cli.data.loader import Augment, BatchLoader, augment_batch, normalize, stratified_split
@@ -115,3 +116,15 @@ def test_flip_and_translate_equal_a_reflect_padded_crop_of_the_mirrored_image() 
         padded = torch.nn.functional.pad(source.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
         windows = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
         assert sum(torch.equal(shifted, window) for window in windows) == 1
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "world"), [(100, 16, 1), (100, 200, 1), (50_000, 2000, 1), (101, 16, 2), (10, 16, 2)]
+)
+def test_steps_known_before_the_loader_match_its_length(images: int, batch: int, world: int) -> None:
+    """The planner counts steps before the loader exists; both must agree or every estimate is off."""
+    from cifar_cli.data.loader import training_steps_per_epoch
+
+    loader = BatchLoader(torch.zeros(images, 3, 1, 1, dtype=torch.uint8), torch.zeros(images, dtype=torch.long),
+                         batch, train=True, world_size=world)  # fmt: skip
+    assert training_steps_per_epoch(images, batch, world) == len(loader)
