@@ -26,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from cifar_cli import __version__
 from cifar_cli.errors import CifarError, SettingsError
@@ -153,7 +154,10 @@ def handled_errors() -> Iterator[None]:
             error_console.print(f"[dim]{error.hint}[/dim]")
         raise typer.Exit(error.exit_code) from None
     except CifarError as error:
-        body = error.message + (f"\n\n[dim]{error.hint}[/dim]" if error.hint else "")
+        # Text, not markup: messages quote user input ("[1,"); fold, not crop, so long paths stay whole.
+        body = Text(error.message, overflow="fold")
+        if error.hint:
+            body.append(f"\n\n{error.hint}", style="dim")
         error_console.print(
             Panel(body, title="cifar: error", title_align="left", border_style="red", expand=False)
         )
@@ -218,6 +222,7 @@ def download(
                 force=force,
                 timeout=data.download_timeout,
                 retries=data.download_retries,
+                max_bytes=int(data.max_archive_mb * 1_000_000),
                 on_progress=on_progress,
                 on_message=on_message,
             )

@@ -1,13 +1,26 @@
-"""File-system helpers shared by every stage: folders that must be writable, and atomic writes."""
+"""File-system helpers shared by every stage: writable folders, free space, atomic writes and run locks.
+
+Every file the tool writes goes through `write_atomically`: a temporary sibling, flushed to disk, then renamed over
+the target, so a reader sees the old file or the new one and a failure (full disk, kill -9) never leaves half of one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from cifar_cli.errors import UsageError
+from cifar_cli.errors import CifarError, UsageError
 
 PROBE_BYTES = 4096  # a write this small still fails on a full disk
+MB = 1_000_000
+LOCK_FILE = ".lock"
 
 
 def ensure_writable_folder(folder: Path, probe: bool = False) -> None:
@@ -19,17 +32,122 @@ def ensure_writable_folder(folder: Path, probe: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if probe:
             probe_file = folder / ".write-test"
-            probe_file.write_bytes(b"0" * PROBE_BYTES)
-            probe_file.unlink()
+            try:
+                probe_file.write_bytes(b"0" * PROBE_BYTES)
+            finally:
+                probe_file.unlink(missing_ok=True)
     except OSError as error:
         raise UsageError(f"Cannot write to {folder}: {error.strerror or error}.") from None
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary sibling, then rename: readers see the old file or the new one, never half of one."""
+def free_bytes(folder: Path) -> int:
+    """Bytes a process may still write under `folder` (its nearest existing parent)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def require_free_space(folder: Path, needed_bytes: int, what: str, hint: str | None = None) -> None:
+    """Refuse long work whose output size is known before it starts, rather than failing half-way through."""
+    free = free_bytes(folder)
+    if free < needed_bytes:
+        raise CifarError(
+            f"Not enough space in {folder} for {what}: needs about {needed_bytes / MB:,.1f} MB, "
+            f"{free / MB:,.1f} MB free.",
+            hint=hint or "Free disk space or choose another folder.",
+        )
+
+
+def write_atomically(path: Path, payload: bytes, hint: str | None = None) -> None:
+    """Write `payload` to a temporary sibling, flush it to disk, then rename it over `path`.
+
+    A crash at any moment leaves the previous file or the new one; a failure (a full disk included) removes the
+    temporary file and raises a CifarError that names the file, with the previous one untouched.
+    """
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        require_free_space(path.parent, len(payload), path.name, hint)
+        with tmp.open("wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
         tmp.replace(path)
+    except OSError as error:
+        raise CifarError(f"Could not write {path}: {error.strerror or error}.", hint=hint) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def tensor_file_bytes(state: object) -> bytes:
+    """`torch.save` into memory: the size is known before anything touches the disk, and a full disk then fails
+    as an OSError in a plain write (torch.save's own writer reports it as an opaque RuntimeError and leaves its
+    partial file behind)."""
+    import torch  # here, so that modules which never save tensors do not pay for importing torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, text.encode())
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of `path` left by processes that no longer run (kill -9 during a write)."""
+    with contextlib.suppress(OSError):
+        for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+            pid_text = candidate.name[len(path.name) + 2 : -len(".tmp")]
+            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+                candidate.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folders: list[Path], run_name: str) -> Iterator[None]:
+    """Own a run: one process at a time. An OS file lock (flock) that the kernel releases when the owner exits,
+    however it exits, so a killed run never leaves a stuck lock; the file names the owner for the error message."""
+    handles = []
+    try:
+        for folder in folders:
+            handles.append(_acquire(folder / LOCK_FILE, run_name))
+        yield
+    finally:
+        for handle in handles:
+            handle.close()  # closing the descriptor releases the lock
+
+
+def _acquire(lock_path: Path, run_name: str):  # noqa: ANN202 - an open binary file
+    import fcntl  # POSIX only; imported here so the rest of the module works everywhere
+
+    handle = lock_path.open("a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.seek(0)
+        owner = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise CifarError(f"Could not lock {lock_path}: {error.strerror or error}.") from None
+        raise UsageError(
+            f"Run {run_name!r} is in use by {owner} ({lock_path}).",
+            hint="Wait for it to finish or stop it; or start another run with --run-name.",
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+    handle.flush()
+    return handle

@@ -45,6 +45,8 @@ class DataSettings(_Section):
     md5: str = Field(OFFICIAL_MD5, pattern=r"^[0-9a-fA-F]{32}$")
     download_timeout: float = Field(30.0, gt=0, description="seconds without a byte before a retry")
     download_retries: int = Field(3, ge=0, description="extra attempts per mirror, with doubling back-off")
+    # CIFAR-10's archive is 170.5 MB: a mirror that sends much more (an endless stream) is stopped and refused.
+    max_archive_mb: float = Field(256.0, gt=0, description="largest archive a download may write, in MB")
     write_png: bool = True
     # Images held out of the training split for validation; 0 evaluates on the test split, as the seed did.
     val_size: int = Field(0, ge=0)
@@ -252,7 +254,7 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
 
 def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_bounded_yaml(text, origin)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -265,6 +267,59 @@ def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
     return data
 
 
+MAX_YAML_NODES = 10_000  # a full settings file has about 150; nine levels of ten aliases expand to a billion
+
+
+def load_bounded_yaml(text: str, origin: str) -> Any:
+    """`yaml.safe_load`, refusing at once a document whose aliases would expand past MAX_YAML_NODES (an alias
+    bomb, "billion laughs") or that refers to itself, before anything is built from it. Syntax errors raise
+    yaml.YAMLError, for the caller to word."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise UsageError(
+                f"{origin} expands to more than {MAX_YAML_NODES:,} values through its aliases (*name); refused.",
+                hint="A settings file needs no aliases: write the values out.",
+            )
+        return loader.construct_document(node)
+    except _SelfReference:
+        raise UsageError(f"{origin}: a YAML alias refers to the node that contains it; refused.") from None
+    except RecursionError:
+        raise UsageError(f"{origin} is nested too deeply to be a settings file; refused.") from None
+    finally:
+        loader.dispose()
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values in the document once every alias is copied out; each distinct node is counted once (memoised)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _SelfReference
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            break  # no need to count a billion
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def parse_set_options(assignments: list[str]) -> dict[str, Any]:
     """Turn `["optim.lr=0.1", "train.augment.flip=false"]` into a nested dict; values are read as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -273,7 +328,7 @@ def parse_set_options(assignments: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SettingsError("Bad --set option.", [("--set", "expected dotted.key=value", assignment)])
         try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+            value = load_bounded_yaml(raw_value, f"--set {key.strip()}") if raw_value.strip() else ""
         except yaml.YAMLError:
             value = raw_value
         set_dotted(nested, key.strip(), value)

@@ -21,6 +21,7 @@ from rich.progress import (
 )
 
 from cifar_cli.durations import format_duration
+from cifar_cli.errors import UsageError
 from cifar_cli.files import write_text_atomically
 
 HISTORY_FILE = "history.json"
@@ -205,5 +206,28 @@ def _tensorboard_tag(key: str) -> str | None:
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's epoch records; a file that is not what `cifar train` writes is a clear error naming it."""
     path = run_dir / HISTORY_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{path} is damaged: {error}.", hint=DAMAGED_HINT) from None
+    if not isinstance(history, list) or not all(_is_epoch_record(record) for record in history):
+        raise UsageError(
+            f"{path} is damaged: expected a list of epoch records (each with an integer 'epoch' and an 'lr').",
+            hint=DAMAGED_HINT,
+        )
+    return history
+
+
+DAMAGED_HINT = "The run's checkpoint holds the same history: `cifar plot CHECKPOINT.pth` draws from it."
+
+
+def _is_epoch_record(record: object) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("epoch"), int)
+        and isinstance(record.get("lr"), (int, float))
+    )

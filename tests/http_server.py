@@ -12,7 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ServerState:
     def __init__(self, payload: bytes, mode: str = "ok", stall_seconds: float = 0.0) -> None:
         self.payload = payload
-        self.mode = mode  # ok | drop_once | drop_always | stall
+        # ok | drop_once | drop_always | stall | endless (no Content-Length, never ends) | ignore_range (always
+        # 200 with the whole file) | error_once (one 503) | long_length (declares 1,000 more bytes than it sends)
+        # | short_length (declares 1,000 fewer bytes than the file has)
+        self.mode = mode
         self.stall_seconds = stall_seconds
         self.requests: list[str | None] = []  # the Range header of each request
         self.drops_left = 1 if mode == "drop_once" else 0
@@ -29,14 +32,29 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 return
             header = self.headers.get("Range")
             state.requests.append(header)
+            if state.mode == "endless":
+                self._endless()
+                return
+            if state.mode == "error_once" and len(state.requests) == 1:
+                self.send_error(503, "Service Unavailable")
+                return
+            if state.mode == "ignore_range":
+                header = None
             start = int(header.split("=")[1].split("-")[0]) if header else 0
+            if start >= len(state.payload):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(state.payload)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = state.payload[start:]
             self.send_response(206 if header else 200)
             if header:
                 self.send_header(
                     "Content-Range", f"bytes {start}-{len(state.payload) - 1}/{len(state.payload)}"
                 )
-            self.send_header("Content-Length", str(len(body)))
+            declared = len(body) + {"long_length": 1000, "short_length": -1000}.get(state.mode, 0)
+            self.send_header("Content-Length", str(declared))
             self.end_headers()
             if state.mode == "stall":
                 self.wfile.write(body[: len(body) // 4])
@@ -49,6 +67,16 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 return
             self.wfile.write(body)
+
+        def _endless(self) -> None:
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body ends when the connection does, here never
+            chunk = b"\0" * 65536
+            try:
+                while True:
+                    self.wfile.write(chunk)
+            except OSError:  # the client hung up
+                pass
 
     return Handler
 

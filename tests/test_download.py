@@ -100,3 +100,60 @@ def test_second_run_does_nothing(tmp_path: Path) -> None:
 def test_missing_local_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(CifarError, match="no such file"):
         fetch(str(tmp_path / "nope.tar.gz"), tmp_path / "raw")
+
+
+def test_http_416_on_a_resume_restarts_from_zero(tmp_path: Path) -> None:
+    # A .part as long as the file (an earlier run died before renaming it): the server answers 416 to the range.
+    (tmp_path / f"{ARCHIVE_NAME}.part").write_bytes(PAYLOAD)
+    state = ServerState(PAYLOAD)
+    with serve(state) as base:
+        result = fetch(f"{base}/{ARCHIVE_NAME}", tmp_path)
+    assert result.path.read_bytes() == PAYLOAD
+    assert state.requests == [f"bytes={len(PAYLOAD)}-", None]
+
+
+def test_server_that_ignores_range_sends_the_whole_file_again(tmp_path: Path) -> None:
+    (tmp_path / f"{ARCHIVE_NAME}.part").write_bytes(PAYLOAD[:1000])
+    state = ServerState(PAYLOAD, mode="ignore_range")
+    with serve(state) as base:
+        result = fetch(f"{base}/{ARCHIVE_NAME}", tmp_path)
+    assert result.path.read_bytes() == PAYLOAD  # not the first 1,000 bytes twice
+    assert state.requests == ["bytes=1000-"]
+
+
+def test_server_error_is_retried(tmp_path: Path) -> None:
+    state = ServerState(PAYLOAD, mode="error_once")
+    messages: list[str] = []
+    with serve(state) as base:
+        result = fetch(f"{base}/{ARCHIVE_NAME}", tmp_path, on_message=messages.append)
+    assert result.path.read_bytes() == PAYLOAD
+    assert len(state.requests) == 2 and "HTTP 503" in messages[0]
+
+
+def test_content_length_longer_than_the_body_is_retried_then_refused(tmp_path: Path) -> None:
+    state = ServerState(PAYLOAD, mode="long_length")
+    with serve(state) as base, pytest.raises(CifarError, match="gave up after 2 attempts"):
+        fetch(f"{base}/{ARCHIVE_NAME}", tmp_path, retries=1)
+    assert len(state.requests) == 2
+
+
+def test_content_length_shorter_than_the_file_fails_the_checksum(tmp_path: Path) -> None:
+    state = ServerState(PAYLOAD, mode="short_length")
+    with serve(state) as base, pytest.raises(CifarError, match="checksum mismatch"):
+        fetch(f"{base}/{ARCHIVE_NAME}", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_endless_stream_is_stopped_past_the_size_limit(tmp_path: Path) -> None:
+    state = ServerState(PAYLOAD, mode="endless")
+    with serve(state) as base, pytest.raises(CifarError, match="more than 2,000,000 bytes"):
+        fetch(f"{base}/{ARCHIVE_NAME}", tmp_path, max_bytes=2_000_000)
+    assert list(tmp_path.iterdir()) == []  # the partial file is gone
+    assert len(state.requests) == 1  # not retried
+
+
+def test_offer_larger_than_any_archive_is_refused_before_writing(tmp_path: Path) -> None:
+    state = ServerState(PAYLOAD)
+    with serve(state) as base, pytest.raises(CifarError, match="offers 1,048,576 bytes"):
+        fetch(f"{base}/{ARCHIVE_NAME}", tmp_path, max_bytes=100_000)
+    assert list(tmp_path.iterdir()) == []

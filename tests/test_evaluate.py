@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,49 @@ def test_weights_that_do_not_fit_the_model(
     path = _save(state, tmp_path / "mismatch.pth")
     with pytest.raises(UsageError, match="do not fit"):
         evaluate_checkpoint(path, DataSettings(processed_dir=prepared_dir))
+
+
+def _png_of_zeros(path: Path, width: int, height: int) -> Path:
+    """A valid greyscale PNG of zeros, written row by row: 20,000 x 20,000 pixels take about 400 KB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_image_bomb_is_refused_from_its_header(tmp_path: Path, trained_checkpoint: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cifar_cli.cli import app
+
+    bomb = _png_of_zeros(tmp_path / "big.png", 20_000, 20_000)
+    assert bomb.stat().st_size < 1_000_000
+    result = CliRunner().invoke(app, ["predict", str(trained_checkpoint), str(bomb), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "decompression bomb" in " ".join(result.output.split())
+
+
+def test_predict_reads_real_png_and_jpeg_files(tmp_path: Path, trained_checkpoint: Path) -> None:
+    from PIL import Image
+
+    from cifar_cli.data.images import load_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    paths = []
+    for name, mode in (("photo.jpg", "RGB"), ("scan.png", "L"), ("icon.png", "RGBA")):
+        Image.fromarray(pixels).convert(mode).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    assert load_image(paths[0]).shape == (3, 32, 32) and load_image(paths[1]).dtype == torch.uint8
+    results = predict_images(trained_checkpoint, paths, top_k=2, device_name="cpu")
+    assert [r["image"] for r in results] == [str(p) for p in paths]
+    assert all(len(r["top"]) == 2 for r in results)

@@ -39,33 +39,76 @@ def _epoch_of(path: Path) -> int:
         return 0
 
 
-def test_kill_9_mid_training_then_the_same_command_resumes(tmp_path: Path, prepared_dir: Path) -> None:
-    command = [
-        sys.executable, "-m", "cifar_cli", "train", "--preset", "baseline", "--epochs", "6", "--batch-size", "4",
-        "--precision", "fp32", "--device", "cpu", "--run-name", "killed", "--progress", "plain",
+def _train_command(tmp_path: Path, prepared_dir: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable, "-m", "cifar_cli", "train", "--preset", "baseline", "--epochs", str(epochs),
+        "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--run-name", "owned", "--progress", "plain",
         "--processed-dir", str(prepared_dir), "--checkpoint-dir", str(tmp_path / "ck"),
         "--log-dir", str(tmp_path / "runs"), "--set", "model.width_multiplier=2",
     ]  # fmt: skip
-    last = tmp_path / "ck" / "killed" / "last.pth"
-    process = subprocess.Popen(
-        command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        _wait_for(lambda: _epoch_of(last) >= 2 or process.poll() is not None)
-        os.kill(process.pid, signal.SIGKILL)  # somewhere in epoch 3 (or while saving it)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    finished_before = load_checkpoint(last)["epoch"]
-    assert 2 <= finished_before < 6
 
-    again = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+# Far more epochs than the test lets it train: the first process is still running when it is interrupted, however
+# fast the machine (the earlier version, 6 epochs, could finish before the kill arrived).
+LONG_RUN = 500
+
+
+def _start_and_wait_for_epoch(command: list[str], cwd: Path, last: Path, epoch: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _wait_for(lambda: _epoch_of(last) >= epoch or process.poll() is not None)
+    assert process.poll() is None, process.communicate()[0]
+    return process
+
+
+def _resume_for_one_more_epoch(tmp_path: Path, prepared_dir: Path, last: Path) -> tuple[int, str]:
+    done = load_checkpoint(last)["epoch"]
+    again = subprocess.run(
+        _train_command(tmp_path, prepared_dir, done + 1), env=ENV, cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"Resuming run killed after epoch {finished_before}" in again.stdout
-    history = json.loads((tmp_path / "runs" / "killed" / "history.json").read_text())
-    assert [record["epoch"] for record in history] == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
+    assert f"Resuming run owned after epoch {done}" in again.stdout
+    history = json.loads((tmp_path / "runs" / "owned" / "history.json").read_text())
+    assert [record["epoch"] for record in history] == list(range(1, done + 2))  # no gap, no duplicate
+    return done, again.stdout
+
+
+def test_second_process_is_refused_then_ctrl_c_saves_and_a_rerun_resumes(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    last = tmp_path / "ck" / "owned" / "last.pth"
+    command = _train_command(tmp_path, prepared_dir, LONG_RUN)
+    first = _start_and_wait_for_epoch(command, tmp_path, last, 1)
+    try:
+        second = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # still training: the refusal below is the lock's doing
+        os.kill(first.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it
+        output = first.communicate(timeout=120)[0]
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"in use by process {first.pid}" in " ".join((second.stdout + second.stderr).split())
+    assert first.returncode == 130, output
+    assert "Resume with: cifar train --run-name owned" in " ".join(output.split())
+    assert "Traceback" not in output
+    _resume_for_one_more_epoch(tmp_path, prepared_dir, last)
+
+
+def test_kill_9_mid_training_leaves_no_stuck_lock_and_the_rerun_resumes(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    last = tmp_path / "ck" / "owned" / "last.pth"
+    process = _start_and_wait_for_epoch(_train_command(tmp_path, prepared_dir, LONG_RUN), tmp_path, last, 2)
+    os.kill(process.pid, signal.SIGKILL)  # in epoch 3 or later, or while saving a checkpoint
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert (tmp_path / "ck" / "owned" / ".lock").exists()  # the lock file stays; the kernel dropped the lock
+    done, _ = _resume_for_one_more_epoch(tmp_path, prepared_dir, last)
+    assert done >= 2
     final = load_checkpoint(last)
-    assert final["epoch"] == 6 and [r["epoch"] for r in final["history"]] == [1, 2, 3, 4, 5, 6]
+    assert final["epoch"] == done + 1 and [r["epoch"] for r in final["history"]] == list(range(1, done + 2))
 
 
 WRITER = """

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_cli.engine import checkpoint as checkpoint_module
+from cifar_cli import files as files_module
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.train import Trainer, TrainingInterrupted, default_run_name, train
 from cifar_cli.errors import CifarError, UsageError
@@ -126,7 +126,7 @@ def test_crash_during_save_leaves_previous_checkpoint(
     def crash(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    monkeypatch.setattr(files_module.os, "fsync", crash)  # where a full disk fails a write: mid-file
     with pytest.raises(CifarError, match="No space left on device"):
         train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2"))
     assert last.read_bytes() == before

@@ -22,6 +22,7 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
         data.raw_data_dir,
         timeout=data.download_timeout,
         retries=data.download_retries,
+        max_bytes=int(data.max_archive_mb * 1_000_000),
         on_message=say,
     )
     say(f"Archive ready: {result.path}")

@@ -6,9 +6,12 @@ unpickler below resolves only the few globals that numpy array reconstruction ne
 
 from __future__ import annotations
 
+import errno
 import io
 import pickle
+import shutil
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.files import require_free_space
 
 BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -92,23 +96,50 @@ class Split:
 
 
 def safe_extract(archive: Path, target: Path) -> Path:
-    """Extract `archive` below `target`, refusing links, devices and members that would land outside it."""
+    """Extract `archive` below `target`, refusing links, devices and members that would land outside it.
+
+    Extracts into a temporary sibling folder and swaps it in, so a failure (a full disk) leaves nothing half-written.
+    """
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=root)).resolve()
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             if not members:
                 raise UsageError(f"{archive} is an empty archive.")
             for member in members:
-                _check_member(member, root)
-            tar.extractall(root, members=members, filter="data")
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise CifarError(
-            f"{archive} is truncated or corrupt ({type(error).__name__}: {error}).",
-            hint="Delete it and run `cifar download` again.",
-        ) from None
+                _check_member(member, staging)
+            require_free_space(
+                root, sum(member.size for member in members), f"the extracted {archive.name}",
+                hint="Free disk space or choose another --raw-dir.",
+            )  # fmt: skip
+            tar.extractall(staging, members=members, filter="data")
+        _swap_in(staging / BATCH_FOLDER, root / BATCH_FOLDER)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise CifarError(f"Could not extract {archive} into {root}: {error.strerror}.") from None
+        raise _corrupt(archive, error) from None
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        raise _corrupt(archive, error) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root / BATCH_FOLDER
+
+
+def _swap_in(extracted: Path, destination: Path) -> None:
+    if not extracted.is_dir():
+        return  # read_class_names names the missing folder
+    if destination.exists():
+        shutil.rmtree(destination)
+    extracted.replace(destination)
+
+
+def _corrupt(archive: Path, error: BaseException) -> CifarError:
+    return CifarError(
+        f"{archive} is truncated or corrupt ({type(error).__name__}: {error}).",
+        hint="Delete it and run `cifar download` again.",
+    )
 
 
 def _check_member(member: tarfile.TarInfo, root: Path) -> None:
@@ -118,7 +149,9 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> None:
         raise UsageError(f"Refused archive member {member.name!r}: devices and pipes are not allowed.")
     destination = (root / member.name).resolve()
     if destination != root and root not in destination.parents:
-        raise UsageError(f"Refused archive member {member.name!r}: it would be written outside {root}.")
+        raise UsageError(
+            f"Refused archive member {member.name!r}: it would be written outside the folder it is extracted to."
+        )
 
 
 def read_class_names(batch_folder: Path) -> list[str]:

@@ -24,9 +24,17 @@ from PIL import Image
 from cifar_cli.data import archive
 from cifar_cli.data.download import ARCHIVE_NAME, md5_of
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.files import ensure_writable_folder, write_text_atomically
+from cifar_cli.files import (
+    ensure_writable_folder,
+    require_free_space,
+    tensor_file_bytes,
+    write_atomically,
+    write_text_atomically,
+)
 
 CACHE_FILE = "cache.pt"
+PNG_FILE_BYTES = 4096  # a 32 x 32 PNG is about 3 KB, but takes one 4 KiB block
+SPACE_HINT = "Free disk space or choose another --processed-dir."
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 CLASS_FOLDERS = [
@@ -77,10 +85,17 @@ def prepare_dataset(
         "train": archive.read_split(batch_folder, archive.TRAIN_BATCHES),
         "test": archive.read_split(batch_folder, [archive.TEST_BATCH]),
     }
+    require_free_space(processed_dir, _required_bytes(splits, write_png), "the prepared data", SPACE_HINT)
     _write_cache(processed_dir / CACHE_FILE, splits)
     if write_png:
         for name, split in splits.items():
-            _write_png_folder(processed_dir / name, split, on_progress)
+            try:
+                _write_png_folder(processed_dir / name, split, on_progress)
+            except OSError as error:
+                raise CifarError(
+                    f"Could not write the {name} PNG folder in {processed_dir}: {error.strerror or error}.",
+                    hint=SPACE_HINT,
+                ) from None
     manifest = _manifest(splits, class_names, source_md5, write_png)
     write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return PrepareResult(processed_dir, False, manifest["counts"])
@@ -108,9 +123,14 @@ def _write_cache(path: Path, splits: dict[str, archive.Split]) -> None:
     for name, split in splits.items():
         tensors[f"{name}_images"] = torch.from_numpy(np.ascontiguousarray(split.images))
         tensors[f"{name}_labels"] = torch.from_numpy(split.labels.astype(np.int64))
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(tensors, tmp)
-    tmp.replace(path)
+    write_atomically(path, tensor_file_bytes(tensors), hint=SPACE_HINT)
+
+
+def _required_bytes(splits: dict[str, archive.Split], write_png: bool) -> int:
+    """The cache holds every pixel and label; each PNG takes at least one 4 KiB file-system block."""
+    cache = sum(split.images.nbytes + 8 * len(split.labels) for split in splits.values())
+    pngs = sum(len(split.labels) for split in splits.values()) * PNG_FILE_BYTES if write_png else 0
+    return cache + pngs
 
 
 def _write_png_folder(folder: Path, split: archive.Split, on_progress: ProgressCallback | None) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,27 +14,16 @@ import numpy as np
 import torch
 
 from cifar_cli.errors import UsageError
+from cifar_cli.files import tensor_file_bytes, write_atomically
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = {"format_version", "model_name", "model_state", "settings", "epoch", "history"}
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over `path`.
-
-    A crash (or kill -9) at any moment leaves either the previous file or the new one, never a torn file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp_file:
-            torch.save(state, tmp_file)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+def save_checkpoint(state: dict[str, Any], path: Path, hint: str | None = None) -> None:
+    """Written atomically (files.write_atomically): a crash or kill -9 at any moment leaves the previous file or
+    the new one, never a torn file; a failure raises a CifarError and leaves no temporary file."""
+    write_atomically(path, tensor_file_bytes(state), hint)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

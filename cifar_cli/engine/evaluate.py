@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
 from cifar_cli.data import ensure_prepared
+from cifar_cli.data.images import load_image
 from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
 from cifar_cli.data.prepare import CLASS_NAMES, load_cache
 from cifar_cli.engine.checkpoint import load_checkpoint
@@ -194,16 +193,6 @@ def evaluate_checkpoint(
         epoch=loaded.state["epoch"],
         class_names=class_names,
     )
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """Any image file as uint8 3 x 32 x 32 (RGB, resized with antialiasing)."""
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"Cannot read image {path}: {error}") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
 def predict_images(

@@ -49,7 +49,7 @@ from cifar_cli.engine.optim import (
 from cifar_cli.engine.plan import RemainingTime, RunPlan, fit_budget
 from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.files import ensure_writable_folder, write_text_atomically
+from cifar_cli.files import ensure_writable_folder, require_free_space, run_lock, write_text_atomically
 from cifar_cli.models import build_model
 from cifar_cli.settings import Settings, dump_yaml
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
@@ -94,6 +94,16 @@ def default_run_name(settings: Settings) -> str:
     }
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     return f"{settings.preset}-{settings.model.name}-{digest}"
+
+
+def expected_checkpoint_bytes(model: torch.nn.Module, optimizer_name: str, lookahead: object | None) -> int:
+    """Size of a checkpoint once the optimiser has state: the model's tensors, one or two buffers per parameter
+    (momentum; Adam's two moments), the lookahead average, and 1 MB for history, settings and RNG states."""
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers_per_parameter = 2 if optimizer_name in ("adam", "adamw") else 1
+    average_bytes = state_bytes if lookahead is not None else 0
+    return state_bytes + buffers_per_parameter * parameter_bytes + average_bytes + 1_000_000
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -324,6 +334,20 @@ class Trainer:
         restore_rng_states(state["rng"])
         self.reporter.message(f"Resuming run {self.run_name} after epoch {self.epoch} ({LAST_CHECKPOINT}).")
 
+    def _check_checkpoint_space(self) -> None:
+        """Refuse before the first epoch when the checkpoints cannot fit: their size is known from the model."""
+        files = [LAST_CHECKPOINT, BEST_CHECKPOINT]
+        missing = sum(not (self.checkpoint_dir / name).exists() for name in files)
+        needed = (missing + 1) * expected_checkpoint_bytes(
+            self.model, self.settings.optim.name, self.lookahead
+        )
+        require_free_space(
+            self.checkpoint_dir,
+            needed,
+            f"checkpoints ({', '.join(files)} and one being written)",
+            hint="Free disk space or choose another --checkpoint-dir.",
+        )
+
     # ------------------------------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
         settings = self.settings
@@ -331,13 +355,16 @@ class Trainer:
             # Fail now, not after the first epoch, when a folder cannot be written or the disk is full.
             ensure_writable_folder(self.checkpoint_dir, probe=True)
             ensure_writable_folder(self.run_dir, probe=True)
-        seed_everything(settings.train.seed, settings.train.deterministic)
-        self._setup_device()
-        try:
-            distributed.init_process_group(self.context, self.device)
-            return self._run()
-        finally:
-            distributed.destroy_process_group()
+        # One process owns a run: a second `cifar train` of the same run is refused with the owner's PID.
+        owned = [self.checkpoint_dir, self.run_dir] if self.context.is_main else []
+        with run_lock(owned, self.run_name):
+            seed_everything(settings.train.seed, settings.train.deterministic)
+            self._setup_device()
+            try:
+                distributed.init_process_group(self.context, self.device)
+                return self._run()
+            finally:
+                distributed.destroy_process_group()
 
     def _run(self) -> TrainResult:
         self._load_data()
@@ -348,6 +375,8 @@ class Trainer:
         if self._should_resume():
             self._resume()
             resumed_from = self.epoch
+        if self.context.is_main:
+            self._check_checkpoint_space()
         self.remaining = RemainingTime(self.run_plan, self.epoch)
         logger = (
             RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
@@ -565,13 +594,12 @@ class Trainer:
         }
 
     def _save(self, path: Path) -> None:
-        try:
-            save_checkpoint(self.checkpoint_state(), path)
-        except OSError as error:
-            raise CifarError(
-                f"Could not write checkpoint {path}: {error.strerror or error}. The previous file is intact.",
-                hint="Free disk space or choose another --checkpoint-dir, then run the same command to resume.",
-            ) from None
+        save_checkpoint(
+            self.checkpoint_state(),
+            path,
+            hint=f"The previous {path.name} is intact. Free disk space or choose another --checkpoint-dir, "
+            "then run the same command to resume.",
+        )
 
     def _finish(self, logger: RunLogger | None) -> dict[str, float]:
         """Final evaluation (with TTA when enabled) of the last weights, logged to TensorBoard."""
