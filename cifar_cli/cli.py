@@ -32,8 +32,13 @@ from cifar_cli import __version__
 from cifar_cli.errors import CifarError, SettingsError
 from cifar_cli.settings import (
     MODEL_RECIPES,
+    LogSettings,
+    OptimSettings,
+    SchedulerSettings,
     Settings,
+    TrainSettings,
     available_presets,
+    choices,
     dump_yaml,
     load_settings,
     parse_set_options,
@@ -335,20 +340,39 @@ def train(
         int | None,
         typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE),
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=RECIPE)] = None,
-    wd: Annotated[float | None, typer.Option("--wd", help="Weight decay.", rich_help_panel=RECIPE)] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Learning rate of every parameter under adam, adamw and sgd. Under muon (the fast preset) only "
+            "the head's (the biases get optim.bias_lr_scale times it); the filters' is optim.muon_lr.",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
+    wd: Annotated[
+        float | None,
+        typer.Option(
+            "--wd",
+            help="Weight decay (optim.weight_decay). Under muon, the head's; the biases' is "
+            "optim.bias_weight_decay and the filters keep a fixed norm.",
+            rich_help_panel=RECIPE,
+        ),
+    ] = None,
     optimizer: Annotated[
         str | None,
         typer.Option(
             "--optimizer",
-            help="adam, adamw, sgd or muon (Muon for conv filters, SGD for the rest).",
+            help=f"One of: {', '.join(choices(OptimSettings, 'name'))} (muon: Muon for conv filters, SGD for the "
+            "rest).",
             rich_help_panel=RECIPE,
         ),
     ] = None,
     scheduler: Annotated[
         str | None,
         typer.Option(
-            "--scheduler", help="plateau, cosine, onecycle, linear or none.", rich_help_panel=RECIPE
+            "--scheduler",
+            help=f"One of: {', '.join(choices(SchedulerSettings, 'name'))}.",
+            rich_help_panel=RECIPE,
         ),
     ] = None,
     label_smoothing: Annotated[
@@ -358,13 +382,19 @@ def train(
         int | None,
         typer.Option(
             "--val-size",
-            help="Training images held out for validation (0: use test).",
+            help="Training images held out for validation (default auto: 5,000 where the recipe monitors a "
+            "validation metric, else 0; nothing is ever chosen on the test split).",
             rich_help_panel=RECIPE,
         ),
     ] = None,
     device: DeviceOption = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16.", rich_help_panel=RUN)
+        str | None,
+        typer.Option(
+            "--precision",
+            help=f"One of: {', '.join(choices(TrainSettings, 'precision'))}.",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN)
@@ -392,7 +422,10 @@ def train(
         typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN),
     ] = None,
     progress: Annotated[
-        str | None, typer.Option("--progress", help="auto, rich, plain or none.", rich_help_panel=RUN)
+        str | None,
+        typer.Option(
+            "--progress", help=f"One of: {', '.join(choices(LogSettings, 'progress'))}.", rich_help_panel=RUN
+        ),
     ] = None,
     nproc: Annotated[
         int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)
@@ -455,6 +488,9 @@ def train(
             console.print("Dry run: nothing was trained.")
             return
         if nproc > 1:
+            from cifar_cli.engine.device import check_launch
+
+            check_launch(settings.train.device, nproc)  # the same short error as without --nproc
             raise typer.Exit(_launch_torchrun(nproc))
         from cifar_cli.engine.train import train as run_training
         from cifar_cli.tracking import make_reporter

@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cifar_cli.engine.evaluate import Evaluation, run_evaluation
 from cifar_cli.errors import UsageError
 from cifar_cli.files import write_atomically
 from cifar_cli.settings import DataSettings
@@ -27,19 +28,21 @@ def save(figure: Figure, path: Path) -> Path:
 
 
 def curves_figure(history: list[dict[str, Any]]) -> Figure:
-    """Loss, accuracy, macro F1 and learning rate per epoch, train and validation side by side."""
+    """Loss, accuracy, macro F1 and learning rate per epoch: train, and validation (or, for a recipe without a
+    validation split, the test split: shown, never used to choose) side by side."""
     figure = Figure(figsize=(11, 8))
     axes = figure.subplots(2, 2)
     epochs = [record["epoch"] for record in history]
     panels = [("loss", "cross-entropy loss"), ("accuracy", "accuracy"), ("f1", "macro F1")]
     for axis, (metric, label) in zip(axes.flat, panels):
-        for split, style in (("train", "-o"), ("val", "-s")):
+        for split, style in (("train", "-o"), ("val", "-s"), ("test", "-^")):
             values = [record.get(f"{split}_{metric}") for record in history]
             if any(v is not None for v in values):
                 axis.plot(epochs, values, style, markersize=3, label=split)
         axis.set(title=label, xlabel="epoch", ylabel=label)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     lr_axis = axes.flat[3]
     lr_axis.plot(
         epochs,
@@ -53,7 +56,7 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure:
     lr_axis.grid(alpha=0.3)
     lr_axis.legend()
     for axis in axes.flat:
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: tick 1, not 0.95
     figure.tight_layout()
     return figure
 
@@ -130,6 +133,7 @@ class PlotSources:
     run_dir: Path | None
     checkpoint: Path | None
     history: list[dict[str, Any]]
+    data_dir: Path | None = None  # where the run's prepared data was
 
 
 def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> PlotSources:
@@ -162,11 +166,28 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
             f"{target} has no {HISTORY_FILE}.",
             hint="Pass a run folder made by `cifar train` (log_dir/<run>).",
         )
-    run_checkpoints = checkpoint_dir / target.name
+    recorded = _recorded_settings(target)
+    # The run's own folders first (it may have been trained with --checkpoint-dir / --processed-dir), then the
+    # ones given now. last.pth: the final weights, which the run's reported accuracy is about.
+    folders = [Path(recorded.get("log", {}).get("checkpoint_dir", checkpoint_dir)), checkpoint_dir]
     checkpoint = next(
-        (p for p in (run_checkpoints / "best.pth", run_checkpoints / "last.pth") if p.is_file()), None
+        (f / target.name / "last.pth" for f in folders if (f / target.name / "last.pth").is_file()), None
     )
-    return PlotSources(target, checkpoint, history)
+    data_dir = recorded.get("data", {}).get("processed_dir")
+    return PlotSources(target, checkpoint, history, Path(data_dir) if data_dir else None)
+
+
+def _recorded_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings a run folder records (tracking.SETTINGS_FILE); {} when absent or unreadable."""
+    import yaml
+
+    from cifar_cli.tracking import SETTINGS_FILE
+
+    try:
+        recorded = yaml.safe_load((run_dir / SETTINGS_FILE).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def write_run_plots(
@@ -179,16 +200,22 @@ def write_run_plots(
     say: Callable[[str], None] = lambda _text: None,
 ) -> list[Path]:
     """curves.png always; confusion_matrix.png, per_class.png and predictions.png when a checkpoint is found."""
-    from cifar_cli.engine.evaluate import evaluate_checkpoint
-
     sources = find_sources(target, log_dir, checkpoint_dir)
     out = out or (sources.run_dir or sources.checkpoint.parent) / "plots"
     written = [save(curves_figure(sources.history), out / "curves.png")]
     if sources.checkpoint is None:
-        say(f"No checkpoint found in {checkpoint_dir}: only the training curves were drawn.")
+        say(f"No checkpoint of this run found in {checkpoint_dir}: only the training curves were drawn.")
         return written
+    cache_name = "cache.pt"
+    if (
+        not (data.processed_dir / cache_name).is_file()
+        and sources.data_dir
+        and (sources.data_dir / cache_name).is_file()
+    ):
+        data = data.model_copy(update={"processed_dir": sources.data_dir})
     say(f"Evaluating {sources.checkpoint} on the test split for the other plots.")
-    metrics = evaluate_checkpoint(sources.checkpoint, data, "test", device_name=device_name, say=say)
+    evaluation = run_evaluation(sources.checkpoint, data, "test", device_name=device_name, say=say)
+    metrics = evaluation.metrics
     written.append(
         save(
             confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]),
@@ -196,29 +223,20 @@ def write_run_plots(
         )
     )
     written.append(save(per_class_figure(metrics["per_class"]), out / "per_class.png"))
-    written.append(
-        save(_sample_predictions_figure(sources.checkpoint, data, device_name), out / "predictions.png")
-    )
+    written.append(save(_sample_predictions_figure(evaluation), out / "predictions.png"))
     return written
 
 
-def _sample_predictions_figure(checkpoint: Path, data: DataSettings, device_name: str) -> Figure:
+def _sample_predictions_figure(evaluation: Evaluation) -> Figure:
+    """A fixed, spread-out sample of the evaluation's own predictions (same pass as the confusion matrix)."""
     import torch
 
-    from cifar_cli.data.loader import normalize
-    from cifar_cli.data.prepare import load_cache
-    from cifar_cli.engine.device import resolve_device
-    from cifar_cli.engine.evaluate import load_model
-
-    device = resolve_device(device_name)
-    loaded = load_model(checkpoint, device)
-    cache = load_cache(data.processed_dir)
-    # A fixed, spread-out sample so the picture is comparable between runs.
     generator = torch.Generator().manual_seed(0)
-    index = torch.randperm(len(cache["test_labels"]), generator=generator)[:PREDICTION_SAMPLES]
-    images, targets = cache["test_images"][index], cache["test_labels"][index]
-    batch = normalize(images.to(device), torch.float32, loaded.train_settings.channels_last)
-    with torch.no_grad():
-        predicted = loaded.model(batch).argmax(dim=1).cpu()
-    class_names = list(loaded.state.get("class_names"))
-    return predictions_figure(images.numpy(), targets.tolist(), predicted.tolist(), class_names)
+    count = min(PREDICTION_SAMPLES, len(evaluation.targets))
+    index = torch.randperm(len(evaluation.targets), generator=generator)[:count]
+    return predictions_figure(
+        evaluation.images[index].numpy(),
+        evaluation.targets[index].tolist(),
+        evaluation.predicted[index].tolist(),
+        evaluation.metrics["class_names"],
+    )

@@ -12,7 +12,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,8 +48,10 @@ class DataSettings(_Section):
     # CIFAR-10's archive is 170.5 MB: a mirror that sends much more (an endless stream) is stopped and refused.
     max_archive_mb: float = Field(256.0, gt=0, description="largest archive a download may write, in MB")
     write_png: bool = True
-    # Images held out of the training split for validation; 0 evaluates on the test split, as the seed did.
-    val_size: int = Field(0, ge=0)
+    # Training images held out (stratified, seeded) for validation. auto: 5,000 (a tenth of smaller data) where the
+    # recipe monitors a validation metric (plateau scheduler, early stopping), else none: nothing reads the test
+    # split before the end of training, so nothing can be chosen on it.
+    val_size: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class AugmentSettings(_Section):
@@ -62,12 +64,19 @@ class AugmentSettings(_Section):
 
 
 class ModelSettings(_Section):
-    name: str = "seed-cnn"
+    name: str = "seed-cnn"  # one of MODEL_RECIPES (every registered model; a test keeps the two in step)
     # Multiplies every width of the network; 1.0 is the published architecture.
     width_multiplier: float = Field(1.0, gt=0, le=8)
     # airbench only: epochs during which the whitening layer's bias trains; afterwards it is frozen, which also
     # spares the backward pass through the first convolution's input.
     whiten_bias_epochs: float = Field(3.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODEL_RECIPES:
+            raise ValueError(f"must be one of: {', '.join(MODEL_RECIPES)}")
+        return name
 
 
 class OptimSettings(_Section):
@@ -207,6 +216,42 @@ class Settings(BaseSettings):
     def to_plain(self) -> dict[str, Any]:
         """JSON-safe nested dict (paths as strings): what checkpoints and run folders store."""
         return self.model_dump(mode="json")
+
+
+def choices(section: type[BaseModel], field: str) -> list[str]:
+    """The values a Literal setting allows, for help texts and error messages that follow the code."""
+    annotation = section.model_fields[field].annotation
+    return [str(value) for value in get_args(annotation) if isinstance(value, str)]
+
+
+VAL_SIZE_AUTO = 5_000  # a tenth of CIFAR-10's training split
+
+
+def monitors_validation(settings: Settings) -> bool:
+    """Whether the recipe decides anything from a validation metric (plateau scheduler, early stopping)."""
+    stopping = settings.train.early_stopping
+    decides = settings.scheduler.name == "plateau" or stopping.patience > 0
+    return decides and stopping.monitor.startswith("val_")
+
+
+def resolve_val_size(settings: Settings, train_images: int) -> int:
+    """`data.val_size` as a number of images: auto holds out a validation split only where the recipe needs one."""
+    if settings.data.val_size != "auto":
+        return settings.data.val_size
+    return min(VAL_SIZE_AUTO, train_images // 10) if monitors_validation(settings) else 0
+
+
+def check_recipe(settings: Settings) -> Settings:
+    """Refuse a recipe that would choose on the test split: a validation monitor with no validation split."""
+    if settings.data.val_size == 0 and monitors_validation(settings):
+        uses = "the plateau scheduler" if settings.scheduler.name == "plateau" else "early stopping"
+        raise SettingsError(
+            "This recipe needs a validation split.",
+            [("data.val_size", f"{uses} reads {settings.train.early_stopping.monitor}: 0 would read the test split",
+              "0")],
+            hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
+        )  # fmt: skip
+    return settings
 
 
 _file_layers: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -369,7 +414,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     token = _file_layers.set(layers)
     try:
         # The preset chosen above names the recipe merged in, whichever layer or model chose it.
-        return Settings(**{**overrides, "preset": preset_name})
+        return check_recipe(Settings(**{**overrides, "preset": preset_name}))
     except ValidationError as error:
         raise settings_error_from(error) from None
     finally:

@@ -62,12 +62,13 @@ def epoch_summary(record: dict[str, Any]) -> str:
         f"train loss {record['train_loss']:.4f}",
         f"acc {record['train_accuracy']:.2%}",
     ]
-    if record.get("val_loss") is not None:
-        parts += [
-            f"val loss {record['val_loss']:.4f}",
-            f"acc {record['val_accuracy']:.2%}",
-            f"f1 {record['val_f1']:.3f}",
-        ]
+    for split in ("val", "test"):  # test: a recipe without a validation split, shown but never read
+        if record.get(f"{split}_loss") is not None:
+            parts += [
+                f"{split} loss {record[f'{split}_loss']:.4f}",
+                f"acc {record[f'{split}_accuracy']:.2%}",
+                f"f1 {record[f'{split}_f1']:.3f}",
+            ]
     parts += [
         f"lr {record['lr']:.3g}",
         f"{record['images_per_second']:,.0f} img/s",
@@ -194,11 +195,12 @@ class RunLogger:
 
 
 def _tensorboard_tag(key: str) -> str | None:
-    """`train_loss` -> `loss/train`, `val_f1` -> `f1/val`; `lr` -> `lr`; other keys are not scalars to plot."""
+    """`train_loss` -> `loss/train`, `val_f1` -> `f1/val`, `test_f1` -> `f1/test`; `lr` -> `lr`; other keys are
+    not scalars to plot."""
     if key == "lr":
         return "lr"
     split, _, metric = key.partition("_")
-    if split in ("train", "val") and metric in ("loss", "accuracy", "precision", "recall", "f1"):
+    if split in ("train", "val", "test") and metric in ("loss", "accuracy", "precision", "recall", "f1"):
         return f"{metric}/{split}"
     if key in ("images_per_second", "seconds"):
         return f"speed/{key}"

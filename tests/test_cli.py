@@ -99,7 +99,9 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
         *paths,
     )
     assert result.exit_code == 0, result.output
-    assert "epoch   2" in result.output and "Final accuracy" in result.output
+    assert "epoch   2" in result.output and "Final test accuracy" in result.output
+    # baseline's plateau scheduler reads a validation metric: a tenth of the 100 training images was held out.
+    assert "90 training images, 10 for validation" in " ".join(result.output.split())
     stored = (tmp_path / "runs" / "cli" / "settings.yaml").read_text()
     assert "lr: 0.002" in stored and "seed: 3" in stored and "batch_size: 16" in stored
 
@@ -110,6 +112,13 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     assert result.exit_code == 0 and "Confusion matrix" in result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_samples"] == 30 and metrics["split"] == "test"
+    assert metrics["model"] == "seed-cnn" and metrics["epoch"] in (1, 2) and metrics["loss"] > 0
+    for split, count in (("val", 10), ("train", 90)):
+        result = invoke("evaluate", str(checkpoint), "--split", split, "--json", str(tmp_path / f"{split}.json"),
+                        "--device", "cpu", *processed)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert f"{split} split, {count} images" in " ".join(result.output.split())
+        assert json.loads((tmp_path / f"{split}.json").read_text())["num_samples"] == count
 
     result = invoke(
         "plot",
@@ -125,6 +134,10 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
         ["curves.png", "confusion_matrix.png", "per_class.png", "predictions.png"]
     )
+    # The run folder alone: its settings.yaml leads to its own checkpoint and data (no --checkpoint-dir here).
+    result = invoke("plot", str(tmp_path / "runs" / "cli"), "--out", str(tmp_path / "again"))
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "again").iterdir())) == 4, result.output
 
 
 def test_download_checksum_error_is_exit_1_with_hint(tmp_path: Path, tiny_archive: Path) -> None:

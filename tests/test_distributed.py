@@ -52,8 +52,10 @@ def test_two_gloo_processes_agree_and_write_one_checkpoint(tmp_path: Path, prepa
         assert torch.equal(state["model_state"][key], rank0[key])
     assert state["epoch"] == 2
     history = json.loads((tmp_path / "runs" / "ddp" / "history.json").read_text())
-    # Each rank trains on half of the 100 images: 50 / 16 -> 3 steps per epoch.
-    assert [record["step"] for record in history] == [3, 6]
+    # baseline holds out 10 of the 100 images for validation; each rank trains on half of the other 90:
+    # 45 / 16 -> 2 full steps per epoch.
+    assert [record["step"] for record in history] == [2, 4]
+    assert all("val_accuracy" in record and "test_accuracy" not in record for record in history)
 
 
 def test_cli_nproc_launches_torchrun_and_resumes(tmp_path: Path, prepared_dir: Path) -> None:
@@ -93,3 +95,29 @@ def test_cli_nproc_launches_torchrun_and_resumes(tmp_path: Path, prepared_dir: P
     assert "Resuming run ddp-cli after epoch 1" in second.stdout
     history = json.loads((tmp_path / "runs" / "ddp-cli" / "history.json").read_text())
     assert [record["epoch"] for record in history] == [1, 2]
+
+
+def test_airbench_early_stopping_is_decided_once_for_both_ranks(tmp_path: Path, prepared_dir: Path) -> None:
+    # airbench's whitening bias freezes after epoch 1 (find_unused_parameters from then on); early stopping with
+    # patience 1 on the validation accuracy stops both ranks after the same epoch.
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    args = _settings_args(
+        tmp_path, prepared_dir, "model.name=airbench", "model.width_multiplier=0.25", "model.whiten_bias_epochs=1",
+        "train.epochs=6", "train.early_stopping.patience=1", "train.early_stopping.monitor=val_loss",
+        "train.early_stopping.mode=min",
+    )  # fmt: skip
+    done = _torchrun(str(REPO / "tests" / "ddp_worker.py"), str(weights), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((tmp_path / "runs" / "ddp" / "history.json").read_text())
+    losses = [record["val_loss"] for record in history]
+    best, stop_after = losses[0], len(losses)
+    for epoch, loss in enumerate(losses[1:], start=2):  # the rule, replayed from the recorded values
+        if loss >= best:
+            stop_after = epoch
+            break
+        best = loss
+    assert len(history) == stop_after
+    assert {(weights / f"rank{r}.epochs").read_text() for r in (0, 1)} == {str(stop_after)}
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)

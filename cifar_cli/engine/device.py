@@ -47,6 +47,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_launch(name: str, processes: int) -> None:
+    """Before torchrun starts anything: the device exists and has a GPU for every process (DDP runs one process
+    per GPU); MPS has no multi-process backend."""
+    device = resolve_device(name)
+    if device.type == "cuda" and processes > torch.cuda.device_count():
+        raise UsageError(
+            f"--nproc {processes} asks for one GPU per process; this machine has {torch.cuda.device_count()}.",
+            hint=f"Use --nproc {torch.cuda.device_count()} or fewer.",
+        )
+    if device.type == "mps":
+        raise UsageError("Several processes on MPS are not supported.", hint="Drop --nproc.")
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 

@@ -53,15 +53,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision (e.g. stop early) for every rank."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
-
-
 def broadcast_from_main(value: object) -> object:
     """Rank 0's Python object (e.g. the measured run plan) on every rank; other ranks pass a placeholder."""
     if not dist.is_initialized():

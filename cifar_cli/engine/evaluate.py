@@ -140,9 +140,14 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
 def split_tensors(
     data: DataSettings, split: str, val_size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images and labels of `split`; `val` is the held-out part of train (or the test split if none was)."""
+    """uint8 images and labels of `split`; `val` is the part of train that the run held out, `train` the rest."""
+    if split == "val" and not val_size:
+        raise UsageError(
+            "This run held out no validation split (data.val_size 0): there is no val split to evaluate.",
+            hint="Use --split test (or train).",
+        )
     cache = load_cache(data.processed_dir)
-    if split == "test" or (split == "val" and val_size == 0):
+    if split == "test":
         return cache["test_images"], cache["test_labels"]
     images, labels = cache["train_images"], cache["train_labels"]
     if split == "train" and val_size == 0:
@@ -150,6 +155,17 @@ def split_tensors(
     train_index, val_index = stratified_split(labels, val_size, seed)
     index = val_index if split == "val" else train_index
     return images[index], labels[index]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One inference pass over a split: the metrics (`cifar evaluate --json`) and the per-image predictions that
+    made them, so every figure and table of a checkpoint agrees with every other."""
+
+    metrics: dict[str, Any]
+    images: torch.Tensor  # uint8 N x 3 x 32 x 32, on the CPU
+    targets: torch.Tensor  # int64 N
+    predicted: torch.Tensor  # int64 N
 
 
 def evaluate_checkpoint(
@@ -162,8 +178,22 @@ def evaluate_checkpoint(
     say: Callable[[str], None] = lambda _text: None,
     keep_memory: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes. `keep_memory`: on
-    the CPU, malloc keeps freed memory for the next batch (`train.keep_freed_memory`, engine/memory.py)."""
+    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes."""
+    return run_evaluation(checkpoint, data, split, tta, device_name, batch_size, say, keep_memory).metrics
+
+
+def run_evaluation(
+    checkpoint: Path,
+    data: DataSettings,
+    split: str = "test",
+    tta: bool | None = None,
+    device_name: str = "auto",
+    batch_size: int = 1000,
+    say: Callable[[str], None] = lambda _text: None,
+    keep_memory: bool = True,
+) -> Evaluation:
+    """The checkpoint's predictions on a split, in its own precision and layout, with TTA as it was trained (or as
+    `tta` says). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (engine/memory.py)."""
     device = resolve_device(device_name)
     if keep_memory:
         keep_freed_memory(device.type)
@@ -183,7 +213,7 @@ def evaluate_checkpoint(
     predictions = predict(loaded.model, loader, precision, device, tta_level=level)
     class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
     report = report_from_predictions(predictions, class_names)
-    return report_to_json(
+    metrics = report_to_json(
         report,
         checkpoint=str(checkpoint),
         split=split,
@@ -193,6 +223,7 @@ def evaluate_checkpoint(
         epoch=loaded.state["epoch"],
         class_names=class_names,
     )
+    return Evaluation(metrics, images, predictions.targets, predictions.predicted)
 
 
 def predict_images(

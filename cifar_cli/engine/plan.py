@@ -38,6 +38,7 @@ class RunPlan:
     calibration: Calibration
     budget_seconds: float | None = None
     elapsed_seconds: float = 0.0  # spent before training starts (data, calibration)
+    test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
 
     @property
     def train_seconds_per_epoch(self) -> float:
@@ -54,7 +55,8 @@ class RunPlan:
     @property
     def final_seconds(self) -> float:
         views = TTA_VIEWS[self.tta_level]
-        return self.val_images * views / self.calibration.eval_images_per_second + FINAL_OVERHEAD_SECONDS
+        images = self.test_images or self.val_images
+        return images * views / self.calibration.eval_images_per_second + FINAL_OVERHEAD_SECONDS
 
     @property
     def total_seconds(self) -> float:
@@ -95,6 +97,7 @@ def fit_budget(
     batch_size: int,
     val_images: int,
     tta_level: int,
+    test_images: int = 0,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width; where not even one does, the widest narrower network that
     fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width; `elapsed_seconds()` is the time
@@ -105,8 +108,9 @@ def fit_budget(
         calibration = calibrate_at(width)
         elapsed = elapsed_seconds()
         plan = RunPlan(
-            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibration, budget_seconds, elapsed
-        )
+            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibration, budget_seconds, elapsed,
+            test_images,
+        )  # fmt: skip
         spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
         epochs = math.floor(spare / plan.epoch_seconds)
         if epochs >= 1:

@@ -51,7 +51,7 @@ from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import ensure_writable_folder, require_free_space, run_lock, write_text_atomically
 from cifar_cli.models import build_model
-from cifar_cli.settings import Settings, dump_yaml
+from cifar_cli.settings import Settings, dump_yaml, resolve_val_size
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
 
 LAST_CHECKPOINT = "last.pth"
@@ -78,22 +78,52 @@ class TrainResult:
     plan: RunPlan | None = None
 
 
+# Train settings that do not change what a run learns (where and how fast it runs, how it is shown or evaluated at
+# the end), and its length: a run is identified by every other setting, so `--epochs 12` after an 8-epoch run
+# extends it, and changing anything else (lookahead, micro-batches, the validation split...) starts another run.
+NOT_RECIPE = {
+    "epochs", "eval_batch_size", "device", "channels_last", "compile", "deterministic", "tta", "run_name",
+    "resume", "num_threads", "keep_freed_memory",
+}  # fmt: skip
+
+
+def recipe_identity(plain: dict[str, Any]) -> dict[str, Any]:
+    """The settings that identify a run, as dotted keys, from `Settings.to_plain()` (or a checkpoint's copy)."""
+    sections = {name: plain.get(name, {}) for name in ("model", "optim", "scheduler")}
+    sections["train"] = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RECIPE}
+    # The data: which images (the archive's checksum) and how many are held out; not where they live.
+    sections["data"] = {k: v for k, v in plain.get("data", {}).items() if k in ("md5", "val_size")}
+    flat: dict[str, Any] = {}
+    _flatten(sections, "", flat)
+    return flat
+
+
+def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}{key}.", into)
+    else:
+        into[prefix.rstrip(".")] = value
+
+
 def default_run_name(settings: Settings) -> str:
     """Same recipe, same name: running the same command again resumes instead of starting a second run."""
-    recipe = {
-        "model": settings.model.model_dump(mode="json"),
-        "optim": settings.optim.model_dump(mode="json"),
-        "scheduler": settings.scheduler.model_dump(mode="json"),
-        "train": settings.train.model_dump(
-            mode="json",
-            # A time budget decides the epochs (and the width) on the machine at hand: it names the run instead.
-            include={"batch_size", "seed", "precision", "augment", "early_stopping"}
-            | ({"time_budget"} if settings.train.time_budget else {"epochs"}),
-        ),
-        "val_size": settings.data.val_size,
-    }
-    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    identity = recipe_identity(settings.to_plain())
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{settings.preset}-{settings.model.name}-{digest}"
+
+
+def recipe_differences(stored: dict[str, Any], current: Settings) -> list[tuple[str, Any, Any]]:
+    """(setting, in the run, asked for now) where a resume would mix two recipes. `auto` asks for nothing
+    specific (the run stored what it resolved to); keys an older checkpoint lacks are not held against it; a
+    time budget chose the width."""
+    before, now = recipe_identity(stored), recipe_identity(current.to_plain())
+    chosen_by_plan = {"model.width_multiplier"} if current.train.time_budget else set()
+    return [
+        (key, before[key], value)
+        for key, value in sorted(now.items())
+        if key in before and before[key] != value and value != "auto" and key not in chosen_by_plan
+    ]
 
 
 def expected_checkpoint_bytes(model: torch.nn.Module, optimizer_name: str, lookahead: object | None) -> int:
@@ -149,27 +179,43 @@ class Trainer:
             keep_freed_memory(device.type)
 
     def _load_data(self) -> None:
+        """Training images, the validation split held out of them (when the recipe has one) and the test split.
+
+        Each epoch is evaluated on the validation split, or, without one, on the test split for the curves only:
+        then nothing (best.pth, early stopping, the plateau scheduler) reads it; `check_recipe` refuses otherwise.
+        """
         ensure_prepared(self.settings.data, self.reporter.message)
         cache = load_cache(self.settings.data.processed_dir)
         images, labels = cache["train_images"], cache["train_labels"]
-        val_size = self.settings.data.val_size
+        val_size = self._resolve_val_size(len(labels))
+        self.test_split = (cache["test_images"], cache["test_labels"])
         if val_size:
             if val_size >= len(labels):
                 raise UsageError(
                     f"data.val_size={val_size} leaves no training images (the split has {len(labels)})."
                 )
             train_index, val_index = stratified_split(labels, val_size, self.settings.train.seed)
-            val_images, val_labels = images[val_index], labels[val_index]
-            images, labels = images[train_index], labels[train_index]
+            self.split = (images[train_index], labels[train_index], images[val_index], labels[val_index])
         else:
-            val_images, val_labels = cache["test_images"], cache["test_labels"]
-        self.split = (images, labels, val_images, val_labels)
+            self.split = (images, labels, *self.test_split)
+        self.eval_split = "val" if val_size else "test"
+
+    def _resolve_val_size(self, train_images: int) -> int:
+        """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
+        stored = self._stored_settings()
+        val_size = (
+            stored["data"]["val_size"]
+            if stored is not None
+            else resolve_val_size(self.settings, train_images)
+        )
+        self.settings.data.val_size = val_size
+        return val_size
 
     # ------------------------------------------------------------------------------------------ plan
-    def plan(self, train_images: int, val_images: int) -> RunPlan:
+    def plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
         """Precision, memory layout, epochs and width of this run, from speeds measured on this machine (on rank 0,
         shared with the others); a resumed run keeps what its checkpoint chose."""
-        plan = self._measure_plan(train_images, val_images) if self.context.is_main else None
+        plan = self._measure_plan(train_images, val_images, test_images) if self.context.is_main else None
         plan = distributed.broadcast_from_main(plan)
         train, model = self.settings.train, self.settings.model
         train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
@@ -178,7 +224,7 @@ class Trainer:
         self.reporter.message(plan.describe())
         return plan
 
-    def _measure_plan(self, train_images: int, val_images: int) -> RunPlan:
+    def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
         settings, train = self.settings, self.settings.train
         stored = self._stored_settings()
         precision, channels_last = train.precision, train.channels_last
@@ -199,15 +245,24 @@ class Trainer:
         if budget is not None and stored is None:
             width = settings.model.width_multiplier
             return fit_budget(
-                budget, self._elapsed, calibrate_at, width, steps, train.batch_size, val_images, level
+                budget,
+                self._elapsed,
+                calibrate_at,
+                width,
+                steps,
+                train.batch_size,
+                val_images,
+                level,
+                test_images,
             )
         epochs, width = train.epochs, settings.model.width_multiplier
         if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
             epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
         calibration = calibrate_at(width)
         return RunPlan(
-            epochs, width, train.batch_size, steps, val_images, level, calibration, budget, self._elapsed()
-        )
+            epochs, width, train.batch_size, steps, val_images, level, calibration, budget, self._elapsed(),
+            test_images,
+        )  # fmt: skip
 
     def _elapsed(self) -> float:
         """Seconds since this run started (a time budget counts from there)."""
@@ -231,8 +286,9 @@ class Trainer:
         manifest = read_manifest(self.settings.data.processed_dir) or {}
         counts = manifest.get("counts", {})
         train_images = counts.get("train", CIFAR10_SIZES[0])
-        val_images = self.settings.data.val_size or counts.get("test", CIFAR10_SIZES[1])
-        return self.plan(train_images - self.settings.data.val_size, val_images)
+        test_images = counts.get("test", CIFAR10_SIZES[1])
+        val_size = resolve_val_size(self.settings, train_images)
+        return self.plan(train_images - val_size, val_size or test_images, test_images)
 
     def _setup_loaders(self) -> None:
         images, labels, val_images, val_labels = self.split
@@ -252,13 +308,20 @@ class Trainer:
             rank=self.context.rank,
             world_size=self.context.world_size,
         )
-        self.val_loader = BatchLoader(
-            val_images.to(self.device),
-            val_labels.to(self.device),
-            train.eval_batch_size,
-            train=False,
-            dtype=input_dtype,
-            channels_last=train.channels_last,
+
+        def evaluation_loader(images: torch.Tensor, labels: torch.Tensor) -> BatchLoader:
+            return BatchLoader(
+                images.to(self.device),
+                labels.to(self.device),
+                train.eval_batch_size,
+                train=False,
+                dtype=input_dtype,
+                channels_last=train.channels_last,
+            )
+
+        self.val_loader = evaluation_loader(val_images, val_labels)  # each epoch's evaluation
+        self.test_loader = (
+            self.val_loader if self.eval_split == "test" else evaluation_loader(*self.test_split)
         )
         if len(self.train_loader) == 0:
             raise UsageError("No training batches: the training split is smaller than one batch per process.")
@@ -309,16 +372,23 @@ class Trainer:
             )
         return exists and wanted is not False
 
+    def _check_same_recipe(self) -> None:
+        """A resume continues the same recipe; another optimiser or model would fail deep inside torch."""
+        differences = recipe_differences(self._last_checkpoint()["settings"], self.settings)
+        if differences:
+            shown = "\n".join(
+                f"  {key}: {before!r} in the run, {now!r} now" for key, before, now in differences[:8]
+            )
+            more = f"\n  ... and {len(differences) - 8} more" if len(differences) > 8 else ""
+            raise UsageError(
+                f"Run {self.run_name!r} was trained with other settings; resuming it would mix two recipes:\n"
+                f"{shown}{more}",
+                hint="Start a new run with another --run-name (or drop --run-name to get one per recipe), "
+                "or --no-resume to train this one again from scratch.",
+            )
+
     def _resume(self) -> None:
         state = self._last_checkpoint()
-        stored = state["settings"]["model"]
-        current = self.settings.model
-        if (stored["name"], stored["width_multiplier"]) != (current.name, current.width_multiplier):
-            raise UsageError(
-                f"Run {self.run_name!r} holds a {stored['name']} (width x{stored['width_multiplier']}), "
-                f"not a {current.name} (width x{current.width_multiplier}).",
-                hint="Use another --run-name, or --no-resume to start this run again.",
-            )
         self.model.load_state_dict(state["model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         if self.scheduler is not None and state.get("scheduler_state"):
@@ -336,7 +406,7 @@ class Trainer:
 
     def _check_checkpoint_space(self) -> None:
         """Refuse before the first epoch when the checkpoints cannot fit: their size is known from the model."""
-        files = [LAST_CHECKPOINT, BEST_CHECKPOINT]
+        files = [LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if self.eval_split == "val" else [])
         missing = sum(not (self.checkpoint_dir / name).exists() for name in files)
         needed = (missing + 1) * expected_checkpoint_bytes(
             self.model, self.settings.optim.name, self.lookahead
@@ -367,8 +437,10 @@ class Trainer:
                 distributed.destroy_process_group()
 
     def _run(self) -> TrainResult:
+        if self._should_resume():
+            self._check_same_recipe()
         self._load_data()
-        self.run_plan = self.plan(len(self.split[1]), len(self.split[3]))
+        self.run_plan = self.plan(len(self.split[1]), len(self.split[3]), len(self.test_split[1]))
         self._setup_loaders()
         self._setup_model()
         resumed_from = 0
@@ -378,18 +450,12 @@ class Trainer:
         if self.context.is_main:
             self._check_checkpoint_space()
         self.remaining = RemainingTime(self.run_plan, self.epoch)
-        logger = (
-            RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
-            if self.context.is_main
-            else None
-        )
-        if self.context.is_main:
-            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(self.run_plan.to_json(), indent=2))
         if resumed_from >= self.settings.train.epochs:
             self.reporter.message(
                 f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
                 "Use --no-resume to train it again, or raise --epochs to extend it."
             )
+            # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
             return TrainResult(
                 self.run_name,
                 self.run_dir,
@@ -399,6 +465,13 @@ class Trainer:
                 resumed_from,
                 plan=self.run_plan,
             )
+        logger = (
+            RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
+            if self.context.is_main
+            else None
+        )
+        if self.context.is_main:
+            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(self.run_plan.to_json(), indent=2))
         self.reporter.message(self._banner())
         stopped_early = False
         try:
@@ -447,17 +520,18 @@ class Trainer:
         started = time.perf_counter()
         train_stats = self._train_one_epoch()
         seconds = time.perf_counter() - started
-        val = predict(self.model, self.val_loader, self.precision, self.device, tta_level=0)
-        val_report = report_from_predictions(val, CLASS_NAMES)
+        evaluated = predict(self.model, self.val_loader, self.precision, self.device, tta_level=0)
+        report = report_from_predictions(evaluated, CLASS_NAMES)
         images_seen = len(self.train_loader) * self.settings.train.batch_size * self.context.world_size
+        split = self.eval_split  # "val", or "test" where the recipe holds out nothing (curves only)
         return {
             "epoch": epoch,
             **{f"train_{key}": value for key, value in train_stats.items()},
-            "val_loss": val.loss,
-            "val_accuracy": val_report.accuracy,
-            "val_precision": val_report.precision_macro,
-            "val_recall": val_report.recall_macro,
-            "val_f1": val_report.f1_macro,
+            f"{split}_loss": evaluated.loss,
+            f"{split}_accuracy": report.accuracy,
+            f"{split}_precision": report.precision_macro,
+            f"{split}_recall": report.recall_macro,
+            f"{split}_f1": report.f1_macro,
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
             "images_per_second": images_seen / seconds,
@@ -548,19 +622,25 @@ class Trainer:
         self.epoch = record["epoch"]
         self.history.append(record)
         stopping = self.settings.train.early_stopping
-        monitored = record[stopping.monitor]
-        improved = self.best_metric is None or (
-            monitored > self.best_metric if stopping.mode == "max" else monitored < self.best_metric
+        # A monitor on the test split is never read: without a validation split there is no val_* to monitor.
+        # Rank 0's value decides for every rank (best.pth, the plateau scheduler's lr, early stopping), so the
+        # processes of a DDP run can never disagree about when to stop.
+        monitored = distributed.broadcast_from_main(record.get(stopping.monitor))
+        improved = monitored is not None and (
+            self.best_metric is None
+            or (monitored > self.best_metric if stopping.mode == "max" else monitored < self.best_metric)
         )
         if improved:
             self.best_metric, self.epochs_without_improvement = monitored, 0
-        else:
+        elif monitored is not None:
             self.epochs_without_improvement += 1
         if self.scheduler is not None and not scheduler_steps_per_batch(self.scheduler):
             self.scheduler.step(monitored)
         if self.context.is_main:
             self._save(self.checkpoint_dir / LAST_CHECKPOINT)
-            if improved:
+            if (
+                improved and self.eval_split == "val"
+            ):  # best.pth exists only where a validation split chose it
                 self._save(self.checkpoint_dir / BEST_CHECKPOINT)
             logger.log_epoch(record, self.history, self.global_step)
         self.reporter.end_epoch({**record, "remaining_seconds": self.remaining.end_epoch()})
@@ -604,12 +684,16 @@ class Trainer:
     def _finish(self, logger: RunLogger | None) -> dict[str, float]:
         """Final evaluation (with TTA when enabled) of the last weights, logged to TensorBoard."""
         level = tta_level(self.settings.train)
-        predictions: Predictions = predict(self.model, self.val_loader, self.precision, self.device, level)
+        predictions: Predictions = predict(self.model, self.test_loader, self.precision, self.device, level)
         report = report_from_predictions(predictions, CLASS_NAMES)
+        last_val = {"val_accuracy": self.history[-1]["val_accuracy"]} if self.eval_split == "val" else {}
         final = {
+            # The last weights on the test split, read once, after training: never used to choose anything.
+            "split": "test",
             "accuracy": report.accuracy,
             "f1": report.f1_macro,
             "loss": predictions.loss,
+            **last_val,
             "tta_level": level,
             "epochs": self.epoch,
             "train_seconds": sum(record["seconds"] for record in self.history),
@@ -620,7 +704,7 @@ class Trainer:
         }
         if self.history:
             self.reporter.message(
-                f"Final {'TTA ' if level else ''}accuracy {report.accuracy:.2%} (macro F1 {report.f1_macro:.3f}); "
+                f"Final {'TTA ' if level else ''}test accuracy {report.accuracy:.2%} (macro F1 {report.f1_macro:.3f}); "
                 f"checkpoints in {self.checkpoint_dir}, logs in {self.run_dir}"
             )
         if logger is not None:
