@@ -120,4 +120,7 @@ def test_airbench_early_stopping_is_decided_once_for_both_ranks(tmp_path: Path, 
     assert len(history) == stop_after
     assert {(weights / f"rank{r}.epochs").read_text() for r in (0, 1)} == {str(stop_after)}
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    # Parameters agree; BatchNorm running statistics are each rank's own after the last step (DDP broadcasts
+    # rank 0's at the start of every forward), which is why rank 0's monitor decides for both.
+    differing = {key for key in rank0 if not torch.equal(rank0[key], rank1[key])}
+    assert differing and all(key.endswith(("running_mean", "running_var")) for key in differing), differing
