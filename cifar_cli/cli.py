@@ -481,8 +481,8 @@ def train(
     with handled_errors():
         settings = resolve(config, set_options, **flags)
         if dry_run:
+            from cifar_cli.display import PlainReporter
             from cifar_cli.engine.train import plan_run
-            from cifar_cli.tracking import PlainReporter
 
             plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
             console.print("Dry run: nothing was trained.")
@@ -492,10 +492,11 @@ def train(
 
             check_launch(settings.train.device, nproc)  # the same short error as without --nproc
             raise typer.Exit(_launch_torchrun(nproc))
+        from cifar_cli.display import make_reporter
         from cifar_cli.engine.train import train as run_training
-        from cifar_cli.tracking import make_reporter
+        from cifar_cli.plots import confusion_matrix_figure
 
-        run_training(settings, make_reporter(settings.log.progress, console))
+        run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 
 
 def _launch_torchrun(nproc: int) -> int:

@@ -225,7 +225,7 @@ def test_paths_that_do_not_exist_or_are_files(tmp_path: Path, args: list[str]) -
         ["train", "--precision", "fp8"],
         ["train", "--scheduler", "exotic"],
         ["train", "--val-size", "ten"],
-        ["train", "--resume", "maybe"],
+        ["train", "--set", "train.resume=maybe"],
         ["train", "--label-smoothing", "1.5"],
         ["evaluate", "x.pth", "--batch-size", "0"],
         ["predict", "x.pth", "y.png", "--top-k", "20"],

@@ -6,7 +6,8 @@ import io
 
 from rich.console import Console
 
-from cifar_cli.tracking import RichReporter, epoch_summary
+from cifar_cli.display import RichReporter
+from cifar_cli.tracking import epoch_summary
 
 RECORD = {
     "epoch": 1,

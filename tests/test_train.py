@@ -158,9 +158,23 @@ def test_validation_split_and_bf16(tmp_path: Path, prepared_dir: Path) -> None:
     trainer = Trainer(
         tiny_settings(tmp_path, prepared_dir, "data.val_size=20", "train.precision=bf16", "train.epochs=1")
     )
-    result = trainer.run()
+    calls: list[torch.dtype] = []
+    original = torch.nn.Linear.forward
+
+    def spy(self, x):  # noqa: ANN001, ANN202 - records the dtype the head really computes in
+        out = original(self, x)
+        calls.append(out.dtype)
+        return out
+
+    torch.nn.Linear.forward = spy
+    try:
+        result = trainer.run()
+    finally:
+        torch.nn.Linear.forward = original
     assert len(trainer.val_loader.labels) == 20 and len(trainer.train_loader.labels) == 80
-    assert result.history[0]["val_accuracy"] >= 0
+    assert calls and set(calls) == {torch.bfloat16}  # training and evaluation both ran in bf16
+    correct = result.history[0]["val_accuracy"] * 20
+    assert abs(correct - round(correct)) < 1e-6  # a fraction of the 20 validation images
 
 
 def test_same_recipe_same_run_name(tmp_path: Path, prepared_dir: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from cifar_cli.settings import Settings, dump_yaml, resolve_val_size
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
 
 LAST_CHECKPOINT = "last.pth"
+FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 BEST_CHECKPOINT = "best.pth"
 WHITENING_SAMPLE = 5000  # training images used to estimate the whitening filters
 PROGRESS_UPDATES_PER_EPOCH = 50  # batch-bar refreshes; each one waits for the device
@@ -149,12 +151,19 @@ class Trainer:
     """One training run. `run()` does everything; the pieces are methods so each stays short."""
 
     def __init__(
-        self, settings: Settings, reporter: Reporter | None = None, context: DistContext | None = None
+        self,
+        settings: Settings,
+        reporter: Reporter | None = None,
+        context: DistContext | None = None,
+        confusion_figure: FigureMaker | None = None,
     ):
         self.started = time.perf_counter()  # a time budget counts from here
         self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
+        self.confusion_figure = (
+            confusion_figure  # the CLI passes plots' figure; the core draws nothing itself
+        )
         self.run_name = settings.train.run_name or default_run_name(settings)
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
@@ -708,9 +717,9 @@ class Trainer:
                 f"checkpoints in {self.checkpoint_dir}, logs in {self.run_dir}"
             )
         if logger is not None:
-            from cifar_cli.plots import confusion_matrix_figure
-
-            figure = confusion_matrix_figure(report.confusion_matrix, CLASS_NAMES)
+            figure = (
+                self.confusion_figure(report.confusion_matrix, CLASS_NAMES) if self.confusion_figure else None
+            )
             logger.log_final(_hparams(self.settings), final, figure)
         return final
 
@@ -729,9 +738,12 @@ def _hparams(settings: Settings) -> dict[str, Any]:
     }
 
 
-def train(settings: Settings, reporter: Reporter | None = None) -> TrainResult:
-    """Train with `settings`; the one entry point that the CLI and Python users call."""
-    return Trainer(settings, reporter).run()
+def train(
+    settings: Settings, reporter: Reporter | None = None, confusion_figure: FigureMaker | None = None
+) -> TrainResult:
+    """Train with `settings`; the one entry point that the CLI and Python users call. `confusion_figure(matrix,
+    class names)` makes the figure logged to TensorBoard at the end (the CLI passes a matplotlib one)."""
+    return Trainer(settings, reporter, confusion_figure=confusion_figure).run()
 
 
 def plan_run(settings: Settings, reporter: Reporter | None = None) -> RunPlan:
