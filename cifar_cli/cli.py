@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -61,6 +63,16 @@ PATHS = "Paths"
 RECIPE = "Recipe"
 RUN = "Run"
 
+
+@dataclass(frozen=True)
+class Sets:
+    """Marks a command-line option with the setting it overrides, in the option's own annotation: adding a flag is
+    one parameter (`flag_settings` finds it)."""
+
+    key: str
+    invert: bool = False  # --no-png sets data.write_png to false
+
+
 # Options shared by several commands, defined once.
 ConfigOption = Annotated[
     Path | None,
@@ -80,66 +92,50 @@ SetOption = Annotated[
     ),
 ]
 RawDirOption = Annotated[
-    Path | None, typer.Option("--raw-dir", help="Where the archive is downloaded.", rich_help_panel=PATHS)
+    Path | None,
+    typer.Option("--raw-dir", help="Where the archive is downloaded.", rich_help_panel=PATHS),
+    Sets("data.raw_data_dir"),
 ]
 ProcessedDirOption = Annotated[
     Path | None,
     typer.Option("--processed-dir", help="Where PNG folders and the tensor cache go.", rich_help_panel=PATHS),
+    Sets("data.processed_dir"),
 ]
 CheckpointDirOption = Annotated[
     Path | None,
     typer.Option("--checkpoint-dir", help="Checkpoints go to <dir>/<run>/.", rich_help_panel=PATHS),
+    Sets("log.checkpoint_dir"),
 ]
 LogDirOption = Annotated[
     Path | None,
     typer.Option("--log-dir", help="TensorBoard logs and history go to <dir>/<run>/.", rich_help_panel=PATHS),
+    Sets("log.log_dir"),
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)
+    str | None,
+    typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=RUN),
+    Sets("train.device"),
 ]
 
-# Flag name -> dotted settings key; flags left unset (None) do not override anything.
-FLAG_KEYS = {
-    "raw_dir": "data.raw_data_dir",
-    "processed_dir": "data.processed_dir",
-    "checkpoint_dir": "log.checkpoint_dir",
-    "log_dir": "log.log_dir",
-    "urls": "data.urls",
-    "md5": "data.md5",
-    "no_png": "data.write_png",
-    "preset": "preset",
-    "model": "model.name",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "lr": "optim.lr",
-    "wd": "optim.weight_decay",
-    "optimizer": "optim.name",
-    "scheduler": "scheduler.name",
-    "label_smoothing": "optim.label_smoothing",
-    "device": "train.device",
-    "precision": "train.precision",
-    "seed": "train.seed",
-    "run_name": "train.run_name",
-    "resume": "train.resume",
-    "compile": "train.compile",
-    "deterministic": "train.deterministic",
-    "val_size": "data.val_size",
-    "progress": "log.progress",
-    "time_budget": "train.time_budget",
-}
+
+def flag_settings(command: Callable[..., Any], arguments: dict[str, Any]) -> dict[str, Any]:
+    """{setting: value} for the options of `command` that were given (None or an empty list: not given)."""
+    given = {}
+    for name, hint in typing.get_type_hints(command, include_extras=True).items():
+        marker = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Sets)), None)
+        value = arguments.get(name)
+        if marker is not None and value not in (None, []):
+            given[marker.key] = (not value) if marker.invert else value
+    return given
 
 
-def resolve(config: Path | None, set_options: list[str] | None, **flags: Any) -> Settings:
+def resolve(
+    config: Path | None, set_options: list[str] | None, flags: dict[str, Any] | None = None
+) -> Settings:
     """Settings from every source; flags beat `--set`, which beats environment, YAML, preset and defaults."""
     overrides = parse_set_options(set_options or [])
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        if flag == "no_png":
-            value = not value
-        if flag == "urls" and not value:
-            continue
-        set_dotted(overrides, FLAG_KEYS[flag], value)
+    for key, value in (flags or {}).items():
+        set_dotted(overrides, key, value)
     return load_settings(config, overrides)
 
 
@@ -205,8 +201,11 @@ def download(
     urls: Annotated[
         list[str] | None,
         typer.Option("--url", help="Mirror to try, in order: http(s)://, file:// or a path (repeatable)."),
+        Sets("data.urls"),
     ] = None,
-    md5: Annotated[str | None, typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
+    md5: Annotated[
+        str | None, typer.Option("--md5", help="Expected MD5 of the archive."), Sets("data.md5")
+    ] = None,
     raw_dir: RawDirOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Download again even if a valid archive is present.")
@@ -218,7 +217,7 @@ def download(
     from cifar_cli.data.download import download_archive
 
     with handled_errors():
-        data = resolve(config, set_options, urls=urls, md5=md5, raw_dir=raw_dir).data
+        data = resolve(config, set_options, flag_settings(download, locals())).data
         with _transfer_progress() as (on_progress, on_message):
             result = download_archive(
                 data.urls,
@@ -268,7 +267,9 @@ def prepare(
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     no_png: Annotated[
-        bool | None, typer.Option("--no-png", help="Only write the tensor cache, no PNG folders.")
+        bool | None,
+        typer.Option("--no-png", help="Only write the tensor cache, no PNG folders."),
+        Sets("data.write_png", invert=True),
     ] = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
@@ -277,7 +278,7 @@ def prepare(
     from cifar_cli.data.prepare import prepare_dataset
 
     with handled_errors():
-        data = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, no_png=no_png).data
+        data = resolve(config, set_options, flag_settings(prepare, locals())).data
         with _count_progress() as on_progress:
             result = prepare_dataset(
                 data.raw_data_dir, data.processed_dir, write_png=data.write_png, on_progress=on_progress
@@ -322,6 +323,7 @@ def train(
             help=f"One of: {', '.join(available_presets())} (default fast).",
             rich_help_panel=RECIPE,
         ),
+        Sets("preset"),
     ] = None,
     model: Annotated[
         str | None,
@@ -332,13 +334,17 @@ def train(
             + ". Without --preset, the model's own recipe.",
             rich_help_panel=RECIPE,
         ),
+        Sets("model.name"),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE)
+        int | None,
+        typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE),
+        Sets("train.epochs"),
     ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE),
+        Sets("train.batch_size"),
     ] = None,
     lr: Annotated[
         float | None,
@@ -348,6 +354,7 @@ def train(
             "the head's (the biases get optim.bias_lr_scale times it); the filters' is optim.muon_lr.",
             rich_help_panel=RECIPE,
         ),
+        Sets("optim.lr"),
     ] = None,
     wd: Annotated[
         float | None,
@@ -357,6 +364,7 @@ def train(
             "optim.bias_weight_decay and the filters keep a fixed norm.",
             rich_help_panel=RECIPE,
         ),
+        Sets("optim.weight_decay"),
     ] = None,
     optimizer: Annotated[
         str | None,
@@ -366,6 +374,7 @@ def train(
             "rest).",
             rich_help_panel=RECIPE,
         ),
+        Sets("optim.name"),
     ] = None,
     scheduler: Annotated[
         str | None,
@@ -374,9 +383,10 @@ def train(
             help=f"One of: {', '.join(choices(SchedulerSettings, 'name'))}.",
             rich_help_panel=RECIPE,
         ),
+        Sets("scheduler.name"),
     ] = None,
     label_smoothing: Annotated[
-        float | None, typer.Option("--label-smoothing", rich_help_panel=RECIPE)
+        float | None, typer.Option("--label-smoothing", rich_help_panel=RECIPE), Sets("optim.label_smoothing")
     ] = None,
     val_size: Annotated[
         int | None,
@@ -386,6 +396,7 @@ def train(
             "validation metric, else 0; nothing is ever chosen on the test split).",
             rich_help_panel=RECIPE,
         ),
+        Sets("data.val_size"),
     ] = None,
     device: DeviceOption = None,
     precision: Annotated[
@@ -395,15 +406,19 @@ def train(
             help=f"One of: {', '.join(choices(TrainSettings, 'precision'))}.",
             rich_help_panel=RUN,
         ),
+        Sets("train.precision"),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN)
+        int | None,
+        typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN),
+        Sets("train.seed"),
     ] = None,
     run_name: Annotated[
         str | None,
         typer.Option(
             "--run-name", help="Run folder name (default: preset-model-<settings hash>).", rich_help_panel=RUN
         ),
+        Sets("train.run_name"),
     ] = None,
     resume: Annotated[
         bool | None,
@@ -412,20 +427,24 @@ def train(
             help="Continue from last.pth (default: when it exists).",
             rich_help_panel=RUN,
         ),
+        Sets("train.resume"),
     ] = None,
     compile: Annotated[
         bool | None,
         typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN),
+        Sets("train.compile"),
     ] = None,
     deterministic: Annotated[
         bool | None,
         typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN),
+        Sets("train.deterministic"),
     ] = None,
     progress: Annotated[
         str | None,
         typer.Option(
             "--progress", help=f"One of: {', '.join(choices(LogSettings, 'progress'))}.", rich_help_panel=RUN
         ),
+        Sets("log.progress"),
     ] = None,
     nproc: Annotated[
         int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)
@@ -438,6 +457,7 @@ def train(
             "Picks the epochs, and a narrower model if one epoch does not fit.",
             rich_help_panel=RECIPE,
         ),
+        Sets("train.time_budget"),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -453,33 +473,8 @@ def train(
     set_options: SetOption = None,
 ) -> None:
     """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
-    flags = dict(
-        preset=preset,
-        model=model,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        wd=wd,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        label_smoothing=label_smoothing,
-        val_size=val_size,
-        device=device,
-        precision=precision,
-        seed=seed,
-        run_name=run_name,
-        resume=resume,
-        compile=compile,
-        deterministic=deterministic,
-        progress=progress,
-        time_budget=time_budget,
-        raw_dir=raw_dir,
-        processed_dir=processed_dir,
-        checkpoint_dir=checkpoint_dir,
-        log_dir=log_dir,
-    )
     with handled_errors():
-        settings = resolve(config, set_options, **flags)
+        settings = resolve(config, set_options, flag_settings(train, locals()))
         if dry_run:
             from cifar_cli.display import PlainReporter
             from cifar_cli.engine.train import plan_run
@@ -554,7 +549,7 @@ def evaluate(
     with handled_errors():
         if split not in ("test", "train", "val"):
             raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
-        settings = resolve(config, set_options, raw_dir=raw_dir, processed_dir=processed_dir, device=device)
+        settings = resolve(config, set_options, flag_settings(evaluate, locals()))
         from cifar_cli.engine.evaluate import evaluate_checkpoint
         from cifar_cli.files import write_text_atomically
 
@@ -616,7 +611,7 @@ def predict(
     with handled_errors():
         from cifar_cli.engine.evaluate import predict_images
 
-        device_name = resolve(None, None, device=device).train.device
+        device_name = resolve(None, None, flag_settings(predict, locals())).train.device
         results = predict_images(checkpoint, images, top_k, device_name)
         if as_json:
             console.print_json(json.dumps(results))
@@ -649,15 +644,7 @@ def plot(
 ) -> None:
     """Training curves, confusion matrix, per-class accuracy and sample predictions as PNG files."""
     with handled_errors():
-        settings = resolve(
-            config,
-            set_options,
-            device=device,
-            log_dir=log_dir,
-            checkpoint_dir=checkpoint_dir,
-            processed_dir=processed_dir,
-            raw_dir=raw_dir,
-        )
+        settings = resolve(config, set_options, flag_settings(plot, locals()))
         from cifar_cli.plots import write_run_plots
 
         written = write_run_plots(
@@ -711,7 +698,7 @@ def bench(
 ) -> None:
     """Measure training throughput on this machine: our pipeline vs the seed's, fp32 vs mixed precision."""
     with handled_errors():
-        settings = resolve(config, set_options, device=device, raw_dir=raw_dir, processed_dir=processed_dir)
+        settings = resolve(config, set_options, flag_settings(bench, locals()))
         from cifar_cli.bench import BenchOptions, run_benchmark
         from cifar_cli.files import write_text_atomically
 

@@ -46,3 +46,43 @@ def test_importing_the_core_loads_neither_rich_nor_the_cli() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _commands():  # noqa: ANN202
+    from cifar_cli import cli
+
+    return [cli.download, cli.prepare, cli.train, cli.evaluate, cli.predict, cli.plot, cli.bench]
+
+
+def test_every_flag_names_a_real_setting() -> None:
+    import typing
+
+    from cifar_cli.cli import Sets
+    from cifar_cli.settings import Settings
+
+    keys = set()
+    for command in _commands():
+        for hint in typing.get_type_hints(command, include_extras=True).values():
+            keys.update(m.key for m in getattr(hint, "__metadata__", ()) if isinstance(m, Sets))
+    assert len(keys) >= 25
+    for key in keys:
+        section: object = Settings
+        for part in key.split("."):
+            assert part in section.model_fields, key  # type: ignore[attr-defined]
+            section = section.model_fields[part].annotation  # type: ignore[attr-defined]
+
+
+def test_flag_beats_set_beats_environment_beats_yaml(tmp_path: Path, monkeypatch) -> None:
+    from cifar_cli.cli import flag_settings, resolve, train
+
+    config = tmp_path / "settings.yaml"
+    config.write_text("optim:\n  lr: 0.1\n")
+    monkeypatch.setenv("CIFAR_OPTIM__LR", "0.2")
+    assert (
+        resolve(config, ["optim.lr=0.3"], flag_settings(train, {"lr": 0.4, "epochs": None})).optim.lr == 0.4
+    )
+    assert resolve(config, ["optim.lr=0.3"], flag_settings(train, {"lr": None})).optim.lr == 0.3
+    assert resolve(config, [], {}).optim.lr == 0.2
+    monkeypatch.delenv("CIFAR_OPTIM__LR")
+    assert resolve(config, [], {}).optim.lr == 0.1
+    assert flag_settings(train, {"lr": 0.4, "epochs": None, "set_options": ["x=1"]}) == {"optim.lr": 0.4}
