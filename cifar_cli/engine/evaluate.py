@@ -169,17 +169,11 @@ class Evaluation:
 
 
 def evaluate_checkpoint(
-    checkpoint: Path,
-    data: DataSettings,
-    split: str = "test",
-    tta: bool | None = None,
-    device_name: str = "auto",
-    batch_size: int = 1000,
-    say: Callable[[str], None] = lambda _text: None,
-    keep_memory: bool = True,
+    checkpoint: Path, data: DataSettings, split: str = "test", **options: Any
 ) -> dict[str, Any]:
-    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes."""
-    return run_evaluation(checkpoint, data, split, tta, device_name, batch_size, say, keep_memory).metrics
+    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes (`run_evaluation`'s
+    options: tta, device_name, batch_size, say, keep_memory)."""
+    return run_evaluation(checkpoint, data, split, **options).metrics
 
 
 def run_evaluation(

@@ -3,11 +3,9 @@
 glibc serves every block over 32 MiB (and, until its adaptive threshold has grown, every block over 128 KiB) with
 fresh mmap() pages, and unmaps it on free. A CPU training step allocates and frees activations of up to hundreds of
 MB (the fast preset: one 2000 x 64 x 32 x 32 bf16 layer output is 262 MB), so with the defaults the kernel
-zero-fills and maps these pages again in every step. On the 2-core development VM that was about 20 s of system
-time per 7 steps of the fast preset (`getrusage`). With malloc's mmap turned off and the heap never trimmed, freed
-blocks are reused instead: the process keeps its peak memory (after 7 steps of the fast preset 3.5 GB resident
-against 2.95 GB with the defaults) and
-the step runs faster; `cifar bench` times the preset's step both ways in fresh processes and prints the ratio.
+zero-fills and maps these pages again in every step. With malloc's mmap turned off and the heap never trimmed,
+freed blocks are reused instead: the process keeps its peak memory and the step runs faster; `cifar bench` times
+the preset's step both ways in fresh processes and prints the ratio (`keep_freed_memory_speedup`).
 """
 
 from __future__ import annotations
