@@ -557,9 +557,9 @@ def evaluate(
             checkpoint,
             settings.data,
             split,
-            tta,
-            settings.train.device,
-            batch_size,
+            tta=tta,
+            device_name=settings.train.device,
+            batch_size=batch_size,
             say=error_console.print,
             keep_memory=settings.train.keep_freed_memory,
         )
