@@ -622,6 +622,56 @@ def predict(
         console.print(table)
 
 
+# ---------------------------------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_model(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cifar train` (last.pth).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="onnx (ONNX Runtime, everywhere) or pt2 (torch.export).")
+    ] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="File to write (default: the checkpoint's name).")
+    ] = None,
+    batch: Annotated[
+        str, typer.Option("--batch", help="dynamic (any batch size) or a fixed batch size N.")
+    ] = "dynamic",
+    tta: Annotated[
+        bool | None,
+        typer.Option("--tta/--no-tta", help="Test-time augmentation inside the graph (default: as trained)."),
+    ] = None,
+    opset: Annotated[
+        int | None, typer.Option("--opset", min=18, help="ONNX opset (default: torch's).")
+    ] = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """A model to ship: the checkpoint as ONNX or a torch.export program, verified against it before it is kept."""
+    with handled_errors():
+        settings = resolve(config, set_options, flag_settings(export_model, locals()))
+        if batch != "dynamic" and not (batch.isdigit() and int(batch) > 0):
+            raise SettingsError("Bad option.", [("--batch", "dynamic or a positive whole number", batch)])
+        from cifar_cli.engine.export import export_checkpoint
+
+        result = export_checkpoint(
+            checkpoint, settings.data, fmt, out, None if batch == "dynamic" else int(batch), tta, opset,
+            say=error_console.print,
+        )  # fmt: skip
+        console.print(
+            f"Wrote {result.path} ({result.size_bytes / 1e6:.1f} MB). Verified against the checkpoint on "
+            f"{result.verified_images} "
+            f"test images: max |logit difference| {result.max_abs_difference:.2g} "
+            f"({result.relative_difference:.2g} of the largest logit), top-1 agreement {result.top1_agreement:.2%}.\n"
+            f"Test accuracy: exported {result.accuracy:.2%}, checkpoint {result.checkpoint_accuracy:.2%} "
+            f"(TTA level {result.contract['tta_level']}).\n"
+            f"Input: {result.contract['input']['name']}, float32 N x 3 x 32 x 32 RGB in [0, 1] (pixels / 255), "
+            "normalisation inside; output: logits."
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- plot
 
 
@@ -688,6 +738,12 @@ def bench(
             "--profile", help="Only profile the fast preset's step: time per operator, utilisation."
         ),
     ] = False,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."
+        ),
+    ] = False,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the results to this JSON file.")
     ] = None,
@@ -713,6 +769,14 @@ def bench(
             include_fast=fast,
             keep_freed_memory=settings.train.keep_freed_memory,
         )
+        if export:
+            from cifar_cli.bench import bench_export_runtimes
+
+            results = bench_export_runtimes(options, say=error_console.print)
+            _print_export_runtimes(results)
+            if json_file is not None:
+                write_text_atomically(json_file, json.dumps(results, indent=2))
+            return
         if profile:
             from cifar_cli.bench import profile_fast_step
 
@@ -781,6 +845,25 @@ def _print_bench(results: dict[str, Any]) -> None:
     if results["keep_freed_memory_speedup"]:
         speedup = results["keep_freed_memory_speedup"]
         console.print(f"fast preset step, freed memory kept vs malloc defaults: [bold]{speedup:.2f}x[/bold]")
+
+
+def _print_export_runtimes(results: dict[str, Any]) -> None:
+    table = Table(
+        "runtime",
+        "latency, batch 1",
+        "images/s, batch 256",
+        title=f"Inference on the CPU: {results['model']}",
+    )
+    for row in results["rows"]:
+        if "skipped" in row:
+            table.add_row(row["runtime"], row["skipped"], "")
+        else:
+            table.add_row(
+                row["runtime"],
+                f"{row['latency_ms_batch_1']:.2f} ms",
+                f"{row['images_per_second_batch_256']:,.0f}",
+            )
+    console.print(table)
 
 
 def _print_profile(results: dict[str, Any]) -> None:

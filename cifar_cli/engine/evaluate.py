@@ -187,7 +187,10 @@ def run_evaluation(
     keep_memory: bool = True,
 ) -> Evaluation:
     """The checkpoint's predictions on a split, in its own precision and layout, with TTA as it was trained (or as
-    `tta` says). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (engine/memory.py)."""
+    `tta` says). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (engine/memory.py).
+    An exported model (.onnx, .pt2) is run by its own runtime instead (`engine/export.py`)."""
+    if checkpoint.suffix in EXPORTED_SUFFIXES:
+        return _evaluate_exported(checkpoint, data, split, tta, say)
     device = resolve_device(device_name)
     if keep_memory:
         keep_freed_memory(device.type)
@@ -220,19 +223,61 @@ def run_evaluation(
     return Evaluation(metrics, images, predictions.targets, predictions.predicted)
 
 
+EXPORTED_SUFFIXES = (".onnx", ".pt2")
+
+
+def _evaluate_exported(
+    path: Path, data: DataSettings, split: str, tta: bool | None, say: Callable[[str], None]
+) -> Evaluation:
+    from cifar_cli.engine.export import fixed_batch, load_exported, run_batches
+
+    exported = load_exported(path)
+    contract = exported.contract
+    _check_tta(tta, contract)
+    ensure_prepared(data, say)
+    images, labels = split_tensors(data, split, contract["val_size"], contract["seed"])
+    logits = run_batches(exported.run, images.float() / 255, fixed_batch(contract))
+    predictions = Predictions(logits, labels, float(nn.functional.cross_entropy(logits, labels)))
+    report = report_from_predictions(predictions, contract["class_names"])
+    metrics = report_to_json(
+        report, checkpoint=str(path), split=split, tta=bool(contract["tta_level"]), loss=predictions.loss,
+        model=contract["model"], epoch=contract["epoch"], class_names=contract["class_names"],
+    )  # fmt: skip
+    return Evaluation(metrics, images, labels, predictions.predicted)
+
+
+def _check_tta(tta: bool | None, contract: dict[str, Any]) -> None:
+    if tta is not None and tta != bool(contract["tta_level"]):
+        raise UsageError(
+            f"Test-time augmentation is fixed inside this exported model (level {contract['tta_level']}).",
+            hint="Drop --tta/--no-tta, or export again with the one you want.",
+        )
+
+
 def predict_images(
     checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto"
 ) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image file."""
-    device = resolve_device(device_name)
-    loaded = load_model(checkpoint, device)
-    class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
-    images = torch.stack([load_image(path) for path in paths]).to(device)
-    precision = resolve_precision(loaded.train_settings.precision, device)
-    batch = normalize(images, precision.autocast_dtype or torch.float32, loaded.train_settings.channels_last)
-    level = tta_level(loaded.train_settings)
-    with torch.no_grad(), precision.autocast(device):
-        probabilities = torch.softmax(tta_logits(loaded.model, batch, level).float(), dim=1).cpu()
+    """Top-k classes with probabilities for each image file (a checkpoint, or an exported .onnx / .pt2)."""
+    if checkpoint.suffix in EXPORTED_SUFFIXES:
+        from cifar_cli.engine.export import fixed_batch, load_exported, run_batches
+
+        exported = load_exported(checkpoint)
+        class_names = exported.contract["class_names"]
+        pixels = torch.stack([load_image(path) for path in paths]).float() / 255
+        logits = run_batches(exported.run, pixels, fixed_batch(exported.contract))
+        probabilities = torch.softmax(logits, dim=1)
+    else:
+        device = resolve_device(device_name)
+        loaded = load_model(checkpoint, device)
+        class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
+        images = torch.stack([load_image(path) for path in paths]).to(device)
+        precision = resolve_precision(loaded.train_settings.precision, device)
+        batch = normalize(
+            images, precision.autocast_dtype or torch.float32, loaded.train_settings.channels_last
+        )
+        level = tta_level(loaded.train_settings)
+        with torch.no_grad(), precision.autocast(device):
+            probabilities = torch.softmax(tta_logits(loaded.model, batch, level).float(), dim=1).cpu()
     top = probabilities.topk(min(top_k, len(class_names)), dim=1)
     return [
         {

@@ -1,0 +1,247 @@
+"""Export a checkpoint as an ONNX model or a `torch.export` program (.pt2), verified against the checkpoint.
+
+The exported graph takes pixels, not our normalisation constants: float32 N x 3 x 32 x 32, RGB, values in [0, 1]
+(a uint8 image divided by 255); normalisation and, where asked, test-time augmentation are inside it. Output:
+logits, N x classes. fp32 and the contiguous layout (ONNX has no channels_last; ONNX Runtime's CPU provider has no
+fp16 convolutions). The contract is stored in the file: ONNX `metadata_props["cifar"]`, the .pt2 archive's
+`extra/cifar.json`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.data import ensure_prepared
+from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD
+from cifar_cli.data.prepare import CLASS_NAMES, load_cache
+from cifar_cli.engine.evaluate import load_model, tta_level, tta_logits
+from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.files import write_atomically
+from cifar_cli.settings import DataSettings
+
+FORMATS = ("onnx", "pt2")
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+METADATA_KEY = "cifar"
+VERIFY_IMAGES = 512
+RELATIVE_TOLERANCE = 1e-4  # of the largest logit: float reordering between runtimes stays far below it
+MAX_DYNAMIC_BATCH = 65_536
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+Runner = Callable[[torch.Tensor], torch.Tensor]  # float pixels in [0, 1] -> logits
+
+
+class PixelClassifier(nn.Module):
+    """The trained network behind the pixel contract: normalisation and TTA inside, logits out."""
+
+    def __init__(self, model: nn.Module, tta: int) -> None:
+        super().__init__()
+        self.model, self.tta = model, tta
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return tta_logits(self.model, (pixels - self.mean) / self.std, self.tta)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size_bytes: int
+    verified_images: int
+    max_abs_difference: float
+    relative_difference: float
+    top1_agreement: float
+    accuracy: float  # of the exported file on the test split
+    checkpoint_accuracy: float
+    contract: dict[str, Any]
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    data: DataSettings,
+    fmt: str = "onnx",
+    out: Path | None = None,
+    batch: int | None = None,
+    tta: bool | None = None,
+    opset: int | None = None,
+    say: Callable[[str], None] = lambda _text: None,
+) -> ExportResult:
+    """Write the export, then load it with its own runtime and compare it with the checkpoint on 512 test images;
+    a file that disagrees is deleted and refused (exit 1)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"Unknown export format {fmt!r}.", hint=f"Use one of: {', '.join(FORMATS)}.")
+    if fmt == "onnx":
+        require_onnx()
+    out = out or checkpoint.with_suffix(f".{fmt}")
+    loaded = load_model(checkpoint, torch.device("cpu"))
+    model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
+    classifier = PixelClassifier(model, tta_level(loaded.train_settings, tta)).eval()
+    ensure_prepared(data, say)
+    cache = load_cache(data.processed_dir)
+    pixels, labels = cache["test_images"].float() / 255, cache["test_labels"]
+    checkpoint_logits = run_batches(classifier, pixels, batch)
+    contract = _contract(loaded, classifier.tta, batch, fmt, _accuracy(checkpoint_logits, labels))
+    say(f"Exporting {checkpoint} as {fmt} (TTA level {classifier.tta}, batch {batch or 'dynamic'}).")
+    example = pixels[:1].repeat(batch or 2, 1, 1, 1)  # any images will do: export traces shapes, not values
+    payload = (
+        onnx_bytes(classifier, example, batch, opset, contract)
+        if fmt == "onnx"
+        else pt2_bytes(classifier, example, batch, contract)
+    )
+    write_atomically(out, payload, hint="Choose another --out.")
+    try:
+        runner = load_exported(out).run
+        exported_logits = run_batches(runner, pixels, batch)
+        result = _verify(out, checkpoint_logits, exported_logits, labels, contract)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: float) -> dict[str, Any]:
+    return {
+        "format": fmt,
+        "input": {"name": INPUT_NAME, "shape": [batch or "N", 3, 32, 32], "dtype": "float32",
+                  "layout": "NCHW, RGB", "range": [0.0, 1.0], "meaning": "uint8 pixels / 255"},
+        "normalisation_inside": True,
+        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", len(CLASS_NAMES)], "meaning": "logits"},
+        "tta_level": tta,
+        "class_names": list(loaded.state.get("class_names") or CLASS_NAMES),
+        "model": loaded.state["model_name"],
+        "run_name": loaded.state.get("run_name"),
+        "epoch": loaded.state["epoch"],
+        "checkpoint_test_accuracy": accuracy,
+        "val_size": loaded.data_settings.val_size if isinstance(loaded.data_settings.val_size, int) else 0,
+        "seed": loaded.train_settings.seed,
+    }  # fmt: skip
+
+
+def _dynamic_shapes(batch: int | None) -> dict[str, Any] | None:
+    return None if batch else {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)}}
+
+
+def pt2_bytes(classifier: nn.Module, example: torch.Tensor, batch: int | None, contract: dict) -> bytes:
+    program = torch.export.export(classifier, (example,), dynamic_shapes=_dynamic_shapes(batch))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={f"{METADATA_KEY}.json": json.dumps(contract)})
+    return buffer.getvalue()
+
+
+def onnx_bytes(
+    classifier: nn.Module, example: torch.Tensor, batch: int | None, opset: int | None, contract: dict
+) -> bytes:
+    program = torch.onnx.export(
+        classifier, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(batch), opset_version=opset,
+        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+    )  # fmt: skip
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(contract)
+    return proto.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Exported:
+    run: Runner
+    contract: dict[str, Any]
+
+
+def load_exported(path: Path) -> Exported:
+    """An exported file, run by its own runtime: ONNX Runtime for .onnx, `torch.export.load` for .pt2."""
+    if not path.is_file():
+        raise UsageError(f"No exported model at {path}.")
+    try:
+        return _load_onnx(path) if path.suffix == ".onnx" else _load_pt2(path)
+    except (CifarError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # each runtime raises its own types for a damaged file
+        raise UsageError(
+            f"{path} is not a readable {path.suffix[1:]} export ({type(error).__name__})."
+        ) from None
+
+
+def _load_onnx(path: Path) -> Exported:
+    require_onnx()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    contract = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
+
+    return Exported(run, contract)
+
+
+def _load_pt2(path: Path) -> Exported:
+    extra = {f"{METADATA_KEY}.json": ""}
+    module = torch.export.load(path, extra_files=extra).module()
+    contract = json.loads(extra[f"{METADATA_KEY}.json"])
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(pixels)
+
+    return Exported(run, contract)
+
+
+def fixed_batch(contract: dict[str, Any]) -> int | None:
+    """The batch an export was made for, or None where it takes any."""
+    size = contract["input"]["shape"][0]
+    return size if isinstance(size, int) else None
+
+
+def run_batches(run: Runner, pixels: torch.Tensor, batch: int | None, chunk: int = 256) -> torch.Tensor:
+    """Logits of every image, in chunks; a fixed-batch export gets its last chunk padded to the batch."""
+    size = batch or chunk
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), size):
+            part = pixels[start : start + size]
+            missing = size - len(part) if batch else 0
+            if missing:
+                part = torch.cat([part, part.new_zeros(missing, *part.shape[1:])])
+            parts.append(run(part)[: size - missing].float())
+    return torch.cat(parts)
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def _verify(
+    path: Path, expected: torch.Tensor, actual: torch.Tensor, labels: torch.Tensor, contract: dict
+) -> ExportResult:
+    sample = slice(0, VERIFY_IMAGES)
+    difference = float((expected[sample] - actual[sample]).abs().max())
+    relative = difference / max(float(expected[sample].abs().max()), 1e-12)
+    agreement = float((expected[sample].argmax(1) == actual[sample].argmax(1)).float().mean())
+    if relative > RELATIVE_TOLERANCE or agreement < 1.0:
+        raise CifarError(
+            f"The exported {path.name} does not match the checkpoint on {min(VERIFY_IMAGES, len(labels))} test "
+            f"images: max |logit difference| {difference:.3g} ({relative:.2g} of the largest logit; limit "
+            f"{RELATIVE_TOLERANCE:g}), top-1 agreement {agreement:.2%}. The file was deleted."
+        )
+    return ExportResult(
+        path, path.stat().st_size, min(VERIFY_IMAGES, len(labels)), difference, relative, agreement,
+        _accuracy(actual, labels),
+        contract["checkpoint_test_accuracy"], contract,
+    )  # fmt: skip
+
+
+def require_onnx() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(
+            f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed.",
+            hint="pip install -e '.[export]' (make install does it), or export with --format pt2.",
+        )

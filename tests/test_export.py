@@ -1,0 +1,153 @@
+"""`cifar export`: every registered model to ONNX and .pt2, verified, and usable by evaluate and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifar_cli.cli import app
+from cifar_cli.data.prepare import CLASS_NAMES
+from cifar_cli.engine import export as export_module
+from cifar_cli.engine.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.engine.export import export_checkpoint, load_exported
+from cifar_cli.engine.train import train
+from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.settings import MODEL_RECIPES, DataSettings
+from tests.conftest import tiny_settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> dict[str, Path]:
+    """One epoch of every registered model on the tiny data (airbench's whitening bias trains, then freezes)."""
+    folder = tmp_path_factory.mktemp("export")
+    checkpoints = {}
+    for model in MODEL_RECIPES:
+        settings = tiny_settings(
+            folder, prepared_dir, f"model.name={model}", "model.width_multiplier=0.25", "train.epochs=1",
+            "train.tta=true", "train.lookahead=true", "scheduler.name=cosine", f"train.run_name={model}",
+        )  # fmt: skip
+        checkpoints[model] = train(settings).checkpoint_dir / "last.pth"
+    return checkpoints
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("model", list(MODEL_RECIPES))
+def test_every_model_exports_and_matches_its_checkpoint(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path, model: str, fmt: str
+) -> None:
+    data = DataSettings(processed_dir=prepared_dir)
+    result = export_checkpoint(trained[model], data, fmt, tmp_path / f"m.{fmt}")
+    assert result.top1_agreement == 1.0 and result.relative_difference <= 1e-4
+    assert result.accuracy == result.checkpoint_accuracy
+    contract = load_exported(result.path).contract
+    assert contract["model"] == model and contract["tta_level"] == 2 and contract["normalisation_inside"]
+    assert contract["input"]["range"] == [0.0, 1.0] and len(contract["class_names"]) == 10
+    # evaluate reads the export with its own runtime and agrees with the checkpoint (TTA as trained)
+    exported = evaluate_checkpoint(result.path, data, device_name="cpu")
+    original = evaluate_checkpoint(trained[model], data, device_name="cpu")
+    assert exported["accuracy"] == pytest.approx(original["accuracy"], abs=1 / 30 + 1e-9)
+    assert exported["num_samples"] == 30 and exported["tta"] is True
+
+
+def test_fixed_batch_and_no_tta(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
+    data = DataSettings(processed_dir=prepared_dir)
+    result = export_checkpoint(trained["seed-cnn"], data, "onnx", tmp_path / "b8.onnx", batch=8, tta=False)
+    contract = result.contract
+    assert contract["input"]["shape"] == [8, 3, 32, 32] and contract["tta_level"] == 0
+    metrics = evaluate_checkpoint(result.path, data)  # 30 test images in batches of 8, the last one padded
+    assert metrics["num_samples"] == 30 and metrics["tta"] is False
+    with pytest.raises(UsageError, match="fixed inside this exported model"):
+        evaluate_checkpoint(result.path, data, tta=True)
+
+
+def test_predict_reads_an_exported_program(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
+) -> None:
+    data = DataSettings(processed_dir=prepared_dir)
+    program = export_checkpoint(trained["airbench"], data, "pt2", tmp_path / "a.pt2").path
+    image = next((prepared_dir / "test").rglob("*.png"))
+    [from_export] = predict_images(program, [image], top_k=3)
+    [from_checkpoint] = predict_images(trained["airbench"], [image], top_k=3, device_name="cpu")
+    assert [e["class"] for e in from_export["top"]] == [e["class"] for e in from_checkpoint["top"]]
+    assert from_export["top"][0]["probability"] == pytest.approx(
+        from_checkpoint["top"][0]["probability"], abs=1e-4
+    )
+
+
+def test_a_disagreeing_export_is_deleted_and_refused(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = export_module.load_exported
+
+    def off_by_a_little(path: Path) -> export_module.Exported:
+        exported = real(path)
+        return export_module.Exported(lambda pixels: exported.run(pixels) * 1.01, exported.contract)
+
+    monkeypatch.setattr(export_module, "load_exported", off_by_a_little)
+    out = tmp_path / "bad.pt2"
+    with pytest.raises(CifarError, match="does not match the checkpoint"):
+        export_checkpoint(trained["seed-cnn"], DataSettings(processed_dir=prepared_dir), "pt2", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = {
+        "not a checkpoint": ([str(notes)], 2),
+        "unknown format": ([str(trained["seed-cnn"]), "--format", "tflite"], 2),
+        "bad batch": ([str(trained["seed-cnn"]), "--batch", "zero"], 2),
+        "unwritable output": (
+            [str(trained["seed-cnn"]), "--format", "pt2", "--out", str(blocker / "m.pt2")],
+            1,
+        ),
+    }
+    for case, (args, code) in cases.items():
+        result = runner.invoke(app, ["export", *args, "--processed-dir", str(prepared_dir)])
+        assert result.exit_code == code, (case, result.output)
+        assert "Traceback" not in result.output, case
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "notes.txt"]
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(b"\x08\x01garbage")
+    assert runner.invoke(app, ["evaluate", str(damaged), "--processed-dir", str(prepared_dir)]).exit_code == 2
+
+
+def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        export_module.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
+    )
+    with pytest.raises(UsageError, match="needs onnxruntime") as raised:
+        export_module.require_onnx()
+    assert "[export]" in raised.value.hint
+
+
+def test_cli_export_prints_the_verification(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli.onnx"
+    result = runner.invoke(
+        app, ["export", str(trained["seed-cnn"]), "--out", str(out), "--processed-dir", str(prepared_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Verified against the checkpoint on 30 test images" in text and "top-1 agreement 100.00%" in text
+    assert load_exported(out).contract["class_names"] == CLASS_NAMES
+
+
+def test_bench_times_the_three_runtimes_in_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_cli import bench
+
+    monkeypatch.setattr(bench, "LATENCY_RUNS", 3)
+    options = bench.BenchOptions(batches=1, min_seconds=0.0, warmup=1)
+    results = bench.bench_export_runtimes(options, model_name="seed-cnn")
+    names = [row["runtime"] for row in results["rows"]]
+    assert names == ["eager (torch, fp32)", "torch.export program (.pt2)", "ONNX Runtime (CPU provider)"]
+    for row in results["rows"]:
+        assert row["latency_ms_batch_1"] > 0 and row["images_per_second_batch_256"] > 0
