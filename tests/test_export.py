@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ from cifar_cli.settings import MODEL_RECIPES, DataSettings
 from tests.conftest import tiny_settings
 
 runner = CliRunner()
+HAS_ONNX = all(importlib.util.find_spec(name) for name in export_module.ONNX_PACKAGES)
+needs_onnx = pytest.mark.skipif(
+    not HAS_ONNX, reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> dic
     return checkpoints
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("fmt", [pytest.param("onnx", marks=needs_onnx), "pt2"])
 @pytest.mark.parametrize("model", list(MODEL_RECIPES))
 def test_every_model_exports_and_matches_its_checkpoint(
     trained: dict[str, Path], prepared_dir: Path, tmp_path: Path, model: str, fmt: str
@@ -53,6 +58,7 @@ def test_every_model_exports_and_matches_its_checkpoint(
     assert exported["num_samples"] == 30 and exported["tta"] is True
 
 
+@needs_onnx
 def test_fixed_batch_and_no_tta(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
     data = DataSettings(processed_dir=prepared_dir)
     result = export_checkpoint(trained["seed-cnn"], data, "onnx", tmp_path / "b8.onnx", batch=8, tta=False)
@@ -128,6 +134,7 @@ def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "[export]" in raised.value.hint
 
 
+@needs_onnx
 def test_cli_export_prints_the_verification(
     trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
 ) -> None:
@@ -141,6 +148,7 @@ def test_cli_export_prints_the_verification(
     assert load_exported(out).contract["class_names"] == CLASS_NAMES
 
 
+@needs_onnx
 def test_bench_times_the_three_runtimes_in_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from cifar_cli import bench
 
