@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli import __version__
+from cifar_cli.durations import format_duration
 from cifar_cli.errors import CifarError, SettingsError
 from cifar_cli.settings import (
     MODEL_RECIPES,
@@ -670,6 +671,50 @@ def export_model(
             f"Input: {result.contract['input']['name']}, float32 N x 3 x 32 x 32 RGB in [0, 1] (pixels / 255), "
             "normalisation inside; output: logits."
         )
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+@app.command()
+def runs(
+    log_dir: LogDirOption = None,
+    sort: Annotated[
+        str, typer.Option("--sort", help="name, val_accuracy, test_accuracy, seconds or epochs_done.")
+    ] = "name",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """One line per run: the settings that differ between runs, epochs, validation and test accuracy, state."""
+    with handled_errors():
+        settings = resolve(config, set_options, flag_settings(runs, locals()))
+        from cifar_cli.runs import list_runs
+
+        found = list_runs(settings.log.log_dir, sort)
+        if as_json:
+            console.print_json(json.dumps([run.to_json() for run in found]))
+            return
+        table = Table("run", "preset", "model", "differs", "epochs", "val acc", "test acc", "time", "state",
+                      title=f"Runs in {settings.log.log_dir}", title_justify="left")  # fmt: skip
+        for run in found:
+            table.add_row(
+                run.name, run.preset or "", run.model or "",
+                _differing(run.differing),
+                f"{run.epochs_done}/{run.epochs_planned or '?'}", _percent(run.val_accuracy),
+                _percent(run.test_accuracy), format_duration(run.seconds), run.state,
+            )  # fmt: skip
+        console.print(table)
+
+
+def _differing(settings: dict[str, Any], shown: int = 4) -> str:
+    """The first settings in which this run differs from the others listed (all of them: --json)."""
+    items = [f"{key}={value}" for key, value in settings.items()]
+    return "\n".join(items[:shown] + ([f"(+{len(items) - shown} more)"] if len(items) > shown else []))
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.2%}"
 
 
 # ---------------------------------------------------------------------------------------------------- plot

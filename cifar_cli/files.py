@@ -101,11 +101,11 @@ def remove_stale_temporaries(path: Path) -> None:
     with contextlib.suppress(OSError):
         for candidate in path.parent.glob(f".{path.name}.*.tmp"):
             pid_text = candidate.name[len(path.name) + 2 : -len(".tmp")]
-            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            if pid_text.isdigit() and not process_alive(int(pid_text)):
                 candidate.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,6 +126,9 @@ def run_lock(folders: list[Path], run_name: str) -> Iterator[None]:
         yield
     finally:
         for handle in handles:
+            with contextlib.suppress(OSError):
+                handle.seek(0)
+                handle.truncate()  # an empty file: nobody owns the run (a killed owner leaves its line behind)
             handle.close()  # closing the descriptor releases the lock
 
 
