@@ -717,6 +717,99 @@ def _percent(value: float | None) -> str:
     return "" if value is None else f"{value:.2%}"
 
 
+# ---------------------------------------------------------------------------------------------------- sweep
+
+
+@app.command()
+def sweep(
+    axes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A setting and its values: key=v1,v2,v3, key=range(a,b,step) or key=log(a,b,n) (repeatable; "
+            "the Cartesian product is swept; one value: fixed).",
+        ),
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of every recipe, e.g. 0,1,2.")] = "0",
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Sweep folder name (default: the varied keys).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="The recipe swept around."), Sets("preset")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model"), Sets("model.name")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs"), Sets("train.epochs")] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."),
+        Sets("train.time_budget"),
+    ] = None,
+    device: DeviceOption = None,
+    processed_dir: ProcessedDirOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+    log_dir: LogDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Train a grid (or random draws) of recipes as ordinary runs and rank them on validation accuracy."""
+    with handled_errors():
+        from cifar_cli import sweep as sweeps
+        from cifar_cli.display import make_reporter
+        from cifar_cli.engine.train import train as run_training
+        from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
+
+        fixed: dict[str, Any] = {}
+        for key, value in flag_settings(sweep, locals()).items():
+            set_dotted(fixed, key, value)
+        parsed = [sweeps.parse_axis(axis) for axis in axes or []]
+        seed_list = [int(part) for part in seeds.split(",") if part.strip().isdigit()]
+        if not seed_list or len(seed_list) != len(seeds.split(",")):
+            raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
+        base = resolve(config, None, flag_settings(sweep, locals()))
+        sweep_name = name or sweeps.default_name(parsed)
+        trials = sweeps.plan_trials(parsed, seed_list, samples)
+        val_images = sweeps.validation_images(base)
+        built = sweeps.check_all(
+            trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images)
+        )
+        folder = sweeps.sweep_folder(base, sweep_name)
+        console.print(
+            f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images."
+        )
+
+        def train_one(settings: Settings) -> None:
+            run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+
+        summaries = sweeps.run_trials(trials, built, folder, train_one, say=console.print)
+        ranked = sweeps.rank(trials, summaries)
+        sweeps.write_results(folder, ranked)
+        varied = [key for key, values in parsed if len(values) > 1]
+        document = json.loads((folder / "sweep.json").read_text())
+        save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
+        _print_sweep(ranked, document, folder)
+
+
+def _print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> None:
+    table = Table(
+        "rank", "settings", "val accuracy (mean ± std)", "seeds", title="Ranked on validation accuracy"
+    )
+    for place, recipe in enumerate(ranked, start=1):
+        spread = f" ± {recipe.val_std:.2%}" if recipe.val_std is not None else ""
+        table.add_row(
+            str(place), " ".join(f"{k}={v}" for k, v in recipe.values.items()) or "(fixed)",
+            f"{recipe.val_mean:.2%}{spread}" if recipe.val_mean is not None else "not finished", str(len(recipe.trials)),
+        )  # fmt: skip
+    console.print(table)
+    test = document["chosen_test_accuracy_mean"]
+    if document["chosen"] is not None and test is not None:
+        chosen = " ".join(f"{key}={value}" for key, value in document["chosen"].items())
+        console.print(f"Chosen on validation: {chosen}. Its test accuracy, reported once: {test:.2%}.")
+    console.print(f"Wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {folder / 'sweep.png'}.")
+
+
 # ---------------------------------------------------------------------------------------------------- plot
 
 

@@ -240,3 +240,23 @@ def _sample_predictions_figure(evaluation: Evaluation) -> Figure:
         evaluation.predicted[index].tolist(),
         evaluation.metrics["class_names"],
     )
+
+
+def sweep_figure(recipes: list[dict[str, Any]], keys: list[str]) -> Figure:
+    """Validation accuracy (mean over seeds, with its std) against each varied setting, one panel per setting."""
+    keys = keys or ["recipe"]
+    figure = Figure(figsize=(4.5 * len(keys), 3.6))
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for axis, key in zip(axes, keys):
+        points = [(r.get(key, i), r["val_accuracy_mean"], r["val_accuracy_std"] or 0.0)
+                  for i, r in enumerate(recipes) if r["val_accuracy_mean"] is not None]  # fmt: skip
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
+        xs = [x if numeric else str(x) for x, _, _ in points]
+        axis.errorbar(xs, [y for _, y, _ in points], yerr=[e for _, _, e in points], fmt="o", capsize=3)
+        if numeric and len({x for x in xs}) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 20:
+            axis.set_xscale("log")
+        axis.set(title=key, xlabel=key, ylabel="validation accuracy")
+        axis.grid(alpha=0.3)
+    figure.suptitle("Sweep: validation accuracy, mean ± std over seeds (nothing chosen on test)")
+    figure.tight_layout()
+    return figure

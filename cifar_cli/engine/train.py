@@ -725,17 +725,14 @@ class Trainer:
 
 
 def _hparams(settings: Settings) -> dict[str, Any]:
-    return {
-        "model": settings.model.name,
-        "optimizer": settings.optim.name,
-        "lr": settings.optim.lr,
-        "weight_decay": settings.optim.weight_decay,
-        "batch_size": settings.train.batch_size,
-        "epochs": settings.train.epochs,
-        "scheduler": settings.scheduler.name,
-        "precision": settings.train.precision,
-        "seed": settings.train.seed,
+    """Every setting that identifies the run (a sweep's varied ones included) and its length, for TensorBoard's
+    HParams tab; lists and nested values are written as text."""
+    identity = recipe_identity(settings.to_plain())
+    values = {
+        key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for key, value in identity.items()
     }
+    return {**{k: v for k, v in values.items() if v is not None}, "train.epochs": settings.train.epochs}
 
 
 def train(

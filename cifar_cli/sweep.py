@@ -1,0 +1,219 @@
+"""`cifar sweep`: ordinary runs over a grid (or seeded random draws) of settings, ranked on validation accuracy.
+
+Each trial is a normal run (own folder, checkpoints, TensorBoard, resumable) under `<log_dir>/sweeps/<name>/`;
+running the same sweep again skips finished trials and resumes the unfinished one. Trials are ranked by
+**validation** accuracy (mean ± std over seeds); the test accuracy of the chosen recipe is reported once, labelled
+as such, and chooses nothing. Every trial holds out a validation split (`data.val_size`, 5,000 or a tenth of
+smaller data, unless given).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import json
+import math
+import random
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_cli.data.prepare import read_manifest
+from cifar_cli.errors import SettingsError, UsageError
+from cifar_cli.files import write_text_atomically
+from cifar_cli.settings import VAL_SIZE_AUTO, Settings, load_bounded_yaml, load_settings, set_dotted
+
+SWEEPS_FOLDER = "sweeps"
+RANGE = re.compile(r"^range\(\s*([^,]+),\s*([^,]+)(?:,\s*([^,]+))?\s*\)$")
+LOG = re.compile(r"^log\(\s*([^,]+),\s*([^,]+),\s*(\d+)\s*\)$")
+
+
+def parse_axis(assignment: str) -> tuple[str, list[Any]]:
+    """`key=v1,v2,v3` (Hydra's comma syntax, each value a YAML scalar), `key=range(a,b[,step])` (b excluded) or
+    `key=log(a,b,n)` (n values spaced evenly on a log scale from a to b)."""
+    key, sep, text = assignment.partition("=")
+    key, text = key.strip(), text.strip()
+    if not sep or not key or not text:
+        raise SettingsError("Bad --set option.", [("--set", "expected dotted.key=v1,v2,...", assignment)])
+    if match := RANGE.match(text):
+        start, stop, step = (
+            _number(part) for part in (match.group(1), match.group(2), match.group(3) or "1")
+        )
+        if step == 0 or (stop - start) / step <= 0:
+            raise SettingsError("Bad range.", [(key, "range(a, b, step) must reach from a towards b", text)])
+        return key, [start + i * step for i in range(math.ceil((stop - start) / step))]
+    if match := LOG.match(text):
+        low, high, count = _number(match.group(1)), _number(match.group(2)), int(match.group(3))
+        if low <= 0 or high <= 0 or count < 2:
+            raise SettingsError("Bad log range.", [(key, "log(a, b, n) needs a, b > 0 and n >= 2", text)])
+        ratio = (high / low) ** (1 / (count - 1))
+        return key, [float(f"{low * ratio**i:.6g}") for i in range(count)]
+    return key, [load_bounded_yaml(value.strip(), f"--set {key}") for value in text.split(",")]
+
+
+def _number(text: str) -> int | float:
+    value = load_bounded_yaml(text.strip(), "a range bound")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SettingsError("Bad range.", [("range", "bounds and steps must be numbers", text)])
+    return value
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    values: dict[str, Any]  # every --set of the sweep (one-value ones are fixed) and the seed
+    varied: tuple[str, ...]  # the keys with several values: what tells recipes apart
+    name: str  # run folder name
+
+
+def plan_trials(
+    axes: list[tuple[str, list[Any]]], seeds: list[int], samples: int | None, seed: int = 0
+) -> list[Trial]:
+    """The Cartesian product of the axes, each with every seed; or `samples` seeded random draws from it."""
+    keys = [key for key, _ in axes]
+    varied = tuple(key for key, values in axes if len(values) > 1)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, values in axes))]
+    if samples is not None:
+        grid = random.Random(seed).sample(grid, min(samples, len(grid)))
+    trials = []
+    for combo in grid:
+        for run_seed in seeds:
+            values = {**combo, "train.seed": run_seed}
+            label = "_".join(f"{key.split('.')[-1]}{_short(values[key])}" for key in (*varied, "train.seed"))
+            trials.append(Trial(len(trials), values, varied, f"t{len(trials):03d}_{label}"[:120]))
+    return trials
+
+
+def _short(value: Any) -> str:
+    return re.sub(r"[^\w.-]", "_", f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def trial_settings(
+    trial: Trial, config: Path | None, fixed: dict[str, Any], sweep_name: str, val_size: int
+) -> Settings:
+    overrides: dict[str, Any] = copy.deepcopy(fixed)
+    for key, value in trial.values.items():
+        set_dotted(overrides, key, value)
+    log = overrides.setdefault("log", {})
+    base = load_settings(config, copy.deepcopy(overrides))
+    log["log_dir"] = str(base.log.log_dir / SWEEPS_FOLDER / sweep_name)
+    log["checkpoint_dir"] = str(base.log.checkpoint_dir / SWEEPS_FOLDER / sweep_name)
+    overrides.setdefault("train", {})["run_name"] = trial.name
+    overrides.setdefault("data", {}).setdefault("val_size", val_size)
+    return load_settings(config, overrides)
+
+
+def validation_images(settings: Settings) -> int:
+    """5,000, or a tenth of a smaller training split: every trial is ranked on a held-out split."""
+    counts = (read_manifest(settings.data.processed_dir) or {}).get("counts", {})
+    return min(VAL_SIZE_AUTO, counts.get("train", 50_000) // 10)
+
+
+def check_all(trials: list[Trial], build: Callable[[Trial], Settings]) -> list[Settings]:
+    """Every trial's settings, validated before the first one starts: one table of every bad value."""
+    built, rows = [], []
+    for trial in trials:
+        try:
+            built.append(build(trial))
+        except SettingsError as error:
+            rows += [(f"{trial.name}: {field}", problem, given) for field, problem, given in error.rows]
+    if rows:
+        raise SettingsError(f"{len({row[0].split(':')[0] for row in rows})} trial(s) have bad values.", rows)
+    return built
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    values: dict[str, Any]  # the swept settings, seed excluded
+    trials: list[str]
+    val_mean: float | None
+    val_std: float | None
+    test_accuracies: list[float]
+
+
+def rank(trials: list[Trial], summaries: dict[str, Any]) -> list[RecipeResult]:
+    """Recipes (trials that differ only in seed) ranked by mean validation accuracy, best first."""
+    groups: dict[str, list[Trial]] = {}
+    for trial in trials:
+        recipe = {key: trial.values[key] for key in trial.varied}
+        groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(trial)
+    results = []
+    for key, members in groups.items():
+        done = [
+            summaries[t.name]
+            for t in members
+            if t.name in summaries and summaries[t.name].val_accuracy is not None
+        ]
+        vals = [s.val_accuracy for s in done]
+        results.append(
+            RecipeResult(
+                json.loads(key), [t.name for t in members],
+                statistics.mean(vals) if vals else None, statistics.stdev(vals) if len(vals) > 1 else None,
+                [s.test_accuracy for s in done if s.test_accuracy is not None],
+            )
+        )  # fmt: skip
+    return sorted(results, key=lambda r: (r.val_mean is None, -(r.val_mean or 0.0)))
+
+
+def write_results(folder: Path, ranked: list[RecipeResult]) -> None:
+    """sweep.json (everything) and sweep.csv (one row per recipe), written atomically."""
+    rows = [
+        {**r.values, "val_accuracy_mean": r.val_mean, "val_accuracy_std": r.val_std, "seeds": len(r.trials),
+         "trials": " ".join(r.trials)}
+        for r in ranked
+    ]  # fmt: skip
+    chosen = ranked[0] if ranked and ranked[0].val_mean is not None else None
+    document = {
+        "ranked_by": "validation accuracy (mean over seeds)",
+        "recipes": rows,
+        "chosen": chosen.values if chosen else None,
+        # Reported once, for the recipe chosen on validation; it chose nothing.
+        "chosen_test_accuracy_mean": statistics.mean(chosen.test_accuracies) if chosen and chosen.test_accuracies else None,
+    }  # fmt: skip
+    write_text_atomically(folder / "sweep.json", json.dumps(document, indent=2))
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text_atomically(folder / "sweep.csv", buffer.getvalue())
+
+
+def sweep_folder(settings: Settings, name: str) -> Path:
+    return settings.log.log_dir / SWEEPS_FOLDER / name
+
+
+def default_name(axes: list[tuple[str, list[Any]]]) -> str:
+    if not axes:
+        raise UsageError("Nothing to sweep.", hint="Give at least one --set key=v1,v2.")
+    varied = [key for key, values in axes if len(values) > 1] or [key for key, _ in axes]
+    return "-".join(key.split(".")[-1] for key in varied)
+
+
+def run_trials(
+    trials: list[Trial],
+    built: list[Settings],
+    folder: Path,
+    train_one: Callable[[Settings], Any],
+    say: Callable[[str], None] = lambda _text: None,
+) -> dict[str, Any]:
+    """Train every trial not finished yet, one after another, each with the machine to itself; then the
+    summaries of every trial (`cifar_cli.runs`). Ctrl-C stops inside a trial after its last checkpoint; the same
+    command again skips what finished and resumes that trial."""
+    from cifar_cli.runs import list_runs
+
+    finished = (
+        {run.name for run in list_runs(folder) if run.state == "finished"} if folder.is_dir() else set()
+    )
+    for trial, settings in zip(trials, built):
+        if trial.name in finished:
+            say(f"Trial {trial.index + 1}/{len(trials)} {trial.name}: finished before, skipped.")
+            continue
+        say(f"Trial {trial.index + 1}/{len(trials)} {trial.name}")
+        train_one(settings)
+    return {run.name: run for run in list_runs(folder)}
