@@ -80,7 +80,7 @@ def _summary(folder: Path, plain: dict[str, Any], identity: dict[str, Any], vary
         val_accuracy=val[-1] if val else None,
         test_accuracy=final.get("accuracy") if final else None,
         seconds=sum(record.get("seconds", 0.0) for record in history),
-        state=_state(folder, plain, history, final),
+        state=_state(folder, history, final),
         differing={key: identity.get(key) for key in varying},
     )
 
@@ -95,7 +95,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _state(folder: Path, plain: dict[str, Any], history: list[dict[str, Any]], final: dict | None) -> str:
+def _state(folder: Path, history: list[dict[str, Any]], final: dict | None) -> str:
     if _owner_alive(folder / LOCK_FILE):
         return "running"
     if final is not None and final.get("epochs") == len(history):

@@ -238,7 +238,12 @@ def resolve_val_size(settings: Settings, train_images: int) -> int:
     """`data.val_size` as a number of images: auto holds out a validation split only where the recipe needs one."""
     if settings.data.val_size != "auto":
         return settings.data.val_size
-    return min(VAL_SIZE_AUTO, train_images // 10) if monitors_validation(settings) else 0
+    return held_out_images(train_images) if monitors_validation(settings) else 0
+
+
+def held_out_images(train_images: int) -> int:
+    """The validation split `auto` holds out: 5,000 images, or a tenth of a smaller training split."""
+    return min(VAL_SIZE_AUTO, train_images // 10)
 
 
 def check_recipe(settings: Settings) -> Settings:

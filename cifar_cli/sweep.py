@@ -26,7 +26,7 @@ from typing import Any
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
-from cifar_cli.settings import VAL_SIZE_AUTO, Settings, load_bounded_yaml, load_settings, set_dotted
+from cifar_cli.settings import Settings, held_out_images, load_bounded_yaml, load_settings, set_dotted
 
 SWEEPS_FOLDER = "sweeps"
 RANGE = re.compile(r"^range\(\s*([^,]+),\s*([^,]+)(?:,\s*([^,]+))?\s*\)$")
@@ -111,7 +111,7 @@ def trial_settings(
 def validation_images(settings: Settings) -> int:
     """5,000, or a tenth of a smaller training split: every trial is ranked on a held-out split."""
     counts = (read_manifest(settings.data.processed_dir) or {}).get("counts", {})
-    return min(VAL_SIZE_AUTO, counts.get("train", 50_000) // 10)
+    return held_out_images(counts.get("train", 50_000))
 
 
 def check_all(trials: list[Trial], build: Callable[[Trial], Settings]) -> list[Settings]:
