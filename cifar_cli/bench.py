@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from cifar_cli.data import ensure_prepared
-from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader
-from cifar_cli.data.prepare import load_cache, read_manifest
+from cifar_cli.data.loader import Augment, BatchLoader
+from cifar_cli.data.prepare import load_cache, read_manifest, read_spec
+from cifar_cli.data.spec import CIFAR10_SPEC
 from cifar_cli.engine.calibrate import Calibration, calibrate, machine_identity
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
 from cifar_cli.engine.flops import machine_ceiling, train_step_flops_per_image
@@ -235,12 +236,13 @@ def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> An
     """The seed's input pipeline: ImageFolder of PNG files, per-sample transforms, a shuffling DataLoader."""
     from torchvision import datasets, transforms
 
+    spec = read_spec(processed_dir)
     transform = transforms.Compose(
         [
-            transforms.RandomCrop(32, padding=4),
+            transforms.RandomCrop(spec.image_size, padding=4),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+            transforms.Normalize(spec.mean, spec.std),
         ]
     )
     dataset = datasets.ImageFolder(str(processed_dir / "train"), transform=transform)
@@ -276,6 +278,7 @@ def bench_pipeline(
         cache["train_labels"].to(device),
         options.batch_size,
         train=True,
+        spec=read_spec(data.processed_dir),
         augment=Augment(flip=True, translate=4),
         dtype=mixed.autocast_dtype or torch.float32,
         channels_last=choice.channels_last,
@@ -377,6 +380,7 @@ def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
         cache["train_labels"].to(device),
         train.batch_size,
         train=True,
+        spec=read_spec(job.data.processed_dir),
         augment=Augment(**train.augment.model_dump()),
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=job.channels_last,
@@ -649,7 +653,7 @@ def bench_export_runtimes(
     from cifar_cli.engine.export import PixelClassifier, load_exported, onnx_bytes, pt2_bytes, require_onnx
 
     torch.manual_seed(0)
-    classifier = PixelClassifier(build_model(model_name, 1.0).eval(), tta=2).eval()
+    classifier = PixelClassifier(build_model(model_name, 1.0).eval(), tta=2, spec=CIFAR10_SPEC).eval()
     example = torch.rand(2, 3, 32, 32)
     runners: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"eager (torch, fp32)": classifier}
     rows: list[dict[str, Any]] = []

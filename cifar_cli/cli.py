@@ -63,6 +63,10 @@ error_console = Console(stderr=True)
 PATHS = "Paths"
 RECIPE = "Recipe"
 RUN = "Run"
+# `cifar evaluate`: up to this many classes the console shows every class and the whole confusion matrix; beyond,
+# the classes with the lowest F1 and the most confused pairs (the JSON output always has everything).
+TABLE_CLASSES = 20
+WORST_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,20 @@ SetOption = Annotated[
         help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).",
         rich_help_panel=RUN,
     ),
+]
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="cifar10 or cifar100 (official archives), or folder (your images, see `cifar prepare --from-folder`). "
+        "Default: whatever is prepared, else cifar10.",
+    ),
+    Sets("data.dataset"),
+]
+LabelSetOption = Annotated[
+    str | None,
+    typer.Option("--label-set", help="cifar100: fine (100 classes, default) or coarse (20 superclasses)."),
+    Sets("data.label_set"),
 ]
 RawDirOption = Annotated[
     Path | None,
@@ -199,13 +217,17 @@ def config_show(config: ConfigOption = None, set_options: SetOption = None) -> N
 
 @app.command()
 def download(
+    dataset: DatasetOption = None,
+    label_set: LabelSetOption = None,
     urls: Annotated[
         list[str] | None,
         typer.Option("--url", help="Mirror to try, in order: http(s)://, file:// or a path (repeatable)."),
         Sets("data.urls"),
     ] = None,
     md5: Annotated[
-        str | None, typer.Option("--md5", help="Expected MD5 of the archive."), Sets("data.md5")
+        str | None,
+        typer.Option("--md5", help="Expected MD5 of the archive (default: the official archive's)."),
+        Sets("data.md5"),
     ] = None,
     raw_dir: RawDirOption = None,
     force: Annotated[
@@ -214,23 +236,13 @@ def download(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    """Fetch the CIFAR-10 python archive, resume partial downloads and verify its checksum."""
-    from cifar_cli.data.download import download_archive
+    """Fetch the CIFAR-10 (or --dataset cifar100) python archive, resume partial downloads, verify its checksum."""
+    from cifar_cli.data import download_for
 
     with handled_errors():
         data = resolve(config, set_options, flag_settings(download, locals())).data
         with _transfer_progress() as (on_progress, on_message):
-            result = download_archive(
-                data.urls,
-                data.md5,
-                data.raw_data_dir,
-                force=force,
-                timeout=data.download_timeout,
-                retries=data.download_retries,
-                max_bytes=int(data.max_archive_mb * 1_000_000),
-                on_progress=on_progress,
-                on_message=on_message,
-            )
+            result = download_for(data, force=force, on_progress=on_progress, on_message=on_message)
         if result.already_present:
             console.print(
                 f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do."
@@ -265,6 +277,38 @@ def _transfer_progress() -> Iterator[tuple[Any, Any]]:
 
 @app.command()
 def prepare(
+    dataset: DatasetOption = None,
+    label_set: LabelSetOption = None,
+    from_folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-folder",
+            help="Prepare your own images: DIR/<class>/*.{png,jpg,jpeg,webp,bmp}, or DIR/train/<class>/... and "
+            "DIR/test/<class>/... (sets --dataset folder).",
+        ),
+        Sets("data.folder"),
+    ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--test-fraction", help="Folder without test/: share of each class held out (default 0.2)."
+        ),
+        Sets("data.test_fraction"),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", help="Folder images are resized to this square size in pixels (default 32)."
+        ),
+        Sets("data.image_size"),
+    ] = None,
+    skip_bad_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-images", help="Skip unreadable images (counted) instead of stopping at the first."
+        ),
+        Sets("data.skip_bad_images"),
+    ] = None,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     no_png: Annotated[
@@ -275,20 +319,25 @@ def prepare(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    """Extract the archive safely and write PNG-per-class folders plus a tensor cache for training."""
-    from cifar_cli.data.prepare import prepare_dataset
+    """Extract the archive safely (or read an image folder) and write PNG-per-class folders plus a tensor cache."""
+    from cifar_cli.data import prepare_for
 
     with handled_errors():
-        data = resolve(config, set_options, flag_settings(prepare, locals())).data
+        flags = flag_settings(prepare, locals())
+        if from_folder is not None:
+            flags["data.dataset"] = "folder"
+        data = resolve(config, set_options, flags).data
         with _count_progress() as on_progress:
-            result = prepare_dataset(
-                data.raw_data_dir, data.processed_dir, write_png=data.write_png, on_progress=on_progress
-            )
+            result = prepare_for(data, on_progress=on_progress)
+        for note in result.notes:
+            error_console.print(Text(note, style="yellow"))
         counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
+        spec = result.spec
+        what = f"{counts} images, {spec.num_classes} classes, {spec.image_size} x {spec.image_size}"
         if result.already_prepared:
-            console.print(f"Already prepared in {result.processed_dir} ({counts} images). Nothing to do.")
+            console.print(f"Already prepared in {result.processed_dir} ({what}). Nothing to do.")
         else:
-            console.print(f"Prepared {counts} images in {result.processed_dir}.")
+            console.print(f"Prepared {what} in {result.processed_dir}.")
 
 
 @contextlib.contextmanager
@@ -296,7 +345,7 @@ def _count_progress() -> Iterator[Any]:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} PNG files"),
+        TextColumn("{task.completed:,}/{task.total:,} images"),
         console=error_console,
         transient=True,
         disable=not error_console.is_terminal,
@@ -305,7 +354,7 @@ def _count_progress() -> Iterator[Any]:
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task(f"writing {stage}", total=total)
+            tasks[stage] = progress.add_task(stage, total=total)
         progress.update(tasks[stage], completed=done)
 
     with progress:
@@ -466,6 +515,7 @@ def train(
             "--dry-run", help="Print the plan (precision, epochs, steps, time) and exit.", rich_help_panel=RUN
         ),
     ] = False,
+    dataset: DatasetOption = None,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,
@@ -579,10 +629,14 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         summary.add_row(key.replace("_", " "), f"{metrics[key]:.2%}")
     console.print(summary)
-    per_class = Table(
-        "class", "precision", "recall", "F1", "support", title="Per class", title_justify="left"
-    )
-    for name, values in metrics["per_class"].items():
+    names = metrics["class_names"]
+    many = len(names) > TABLE_CLASSES
+    rows = sorted(metrics["per_class"].items(), key=lambda item: item[1]["f1"])[:WORST_CLASSES] if many else (
+        metrics["per_class"].items()
+    )  # fmt: skip
+    title = f"The {WORST_CLASSES} classes with the lowest F1 (of {len(names)})" if many else "Per class"
+    per_class = Table("class", "precision", "recall", "F1", "support", title=title, title_justify="left")
+    for name, values in rows:
         per_class.add_row(
             name,
             f"{values['precision']:.2%}",
@@ -591,13 +645,28 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             str(values["support"]),
         )
     console.print(per_class)
+    console.print(_most_confused_table(metrics) if many else _confusion_table(metrics))
+
+
+def _confusion_table(metrics: dict[str, Any]) -> Table:
     names = metrics["class_names"]
     confusion = Table(
         "true \\ predicted", *[name[:5] for name in names], title="Confusion matrix", title_justify="left"
     )
     for name, row in zip(names, metrics["confusion_matrix"]):
         confusion.add_row(name, *[str(count) for count in row])
-    console.print(confusion)
+    return confusion
+
+
+def _most_confused_table(metrics: dict[str, Any]) -> Table:
+    """For many classes: the largest mistakes instead of an unreadable N x N grid (`--json` has the matrix)."""
+    from cifar_cli.engine.metrics import most_confused
+
+    pairs = most_confused(metrics["confusion_matrix"], metrics["class_names"], WORST_CLASSES)
+    table = Table("true class", "predicted as", "images", title="Most confused pairs", title_justify="left")
+    for true, guess, images in pairs:
+        table.add_row(true, guess, str(images))
+    return table
 
 
 @app.command()

@@ -61,38 +61,49 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure:
     return figure
 
 
+ANNOTATED_CLASSES = 20  # up to this many classes each confusion cell shows its count; beyond, colour only
+
+
 def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> Figure:
-    """Rows normalised to sum to 1 (colour); each cell also shows its count."""
+    """Rows normalised to sum to 1 (colour); with few classes each cell also shows its count. The figure grows
+    with the class count (0.12 inch per class beyond 20) and labels shrink, so 100 classes stay legible."""
     counts = np.asarray(matrix)
+    classes = len(class_names)
     normalised = counts / np.clip(counts.sum(axis=1, keepdims=True), 1, None)
-    figure = Figure(figsize=(8, 7))
+    side = 7 + max(0, classes - ANNOTATED_CLASSES) * 0.12
+    figure = Figure(figsize=(side + 1, side))
     axis = figure.subplots()
     image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axis, label="fraction of the true class")
-    ticks = range(len(class_names))
-    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
-    axis.set_yticks(ticks, class_names)
+    figure.colorbar(image, ax=axis, label="fraction of the true class", shrink=0.8)
+    ticks = range(classes)
+    label_size = 9 if classes <= ANNOTATED_CLASSES else 5
+    axis.set_xticks(ticks, class_names, rotation=45 if classes <= ANNOTATED_CLASSES else 90, ha="right",
+                    fontsize=label_size, rotation_mode="anchor")  # fmt: skip
+    axis.set_yticks(ticks, class_names, fontsize=label_size)
     axis.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
-    for row in ticks:
-        for col in ticks:
-            colour = "white" if normalised[row, col] > 0.5 else "black"
-            axis.text(col, row, f"{counts[row, col]}", ha="center", va="center", fontsize=7, color=colour)
+    if classes <= ANNOTATED_CLASSES:
+        for row in ticks:
+            for col in ticks:
+                colour = "white" if normalised[row, col] > 0.5 else "black"
+                axis.text(col, row, f"{counts[row, col]}", ha="center", va="center", fontsize=7, color=colour)
     figure.tight_layout()
     return figure
 
 
 def per_class_figure(per_class: dict[str, dict[str, float]]) -> Figure:
-    """Recall (the per-class accuracy) and F1 for each class."""
+    """Recall (the per-class accuracy) and F1 for each class; wider with more classes (0.12 inch each beyond 20)."""
     names = list(per_class)
     recall = [per_class[name]["recall"] for name in names]
     f1 = [per_class[name]["f1"] for name in names]
     positions = np.arange(len(names))
-    figure = Figure(figsize=(10, 4.5))
+    many = len(names) > ANNOTATED_CLASSES
+    figure = Figure(figsize=(10 + max(0, len(names) - ANNOTATED_CLASSES) * 0.12, 4.5))
     axis = figure.subplots()
     axis.bar(positions - 0.2, recall, width=0.4, label="accuracy (recall)")
     axis.bar(positions + 0.2, f1, width=0.4, label="F1")
-    axis.set_xticks(positions, names, rotation=30, ha="right")
-    axis.set(ylim=(0, 1), ylabel="fraction", title="Per-class accuracy and F1")
+    axis.set_xticks(positions, names, rotation=90 if many else 30, ha="center" if many else "right",
+                    fontsize=6 if many else 10)  # fmt: skip
+    axis.set(ylim=(0, 1), ylabel="fraction", title="Per-class accuracy and F1", xlim=(-0.6, len(names) - 0.4))
     axis.grid(axis="y", alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -102,7 +113,7 @@ def per_class_figure(per_class: dict[str, dict[str, float]]) -> Figure:
 def predictions_figure(
     images: np.ndarray, targets: list[int], predicted: list[int], class_names: list[str], columns: int = 8
 ) -> Figure:
-    """A grid of uint8 N x 3 x 32 x 32 images titled 'true / predicted'; mistakes in red with a red frame."""
+    """A grid of uint8 N x 3 x S x S images titled 'true / predicted'; mistakes in red with a red frame."""
     rows = -(-len(images) // columns)
     figure = Figure(figsize=(columns * 1.5, rows * 1.9))
     axes = list(np.atleast_1d(figure.subplots(rows, columns)).flat)

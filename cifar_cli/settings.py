@@ -24,6 +24,14 @@ from cifar_cli.errors import SettingsError, UsageError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+# The official archive of each downloadable data set: (URL, MD5). `folder` data comes from `data.folder` instead.
+OFFICIAL_ARCHIVES = {
+    "cifar10": (OFFICIAL_URL, OFFICIAL_MD5),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
+}
 DEFAULT_CONFIG_FILE = Path("settings.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The recipe made for each model: `--model X` without a preset trains X with it. tests/test_settings.py checks
@@ -38,11 +46,31 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
+    # cifar10, cifar100 (the official archives) or folder (an ImageFolder tree at `folder`, see `cifar prepare`).
+    # None: whatever is prepared in processed_dir, else cifar10.
+    dataset: Literal["cifar10", "cifar100", "folder"] | None = None
+    label_set: Literal["fine", "coarse"] = Field(
+        "fine", description="cifar100 only: 100 fine or 20 coarse classes"
+    )
+    folder: Path | None = Field(
+        None, description="folder data only: DIR/<class>/* or DIR/{train,test}/<class>/*"
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="folder data without a test/ tree: the share held out (stratified, seeded)",
+    )
+    # Side of the square images the models see, in pixels (folder data is resized to it; archives are 32).
+    image_size: int = Field(32, ge=16, le=256)
+    skip_bad_images: bool = Field(
+        False, description="folder data: skip unreadable images (counted) instead of failing"
+    )
     raw_data_dir: Path = Path("./data_raw")
     processed_dir: Path = Path("./my_cifar_data")
-    # Mirrors tried in order: http(s)://, file:// or a plain path.
-    urls: list[str] = Field(default_factory=lambda: [OFFICIAL_URL], min_length=1)
-    md5: str = Field(OFFICIAL_MD5, pattern=r"^[0-9a-fA-F]{32}$")
+    # Mirrors tried in order: http(s)://, file:// or a plain path. None: the data set's official archive.
+    urls: list[str] | None = Field(None, min_length=1)
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$", description="None: the official archive's")
     download_timeout: float = Field(30.0, gt=0, description="seconds without a byte before a retry")
     download_retries: int = Field(3, ge=0, description="extra attempts per mirror, with doubling back-off")
     # CIFAR-10's archive is 170.5 MB: a mirror that sends much more (an endless stream) is stopped and refused.
@@ -52,6 +80,22 @@ class DataSettings(_Section):
     # recipe monitors a validation metric (plateau scheduler, early stopping), else none: nothing reads the test
     # split before the end of training, so nothing can be chosen on it.
     val_size: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+
+    def archive_urls(self) -> list[str]:
+        return self.urls or [OFFICIAL_ARCHIVES[self.archive_dataset()][0]]
+
+    def archive_md5(self) -> str:
+        return (self.md5 or OFFICIAL_ARCHIVES[self.archive_dataset()][1]).lower()
+
+    def archive_dataset(self) -> str:
+        if self.dataset is None:
+            return "cifar10"
+        if self.dataset == "folder":
+            raise UsageError(
+                "data.dataset is folder: there is no archive to download.",
+                hint="Run `cifar prepare --from-folder DIR` (or choose --dataset cifar10 / cifar100).",
+            )
+        return self.dataset
 
 
 class AugmentSettings(_Section):

@@ -158,3 +158,54 @@ def tiny_settings(tmp_path: Path, prepared: Path, *assignments: str, preset: str
         "train.num_threads=1",
     ]
     return load_settings(None, parse_set_options(base + list(assignments)))
+
+
+FINE_NAMES = [f"fine{index:02d}" for index in range(100)]
+COARSE_NAMES = [f"coarse{index:02d}" for index in range(20)]
+
+
+def build_cifar100_archive(path: Path, train_count: int = 400, test_count: int = 200) -> Path:
+    """A CIFAR-100-layout archive: cifar-100-python/{train,test,meta}, fine_labels (100) and coarse_labels (20,
+    here fine // 5), names in meta's fine_label_names / coarse_label_names, as the official one."""
+    members: dict[str, bytes] = {}
+    for name, count, seed in (("train", train_count, 1), ("test", test_count, 2)):
+        rng = np.random.default_rng(seed)
+        fine = [index % 100 for index in range(count)]
+        rng.shuffle(fine)
+        hues = np.array(
+            [[(c * 37) % 256, (c * 91) % 256, (c * 53) % 256] for c in range(100)], dtype=np.float64
+        )
+        noise = rng.normal(0, 20, size=(count, 3, 32 * 32))
+        data = np.clip(hues[fine][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
+        members[name] = py2_pickle({
+            b"batch_label": name.encode(), b"fine_labels": fine, b"coarse_labels": [c // 5 for c in fine],
+            b"data": data, b"filenames": [b"x.png"] * count,
+        })  # fmt: skip
+    members["meta"] = py2_pickle({
+        b"fine_label_names": [n.encode() for n in FINE_NAMES],
+        b"coarse_label_names": [n.encode() for n in COARSE_NAMES],
+    })  # fmt: skip
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def write_image_tree(root: Path, classes: dict[str, int], size: tuple[int, int] = (40, 30), suffix: str = ".png",
+                     seed: int = 0) -> Path:  # fmt: skip
+    """root/<class>/NNN<suffix>: `count` images per class whose colour says the class (any size, RGB)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        colour = np.array(
+            [(label * 80) % 256, (label * 150) % 256, (255 - label * 60) % 256], dtype=np.float64
+        )
+        for index in range(count):
+            noise = rng.normal(0, 25, size=(size[1], size[0], 3))
+            pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index:03d}{suffix}")
+    return root

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cifar_cli.data.loader import Augment, BatchLoader, augment_batch, normalize, stratified_split
+from cifar_cli.data.spec import CIFAR10_SPEC
 
 
 def images_and_labels(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +19,9 @@ def images_and_labels(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_epochs_are_reproducible_and_differ_between_epochs() -> None:
     images, labels = images_and_labels()
-    loader = BatchLoader(images, labels, 8, train=True, augment=Augment(True, 2, 4), seed=3)
+    loader = BatchLoader(
+        images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=Augment(True, 2, 4), seed=3
+    )
     first = [batch for batch, _ in loader]
     again = [batch for batch, _ in loader]
     loader.set_epoch(1)
@@ -30,7 +33,8 @@ def test_epochs_are_reproducible_and_differ_between_epochs() -> None:
 def test_ranks_get_disjoint_equal_shards() -> None:
     images, labels = images_and_labels(42)
     loaders = [
-        BatchLoader(images, labels, 7, train=True, seed=1, rank=rank, world_size=2) for rank in range(2)
+        BatchLoader(images, labels, 7, train=True, spec=CIFAR10_SPEC, seed=1, rank=rank, world_size=2)
+        for rank in range(2)
     ]
     shards = [loader._order().tolist() for loader in loaders]
     assert len(shards[0]) == len(shards[1]) == 21 and not set(shards[0]) & set(shards[1])
@@ -40,7 +44,7 @@ def test_ranks_get_disjoint_equal_shards() -> None:
 
 def test_evaluation_order_is_fixed_and_complete() -> None:
     images, labels = images_and_labels(23)
-    loader = BatchLoader(images, labels, 10, train=False)
+    loader = BatchLoader(images, labels, 10, train=False, spec=CIFAR10_SPEC)
     assert len(loader) == 3
     assert torch.equal(torch.cat([lab for _, lab in loader]), labels)
 
@@ -66,7 +70,7 @@ def test_cutout_zeroes_a_square() -> None:
 
 def test_normalize_and_channels_last() -> None:
     images, _ = images_and_labels(2)
-    batch = normalize(images, torch.bfloat16, channels_last=True)
+    batch = normalize(images, torch.bfloat16, True, CIFAR10_SPEC)
     assert batch.dtype == torch.bfloat16 and batch.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -91,14 +95,20 @@ def test_translate_is_a_reflect_padded_crop() -> None:
 def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
     images, labels = images_and_labels(16)
     loader = BatchLoader(
-        images, labels, 16, train=True, augment=Augment(flip=True, alternate_flip=True), seed=2
+        images,
+        labels,
+        16,
+        train=True,
+        spec=CIFAR10_SPEC,
+        augment=Augment(flip=True, alternate_flip=True),
+        seed=2,
     )
     epochs = []
     for epoch in range(3):
         loader.set_epoch(epoch)
         order = loader._order()
         [(batch, _)] = list(loader)
-        flipped = [not torch.equal(batch[i], normalize(images[order[i] : order[i] + 1], torch.float32, False)[0])
+        flipped = [not torch.equal(batch[i], normalize(images[order[i] : order[i] + 1], torch.float32, False, CIFAR10_SPEC)[0])
                    for i in range(16)]  # fmt: skip
         epochs.append(dict(zip(order.tolist(), flipped)))
     for index in range(16):
@@ -126,5 +136,5 @@ def test_steps_known_before_the_loader_match_its_length(images: int, batch: int,
     from cifar_cli.data.loader import training_steps_per_epoch
 
     loader = BatchLoader(torch.zeros(images, 3, 1, 1, dtype=torch.uint8), torch.zeros(images, dtype=torch.long),
-                         batch, train=True, world_size=world)  # fmt: skip
+                         batch, train=True, spec=CIFAR10_SPEC, world_size=world)  # fmt: skip
     assert training_steps_per_epoch(images, batch, world) == len(loader)

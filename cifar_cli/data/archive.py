@@ -1,4 +1,4 @@
-"""Open the CIFAR-10 python archive safely: checked extraction and a restricted unpickler.
+"""Open the CIFAR-10 and CIFAR-100 python archives safely: checked extraction and a restricted unpickler.
 
 The batches are Python-2 pickles. A bare `pickle.load` would run any callable a tampered file names, so the
 unpickler below resolves only the few globals that numpy array reconstruction needs.
@@ -63,8 +63,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"Refused to unpickle {module}.{name}: CIFAR-10 batches only contain numpy arrays.",
-                hint="The archive is not an authentic CIFAR-10 file; download it again from a trusted source.",
+                f"Refused to unpickle {module}.{name}: CIFAR batches only contain numpy arrays.",
+                hint="The archive is not an authentic CIFAR file; download it again from a trusted source.",
             ) from None
 
 
@@ -76,15 +76,46 @@ def safe_unpickle(payload: bytes, origin: str) -> dict[str, object]:
         raise
     except Exception as error:  # a corrupt pickle can raise almost anything
         raise CifarError(
-            f"{origin} is not a readable CIFAR-10 batch ({type(error).__name__}: {error})."
+            f"{origin} is not a readable CIFAR batch ({type(error).__name__}: {error})."
         ) from None
     if not isinstance(data, dict):
-        raise CifarError(f"{origin} holds a {type(data).__name__}, not the dict a CIFAR-10 batch holds.")
+        raise CifarError(f"{origin} holds a {type(data).__name__}, not the dict a CIFAR batch holds.")
     return {_text(key): value for key, value in data.items()}
 
 
 def _text(value: object) -> object:
     return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class ArchiveLayout:
+    """Where an official archive keeps its batches, and under which pickle keys its labels and class names are."""
+
+    archive_name: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    names_key: str
+    labels_key: str
+    num_classes: int
+    title: str
+
+
+CIFAR10_LAYOUT = ArchiveLayout(
+    "cifar-10-python.tar.gz", BATCH_FOLDER, tuple(TRAIN_BATCHES), (TEST_BATCH,), META_FILE, "label_names", "labels",
+    NUM_CLASSES, "CIFAR-10",
+)  # fmt: skip
+
+
+def archive_layout(dataset: str, label_set: str = "fine") -> ArchiveLayout:
+    """cifar10, or cifar100 with its 100 fine or 20 coarse (superclass) labels."""
+    if dataset == "cifar10":
+        return CIFAR10_LAYOUT
+    return ArchiveLayout(
+        "cifar-100-python.tar.gz", "cifar-100-python", ("train",), ("test",), "meta", f"{label_set}_label_names",
+        f"{label_set}_labels", 100 if label_set == "fine" else 20, "CIFAR-100",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,7 +126,7 @@ class Split:
     labels: np.ndarray
 
 
-def safe_extract(archive: Path, target: Path) -> Path:
+def safe_extract(archive: Path, target: Path, folder: str = BATCH_FOLDER) -> Path:
     """Extract `archive` below `target`, refusing links, devices and members that would land outside it.
 
     Extracts into a temporary sibling folder and swaps it in, so a failure (a full disk) leaves nothing half-written.
@@ -115,7 +146,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
                 hint="Free disk space or choose another --raw-dir.",
             )  # fmt: skip
             tar.extractall(staging, members=members, filter="data")
-        _swap_in(staging / BATCH_FOLDER, root / BATCH_FOLDER)
+        _swap_in(staging / folder, root / folder)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise CifarError(f"Could not extract {archive} into {root}: {error.strerror}.") from None
@@ -124,7 +155,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
         raise _corrupt(archive, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return root / BATCH_FOLDER
+    return root / folder
 
 
 def _swap_in(extracted: Path, destination: Path) -> None:
@@ -154,16 +185,21 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> None:
         )
 
 
-def read_class_names(batch_folder: Path) -> list[str]:
-    meta = safe_unpickle(_read(batch_folder / META_FILE), META_FILE)
-    names = [_text(name) for name in meta.get("label_names", [])]
-    if len(names) != NUM_CLASSES:
-        raise CifarError(f"{META_FILE} lists {len(names)} class names; CIFAR-10 has {NUM_CLASSES}.")
+def read_class_names(batch_folder: Path, layout: ArchiveLayout = CIFAR10_LAYOUT) -> list[str]:
+    meta = safe_unpickle(_read(batch_folder / layout.meta_file), layout.meta_file)
+    names = [_text(name) for name in meta.get(layout.names_key) or []]
+    if len(names) != layout.num_classes:
+        raise CifarError(
+            f"{layout.meta_file} lists {len(names)} names under {layout.names_key!r}; "
+            f"{layout.title} has {layout.num_classes}."
+        )
     return [str(name) for name in names]
 
 
-def read_split(batch_folder: Path, batch_names: list[str]) -> Split:
-    parts = [_read_batch(batch_folder / name) for name in batch_names]
+def read_split(
+    batch_folder: Path, batch_names: list[str] | tuple[str, ...], layout: ArchiveLayout = CIFAR10_LAYOUT
+) -> Split:
+    parts = [_read_batch(batch_folder / name, layout) for name in batch_names]
     return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
@@ -176,9 +212,9 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_batch(path: Path) -> Split:
+def _read_batch(path: Path, layout: ArchiveLayout) -> Split:
     batch = safe_unpickle(_read(path), path.name)
-    data, labels = batch.get("data"), batch.get("labels")
+    data, labels = batch.get("data"), batch.get(layout.labels_key)
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_VALUES:
         shape = getattr(data, "shape", None)
         raise UsageError(f"{path.name}: `data` must be an N x {IMAGE_VALUES} array, got shape {shape}.")
@@ -187,7 +223,7 @@ def _read_batch(path: Path) -> Split:
     label_array = np.asarray(labels, dtype=np.int64) if labels is not None else np.empty(0, np.int64)
     if label_array.ndim != 1 or len(label_array) != len(data):
         raise UsageError(f"{path.name}: {len(label_array)} labels for {len(data)} images.")
-    if len(label_array) and (label_array.min() < 0 or label_array.max() >= NUM_CLASSES):
-        bad = label_array[(label_array < 0) | (label_array >= NUM_CLASSES)][0]
-        raise UsageError(f"{path.name}: label {bad} is out of range 0..{NUM_CLASSES - 1}.")
+    if len(label_array) and (label_array.min() < 0 or label_array.max() >= layout.num_classes):
+        bad = label_array[(label_array < 0) | (label_array >= layout.num_classes)][0]
+        raise UsageError(f"{path.name}: label {bad} is out of range 0..{layout.num_classes - 1}.")
     return Split(data.reshape(-1, 3, 32, 32), label_array)

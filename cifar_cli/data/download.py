@@ -58,10 +58,11 @@ def download_archive(
     on_progress: ProgressCallback | None = None,
     on_message: Callable[[str], None] | None = None,
     max_bytes: int = MAX_ARCHIVE_BYTES,
+    archive_name: str = ARCHIVE_NAME,
 ) -> DownloadResult:
-    """Make `raw_dir/cifar-10-python.tar.gz` exist with the given MD5, trying each mirror in turn."""
+    """Make `raw_dir/<archive_name>` exist with the given MD5, trying each mirror in turn."""
     expected = md5.lower()
-    target = raw_dir / ARCHIVE_NAME
+    target = raw_dir / archive_name
     say = on_message or (lambda _text: None)
     ensure_writable_folder(raw_dir)
     if target.exists() and not force:

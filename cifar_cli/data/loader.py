@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Per-channel statistics of the CIFAR-10 training images, on the 0..1 scale.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from cifar_cli.data.spec import DataSpec
 
 
 @dataclass(frozen=True)
@@ -22,16 +20,21 @@ class Augment:
 
 
 @functools.cache
-def _mean_and_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """On the 0..255 scale, made once per device (a host-to-device copy per batch would stall a GPU)."""
-    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+def _mean_and_std(
+    device: torch.device, mean_01: tuple[float, ...], std_01: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the 0..255 scale, made once per device and data set (a host-to-device copy per batch would stall a GPU)."""
+    mean = torch.tensor(mean_01, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std_01, device=device).view(1, 3, 1, 1) * 255
     return mean, std
 
 
-def normalize(images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> normalised floats in `dtype`, optionally in channels_last memory layout."""
-    mean, std = _mean_and_std(images_uint8.device)
+def normalize(
+    images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool, spec: DataSpec
+) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> floats normalised with the data set's own statistics, in `dtype`, optionally in
+    channels_last memory layout."""
+    mean, std = _mean_and_std(images_uint8.device, spec.mean, spec.std)
     images = ((images_uint8.float() - mean) / std).to(dtype)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
@@ -109,6 +112,7 @@ class BatchLoader:
         batch_size: int,
         *,
         train: bool,
+        spec: DataSpec,
         augment: Augment | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -121,6 +125,7 @@ class BatchLoader:
         self.batch_size, self.train = batch_size, train
         self.augment = augment or Augment(flip=False)
         self.seed, self.dtype, self.channels_last = seed, dtype, channels_last
+        self.spec = spec
         self.rank, self.world_size = rank, world_size
         # Training drops the ragged last batch (BatchNorm dislikes tiny batches) unless it would drop everything.
         self.drop_last = (
@@ -165,7 +170,7 @@ class BatchLoader:
                     else None
                 )
                 images = augment_batch(images, self.augment, generator, flip)
-            yield normalize(images, self.dtype, self.channels_last), self.labels[index]
+            yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
 
 
 def training_steps_per_epoch(images: int, batch_size: int, world_size: int = 1) -> int:

@@ -1,28 +1,34 @@
-"""Turn the downloaded archive into PNG-per-class folders and a uint8 tensor cache that training reads at once.
+"""Turn a downloaded archive or an image-folder tree into PNG-per-class folders and a uint8 tensor cache that
+training reads at once.
 
 Layout of `processed_dir`:
-    train/0_plane/00000.png ...   (file number = index in the split)
+    train/0_plane/00000.png ...   (file number = index in the split; class folders "<label>_<name>")
     test/...
-    cache.pt        {"train_images": uint8 N x 3 x 32 x 32, "train_labels": int64 N, "test_images", ...}
-    manifest.json   counts per split and class, source MD5, format version
+    cache.pt        {"train_images": uint8 N x 3 x S x S, "train_labels": int64 N, "test_images", ...}
+    manifest.json   the data set, class names, image size, per-channel mean/std of the training images, counts per
+                    split and class, the source and its checksum, format version
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cifar_cli.data import archive
-from cifar_cli.data.download import ARCHIVE_NAME, md5_of
+from cifar_cli.data import archive, folder
+from cifar_cli.data.download import md5_of
+from cifar_cli.data.spec import CIFAR10_CLASS_NAMES, DataSpec, channel_statistics
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import (
     ensure_writable_folder,
@@ -36,22 +42,22 @@ CACHE_FILE = "cache.pt"
 PNG_FILE_BYTES = 4096  # a 32 x 32 PNG is about 3 KB, but takes one 4 KiB block
 SPACE_HINT = "Free disk space or choose another --processed-dir."
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
-CLASS_FOLDERS = [
-    "0_plane",
-    "1_car",
-    "2_bird",
-    "3_cat",
-    "4_deer",
-    "5_dog",
-    "6_frog",
-    "7_horse",
-    "8_ship",
-    "9_truck",
-]
-CLASS_NAMES = [folder.split("_", 1)[1] for folder in CLASS_FOLDERS]
-# Called with (stage name, done, total) while PNG files are written.
+FORMAT_VERSION = 2  # 2: data set, class names, image size and statistics stored (1 was CIFAR-10 only)
+CLASS_NAMES = list(CIFAR10_CLASS_NAMES)  # CIFAR-10's short names, used instead of the archive's long ones
+# Called with (stage name, done, total) while images are read or PNG files written.
 ProgressCallback = Callable[[str, int, int], None]
+
+
+def class_folders(class_names: list[str] | tuple[str, ...]) -> list[str]:
+    """ "<label>_<name>" with the label zero-padded so that folders sort in label order ("0_plane", "07_bed")."""
+    digits = len(str(len(class_names) - 1))
+    return [
+        f"{label:0{digits}d}_{re.sub(r'[^0-9A-Za-z._-]+', '_', name)}"
+        for label, name in enumerate(class_names)
+    ]
+
+
+CLASS_FOLDERS = class_folders(CLASS_NAMES)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,20 @@ class PrepareResult:
     processed_dir: Path
     already_prepared: bool
     counts: dict[str, int]
+    spec: DataSpec
+    notes: list[str] = field(default_factory=list)  # what was ignored or skipped, for the user
+
+
+@dataclass
+class _Prepared:
+    """Everything a manifest describes, before it is written."""
+
+    splits: dict[str, archive.Split]
+    spec: DataSpec
+    source: str
+    source_md5: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def prepare_dataset(
@@ -66,52 +86,178 @@ def prepare_dataset(
     processed_dir: Path,
     write_png: bool = True,
     on_progress: ProgressCallback | None = None,
+    dataset: str = "cifar10",
+    label_set: str = "fine",
 ) -> PrepareResult:
-    """Extract, validate and write the cache (and PNG folders); does nothing when the same inputs are prepared."""
-    archive_path = raw_dir / ARCHIVE_NAME
+    """Extract, validate and write the cache (and PNG folders) of an official archive; does nothing when the same
+    inputs are prepared."""
+    layout = archive.archive_layout(dataset, label_set)
+    archive_path = raw_dir / layout.archive_name
     if not archive_path.is_file():
         raise UsageError(
-            f"No archive at {archive_path}.", hint="Run `cifar download` first (or pass --raw-dir)."
+            f"No archive at {archive_path}.",
+            hint=f"Run `cifar download{'' if dataset == 'cifar10' else ' --dataset ' + dataset}` first "
+            "(or pass --raw-dir).",
         )
     ensure_writable_folder(processed_dir)
     source_md5 = md5_of(archive_path)
+    wanted = {"source_md5": source_md5, "dataset": dataset, "label_set": label_set}
     existing = read_manifest(processed_dir)
-    if existing and _is_up_to_date(existing, processed_dir, source_md5, write_png):
-        return PrepareResult(processed_dir, True, existing["counts"])
+    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
+        return _already(processed_dir, existing)
 
-    batch_folder = archive.safe_extract(archive_path, raw_dir)
-    class_names = archive.read_class_names(batch_folder)
+    batch_folder = archive.safe_extract(archive_path, raw_dir, layout.folder)
+    archive_names = archive.read_class_names(batch_folder, layout)
     splits = {
-        "train": archive.read_split(batch_folder, archive.TRAIN_BATCHES),
-        "test": archive.read_split(batch_folder, [archive.TEST_BATCH]),
+        "train": archive.read_split(batch_folder, layout.train_files, layout),
+        "test": archive.read_split(batch_folder, layout.test_files, layout),
     }
+    names = CLASS_NAMES if dataset == "cifar10" else archive_names
+    prepared = _Prepared(
+        splits, _spec(splits, names, 32, dataset), str(archive_path), source_md5,
+        {"label_set": label_set, "archive_class_names": archive_names},
+    )  # fmt: skip
+    return _write_prepared(processed_dir, prepared, write_png, on_progress)
+
+
+def prepare_folder(
+    source: Path,
+    processed_dir: Path,
+    write_png: bool = True,
+    on_progress: ProgressCallback | None = None,
+    image_size: int = 32,
+    test_fraction: float = 0.2,
+    skip_bad_images: bool = False,
+) -> PrepareResult:
+    """An ImageFolder tree -> the same cache, manifest and PNG folders as an archive; does nothing when the same
+    files (names, sizes, times) are already prepared the same way."""
+    scan = folder.scan_folder(source, test_fraction)
+    if scan.root == processed_dir.resolve() or scan.root in processed_dir.resolve().parents:
+        raise UsageError(f"--processed-dir {processed_dir} is inside the source folder {scan.root}.")
+    ensure_writable_folder(processed_dir)
+    listing = _listing_fingerprint(scan)
+    wanted = {
+        "dataset": "folder",
+        "listing": listing,
+        "image_size": image_size,
+        "skip_bad_images": skip_bad_images,
+    }
+    if scan.layout == "single":
+        wanted["test_fraction"] = test_fraction
+    existing = read_manifest(processed_dir)
+    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
+        return _already(processed_dir, existing)
+
+    splits: dict[str, archive.Split] = {}
+    digests, skipped = [], []
+    for name, files in scan.files.items():
+
+        def report(done: int, total: int, stage: str = f"reading {name}") -> None:
+            if on_progress:
+                on_progress(stage, done, total)
+
+        read = folder.read_images(files, scan.root, image_size, skip_bad_images, report)
+        splits[name] = archive.Split(read.images.numpy(), read.labels.numpy())
+        digests.append(read.digest)
+        skipped += read.skipped
+    prepared = _Prepared(
+        splits, _spec(splits, scan.class_names, image_size, "folder"), str(scan.root), _combine(digests),
+        {**wanted, "layout": scan.layout, "split_seed": folder.SPLIT_SEED, "ignored_files": scan.ignored_files,
+         "skipped_images": skipped, "empty_classes": scan.empty_classes},
+        _folder_notes(scan, skipped),
+    )  # fmt: skip
+    _refuse_empty_training_classes(prepared)
+    return _write_prepared(processed_dir, prepared, write_png, on_progress)
+
+
+def _spec(splits: dict[str, archive.Split], names: list[str], image_size: int, dataset: str) -> DataSpec:
+    """The statistics come from the training images only (the test split is never looked at)."""
+    mean, std = channel_statistics(torch.from_numpy(splits["train"].images))
+    return DataSpec(tuple(names), mean, std, image_size, dataset)  # type: ignore[arg-type]
+
+
+def _listing_fingerprint(scan: folder.FolderScan) -> str:
+    digest = hashlib.md5()
+    for split, files in scan.files.items():
+        for item in files:
+            info = item.path.stat()
+            digest.update(
+                f"{split}\0{item.path}\0{item.label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode()
+            )
+    return digest.hexdigest()
+
+
+def _combine(digests: list[str]) -> str:
+    return hashlib.md5("".join(digests).encode()).hexdigest()
+
+
+def _folder_notes(scan: folder.FolderScan, skipped: list[str]) -> list[str]:
+    notes = []
+    if scan.empty_classes:
+        notes.append(f"Skipped class folders without images: {', '.join(scan.empty_classes)}.")
+    if scan.ignored_files:
+        notes.append(f"Ignored {scan.ignored_files:,} files that are not images (or are hidden).")
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        notes.append(f"Skipped {len(skipped):,} unreadable images (--skip-bad-images): {shown}.")
+    return notes
+
+
+def _refuse_empty_training_classes(prepared: _Prepared) -> None:
+    present = set(np.unique(prepared.splits["train"].labels).tolist())
+    missing = [name for label, name in enumerate(prepared.spec.class_names) if label not in present]
+    if missing:
+        raise UsageError(
+            f"No readable training images left for: {', '.join(missing)}.",
+            hint="Add images to those classes or remove their folders.",
+        )
+
+
+def _write_prepared(
+    processed_dir: Path, prepared: _Prepared, write_png: bool, on_progress: ProgressCallback | None
+) -> PrepareResult:
+    splits = prepared.splits
     require_free_space(processed_dir, _required_bytes(splits, write_png), "the prepared data", SPACE_HINT)
+    (processed_dir / MANIFEST_FILE).unlink(
+        missing_ok=True
+    )  # until the new one is written, nothing is prepared
     _write_cache(processed_dir / CACHE_FILE, splits)
+    folders = class_folders(prepared.spec.class_names)
     if write_png:
         for name, split in splits.items():
             try:
-                _write_png_folder(processed_dir / name, split, on_progress)
+                _write_png_folder(processed_dir / name, split, folders, on_progress)
             except OSError as error:
                 raise CifarError(
                     f"Could not write the {name} PNG folder in {processed_dir}: {error.strerror or error}.",
                     hint=SPACE_HINT,
                 ) from None
-    manifest = _manifest(splits, class_names, source_md5, write_png)
+    manifest = _manifest(prepared, folders, write_png)
     write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
-    return PrepareResult(processed_dir, False, manifest["counts"])
+    return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes)
+
+
+def _already(processed_dir: Path, manifest: dict) -> PrepareResult:
+    return PrepareResult(processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest))
 
 
 def read_manifest(processed_dir: Path) -> dict | None:
     try:
-        return json.loads((processed_dir / MANIFEST_FILE).read_text())
+        manifest = json.loads((processed_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
-def _is_up_to_date(manifest: dict, processed_dir: Path, source_md5: str, write_png: bool) -> bool:
+def read_spec(processed_dir: Path) -> DataSpec:
+    """The prepared data's classes, size and statistics (CIFAR-10's for data prepared by older versions)."""
+    return DataSpec.from_dict(read_manifest(processed_dir))
+
+
+def _is_up_to_date(manifest: dict, processed_dir: Path, wanted: dict[str, Any], write_png: bool) -> bool:
     return (
         manifest.get("format_version") == FORMAT_VERSION
-        and manifest.get("source_md5") == source_md5
+        and all(manifest.get(key) == value for key, value in wanted.items())
         and (processed_dir / CACHE_FILE).is_file()
         and (manifest.get("png") or not write_png)
         and all((processed_dir / split).is_dir() for split in ("train", "test") if write_png)
@@ -133,16 +279,18 @@ def _required_bytes(splits: dict[str, archive.Split], write_png: bool) -> int:
     return cache + pngs
 
 
-def _write_png_folder(folder: Path, split: archive.Split, on_progress: ProgressCallback | None) -> None:
+def _write_png_folder(
+    target: Path, split: archive.Split, folders: list[str], on_progress: ProgressCallback | None
+) -> None:
     """Write into a sibling temporary folder, then swap it in, so a crash never leaves half a folder in place."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    for class_folder in CLASS_FOLDERS:
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    for class_folder in folders:
         (staging / class_folder).mkdir()
     total = len(split.labels)
 
     def write_one(index: int) -> None:
         pixels = split.images[index].transpose(1, 2, 0)  # HWC for PIL
-        destination = staging / CLASS_FOLDERS[int(split.labels[index])] / f"{index:05d}.png"
+        destination = staging / folders[int(split.labels[index])] / f"{index:05d}.png"
         Image.fromarray(pixels).save(destination, compress_level=1)
 
     try:
@@ -150,25 +298,28 @@ def _write_png_folder(folder: Path, split: archive.Split, on_progress: ProgressC
         with ThreadPoolExecutor(max_workers=4) as pool:
             for done, _ in enumerate(pool.map(write_one, range(total)), start=1):
                 if on_progress and (done % 500 == 0 or done == total):
-                    on_progress(folder.name, done, total)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.replace(folder)
+                    on_progress(f"writing {target.name}", done, total)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _manifest(splits: dict[str, archive.Split], class_names: list[str], source_md5: str, png: bool) -> dict:
+def _manifest(prepared: _Prepared, folders: list[str], png: bool) -> dict:
+    splits = prepared.splits
     counts = {name: int(len(split.labels)) for name, split in splits.items()}
     per_class = {
-        name: {CLASS_FOLDERS[c]: int((split.labels == c).sum()) for c in range(archive.NUM_CLASSES)}
+        name: {folders[c]: int((split.labels == c).sum()) for c in range(len(folders))}
         for name, split in splits.items()
     }
     return {
         "format_version": FORMAT_VERSION,
-        "source_md5": source_md5,
-        "archive_class_names": class_names,
-        "class_folders": CLASS_FOLDERS,
+        **prepared.spec.to_dict(),
+        "source": prepared.source,
+        "source_md5": prepared.source_md5,
+        **prepared.extra,
+        "class_folders": folders,
         "counts": counts,
         "per_class": per_class,
         "png": png,

@@ -14,7 +14,8 @@ from torch import nn
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.images import load_image
 from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
-from cifar_cli.data.prepare import CLASS_NAMES, load_cache
+from cifar_cli.data.prepare import load_cache, read_spec
+from cifar_cli.data.spec import DataSpec
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, resolve_device, resolve_precision
 from cifar_cli.engine.memory import keep_freed_memory
@@ -112,6 +113,7 @@ class LoadedModel:
     state: dict[str, Any]
     train_settings: TrainSettings
     data_settings: DataSettings
+    spec: DataSpec  # the classes, image size and statistics it was trained with
 
 
 def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
@@ -124,7 +126,8 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
         data_settings = DataSettings.model_validate(stored["data"])
     except (KeyError, TypeError, ValidationError) as error:
         raise UsageError(f"{checkpoint} has damaged settings ({type(error).__name__}).") from None
-    model = build_model(model_settings.name, model_settings.width_multiplier)
+    spec = checkpoint_spec(state)
+    model = build_model(model_settings.name, model_settings.width_multiplier, spec.num_classes)
     try:
         model.load_state_dict(state["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -134,7 +137,35 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
     model = model.to(
         device, memory_format=torch.channels_last if train_settings.channels_last else torch.contiguous_format
     )
-    return LoadedModel(model.eval(), state, train_settings, data_settings)
+    return LoadedModel(model.eval(), state, train_settings, data_settings, spec)
+
+
+def checkpoint_spec(state: dict[str, Any]) -> DataSpec:
+    """What a checkpoint was trained on (older ones stored only class names: CIFAR-10's statistics)."""
+    stored = state.get("data_spec") or {"class_names": state.get("class_names")}
+    return DataSpec.from_dict(stored)
+
+
+def check_same_classes(model_classes: list[str] | tuple[str, ...], model_size: int, data: DataSettings,
+                       origin: Path) -> None:  # fmt: skip
+    """A model scores only data with its own classes, in its own order, at its own size: anything else is refused."""
+    prepared = read_spec(data.processed_dir)
+    if list(prepared.class_names) != list(model_classes):
+        raise UsageError(
+            f"{origin} was trained on {len(model_classes)} classes ({_first_names(model_classes)}); the data in "
+            f"{data.processed_dir} has {prepared.num_classes} ({_first_names(prepared.class_names)}).",
+            hint="Pass the --processed-dir the model was trained on.",
+        )
+    if prepared.image_size != model_size:
+        raise UsageError(
+            f"{origin} takes {model_size} x {model_size} images; the data in {data.processed_dir} is "
+            f"{prepared.image_size} x {prepared.image_size}.",
+            hint="Pass the --processed-dir the model was trained on.",
+        )
+
+
+def _first_names(names: list[str] | tuple[str, ...], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def split_tensors(
@@ -196,6 +227,7 @@ def run_evaluation(
         keep_freed_memory(device.type)
     loaded = load_model(checkpoint, device)
     ensure_prepared(data, say)
+    check_same_classes(loaded.spec.class_names, loaded.spec.image_size, data, checkpoint)
     images, labels = split_tensors(data, split, loaded.data_settings.val_size, loaded.train_settings.seed)
     precision = resolve_precision(loaded.train_settings.precision, device)
     loader = BatchLoader(
@@ -203,12 +235,13 @@ def run_evaluation(
         labels.to(device),
         batch_size,
         train=False,
+        spec=loaded.spec,
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=loaded.train_settings.channels_last,
     )
     level = tta_level(loaded.train_settings, tta)
     predictions = predict(loaded.model, loader, precision, device, tta_level=level)
-    class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
+    class_names = list(loaded.spec.class_names)
     report = report_from_predictions(predictions, class_names)
     metrics = report_to_json(
         report,
@@ -235,6 +268,7 @@ def _evaluate_exported(
     contract = exported.contract
     _check_tta(tta, contract)
     ensure_prepared(data, say)
+    check_same_classes(contract["class_names"], int(contract["input"]["shape"][-1]), data, path)
     images, labels = split_tensors(data, split, contract["val_size"], contract["seed"])
     logits = run_batches(exported.run, images.float() / 255, fixed_batch(contract))
     predictions = Predictions(logits, labels, float(nn.functional.cross_entropy(logits, labels)))
@@ -263,17 +297,21 @@ def predict_images(
 
         exported = load_exported(checkpoint)
         class_names = exported.contract["class_names"]
-        pixels = torch.stack([load_image(path) for path in paths]).float() / 255
+        size = int(exported.contract["input"]["shape"][-1])
+        pixels = torch.stack([load_image(path, size) for path in paths]).float() / 255
         logits = run_batches(exported.run, pixels, fixed_batch(exported.contract))
         probabilities = torch.softmax(logits, dim=1)
     else:
         device = resolve_device(device_name)
         loaded = load_model(checkpoint, device)
-        class_names = list(loaded.state.get("class_names") or CLASS_NAMES)
-        images = torch.stack([load_image(path) for path in paths]).to(device)
+        class_names = list(loaded.spec.class_names)
+        images = torch.stack([load_image(path, loaded.spec.image_size) for path in paths]).to(device)
         precision = resolve_precision(loaded.train_settings.precision, device)
         batch = normalize(
-            images, precision.autocast_dtype or torch.float32, loaded.train_settings.channels_last
+            images,
+            precision.autocast_dtype or torch.float32,
+            loaded.train_settings.channels_last,
+            loaded.spec,
         )
         level = tta_level(loaded.train_settings)
         with torch.no_grad(), precision.autocast(device):

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from cifar_cli.data import ensure_prepared
-from cifar_cli.data.loader import CIFAR_MEAN, CIFAR_STD
-from cifar_cli.data.prepare import CLASS_NAMES, load_cache
-from cifar_cli.engine.evaluate import load_model, tta_level, tta_logits
+from cifar_cli.data.prepare import load_cache
+from cifar_cli.data.spec import DataSpec
+from cifar_cli.engine.evaluate import check_same_classes, load_model, tta_level, tta_logits
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import write_atomically
 from cifar_cli.settings import DataSettings
@@ -41,11 +41,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]  # float pixels in [0, 1] -> log
 class PixelClassifier(nn.Module):
     """The trained network behind the pixel contract: normalisation and TTA inside, logits out."""
 
-    def __init__(self, model: nn.Module, tta: int) -> None:
+    def __init__(self, model: nn.Module, tta: int, spec: DataSpec) -> None:
         super().__init__()
         self.model, self.tta = model, tta
-        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))  # the training images' own
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return tta_logits(self.model, (pixels - self.mean) / self.std, self.tta)
@@ -83,8 +83,9 @@ def export_checkpoint(
     out = out or checkpoint.with_suffix(f".{fmt}")
     loaded = load_model(checkpoint, torch.device("cpu"))
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
-    classifier = PixelClassifier(model, tta_level(loaded.train_settings, tta)).eval()
+    classifier = PixelClassifier(model, tta_level(loaded.train_settings, tta), loaded.spec).eval()
     ensure_prepared(data, say)
+    check_same_classes(loaded.spec.class_names, loaded.spec.image_size, data, checkpoint)
     cache = load_cache(data.processed_dir)
     pixels, labels = cache["test_images"].float() / 255, cache["test_labels"]
     checkpoint_logits = run_batches(classifier, pixels, batch)
@@ -108,14 +109,16 @@ def export_checkpoint(
 
 
 def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: float) -> dict[str, Any]:
+    spec, size = loaded.spec, loaded.spec.image_size
     return {
         "format": fmt,
-        "input": {"name": INPUT_NAME, "shape": [batch or "N", 3, 32, 32], "dtype": "float32",
+        "input": {"name": INPUT_NAME, "shape": [batch or "N", 3, size, size], "dtype": "float32",
                   "layout": "NCHW, RGB", "range": [0.0, 1.0], "meaning": "uint8 pixels / 255"},
         "normalisation_inside": True,
-        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", len(CLASS_NAMES)], "meaning": "logits"},
+        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", spec.num_classes], "meaning": "logits"},
         "tta_level": tta,
-        "class_names": list(loaded.state.get("class_names") or CLASS_NAMES),
+        "class_names": list(spec.class_names),
+        "normalisation": {"mean": list(spec.mean), "std": list(spec.std)},
         "model": loaded.state["model_name"],
         "run_name": loaded.state.get("run_name"),
         "epoch": loaded.state["epoch"],

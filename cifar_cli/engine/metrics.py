@@ -14,17 +14,15 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-NUM_CLASSES = 10
 
-
-def epoch_metrics(device: torch.device | str = "cpu") -> MetricCollection:
+def epoch_metrics(num_classes: int, device: torch.device | str = "cpu") -> MetricCollection:
     """Overall metrics, cheap enough to update on every training batch."""
     return MetricCollection(
         {
-            "accuracy": MulticlassAccuracy(NUM_CLASSES, average="micro"),
-            "precision": MulticlassPrecision(NUM_CLASSES, average="macro"),
-            "recall": MulticlassRecall(NUM_CLASSES, average="macro"),
-            "f1": MulticlassF1Score(NUM_CLASSES, average="macro"),
+            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
         }
     ).to(device)
 
@@ -46,13 +44,16 @@ def classification_report(
     predictions: torch.Tensor, targets: torch.Tensor, class_names: list[str]
 ) -> ClassificationReport:
     predictions, targets = predictions.cpu(), targets.cpu()
-    overall = {name: float(value) for name, value in epoch_metrics().forward(predictions, targets).items()}
-    per_class_metrics = {
-        "precision": MulticlassPrecision(NUM_CLASSES, average="none")(predictions, targets),
-        "recall": MulticlassRecall(NUM_CLASSES, average="none")(predictions, targets),
-        "f1": MulticlassF1Score(NUM_CLASSES, average="none")(predictions, targets),
+    classes = len(class_names)
+    overall = {
+        name: float(value) for name, value in epoch_metrics(classes).forward(predictions, targets).items()
     }
-    confusion = MulticlassConfusionMatrix(NUM_CLASSES)(predictions, targets)
+    per_class_metrics = {
+        "precision": MulticlassPrecision(classes, average="none")(predictions, targets),
+        "recall": MulticlassRecall(classes, average="none")(predictions, targets),
+        "f1": MulticlassF1Score(classes, average="none")(predictions, targets),
+    }
+    confusion = MulticlassConfusionMatrix(classes)(predictions, targets)
     support = confusion.sum(dim=1)
     per_class = {
         name: {
@@ -70,3 +71,18 @@ def classification_report(
         confusion_matrix=confusion.tolist(),
         num_samples=int(len(targets)),
     )
+
+
+def most_confused(
+    confusion: list[list[int]], class_names: list[str], count: int = 10
+) -> list[tuple[str, str, int]]:
+    """The `count` largest off-diagonal cells as (true class, predicted class, images), largest first; ties in
+    label order. For many classes this says more than the whole matrix."""
+    cells = [
+        (images, true, guess)
+        for true, row in enumerate(confusion)
+        for guess, images in enumerate(row)
+        if true != guess and images > 0
+    ]
+    cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
+    return [(class_names[true], class_names[guess], images) for images, true, guess in cells[:count]]

@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_cli.data import ensure_prepared
+from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.loader import (
     Augment,
     BatchLoader,
@@ -24,7 +24,8 @@ from cifar_cli.data.loader import (
     stratified_split,
     training_steps_per_epoch,
 )
-from cifar_cli.data.prepare import CLASS_NAMES, load_cache, read_manifest
+from cifar_cli.data.prepare import load_cache, read_manifest, read_spec
+from cifar_cli.data.spec import DataSpec
 from cifar_cli.engine import distributed
 from cifar_cli.engine.calibrate import Calibration, calibrate
 from cifar_cli.engine.checkpoint import (
@@ -36,7 +37,13 @@ from cifar_cli.engine.checkpoint import (
 )
 from cifar_cli.engine.device import Precision, describe, resolve_device, resolve_precision
 from cifar_cli.engine.distributed import DistContext
-from cifar_cli.engine.evaluate import Predictions, predict, report_from_predictions, tta_level
+from cifar_cli.engine.evaluate import (
+    Predictions,
+    checkpoint_spec,
+    predict,
+    report_from_predictions,
+    tta_level,
+)
 from cifar_cli.engine.lookahead import Lookahead
 from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.metrics import epoch_metrics
@@ -51,8 +58,8 @@ from cifar_cli.engine.plan import RemainingTime, RunPlan, fit_budget
 from cifar_cli.engine.step import forward_backward
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import ensure_writable_folder, require_free_space, run_lock, write_text_atomically
-from cifar_cli.models import build_model
-from cifar_cli.settings import Settings, dump_yaml, resolve_val_size
+from cifar_cli.models import build_model, fixed_image_size
+from cifar_cli.settings import OFFICIAL_ARCHIVES, Settings, dump_yaml, resolve_val_size
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
 
 LAST_CHECKPOINT = "last.pth"
@@ -93,11 +100,26 @@ def recipe_identity(plain: dict[str, Any]) -> dict[str, Any]:
     """The settings that identify a run, as dotted keys, from `Settings.to_plain()` (or a checkpoint's copy)."""
     sections = {name: plain.get(name, {}) for name in ("model", "optim", "scheduler")}
     sections["train"] = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RECIPE}
-    # The data: which images (the archive's checksum) and how many are held out; not where they live.
-    sections["data"] = {k: v for k, v in plain.get("data", {}).items() if k in ("md5", "val_size")}
+    sections["data"] = data_identity(plain.get("data", {}))
     flat: dict[str, Any] = {}
     _flatten(sections, "", flat)
     return flat
+
+
+def data_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """Which images and how many are held out, not where they live: the archive's or the folder's checksum, plus
+    the data set and label set beyond CIFAR-10 (so CIFAR-10 runs keep their names)."""
+    dataset = data.get("dataset") or "cifar10"
+    official_md5 = OFFICIAL_ARCHIVES.get(dataset, ("", ""))[1]
+    identity: dict[str, Any] = {
+        "md5": (data.get("md5") or official_md5).lower(),
+        "val_size": data.get("val_size"),
+    }
+    if dataset == "cifar100":
+        identity.update(dataset=dataset, label_set=data.get("label_set", "fine"))
+    if dataset == "folder":  # md5: the folder's content checksum (`adopt_prepared`)
+        identity.update(dataset=dataset, image_size=data.get("image_size", 32))
+    return identity
 
 
 def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
@@ -159,12 +181,15 @@ class Trainer:
     ):
         self.started = time.perf_counter()  # a time budget counts from here
         self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
+        self.settings.data = adopt_prepared(
+            self.settings.data
+        )  # which data is prepared is part of the recipe
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
         self.confusion_figure = (
             confusion_figure  # the CLI passes plots' figure; the core draws nothing itself
         )
-        self.run_name = settings.train.run_name or default_run_name(settings)
+        self.run_name = settings.train.run_name or default_run_name(self.settings)
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
         self.history: list[dict[str, Any]] = []
@@ -194,6 +219,7 @@ class Trainer:
         then nothing (best.pth, early stopping, the plateau scheduler) reads it; `check_recipe` refuses otherwise.
         """
         ensure_prepared(self.settings.data, self.reporter.message)
+        self.spec = self._data_spec()
         cache = load_cache(self.settings.data.processed_dir)
         images, labels = cache["train_images"], cache["train_labels"]
         val_size = self._resolve_val_size(len(labels))
@@ -208,6 +234,23 @@ class Trainer:
         else:
             self.split = (images, labels, *self.test_split)
         self.eval_split = "val" if val_size else "test"
+
+    def _data_spec(self) -> DataSpec:
+        """The prepared data's classes, size and statistics; a model made for one input size refuses others. A
+        resumed run keeps the statistics its weights were trained with (older checkpoints: CIFAR-10's constants)."""
+        spec = read_spec(self.settings.data.processed_dir)
+        if self._should_resume():
+            trained = checkpoint_spec(self._last_checkpoint())
+            spec = replace(spec, mean=trained.mean, std=trained.std)
+        name, fixed = self.settings.model.name, fixed_image_size(self.settings.model.name)
+        if fixed is not None and spec.image_size != fixed:
+            raise UsageError(
+                f"Model {name} takes {fixed} x {fixed} images; the data in {self.settings.data.processed_dir} is "
+                f"{spec.image_size} x {spec.image_size}.",
+                hint=f"Choose a model that pools globally (airbench, resnet18), or prepare the data with "
+                f"--image-size {fixed}.",
+            )
+        return spec
 
     def _resolve_val_size(self, train_images: int) -> int:
         """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
@@ -310,6 +353,7 @@ class Trainer:
             labels.to(self.device),
             train.batch_size,
             train=True,
+            spec=self.spec,
             augment=Augment(**train.augment.model_dump()),
             seed=train.seed,
             dtype=input_dtype,
@@ -324,6 +368,7 @@ class Trainer:
                 labels.to(self.device),
                 train.eval_batch_size,
                 train=False,
+                spec=self.spec,
                 dtype=input_dtype,
                 channels_last=train.channels_last,
             )
@@ -337,11 +382,11 @@ class Trainer:
 
     def _setup_model(self) -> None:
         settings = self.settings
-        model = build_model(settings.model.name, settings.model.width_multiplier)
+        model = build_model(settings.model.name, settings.model.width_multiplier, self.spec.num_classes)
         init_from_data = getattr(model, "init_from_data", None)
         if init_from_data is not None:
             sample = self.train_images[: min(WHITENING_SAMPLE, len(self.train_images))].cpu()
-            init_from_data(normalize(sample, torch.float32, channels_last=False))  # fp32, outside autocast
+            init_from_data(normalize(sample, torch.float32, False, self.spec))  # fp32, outside autocast
         memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
         # Muon's matrix products in the step's precision: bf16 only where it was chosen for being fast here.
@@ -530,7 +575,7 @@ class Trainer:
         train_stats = self._train_one_epoch()
         seconds = time.perf_counter() - started
         evaluated = predict(self.model, self.val_loader, self.precision, self.device, tta_level=0)
-        report = report_from_predictions(evaluated, CLASS_NAMES)
+        report = report_from_predictions(evaluated, list(self.spec.class_names))
         images_seen = len(self.train_loader) * self.settings.train.batch_size * self.context.world_size
         split = self.eval_split  # "val", or "test" where the recipe holds out nothing (curves only)
         return {
@@ -553,7 +598,7 @@ class Trainer:
         if hasattr(self.model, "whiten_bias_trainable"):
             self.model.whiten_bias_trainable = self.epoch < self.settings.model.whiten_bias_epochs
         model.train()
-        metrics = epoch_metrics(self.device)
+        metrics = epoch_metrics(self.spec.num_classes, self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         steps_per_batch = scheduler_steps_per_batch(self.scheduler)
@@ -678,7 +723,8 @@ class Trainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "rng": capture_rng_states(),
             "settings": self.settings.to_plain(),
-            "class_names": CLASS_NAMES,
+            "class_names": list(self.spec.class_names),
+            "data_spec": self.spec.to_dict(),
             "run_name": self.run_name,
         }
 
@@ -694,7 +740,7 @@ class Trainer:
         """Final evaluation (with TTA when enabled) of the last weights, logged to TensorBoard."""
         level = tta_level(self.settings.train)
         predictions: Predictions = predict(self.model, self.test_loader, self.precision, self.device, level)
-        report = report_from_predictions(predictions, CLASS_NAMES)
+        report = report_from_predictions(predictions, list(self.spec.class_names))
         last_val = {"val_accuracy": self.history[-1]["val_accuracy"]} if self.eval_split == "val" else {}
         final = {
             # The last weights on the test split, read once, after training: never used to choose anything.
@@ -718,7 +764,9 @@ class Trainer:
             )
         if logger is not None:
             figure = (
-                self.confusion_figure(report.confusion_matrix, CLASS_NAMES) if self.confusion_figure else None
+                self.confusion_figure(report.confusion_matrix, list(self.spec.class_names))
+                if self.confusion_figure
+                else None
             )
             logger.log_final(_hparams(self.settings), final, figure)
         return final

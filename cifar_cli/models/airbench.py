@@ -86,5 +86,5 @@ class AirbenchNet(nn.Module):
 
 
 @register_model("airbench")
-def airbench(width_multiplier: float = 1.0) -> nn.Module:
-    return AirbenchNet(width_multiplier)
+def airbench(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes)

@@ -1,4 +1,4 @@
-"""A name -> constructor table for models; every constructor takes the width multiplier."""
+"""A name -> constructor table for models; every constructor takes the width multiplier and the class count."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from torch import nn
 
 from cifar_cli.errors import UsageError
 
-ModelBuilder = Callable[[float], nn.Module]
+ModelBuilder = Callable[[float, int], nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
+_FIXED_IMAGE_SIZE: dict[str, int] = {}  # models whose layers only fit one input size (pixels per side)
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+def register_model(name: str, image_size: int | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
+    """`image_size`: the one input size the model accepts; None for models that pool globally (any size >= 16)."""
+
     def decorate(builder: ModelBuilder) -> ModelBuilder:
         _REGISTRY[name] = builder
+        if image_size is not None:
+            _FIXED_IMAGE_SIZE[name] = image_size
         return builder
 
     return decorate
@@ -24,7 +29,11 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, width_multiplier: float = 1.0) -> nn.Module:
+def fixed_image_size(name: str) -> int | None:
+    return _FIXED_IMAGE_SIZE.get(name)
+
+
+def build_model(name: str, width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
     if name not in _REGISTRY:
         raise UsageError(f"Unknown model {name!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
-    return _REGISTRY[name](width_multiplier)
+    return _REGISTRY[name](width_multiplier, num_classes)

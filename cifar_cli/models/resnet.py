@@ -48,5 +48,5 @@ class ResNet18(nn.Module):
 
 
 @register_model("resnet18")
-def resnet18(width_multiplier: float = 1.0) -> nn.Module:
-    return ResNet18(width_multiplier)
+def resnet18(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+    return ResNet18(width_multiplier, num_classes)

@@ -15,8 +15,8 @@ def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-@register_model("seed-cnn")
-def seed_cnn(width_multiplier: float = 1.0) -> nn.Module:
+@register_model("seed-cnn", image_size=32)  # the flattening layer is sized for 4 x 4 maps of a 32 x 32 input
+def seed_cnn(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
     widths = [max(1, round(w * width_multiplier)) for w in (32, 64, 128)]
     hidden = max(1, round(256 * width_multiplier))
     return nn.Sequential(
@@ -27,5 +27,5 @@ def seed_cnn(width_multiplier: float = 1.0) -> nn.Module:
         nn.Linear(widths[2] * 4 * 4, hidden),
         nn.ReLU(inplace=True),
         nn.Dropout(0.5),
-        nn.Linear(hidden, 10),
+        nn.Linear(hidden, num_classes),
     )
