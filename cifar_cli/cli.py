@@ -817,6 +817,15 @@ def sweep(
         typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."),
         Sets("train.time_budget"),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Trials at once, each in its own process with the cores split between them (one "
+            "GPU each on a machine with several). Default 1: one after another, each with the machine to itself.",
+        ),
+    ] = 1,
     device: DeviceOption = None,
     processed_dir: ProcessedDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,
@@ -852,13 +861,81 @@ def sweep(
         def train_one(settings: Settings) -> None:
             run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 
-        summaries = sweeps.run_trials(trials, built, folder, train_one, say=console.print)
+        if jobs == 1:
+            summaries = sweeps.run_trials(
+                trials,
+                built,
+                folder,
+                train_one,
+                console.print,
+                lambda rows: console.print(_trial_table(rows)),
+            )
+        else:
+            summaries = _parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
         ranked = sweeps.rank(trials, summaries)
         sweeps.write_results(folder, ranked)
         varied = [key for key, values in parsed if len(values) > 1]
         document = json.loads((folder / "sweep.json").read_text())
         save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
         _print_sweep(ranked, document, folder)
+
+
+def _parallel_sweep(
+    sweeps: Any, trials: list[Any], built: list[Settings], folder: Path, jobs: int, device: str
+) -> dict[str, Any]:
+    """--jobs N: trials in their own processes, a live table of all of them; failed trials named with their log."""
+    from rich.live import Live
+
+    slots = sweeps.machine_slots(jobs, device)
+    gpus = sum(slot.gpu is not None for slot in slots)
+    console.print(
+        f"{len(slots)} trials at a time, {slots[0].threads} CPU threads each"
+        + (f", one GPU each ({gpus} GPUs)" if gpus else "") + f"; trial output in {folder / sweeps.TRIALS_FOLDER}."
+    )  # fmt: skip
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+
+        def show(rows: list[Any]) -> None:
+            live.update(_trial_table(rows), refresh=True)
+
+        try:
+            statuses = sweeps.run_parallel(trials, built, folder, slots, show)
+        except KeyboardInterrupt:
+            from cifar_cli.engine.train import TrainingInterrupted
+
+            raise TrainingInterrupted(
+                "Sweep interrupted: every running trial saved its checkpoint.",
+                hint="Run the same command again to skip finished trials and resume the others.",
+            ) from None
+    console.print()  # a live display that is not a terminal ends without a line break
+    failed = [status for status in statuses if status.state == "failed"]
+    if failed:
+        raise CifarError(
+            f"{len(failed)} trial(s) failed: "
+            + ", ".join(f"{s.trial.name} (log {s.log})" for s in failed)
+            + ".",
+            hint="Read the logs; the same command again retries them and skips finished trials.",
+        )
+    return sweeps.summaries_of(folder)
+
+
+def _trial_table(rows: list[Any]) -> Table:
+    """Every trial: the settings that vary, state, epochs, validation and test accuracy, training time."""
+    table = Table("trial", "settings", "state", "epochs", "val acc", "test acc", "time", title="Sweep")
+    colours = {"running": "cyan", "finished": "green", "failed": "red", "interrupted": "yellow"}
+    for row in rows:
+        values = " ".join(
+            f"{key.split('.')[-1]}={row.trial.values[key]}" for key in (*row.trial.varied, "train.seed")
+        )
+        epochs = (
+            f"{row.epochs_done}/{row.epochs_planned}" if row.epochs_planned else str(row.epochs_done or "")
+        )
+        table.add_row(
+            row.trial.name, values, Text(row.state, style=colours.get(row.state, "")), epochs,
+            f"{row.val_accuracy:.2%}" if row.val_accuracy is not None else "",
+            f"{row.test_accuracy:.2%}" if row.test_accuracy is not None else "",
+            format_duration(row.seconds) if row.seconds else "",
+        )  # fmt: skip
+    return table
 
 
 def _print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> None:

@@ -201,19 +201,222 @@ def run_trials(
     folder: Path,
     train_one: Callable[[Settings], Any],
     say: Callable[[str], None] = lambda _text: None,
+    on_update: Callable[[list[TrialStatus]], None] = lambda _rows: None,
 ) -> dict[str, Any]:
     """Train every trial not finished yet, one after another, each with the machine to itself; then the
     summaries of every trial (`cifar_cli.runs`). Ctrl-C stops inside a trial after its last checkpoint; the same
-    command again skips what finished and resumes that trial."""
+    command again skips what finished and resumes that trial. `on_update` gets the status of every trial before
+    each one starts and at the end."""
     from cifar_cli.runs import list_runs
 
-    finished = (
-        {run.name for run in list_runs(folder) if run.state == "finished"} if folder.is_dir() else set()
-    )
-    for trial, settings in zip(trials, built):
-        if trial.name in finished:
-            say(f"Trial {trial.index + 1}/{len(trials)} {trial.name}: finished before, skipped.")
+    finished = _finished_runs(folder)
+    statuses = [TrialStatus(trial, "skipped" if trial.name in finished else "queued") for trial in trials]
+    for status, settings in zip(statuses, built):
+        if status.state == "skipped":
+            say(
+                f"Trial {status.trial.index + 1}/{len(trials)} {status.trial.name}: finished before, skipped."
+            )
             continue
-        say(f"Trial {trial.index + 1}/{len(trials)} {trial.name}")
+        status.state = "running"
+        _refresh(statuses, folder)
+        on_update(statuses)
+        say(f"Trial {status.trial.index + 1}/{len(trials)} {status.trial.name}")
         train_one(settings)
+        status.state = "finished"
+    _refresh(statuses, folder)
+    on_update(statuses)
     return {run.name: run for run in list_runs(folder)}
+
+
+def summaries_of(folder: Path) -> dict[str, Any]:
+    from cifar_cli.runs import list_runs
+
+    return {run.name: run for run in list_runs(folder)} if folder.is_dir() else {}
+
+
+def machine_slots(jobs: int, device: str) -> list[Slot]:
+    """Slots for `--jobs N` on this machine: its usable cores split, one GPU per trial where there are several."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpus = torch.cuda.device_count() if wants_cuda else 0
+    return plan_slots(jobs, cores, gpus)
+
+
+# ------------------------------------------------------------------------------------------------ parallel trials
+
+TRIALS_FOLDER = ".trials"  # per-trial settings files and output logs of `--jobs N` runs
+POLL_SECONDS = 2.0  # how often the status table is refreshed while trials run in parallel
+STOP_GRACE_SECONDS = 120  # after Ctrl-C, how long a trial may take to save its checkpoint before it is killed
+EXIT_STATES = {0: "finished", 130: "interrupted"}  # `cifar train` exit codes; anything else: failed
+
+
+@dataclass(frozen=True)
+class Slot:
+    """What one parallel trial gets: CPU threads and, on a machine with several GPUs, one GPU of its own."""
+
+    threads: int
+    gpu: int | None = None
+
+
+def plan_slots(jobs: int, cpu_cores: int, gpus: int) -> list[Slot]:
+    """`jobs` slots with the cores split evenly (at least one thread each); with several GPUs, one GPU per slot,
+    and no more slots than GPUs."""
+    if gpus > 1:
+        jobs = min(jobs, gpus)
+    threads = max(1, cpu_cores // jobs)
+    return [Slot(threads, index if gpus > 1 else None) for index in range(jobs)]
+
+
+@dataclass
+class TrialStatus:
+    """One row of the live table."""
+
+    trial: Trial
+    state: str = "queued"  # queued, running, finished, interrupted, failed, skipped
+    epochs_done: int = 0
+    epochs_planned: int | None = None
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    seconds: float = 0.0
+    log: Path | None = None  # the trial's output, for a failed one
+
+
+def run_parallel(
+    trials: list[Trial],
+    built: list[Settings],
+    folder: Path,
+    slots: list[Slot],
+    on_update: Callable[[list[TrialStatus]], None] = lambda _rows: None,
+    poll_seconds: float = POLL_SECONDS,
+) -> list[TrialStatus]:
+    """Train the unfinished trials `len(slots)` at a time, each in its own `cifar train` process with its slot's
+    threads (and GPU). Ctrl-C is passed on to every running trial, which saves its checkpoint and stops; the same
+    command again skips finished trials and resumes the others. A trial that fails is reported with its log."""
+    import subprocess
+    import time
+
+    statuses = [TrialStatus(trial) for trial in trials]
+    finished = _finished_runs(folder)
+    queue = []
+    for status, settings in zip(statuses, built):
+        if status.trial.name in finished:
+            status.state = "skipped"
+        else:
+            queue.append((status, settings))
+    (folder / TRIALS_FOLDER).mkdir(parents=True, exist_ok=True)
+    running: dict[int, tuple[TrialStatus, subprocess.Popen, Slot]] = {}
+    free = list(slots)
+    try:
+        while queue or running:
+            while queue and free:
+                status, settings = queue.pop(0)
+                slot = free.pop(0)
+                process = _launch(status, settings, slot, folder / TRIALS_FOLDER)
+                running[process.pid] = (status, process, slot)
+            _refresh(statuses, folder)
+            on_update(statuses)
+            time.sleep(poll_seconds)
+            for pid, (status, process, slot) in list(running.items()):
+                if process.poll() is not None:
+                    status.state = EXIT_STATES.get(process.returncode, "failed")
+                    del running[pid]
+                    free.append(slot)
+    except KeyboardInterrupt:
+        _stop_all([process for _, process, _ in running.values()])
+        for status, _, _ in running.values():
+            status.state = "interrupted"
+        _refresh(statuses, folder)
+        on_update(statuses)
+        raise
+    _refresh(statuses, folder)
+    on_update(statuses)
+    return statuses
+
+
+def _finished_runs(folder: Path) -> set[str]:
+    from cifar_cli.runs import list_runs
+
+    return {run.name for run in list_runs(folder) if run.state == "finished"} if folder.is_dir() else set()
+
+
+def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> Any:
+    """`python -m cifar_cli train --config <the trial's settings>`, its output in a log file next to them."""
+    import os
+    import subprocess
+    import sys
+
+    from cifar_cli.settings import dump_yaml
+
+    settings = settings.model_copy(deep=True)
+    settings.train.num_threads = slot.threads
+    settings.log.progress = "plain"
+    config = work / f"{status.trial.name}.yaml"
+    write_text_atomically(config, dump_yaml(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": str(slot.threads), "PYTHONUNBUFFERED": "1"}
+    env = {
+        key: value for key, value in env.items() if not key.startswith("CIFAR_")
+    }  # the file says everything
+    if slot.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+    status.log = work / f"{status.trial.name}.log"
+    status.state = "running"
+    with status.log.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cifar_cli", "train", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_stop_with_parent,
+        )  # fmt: skip
+
+
+def _stop_with_parent() -> None:
+    """In the child, before it starts: on Linux, get SIGINT when the sweep dies (even by kill -9), so a trial
+    saves its checkpoint and stops instead of running on without an owner."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
+def _stop_all(processes: list[Any]) -> None:
+    """SIGINT to every running trial (a terminal's Ctrl-C reaches them already; `kill -INT` of the sweep does not),
+    then wait for their checkpoints; kill what has not stopped after STOP_GRACE_SECONDS."""
+    import signal
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _refresh(statuses: list[TrialStatus], folder: Path) -> None:
+    """Epochs, accuracies and time of every trial from its run folder (what `cifar runs` reads)."""
+    from cifar_cli.runs import list_runs
+
+    if not folder.is_dir():
+        return
+    try:
+        summaries = {run.name: run for run in list_runs(folder)}
+    except UsageError:  # a file being replaced at this instant: the next poll reads it
+        return
+    for status in statuses:
+        run = summaries.get(status.trial.name)
+        if run is None:
+            continue
+        status.epochs_done, status.epochs_planned = run.epochs_done, run.epochs_planned
+        status.val_accuracy, status.test_accuracy, status.seconds = (
+            run.val_accuracy,
+            run.test_accuracy,
+            run.seconds,
+        )

@@ -104,3 +104,109 @@ def test_bad_values_are_refused_before_the_first_trial(tmp_path: Path, prepared_
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "optim.lr" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_slots_split_the_cores_and_give_each_trial_its_own_gpu() -> None:
+    from cifar_cli.sweep import Slot, plan_slots
+
+    assert plan_slots(2, 16, 0) == [Slot(8), Slot(8)]
+    assert plan_slots(3, 2, 0) == [Slot(1), Slot(1), Slot(1)]  # never zero threads
+    assert plan_slots(8, 64, 4) == [Slot(16, 0), Slot(16, 1), Slot(16, 2), Slot(16, 3)]  # one trial per GPU
+    assert plan_slots(2, 16, 1) == [Slot(8), Slot(8)]  # one GPU: shared, as any single-GPU run
+
+
+def _parallel_args(tmp_path: Path, prepared_dir: Path, epochs: int) -> list[str]:
+    args = _sweep(tmp_path, prepared_dir, "--jobs", "2")
+    args[args.index("--seeds") + 1] = "0"
+    args[args.index("--epochs") + 1] = str(epochs)
+    return args
+
+
+def test_jobs_run_trials_at_once_with_the_cores_split(tmp_path: Path, prepared_dir: Path) -> None:
+    """Two real `cifar train` processes, seen running at the same time by their own locks, one thread each here."""
+    from cifar_cli import sweep as sweeps
+    from cifar_cli.runs import list_runs
+    from cifar_cli.settings import load_settings, parse_set_options
+
+    trials = sweeps.plan_trials([("optim.lr", [0.001, 0.003])], [0], None)
+    fixed = parse_set_options([
+        "preset=baseline", f"data.processed_dir={prepared_dir}", f"log.log_dir={tmp_path / 'runs'}",
+        f"log.checkpoint_dir={tmp_path / 'ck'}", "train.epochs=40", "train.batch_size=16", "train.device=cpu",
+        "train.precision=fp32", "train.channels_last=true",
+    ])  # fmt: skip
+    built = [sweeps.trial_settings(t, None, fixed, "par", 10) for t in trials]
+    folder = sweeps.sweep_folder(load_settings(None, fixed), "par")
+    seen_together = []
+
+    def watch(rows) -> None:  # noqa: ANN001
+        live = [run.name for run in list_runs(folder) if run.state == "running"] if folder.is_dir() else []
+        seen_together.append(len(live))
+
+    slots = [sweeps.Slot(1), sweeps.Slot(1)]
+    statuses = sweeps.run_parallel(trials, built, folder, slots, watch, poll_seconds=0.2)
+    assert [status.state for status in statuses] == ["finished", "finished"], [
+        s.log.read_text() for s in statuses
+    ]
+    assert max(seen_together) == 2
+    for trial in trials:
+        stored = (folder / trial.name / "settings.yaml").read_text()
+        assert "num_threads: 1" in stored and "epochs: 40" in stored
+    assert {run.state for run in list_runs(folder)} == {"finished"}
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
+def test_parallel_sweep_stops_its_trials_with_checkpoints(
+    tmp_path: Path, prepared_dir: Path, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the sweep): every trial saves and stops, exit 130. kill -9 of the sweep: its trials get
+    SIGINT from the kernel (parent-death signal), save and stop instead of running on unowned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cifar_cli", *_parallel_args(tmp_path, prepared_dir, 2000)]
+    sweep = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    folder = tmp_path / "runs" / "sweeps" / "lr"
+    deadline = time.monotonic() + 180
+
+    def epochs(name: str) -> int:
+        try:
+            return len(json.loads((folder / name / "history.json").read_text()))
+        except (OSError, ValueError):
+            return 0
+
+    names = ["t000_lr0.001_seed0", "t001_lr0.003_seed0"]
+    while min(epochs(name) for name in names) < 2:
+        assert sweep.poll() is None and time.monotonic() < deadline, (
+            sweep.stdout.read() if sweep.poll() else "slow"
+        )
+        time.sleep(0.2)
+    owners = [int((folder / name / ".lock").read_text().split()[1]) for name in names]
+    sweep.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    output = sweep.communicate(timeout=180)[0]
+    if how == "ctrl-c":
+        assert sweep.returncode == 130 and "every running trial saved its checkpoint" in output, output
+    for pid in owners:  # the trials stop too, after saving
+        for _ in range(600):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"trial process {pid} still runs")
+    for name in names:
+        state = torch_epoch(tmp_path / "ck" / "sweeps" / "lr" / name / "last.pth")
+        assert 2 <= state < 2000 and state >= epochs(name) - 1
+
+
+def torch_epoch(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
