@@ -255,9 +255,12 @@ def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> An
     )
 
 
-def _fresh_model(name: str, device: torch.device, channels_last: bool, width: float = 1.0) -> nn.Module:
+def _fresh_model(
+    name: str, device: torch.device, channels_last: bool, width: float = 1.0, num_classes: int = 10
+) -> nn.Module:
+    """Synthetic benchmarks keep CIFAR-10's ten classes; those on prepared data take the data's count."""
     torch.manual_seed(0)
-    model = build_model(name, width)
+    model = build_model(name, width, num_classes)
     init = getattr(model, "init_from_data", None)
     if init is not None:
         init(torch.randn(512, 3, 32, 32))
@@ -283,7 +286,8 @@ def bench_pipeline(
         dtype=mixed.autocast_dtype or torch.float32,
         channels_last=choice.channels_last,
     )
-    seed_model = _fresh_model(options.model, device, False)
+    classes = read_spec(data.processed_dir).num_classes
+    seed_model = _fresh_model(options.model, device, False, num_classes=classes)
     reference = _Candidate(
         "seed-style: PNG + DataLoader, fp32",
         lambda: _forever(seed_loader),
@@ -295,7 +299,9 @@ def bench_pipeline(
     ours = _Candidate(
         f"in-memory on {device.type}, {choice.layout.label}",
         lambda: _forever(ours_loader),
-        _Stepper(_fresh_model(options.model, device, choice.channels_last), mixed, device),
+        _Stepper(
+            _fresh_model(options.model, device, choice.channels_last, num_classes=classes), mixed, device
+        ),
         options.batch_size,
         mixed.name,
         flops,
@@ -385,7 +391,10 @@ def _fast_candidate(job: _FastJob, device: torch.device) -> _Candidate:
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=job.channels_last,
     )
-    model = _fresh_model(job.fast.model.name, device, job.channels_last, job.fast.model.width_multiplier)
+    classes = read_spec(job.data.processed_dir).num_classes
+    model = _fresh_model(
+        job.fast.model.name, device, job.channels_last, job.fast.model.width_multiplier, classes
+    )
     # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
     # diverge, and NaN/denormal arithmetic would distort the timing.
     optimizer = build_optimizer(

@@ -343,3 +343,16 @@ def test_most_confused_pairs_and_a_readable_100_class_figure() -> None:
     axis = figure.axes[0]
     assert not axis.texts  # no 10,000 numbers on top of each other
     assert len(axis.get_xticklabels()) == 100 and figure.get_size_inches()[1] > 15
+
+
+def test_a_cache_without_its_manifest_is_prepared_again(tmp_path: Path) -> None:
+    """The manifest is written last: a cache alone is an unfinished preparation, never data of unknown classes."""
+    from cifar_cli.data import ensure_prepared
+    from cifar_cli.settings import DataSettings
+
+    source = write_image_tree(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})
+    prepare_folder(source, tmp_path / "out", write_png=False)
+    (tmp_path / "out" / "manifest.json").unlink()
+    data = DataSettings(dataset="folder", folder=source, processed_dir=tmp_path / "out", write_png=False)
+    ensure_prepared(data)
+    assert read_manifest(tmp_path / "out")["class_names"] == ["a", "b", "c"]

@@ -71,7 +71,8 @@ def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None)
 def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _text: None) -> None:
     """Download and prepare exactly as `cifar download` and `cifar prepare` would, when the cache is missing; refuse
     prepared data of another data set than the settings name."""
-    if (data.processed_dir / CACHE_FILE).is_file():
+    # The manifest is written last: a cache without one is a preparation that did not finish.
+    if (data.processed_dir / CACHE_FILE).is_file() and read_manifest(data.processed_dir) is not None:
         check_prepared_matches(data)
         return
     ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after

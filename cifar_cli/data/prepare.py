@@ -273,9 +273,12 @@ def _write_cache(path: Path, splits: dict[str, archive.Split]) -> None:
 
 
 def _required_bytes(splits: dict[str, archive.Split], write_png: bool) -> int:
-    """The cache holds every pixel and label; each PNG takes at least one 4 KiB file-system block."""
+    """The cache holds every pixel and label; each PNG takes at least one 4 KiB file-system block, and a larger
+    image up to its raw size (fast PNG compression of photographs saves little), in whole blocks."""
     cache = sum(split.images.nbytes + 8 * len(split.labels) for split in splits.values())
-    pngs = sum(len(split.labels) for split in splits.values()) * PNG_FILE_BYTES if write_png else 0
+    image_bytes = int(np.prod(splits["train"].images.shape[1:]))
+    png_bytes = max(PNG_FILE_BYTES, -(-image_bytes // PNG_FILE_BYTES) * PNG_FILE_BYTES)
+    pngs = sum(len(split.labels) for split in splits.values()) * png_bytes if write_png else 0
     return cache + pngs
 
 
