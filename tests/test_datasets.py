@@ -286,6 +286,23 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)[0]["top"][0]["class"] == "plum"
 
+    # An export carries the folder's classes, size and statistics, and predicts with them.
+    exported = tmp_path / "fruit.pt2"
+    result = invoke("export", checkpoint, "--format", "pt2", "--out", exported, "--processed-dir", processed)
+    assert result.exit_code == 0, result.output
+    from cifar_cli.engine.export import load_exported
+
+    contract = load_exported(exported).contract
+    manifest = read_manifest(processed)
+    assert contract["input"]["shape"][1:] == [3, 48, 48] and contract["class_names"] == [
+        "apple",
+        "pear",
+        "plum",
+    ]
+    assert contract["normalisation"] == {"mean": manifest["mean"], "std": manifest["std"]}
+    result = invoke("predict", exported, plum, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)[0]["top"][0]["class"] == "plum", result.output
+
     other = write_image_tree(tmp_path / "other", {"apple": 4, "kiwi": 4}, size=(48, 48))
     prepare_folder(other, tmp_path / "other_processed", image_size=48)
     result = invoke(
