@@ -29,7 +29,7 @@ SPLIT_SEED = 0  # the held-out test split of a single tree is the same on every 
 # Decoding threads: Pillow releases the GIL while it decodes and resizes, so threads use every core; a few more
 # than the cores hide file-system waits.
 READ_THREADS = max(2, min(16, 2 * (os.cpu_count() or 1)))
-ProgressCallback = Callable[[str, int, int], None]
+ProgressCallback = Callable[[str, int, int], None]  # (stage, images done, total)
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,8 @@ def read_images(
     root: Path,
     image_size: int,
     skip_bad: bool,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: ProgressCallback | None = None,
+    stage: str = "reading",
 ) -> ReadImages:
     """Decode, convert to RGB and resize every file (threads); name the first unreadable one, or skip them."""
     total = len(files)
@@ -228,7 +229,7 @@ def read_images(
     try:
         for done, _ in enumerate(pool.map(read_one, range(total)), start=1):
             if on_progress and (done % 500 == 0 or done == total):
-                on_progress(done, total)
+                on_progress(stage, done, total)
     finally:  # after the first bad image, the queued files are not read
         pool.shutdown(wait=True, cancel_futures=True)
     skipped = set(bad)

@@ -148,26 +148,29 @@ def prepare_folder(
     if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
         return _already(processed_dir, existing)
 
-    splits: dict[str, archive.Split] = {}
-    digests, skipped = [], []
-    for name, files in scan.files.items():
-
-        def report(done: int, total: int, stage: str = f"reading {name}") -> None:
-            if on_progress:
-                on_progress(stage, done, total)
-
-        read = folder.read_images(files, scan.root, image_size, skip_bad_images, report)
-        splits[name] = archive.Split(read.images.numpy(), read.labels.numpy())
-        digests.append(read.digest)
-        skipped += read.skipped
+    splits, digest, skipped = _read_splits(scan, image_size, skip_bad_images, on_progress)
     prepared = _Prepared(
-        splits, _spec(splits, scan.class_names, image_size, "folder"), str(scan.root), _combine(digests),
+        splits, _spec(splits, scan.class_names, image_size, "folder"), str(scan.root), digest,
         {**wanted, "layout": scan.layout, "split_seed": folder.SPLIT_SEED, "ignored_files": scan.ignored_files,
          "skipped_images": skipped, "empty_classes": scan.empty_classes},
         _folder_notes(scan, skipped),
     )  # fmt: skip
     _refuse_empty_training_classes(prepared)
     return _write_prepared(processed_dir, prepared, write_png, on_progress)
+
+
+def _read_splits(
+    scan: folder.FolderScan, image_size: int, skip_bad: bool, on_progress: ProgressCallback | None
+) -> tuple[dict[str, archive.Split], str, list[str]]:
+    """Every split's pixels and labels, one checksum of all files (the data's identity), the skipped files."""
+    splits: dict[str, archive.Split] = {}
+    digests, skipped = [], []
+    for name, files in scan.files.items():
+        read = folder.read_images(files, scan.root, image_size, skip_bad, on_progress, f"reading {name}")
+        splits[name] = archive.Split(read.images.numpy(), read.labels.numpy())
+        digests.append(read.digest)
+        skipped += read.skipped
+    return splits, hashlib.md5("".join(digests).encode()).hexdigest(), skipped
 
 
 def _spec(splits: dict[str, archive.Split], names: list[str], image_size: int, dataset: str) -> DataSpec:
@@ -185,10 +188,6 @@ def _listing_fingerprint(scan: folder.FolderScan) -> str:
                 f"{split}\0{item.path}\0{item.label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode()
             )
     return digest.hexdigest()
-
-
-def _combine(digests: list[str]) -> str:
-    return hashlib.md5("".join(digests).encode()).hexdigest()
 
 
 def _folder_notes(scan: folder.FolderScan, skipped: list[str]) -> list[str]:
