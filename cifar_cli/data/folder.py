@@ -7,10 +7,8 @@ Layouts: `DIR/<class>/**/*.{png,jpg,jpeg,webp,bmp}` (one tree, a seeded stratifi
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from cifar_cli.data.images import MAX_IMAGE_PIXELS
+from cifar_cli.data.images import ImageError, decode_image
 from cifar_cli.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -216,11 +213,11 @@ def read_images(
         payload = source.read_bytes()
         digests[index] = hashlib.md5(payload).hexdigest()
         try:
-            pixels[index] = _decode(payload, image_size)
-        except _BadImage as error:
+            pixels[index] = decode_image(payload, image_size, str(source))
+        except ImageError as error:
             if not skip_bad:
-                raise UsageError(
-                    f"Cannot read image {source}: {error}",
+                raise ImageError(
+                    error.message,
                     hint="Fix or remove it, or pass --skip-bad-images to leave unreadable images out.",
                 ) from None
             bad.append(str(source.relative_to(root)))
@@ -240,32 +237,3 @@ def read_images(
     images = torch.from_numpy(pixels[kept]).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([files[i].label for i in kept], dtype=torch.int64)
     return ReadImages(images, labels, digest.hexdigest(), sorted(bad))
-
-
-class _BadImage(Exception):
-    pass
-
-
-def _decode(payload: bytes, image_size: int) -> np.ndarray:
-    """RGB, resized (antialiased) to image_size x image_size, as H x W x 3 uint8; _BadImage for anything wrong."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(payload)) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise _BadImage(f"{width:,} x {height:,} pixels is over the decompression-bomb limit")
-                rgb = image.convert("RGB")
-                if rgb.size != (image_size, image_size):
-                    rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-                return np.asarray(rgb)
-    except _BadImage:
-        raise
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as error:
-        raise _BadImage(str(error) or type(error).__name__) from None
