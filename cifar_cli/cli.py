@@ -836,6 +836,7 @@ def sweep(
     with handled_errors():
         from cifar_cli import sweep as sweeps
         from cifar_cli.display import make_reporter
+        from cifar_cli.engine.train import TrainingInterrupted
         from cifar_cli.engine.train import train as run_training
         from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
 
@@ -862,14 +863,20 @@ def sweep(
             run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 
         if jobs == 1:
-            summaries = sweeps.run_trials(
-                trials,
-                built,
-                folder,
-                train_one,
-                console.print,
-                lambda rows: console.print(_trial_table(rows)),
-            )
+            try:
+                summaries = sweeps.run_trials(
+                    trials,
+                    built,
+                    folder,
+                    train_one,
+                    console.print,
+                    lambda rows: console.print(_trial_table(rows)),
+                )
+            except TrainingInterrupted as error:
+                raise TrainingInterrupted(
+                    f"Sweep interrupted. {error.message}",
+                    hint="Run the same `cifar sweep` command again: finished trials are skipped, this one resumes.",
+                ) from None
         else:
             summaries = _parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
         ranked = sweeps.rank(trials, summaries)

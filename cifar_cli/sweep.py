@@ -373,12 +373,14 @@ def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> 
 
 
 def _stop_with_parent() -> None:
-    """In the child, before it starts: on Linux, get SIGINT when the sweep dies (even by kill -9), so a trial
-    saves its checkpoint and stops instead of running on without an owner."""
+    """In the child, before it starts: SIGINT handled (a sweep started in the background, `nohup ... &`, has it
+    ignored, and a trial would inherit that and never stop), and, on Linux, SIGINT when the sweep dies (even by
+    kill -9), so a trial saves its checkpoint and stops instead of running on without an owner."""
     import ctypes
     import signal
     import sys
 
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python turns a default SIGINT into KeyboardInterrupt
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)

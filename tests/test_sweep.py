@@ -64,7 +64,7 @@ def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
 
     monkeypatch.setattr(train_module, "train", interrupted_on_the_third)
     first = runner.invoke(app, _sweep(tmp_path, prepared_dir))
-    assert first.exit_code == 130, first.output
+    assert first.exit_code == 130 and "same `cifar sweep` command again" in first.output, first.output
     monkeypatch.setattr(train_module, "train", real_train)
     again = runner.invoke(app, _sweep(tmp_path, prepared_dir))
     assert again.exit_code == 0, again.output
@@ -154,12 +154,13 @@ def test_jobs_run_trials_at_once_with_the_cores_split(tmp_path: Path, prepared_d
     assert {run.state for run in list_runs(folder)} == {"finished"}
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9", "kill-9 of a background sweep"])
 def test_parallel_sweep_stops_its_trials_with_checkpoints(
     tmp_path: Path, prepared_dir: Path, how: str
 ) -> None:
     """Ctrl-C (SIGINT to the sweep): every trial saves and stops, exit 130. kill -9 of the sweep: its trials get
-    SIGINT from the kernel (parent-death signal), save and stop instead of running on unowned."""
+    SIGINT from the kernel (parent-death signal), save and stop instead of running on unowned, also when the sweep
+    was started in the background (`cifar sweep ... &` ignores SIGINT, and its trials must not inherit that)."""
     import os
     import signal
     import subprocess
@@ -169,9 +170,11 @@ def test_parallel_sweep_stops_its_trials_with_checkpoints(
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cifar_cli", *_parallel_args(tmp_path, prepared_dir, 2000)]
+    background = how.endswith("background sweep")
     sweep = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None,
+    )  # fmt: skip
     folder = tmp_path / "runs" / "sweeps" / "lr"
     deadline = time.monotonic() + 180
 
