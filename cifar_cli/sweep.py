@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import copy
 import csv
+import ctypes
 import io
 import itertools
 import json
 import math
+import os
 import random
 import re
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,15 @@ from typing import Any
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
-from cifar_cli.settings import Settings, held_out_images, load_bounded_yaml, load_settings, set_dotted
+from cifar_cli.runs import list_runs
+from cifar_cli.settings import (
+    Settings,
+    dump_yaml,
+    held_out_images,
+    load_bounded_yaml,
+    load_settings,
+    set_dotted,
+)
 
 SWEEPS_FOLDER = "sweeps"
 RANGE = re.compile(r"^range\(\s*([^,]+),\s*([^,]+)(?:,\s*([^,]+))?\s*\)$")
@@ -207,8 +221,6 @@ def run_trials(
     summaries of every trial (`cifar_cli.runs`). Ctrl-C stops inside a trial after its last checkpoint; the same
     command again skips what finished and resumes that trial. `on_update` gets the status of every trial before
     each one starts and at the end."""
-    from cifar_cli.runs import list_runs
-
     finished = _finished_runs(folder)
     statuses = [TrialStatus(trial, "skipped" if trial.name in finished else "queued") for trial in trials]
     for status, settings in zip(statuses, built):
@@ -225,19 +237,15 @@ def run_trials(
         status.state = "finished"
     _refresh(statuses, folder)
     on_update(statuses)
-    return {run.name: run for run in list_runs(folder)}
+    return summaries_of(folder)
 
 
 def summaries_of(folder: Path) -> dict[str, Any]:
-    from cifar_cli.runs import list_runs
-
     return {run.name: run for run in list_runs(folder)} if folder.is_dir() else {}
 
 
 def machine_slots(jobs: int, device: str) -> list[Slot]:
     """Slots for `--jobs N` on this machine: its usable cores split, one GPU per trial where there are several."""
-    import os
-
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -296,9 +304,6 @@ def run_parallel(
     """Train the unfinished trials `len(slots)` at a time, each in its own `cifar train` process with its slot's
     threads (and GPU). Ctrl-C is passed on to every running trial, which saves its checkpoint and stops; the same
     command again skips finished trials and resumes the others. A trial that fails is reported with its log."""
-    import subprocess
-    import time
-
     statuses = [TrialStatus(trial) for trial in trials]
     finished = _finished_runs(folder)
     queue = []
@@ -338,19 +343,11 @@ def run_parallel(
 
 
 def _finished_runs(folder: Path) -> set[str]:
-    from cifar_cli.runs import list_runs
-
     return {run.name for run in list_runs(folder) if run.state == "finished"} if folder.is_dir() else set()
 
 
 def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> Any:
     """`python -m cifar_cli train --config <the trial's settings>`, its output in a log file next to them."""
-    import os
-    import subprocess
-    import sys
-
-    from cifar_cli.settings import dump_yaml
-
     settings = settings.model_copy(deep=True)
     settings.train.num_threads = slot.threads
     settings.log.progress = "plain"
@@ -376,10 +373,6 @@ def _stop_with_parent() -> None:
     """In the child, before it starts: SIGINT handled (a sweep started in the background, `nohup ... &`, has it
     ignored, and a trial would inherit that and never stop), and, on Linux, SIGINT when the sweep dies (even by
     kill -9), so a trial saves its checkpoint and stops instead of running on without an owner."""
-    import ctypes
-    import signal
-    import sys
-
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python turns a default SIGINT into KeyboardInterrupt
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
@@ -389,9 +382,6 @@ def _stop_with_parent() -> None:
 def _stop_all(processes: list[Any]) -> None:
     """SIGINT to every running trial (a terminal's Ctrl-C reaches them already; `kill -INT` of the sweep does not),
     then wait for their checkpoints; kill what has not stopped after STOP_GRACE_SECONDS."""
-    import signal
-    import subprocess
-
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -404,8 +394,6 @@ def _stop_all(processes: list[Any]) -> None:
 
 def _refresh(statuses: list[TrialStatus], folder: Path) -> None:
     """Epochs, accuracies and time of every trial from its run folder (what `cifar runs` reads)."""
-    from cifar_cli.runs import list_runs
-
     if not folder.is_dir():
         return
     try:

@@ -71,7 +71,7 @@ def test_cifar100_statistics_come_from_the_training_images(tmp_path: Path, cifar
     assert manifest["mean"] != pytest.approx(list(CIFAR10_SPEC.mean), abs=1e-3)
 
 
-def test_cifar100_archive_with_wrong_label_count_is_refused(tmp_path: Path, cifar100_archive: Path) -> None:
+def test_a_cifar100_archive_named_as_cifar10_is_refused(tmp_path: Path, cifar100_archive: Path) -> None:
     raw = _raw_with(cifar100_archive, tmp_path)
     (raw / "cifar-100-python.tar.gz").rename(
         raw / "cifar-10-python.tar.gz"

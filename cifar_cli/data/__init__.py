@@ -72,8 +72,9 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
     """Download and prepare exactly as `cifar download` and `cifar prepare` would, when the cache is missing; refuse
     prepared data of another data set than the settings name."""
     # The manifest is written last: a cache without one is a preparation that did not finish.
-    if (data.processed_dir / CACHE_FILE).is_file() and read_manifest(data.processed_dir) is not None:
-        check_prepared_matches(data)
+    manifest = read_manifest(data.processed_dir)
+    if (data.processed_dir / CACHE_FILE).is_file() and manifest is not None:
+        check_prepared_matches(data, manifest)
         return
     ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after
     if data.dataset != "folder" or data.folder is None:
@@ -84,9 +85,8 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
     say(f"Prepared data in {data.processed_dir}")
 
 
-def check_prepared_matches(data: DataSettings) -> None:
+def check_prepared_matches(data: DataSettings, manifest: dict) -> None:
     """`--dataset cifar100` over CIFAR-10 data (or the other way round) is an error, not a silent swap."""
-    manifest = read_manifest(data.processed_dir) or {}
     prepared = manifest.get("dataset", "cifar10")
     asked = data.dataset
     label_set = manifest.get("label_set", "fine")
@@ -106,7 +106,7 @@ def adopt_prepared(data: DataSettings) -> DataSettings:
     manifest = read_manifest(data.processed_dir)
     if manifest is None or not (data.processed_dir / CACHE_FILE).is_file():
         return data
-    check_prepared_matches(data)
+    check_prepared_matches(data, manifest)
     dataset = manifest.get("dataset", "cifar10")
     update = {"dataset": dataset, "image_size": int(manifest.get("image_size", 32))}
     if dataset == "cifar100":

@@ -15,7 +15,7 @@ import torch
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASS_NAMES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-STATISTICS_CHUNK = 4096  # images per pass when computing the statistics (bounds the float64 copy to ~100 MB)
+STATISTICS_CHUNK_VALUES = 12_500_000  # pixel values per pass when computing statistics: a 100 MB float64 copy
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[f
         return CIFAR10_MEAN, CIFAR10_STD
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, images.shape[0], STATISTICS_CHUNK):
-        chunk = images[start : start + STATISTICS_CHUNK].to(torch.float64) / 255
+    per_pass = max(1, STATISTICS_CHUNK_VALUES // max(1, images[0].numel()))  # images, whatever their size
+    for start in range(0, images.shape[0], per_pass):
+        chunk = images[start : start + per_pass].to(torch.float64) / 255
         total += chunk.sum(dim=(0, 2, 3))
         squares += (chunk * chunk).sum(dim=(0, 2, 3))
     mean = total / count
