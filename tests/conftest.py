@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,6 +15,15 @@ import pytest
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-python.tar.gz"
 SHARED_MD5 = "3466e0b843d66efd7e25787f51d01865"
+# rich fixes a console's width when COLUMNS is set as the console is made (the CLI's consoles are made on import):
+# without it, each print reads COLUMNS then, which `isolated_environment` sets wide for every test.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+WIDE_COLUMNS = "1000"
+HAS_ONNX = all(
+    importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")
+)  # no message wraps: a wrap moves with the length of the temporary paths inside it
+
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -129,12 +141,17 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calibr
     """Every test runs in its own folder (no ./settings.yaml) with no CIFAR_ variables from the caller."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(calibration_cache))
-    import os
-
+    monkeypatch.setenv("COLUMNS", WIDE_COLUMNS)
     for key in list(os.environ):
         if key.startswith("CIFAR_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("CI", "true")
+
+
+def flat(console_text: str) -> str:
+    """Console text as one line of words: panel and table borders dropped, every run of whitespace one space, so a
+    phrase matches wherever rich wrapped it."""
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", console_text).split())
 
 
 def tiny_settings(tmp_path: Path, prepared: Path, *assignments: str, preset: str = "baseline"):

@@ -21,15 +21,14 @@ from cifar_cli import files
 from cifar_cli.cli import app
 from cifar_cli.engine.checkpoint import save_checkpoint
 from cifar_cli.errors import CifarError
-from tests.conftest import tiny_settings
+from tests.conftest import flat, tiny_settings
 from tests.http_server import ServerState, serve
 
 runner = CliRunner()
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `folder`: a real full disk. Needs root and mount rights, else the test skips."""
+def _mount_tmpfs(folder: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted at `folder`: a real full disk. Needs root and mount rights, else the test skips."""
     if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,6 +46,34 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
             time.sleep(0.1)
 
 
+@pytest.fixture(params=["tmpfs", "reported"])
+def small_disk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """small_disk(folder, bytes): a real tmpfs where mounting is allowed; and on every machine a folder whose free
+    space `shutil.disk_usage` reports as `bytes`, so that the refusals run even where mounts are not allowed."""
+
+    @contextlib.contextmanager
+    def make(folder: Path, size: int) -> Iterator[Path]:
+        if request.param == "tmpfs":
+            yield from _mount_tmpfs(folder, size)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        real = shutil.disk_usage
+
+        def reported(path: str | os.PathLike) -> object:
+            usage, where = real(path), Path(path).resolve()
+            if where != folder.resolve() and folder.resolve() not in where.parents:
+                return usage
+            used = sum(
+                f.stat().st_size for f in folder.rglob("*") if f.is_file()
+            )  # as a tmpfs of `size` counts
+            return usage._replace(free=max(0, min(usage.free, size - used)))
+
+        monkeypatch.setattr(files.shutil, "disk_usage", reported)
+        yield folder
+
+    return make
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith(".extract-"))
 
@@ -60,44 +87,48 @@ def _one_screen(output: str) -> None:
     assert "Traceback" not in output and len(output.splitlines()) < 15, output
 
 
-def test_prepare_onto_a_full_disk_refuses_before_writing(tmp_path: Path, tiny_archive: Path) -> None:
+def test_prepare_onto_a_full_disk_refuses_before_writing(
+    tmp_path: Path, tiny_archive: Path, small_disk
+) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     shutil.copy(tiny_archive, raw / tiny_archive.name)
-    with small_disk(tmp_path / "disk", "64k") as disk:
+    with small_disk(tmp_path / "disk", 64 * 1024) as disk:
         result = runner.invoke(app, ["prepare", "--raw-dir", str(raw), "--processed-dir", str(disk / "data")])
         assert result.exit_code == 1, result.output
-        assert "Not enough space" in result.output and "prepared data" in result.output
+        assert "Not enough space" in flat(result.output) and "prepared data" in flat(result.output)
         _one_screen(result.output)
         assert sorted(p.name for p in (disk / "data").iterdir()) == []  # no cache, no PNG folder, no .tmp
 
 
-def test_extracting_onto_a_full_disk_leaves_nothing(tmp_path: Path, tiny_archive: Path) -> None:
+def test_extracting_onto_a_full_disk_leaves_nothing(tmp_path: Path, tiny_archive: Path, small_disk) -> None:
     room = tiny_archive.stat().st_size + 64 * 1024  # the archive fits, its extracted batches do not
-    with small_disk(tmp_path / "disk", str(room)) as disk:
+    with small_disk(tmp_path / "disk", room) as disk:
         shutil.copy(tiny_archive, disk / tiny_archive.name)
         result = runner.invoke(
             app, ["prepare", "--raw-dir", str(disk), "--processed-dir", str(tmp_path / "out")]
         )
         assert result.exit_code == 1, result.output
-        assert "Not enough space" in result.output and "extracted" in result.output
+        assert "Not enough space" in flat(result.output) and "extracted" in flat(result.output)
         _one_screen(result.output)
         assert sorted(p.name for p in disk.iterdir()) == [tiny_archive.name]
 
 
-def test_download_onto_a_full_disk_refuses_before_copying(tmp_path: Path, tiny_archive: Path) -> None:
-    with small_disk(tmp_path / "disk", "16k") as disk:
+def test_download_onto_a_full_disk_refuses_before_copying(
+    tmp_path: Path, tiny_archive: Path, small_disk
+) -> None:
+    with small_disk(tmp_path / "disk", 16 * 1024) as disk:
         result = runner.invoke(app, ["download", "--url", str(tiny_archive), "--raw-dir", str(disk)])
         assert result.exit_code == 1, result.output
-        assert "Not enough space" in result.output
+        assert "Not enough space" in flat(result.output)
         _one_screen(result.output)
         assert list(disk.iterdir()) == []
 
 
 def test_training_refuses_before_the_first_epoch_when_checkpoints_cannot_fit(
-    tmp_path: Path, prepared_dir: Path
+    tmp_path: Path, prepared_dir: Path, small_disk
 ) -> None:
-    with small_disk(tmp_path / "disk", "64k") as disk:
+    with small_disk(tmp_path / "disk", 64 * 1024) as disk:
         from cifar_cli.engine.train import train
 
         with pytest.raises(CifarError, match=r"Not enough space .* checkpoints"):
@@ -109,7 +140,9 @@ def test_training_refuses_before_the_first_epoch_when_checkpoints_cannot_fit(
 def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with small_disk(tmp_path / "disk", "256k") as disk:
+    with contextlib.contextmanager(_mount_tmpfs)(
+        tmp_path / "disk", 256 * 1024
+    ) as disk:  # the kernel's ENOSPC
         path = disk / "last.pth"
         save_checkpoint({"epoch": 1, "weights": torch.arange(10)}, path)
         # The free-space check would refuse first; switch it off so the kernel's own ENOSPC is what happens.
