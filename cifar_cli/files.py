@@ -105,6 +105,40 @@ def remove_stale_temporaries(path: Path) -> None:
                 candidate.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def folders_removed_on_failure(*folders: Path) -> Iterator[None]:
+    """Folders (and their parents) that do not exist yet and that the block creates are removed again, while
+    still empty, if the block fails: a command that fails leaves no empty folders behind (a partial download,
+    kept for resuming, keeps its folder)."""
+    new_tops = {_topmost_missing(folder) for folder in folders} - {None}
+    try:
+        yield
+    except BaseException:
+        for top in new_tops:
+            _remove_empty_tree(top)
+        raise
+
+
+def _topmost_missing(folder: Path) -> Path | None:
+    folder = folder.absolute()
+    if folder.exists():
+        return None
+    while not folder.parent.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _remove_empty_tree(top: Path) -> None:
+    """Remove `top` and the folders below it, deepest first, as long as they hold no file."""
+    if not top.is_dir():
+        return
+    for folder in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

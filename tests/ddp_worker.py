@@ -15,5 +15,5 @@ if __name__ == "__main__":
     weights_dir = Path(sys.argv[1])
     trainer = Trainer(load_settings(None, parse_set_options(sys.argv[2:])))
     result = trainer.run()
-    torch.save(trainer.model.state_dict(), weights_dir / f"rank{os.environ['RANK']}.pt")
+    torch.save(trainer.parts.model.state_dict(), weights_dir / f"rank{os.environ['RANK']}.pt")
     (weights_dir / f"rank{os.environ['RANK']}.epochs").write_text(str(len(result.history)))

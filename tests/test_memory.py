@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from cifar_cli.engine import memory, train
+from cifar_cli.engine import memory, setup
+from cifar_cli.engine.distributed import DistContext
 from cifar_cli.settings import load_settings
 
 # Allocates, fills and frees a 64 MiB tensor 20 times; prints the minor page faults of the last 10 rounds. (With the
@@ -56,7 +57,7 @@ def test_cpu_training_keeps_freed_memory_unless_told_not_to(
     monkeypatch: pytest.MonkeyPatch, keep: bool
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(train, "keep_freed_memory", lambda device_type: calls.append(device_type) or True)
+    monkeypatch.setattr(setup, "keep_freed_memory", lambda device_type: calls.append(device_type) or True)
     settings = load_settings(None, {"train": {"device": "cpu", "keep_freed_memory": keep}})
-    train.Trainer(settings)._setup_device()
+    setup.setup_device(settings.train, DistContext())
     assert calls == (["cpu"] if keep else [])

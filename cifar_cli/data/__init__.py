@@ -15,7 +15,7 @@ from cifar_cli.data.prepare import (
     read_manifest,
 )
 from cifar_cli.errors import UsageError
-from cifar_cli.files import ensure_writable_folder
+from cifar_cli.files import ensure_writable_folder, folders_removed_on_failure
 from cifar_cli.settings import DataSettings
 
 
@@ -76,12 +76,13 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
     if (data.processed_dir / CACHE_FILE).is_file() and manifest is not None:
         check_prepared_matches(data, manifest)
         return
-    ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after
-    if data.dataset != "folder" or data.folder is None:
-        say(f"No prepared data in {data.processed_dir}: downloading and preparing it first.")
-        result = download_for(data, on_message=say)
-        say(f"Archive ready: {result.path}")
-    prepare_for(data)
+    with folders_removed_on_failure(data.processed_dir, data.raw_data_dir):
+        ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after
+        if data.dataset != "folder" or data.folder is None:
+            say(f"No prepared data in {data.processed_dir}: downloading and preparing it first.")
+            result = download_for(data, on_message=say)
+            say(f"Archive ready: {result.path}")
+        prepare_for(data)
     say(f"Prepared data in {data.processed_dir}")
 
 

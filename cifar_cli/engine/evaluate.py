@@ -1,4 +1,4 @@
-"""Inference over a loader (with optional test-time augmentation) and evaluation of saved checkpoints."""
+"""Evaluation of saved checkpoints and exported models on a split, and predictions for image files."""
 
 from __future__ import annotations
 
@@ -8,86 +8,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.images import load_image
 from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
-from cifar_cli.data.prepare import load_cache, read_spec
-from cifar_cli.data.spec import DataSpec
-from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.device import Precision, resolve_device, resolve_precision
+from cifar_cli.data.prepare import load_cache
+from cifar_cli.engine.device import resolve_device, resolve_precision
+from cifar_cli.engine.exported import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
+from cifar_cli.engine.inference import (
+    Predictions,
+    check_same_classes,
+    load_model,
+    predict,
+    tta_level,
+    tta_logits,
+)
 from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.metrics import ClassificationReport, classification_report
 from cifar_cli.errors import UsageError
-from cifar_cli.models import build_model
-from cifar_cli.settings import DataSettings, ModelSettings, TrainSettings
-
-
-def tta_level(train: TrainSettings, enabled: bool | None = None) -> int:
-    """0 without TTA; flips (1); flips and one-pixel shifts (2) for models that were trained with translation."""
-    if not (train.tta if enabled is None else enabled):
-        return 0
-    return 2 if train.augment.translate else 1
-
-
-def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tensor:
-    """Level 0: plain; 1: average with the mirror image; 2: also one-pixel shifts (for models trained with translate).
-
-    Weights as in airbench: half on the unshifted view, a quarter on each shifted view.
-    """
-
-    def with_flip(batch: torch.Tensor) -> torch.Tensor:
-        logits = model(batch)
-        return logits if level == 0 else 0.5 * (logits + model(batch.flip(3)))
-
-    logits = with_flip(images)
-    if level < 2:
-        return logits
-    padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
-    up_left = padded[:, :, :-2, :-2].contiguous(memory_format=_memory_format(images))
-    down_right = padded[:, :, 2:, 2:].contiguous(memory_format=_memory_format(images))
-    return 0.5 * logits + 0.25 * with_flip(up_left) + 0.25 * with_flip(down_right)
-
-
-def _memory_format(images: torch.Tensor) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if images.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
-
-
-@dataclass(frozen=True)
-class Predictions:
-    logits: torch.Tensor  # float32, N x classes, on the CPU
-    targets: torch.Tensor  # int64, N
-    loss: float  # mean cross-entropy without label smoothing
-
-    @property
-    def predicted(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, tta_level: int = 0
-) -> Predictions:
-    was_training = model.training
-    model.eval()
-    logits_parts, target_parts = [], []
-    try:
-        for images, targets in loader:
-            with precision.autocast(device):
-                logits = tta_logits(model, images, tta_level)
-            logits_parts.append(logits.float())
-            target_parts.append(targets)
-    finally:
-        model.train(was_training)
-    logits, targets = torch.cat(logits_parts), torch.cat(target_parts)
-    loss = float(nn.functional.cross_entropy(logits, targets))
-    return Predictions(logits.cpu(), targets.cpu(), loss)
+from cifar_cli.settings import DataSettings
 
 
 def report_to_json(report: ClassificationReport, **extra: Any) -> dict[str, Any]:
@@ -105,67 +45,6 @@ def report_to_json(report: ClassificationReport, **extra: Any) -> dict[str, Any]
 
 def report_from_predictions(predictions: Predictions, class_names: list[str]) -> ClassificationReport:
     return classification_report(predictions.predicted, predictions.targets, class_names)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    model: nn.Module
-    state: dict[str, Any]
-    train_settings: TrainSettings
-    data_settings: DataSettings
-    spec: DataSpec  # the classes, image size and statistics it was trained with
-
-
-def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
-    """Rebuild the model from the settings stored in a checkpoint; nothing in the file is executed."""
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    stored = state["settings"]
-    try:
-        model_settings = ModelSettings.model_validate(stored["model"])
-        train_settings = TrainSettings.model_validate(stored["train"])
-        data_settings = DataSettings.model_validate(stored["data"])
-    except (KeyError, TypeError, ValidationError) as error:
-        raise UsageError(f"{checkpoint} has damaged settings ({type(error).__name__}).") from None
-    spec = checkpoint_spec(state)
-    model = build_model(model_settings.name, model_settings.width_multiplier, spec.num_classes)
-    try:
-        model.load_state_dict(state["model_state"])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise UsageError(
-            f"{checkpoint}: the weights do not fit model {model_settings.name!r} ({str(error)[:200]})."
-        ) from None
-    model = model.to(
-        device, memory_format=torch.channels_last if train_settings.channels_last else torch.contiguous_format
-    )
-    return LoadedModel(model.eval(), state, train_settings, data_settings, spec)
-
-
-def checkpoint_spec(state: dict[str, Any]) -> DataSpec:
-    """What a checkpoint was trained on (older ones stored only class names: CIFAR-10's statistics)."""
-    stored = state.get("data_spec") or {"class_names": state.get("class_names")}
-    return DataSpec.from_dict(stored)
-
-
-def check_same_classes(model_classes: list[str] | tuple[str, ...], model_size: int, data: DataSettings,
-                       origin: Path) -> None:  # fmt: skip
-    """A model scores only data with its own classes, in its own order, at its own size: anything else is refused."""
-    prepared = read_spec(data.processed_dir)
-    if list(prepared.class_names) != list(model_classes):
-        raise UsageError(
-            f"{origin} was trained on {len(model_classes)} classes ({_first_names(model_classes)}); the data in "
-            f"{data.processed_dir} has {prepared.num_classes} ({_first_names(prepared.class_names)}).",
-            hint="Pass the --processed-dir the model was trained on.",
-        )
-    if prepared.image_size != model_size:
-        raise UsageError(
-            f"{origin} takes {model_size} x {model_size} images; the data in {data.processed_dir} is "
-            f"{prepared.image_size} x {prepared.image_size}.",
-            hint="Pass the --processed-dir the model was trained on.",
-        )
-
-
-def _first_names(names: list[str] | tuple[str, ...], shown: int = 4) -> str:
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def split_tensors(
@@ -256,14 +135,9 @@ def run_evaluation(
     return Evaluation(metrics, images, predictions.targets, predictions.predicted)
 
 
-EXPORTED_SUFFIXES = (".onnx", ".pt2")
-
-
 def _evaluate_exported(
     path: Path, data: DataSettings, split: str, tta: bool | None, say: Callable[[str], None]
 ) -> Evaluation:
-    from cifar_cli.engine.export import fixed_batch, load_exported, run_batches
-
     exported = load_exported(path)
     contract = exported.contract
     _check_tta(tta, contract)
@@ -293,8 +167,6 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (a checkpoint, or an exported .onnx / .pt2)."""
     if checkpoint.suffix in EXPORTED_SUFFIXES:
-        from cifar_cli.engine.export import fixed_batch, load_exported, run_batches
-
         exported = load_exported(checkpoint)
         class_names = exported.contract["class_names"]
         size = int(exported.contract["input"]["shape"][-1])

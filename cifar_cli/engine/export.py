@@ -9,7 +9,6 @@ fp16 convolutions). The contract is stored in the file: ONNX `metadata_props["ci
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from collections.abc import Callable
@@ -23,19 +22,23 @@ from torch import nn
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.prepare import load_cache
 from cifar_cli.data.spec import DataSpec
-from cifar_cli.engine.evaluate import check_same_classes, load_model, tta_level, tta_logits
+from cifar_cli.engine.exported import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAME,
+    load_exported,
+    require_onnx,
+    run_batches,
+)
+from cifar_cli.engine.inference import check_same_classes, load_model, tta_level, tta_logits
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import write_atomically
 from cifar_cli.settings import DataSettings
 
 FORMATS = ("onnx", "pt2")
-INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
-METADATA_KEY = "cifar"
 VERIFY_IMAGES = 512
 RELATIVE_TOLERANCE = 1e-4  # of the largest logit: float reordering between runtimes stays far below it
 MAX_DYNAMIC_BATCH = 65_536
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-Runner = Callable[[torch.Tensor], torch.Tensor]  # float pixels in [0, 1] -> logits
 
 
 class PixelClassifier(nn.Module):
@@ -125,6 +128,7 @@ def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: floa
         "checkpoint_test_accuracy": accuracy,
         "val_size": loaded.data_settings.val_size if isinstance(loaded.data_settings.val_size, int) else 0,
         "seed": loaded.train_settings.seed,
+        "data": loaded.data_settings.model_dump(mode="json"),  # where `cifar evaluate` finds its test images
     }  # fmt: skip
 
 
@@ -152,71 +156,6 @@ def onnx_bytes(
     return proto.SerializeToString()
 
 
-@dataclass(frozen=True)
-class Exported:
-    run: Runner
-    contract: dict[str, Any]
-
-
-def load_exported(path: Path) -> Exported:
-    """An exported file, run by its own runtime: ONNX Runtime for .onnx, `torch.export.load` for .pt2."""
-    if not path.is_file():
-        raise UsageError(f"No exported model at {path}.")
-    try:
-        return _load_onnx(path) if path.suffix == ".onnx" else _load_pt2(path)
-    except (CifarError, KeyboardInterrupt):
-        raise
-    except Exception as error:  # each runtime raises its own types for a damaged file
-        raise UsageError(
-            f"{path} is not a readable {path.suffix[1:]} export ({type(error).__name__})."
-        ) from None
-
-
-def _load_onnx(path: Path) -> Exported:
-    require_onnx()
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    contract = json.loads(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
-
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0])
-
-    return Exported(run, contract)
-
-
-def _load_pt2(path: Path) -> Exported:
-    extra = {f"{METADATA_KEY}.json": ""}
-    module = torch.export.load(path, extra_files=extra).module()
-    contract = json.loads(extra[f"{METADATA_KEY}.json"])
-
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module(pixels)
-
-    return Exported(run, contract)
-
-
-def fixed_batch(contract: dict[str, Any]) -> int | None:
-    """The batch an export was made for, or None where it takes any."""
-    size = contract["input"]["shape"][0]
-    return size if isinstance(size, int) else None
-
-
-def run_batches(run: Runner, pixels: torch.Tensor, batch: int | None, chunk: int = 256) -> torch.Tensor:
-    """Logits of every image, in chunks; a fixed-batch export gets its last chunk padded to the batch."""
-    size = batch or chunk
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(pixels), size):
-            part = pixels[start : start + size]
-            missing = size - len(part) if batch else 0
-            if missing:
-                part = torch.cat([part, part.new_zeros(missing, *part.shape[1:])])
-            parts.append(run(part)[: size - missing].float())
-    return torch.cat(parts)
-
-
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
@@ -239,12 +178,3 @@ def _verify(
         _accuracy(actual, labels),
         contract["checkpoint_test_accuracy"], contract,
     )  # fmt: skip
-
-
-def require_onnx() -> None:
-    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UsageError(
-            f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed.",
-            hint="pip install -e '.[export]' (make install does it), or export with --format pt2.",
-        )

@@ -1,0 +1,59 @@
+"""The end of a run: the last weights scored once on the test split, and what `train()` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.data.loader import BatchLoader
+from cifar_cli.engine.device import Precision
+from cifar_cli.engine.evaluate import report_from_predictions
+from cifar_cli.engine.inference import predict, tta_level
+from cifar_cli.engine.metrics import ClassificationReport
+from cifar_cli.engine.plan import RunPlan
+from cifar_cli.settings import Settings
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint_dir: Path
+    history: list[dict[str, Any]]
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from_epoch: int = 0
+    stopped_early: bool = False
+    plan: RunPlan | None = None
+
+
+def final_evaluation(
+    model: nn.Module,
+    loader: BatchLoader,
+    settings: Settings,
+    precision: Precision,
+    device: torch.device,
+    history: list[dict[str, Any]],
+) -> tuple[dict[str, Any], ClassificationReport]:
+    """The last weights on the test split (with TTA where the recipe has it), read once, after training: never used
+    to choose anything. Returns final_metrics.json's numbers (the caller adds the clock) and the full report."""
+    level = tta_level(settings.train)
+    predictions = predict(model, loader, precision, device, level)
+    report = report_from_predictions(predictions, list(loader.spec.class_names))
+    last_val = (
+        {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
+    )
+    final = {
+        "split": "test",
+        "accuracy": report.accuracy,
+        "f1": report.f1_macro,
+        "loss": predictions.loss,
+        **last_val,
+        "tta_level": level,
+        "epochs": len(history),
+        "train_seconds": sum(record["seconds"] for record in history),
+    }
+    return final, report
