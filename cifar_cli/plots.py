@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cifar_cli.engine.evaluate import Evaluation, run_evaluation
+from cifar_cli.engine.inference import checkpoint_data
 from cifar_cli.errors import UsageError
 from cifar_cli.files import write_atomically
 from cifar_cli.settings import DataSettings
@@ -144,7 +145,6 @@ class PlotSources:
     run_dir: Path | None
     checkpoint: Path | None
     history: list[dict[str, Any]]
-    data_dir: Path | None = None  # where the run's prepared data was
 
 
 def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> PlotSources:
@@ -184,8 +184,7 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
     checkpoint = next(
         (f / target.name / "last.pth" for f in folders if (f / target.name / "last.pth").is_file()), None
     )
-    data_dir = recorded.get("data", {}).get("processed_dir")
-    return PlotSources(target, checkpoint, history, Path(data_dir) if data_dir else None)
+    return PlotSources(target, checkpoint, history)
 
 
 def _recorded_settings(run_dir: Path) -> dict[str, Any]:
@@ -209,21 +208,17 @@ def write_run_plots(
     data: DataSettings,
     device_name: str = "auto",
     say: Callable[[str], None] = lambda _text: None,
+    keep_data: set[str] = frozenset(),
 ) -> list[Path]:
-    """curves.png always; confusion_matrix.png, per_class.png and predictions.png when a checkpoint is found."""
+    """curves.png always; confusion_matrix.png, per_class.png and predictions.png when a checkpoint is found (on
+    the data it was trained on, but for the data settings in `keep_data`: see `checkpoint_data`)."""
     sources = find_sources(target, log_dir, checkpoint_dir)
     out = out or (sources.run_dir or sources.checkpoint.parent) / "plots"
     written = [save(curves_figure(sources.history), out / "curves.png")]
     if sources.checkpoint is None:
         say(f"No checkpoint of this run found in {checkpoint_dir}: only the training curves were drawn.")
         return written
-    cache_name = "cache.pt"
-    if (
-        not (data.processed_dir / cache_name).is_file()
-        and sources.data_dir
-        and (sources.data_dir / cache_name).is_file()
-    ):
-        data = data.model_copy(update={"processed_dir": sources.data_dir})
+    data = checkpoint_data(sources.checkpoint, data, keep_data)
     say(f"Evaluating {sources.checkpoint} on the test split for the other plots.")
     evaluation = run_evaluation(sources.checkpoint, data, "test", device_name=device_name, say=say)
     metrics = evaluation.metrics

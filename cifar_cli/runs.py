@@ -11,12 +11,13 @@ from typing import Any
 
 import yaml
 
-from cifar_cli.engine.train import recipe_identity
+from cifar_cli.engine.identity import recipe_identity
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
 from cifar_cli.tracking import FINAL_METRICS_FILE, HISTORY_FILE, SETTINGS_FILE, read_history
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
+SWEEPS_FOLDER = "sweeps"  # `cifar sweep` puts each sweep's trials in <log_dir>/sweeps/<sweep name>/<trial>/
 
 
 @dataclass
@@ -30,25 +31,41 @@ class RunSummary:
     test_accuracy: float | None  # final_metrics.json: the last weights on the test split
     seconds: float  # training time, summed over the epochs
     state: str  # finished, running, interrupted
-    differing: dict[str, Any] = field(default_factory=dict)  # settings that differ between the listed runs
+    differing: dict[str, Any] = field(
+        default_factory=dict
+    )  # settings that differ between the runs of its group
+    sweep: str | None = (
+        None  # the sweep the run is a trial of (<log_dir>/sweeps/<sweep>/), None for plain runs
+    )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def list_runs(log_dir: Path, sort: str = "name") -> list[RunSummary]:
-    """Every run folder under `log_dir`, with the settings in which the runs differ; damaged files are named."""
+    """Every run folder under `log_dir`, then every sweep's trials (grouped by sweep), each with the settings in
+    which it differs from the others of its group; damaged files are named."""
     if sort not in SORT_KEYS:
         raise UsageError(f"Unknown sort key {sort!r}.", hint=f"Use one of: {', '.join(SORT_KEYS)}.")
     if not log_dir.is_dir():
         raise UsageError(f"No log folder at {log_dir}.", hint="Train first, or pass --log-dir.")
+    sweeps = log_dir / SWEEPS_FOLDER
+    groups: list[tuple[str | None, Path]] = [(None, log_dir)]
+    if sweeps.is_dir():
+        groups += [(folder.name, folder) for folder in sorted(sweeps.iterdir()) if folder.is_dir()]
+    return [run for sweep, folder in groups for run in _group(folder, sweep, sort)]
+
+
+def _group(parent: Path, sweep: str | None, sort: str) -> list[RunSummary]:
     folders = sorted(
-        p for p in log_dir.iterdir() if (p / SETTINGS_FILE).is_file() or (p / HISTORY_FILE).is_file()
+        p for p in parent.iterdir() if (p / SETTINGS_FILE).is_file() or (p / HISTORY_FILE).is_file()
     )
     settings = {folder.name: _read_settings(folder) for folder in folders}
     identities = {name: recipe_identity(plain) for name, plain in settings.items()}
     varying = _varying_keys(list(identities.values()))
     runs = [_summary(folder, settings[folder.name], identities[folder.name], varying) for folder in folders]
+    for run in runs:
+        run.sweep = sweep
     return sorted(runs, key=lambda run: _sort_value(run, sort))
 
 

@@ -32,17 +32,16 @@ from typing import Any
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
-from cifar_cli.runs import list_runs
+from cifar_cli.runs import SWEEPS_FOLDER, list_runs
 from cifar_cli.settings import (
     Settings,
     dump_yaml,
     held_out_images,
-    load_bounded_yaml,
     load_settings,
     set_dotted,
 )
+from cifar_cli.yaml_files import load_bounded_yaml
 
-SWEEPS_FOLDER = "sweeps"
 RANGE = re.compile(r"^range\(\s*([^,]+),\s*([^,]+)(?:,\s*([^,]+))?\s*\)$")
 LOG = re.compile(r"^log\(\s*([^,]+),\s*([^,]+),\s*(\d+)\s*\)$")
 

@@ -1,0 +1,192 @@
+"""`cifar bench`: training throughput on this machine (pipelines, precisions, the fast preset's step), the fast
+step's profile, or the inference runtimes of an export; tables that fit an 80-column terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cifar_cli.cli.common import (
+    ConfigOption,
+    DeviceOption,
+    ProcessedDirOption,
+    RawDirOption,
+    SetOption,
+    console,
+    error_console,
+    flag_settings,
+    handled_errors,
+    resolve,
+)
+
+
+def bench(
+    model: Annotated[str, typer.Option("--model", help="Model for the pipeline comparison.")] = "seed-cnn",
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--models", help="Models for the precision table (default: all; repeatable)."),
+    ] = None,
+    device: DeviceOption = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Timed batches per repeat.")] = 10,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Repeats; medians are reported.")] = 3,
+    min_seconds: Annotated[
+        float,
+        typer.Option("--min-seconds", min=0.0, help="Each timed window runs at least this long (seconds)."),
+    ] = 1.0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Batch size of the pipeline and model rows.")
+    ] = 128,
+    fast: Annotated[
+        bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")
+    ] = True,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile", help="Only profile the fast preset's step: time per operator, utilisation."
+        ),
+    ] = False,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."
+        ),
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
+    ] = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Measure training throughput on this machine: our pipeline vs the seed's, fp32 vs mixed precision."""
+    with handled_errors():
+        settings = resolve(config, set_options, flag_settings(bench, locals()))
+        from cifar_cli.bench import BenchOptions, run_benchmark
+        from cifar_cli.files import write_text_atomically
+
+        options = BenchOptions(
+            model=model,
+            device=settings.train.device,
+            batches=batches,
+            repeats=repeats,
+            min_seconds=min_seconds,
+            batch_size=batch_size,
+            models=tuple(models or ()),
+            include_fast=fast,
+            keep_freed_memory=settings.train.keep_freed_memory,
+        )
+        if export:
+            from cifar_cli.bench import bench_export_runtimes
+
+            results = bench_export_runtimes(options, say=error_console.print)
+            print_export_runtimes(results)
+            if json_file is not None:
+                write_text_atomically(json_file, json.dumps(results, indent=2))
+            return
+        if profile:
+            from cifar_cli.bench import profile_fast_step
+
+            results = profile_fast_step(options, settings.data)
+            print_profile(results)
+        else:
+            results = run_benchmark(options, settings.data, say=error_console.print)
+            print_bench(results)
+        if json_file:
+            write_text_atomically(json_file, json.dumps(results, indent=2))
+            console.print(f"Results written to {json_file}")
+
+
+def print_bench(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    console.print(
+        f"[bold]{machine['device']}[/bold] ({machine['cpu']}, {machine['cpu_capability']}), "
+        f"{machine['cpu_count']} CPUs, torch {machine['torch']}"
+    )
+    ceiling = ", ".join(f"{name} {rate / 1e9:,.0f} GFLOP/s" for name, rate in results["ceiling"].items())
+    console.print(f"Ceiling (2048 x 2048 matrix multiply): {ceiling}")
+    for decision in results["precision_decisions"]:
+        console.print(
+            f"{decision['model']}, {decision['optimizer']}, batch {decision['batch_size']}: {decision['summary']}"
+        )
+    sections = [
+        ("Input pipeline (same model, Adam)", results["pipeline"]),
+        ("Train step by model", results["models"]),
+    ]
+    if results["fast_preset"]:
+        fast_rows = [
+            results["fast_preset"],
+            results["fast_preset_system_malloc"],
+            results["fast_preset_micro_batches"],
+        ]
+        sections.append(("fast preset step", [row for row in fast_rows if row]))
+    for title, rows in sections:
+        console.print(speed_table(title, rows))
+    per_repeat = results["pipeline_speedup_per_repeat"]
+    console.print(
+        f"Pipeline speed-up: [bold]{results['pipeline_speedup']:.2f}x[/bold]"
+        f" (ratio of medians; per repeat {min(per_repeat):.2f}x to {max(per_repeat):.2f}x)"
+    )
+    if results["keep_freed_memory_speedup"]:
+        speedup = results["keep_freed_memory_speedup"]
+        console.print(f"fast preset step, freed memory kept vs malloc defaults: [bold]{speedup:.2f}x[/bold]")
+
+
+def speed_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    """One row per configuration: images/s, the ratio to the table's first row, a 50,000-image epoch, the share
+    of time spent waiting for data and the share of the machine's matrix-multiply ceiling reached."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("configuration", overflow="fold", ratio=1)
+    for header in ("batch", "img/s", "ratio", "epoch", "data", "util"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            str(row["batch_size"]),
+            f"{row['images_per_second']:,.0f}",
+            f"{row['ratio']:.2f}x" if row["ratio"] else "-",
+            f"{row['epoch_seconds']:,.0f} s",
+            f"{row['data_share']:.0%}",
+            f"{row['utilisation']:.0%}" if row["utilisation"] is not None else "-",
+        )
+    return table
+
+
+def print_export_runtimes(results: dict[str, Any]) -> None:
+    table = Table(
+        "runtime",
+        "latency, batch 1",
+        "images/s, batch 256",
+        title=f"Inference on the CPU: {results['model']}",
+    )
+    for row in results["rows"]:
+        if "skipped" in row:
+            table.add_row(row["runtime"], row["skipped"], "")
+        else:
+            table.add_row(
+                row["runtime"],
+                f"{row['latency_ms_batch_1']:.2f} ms",
+                f"{row['images_per_second_batch_256']:,.0f}",
+            )
+    console.print(table)
+
+
+def print_profile(results: dict[str, Any]) -> None:
+    console.print(
+        f"fast preset step on {results['machine']['device']} ({results['machine']['cpu']}), {results['choice']}: "
+        f"{results['step_seconds']:.2f} s per step under the profiler, {results['images_per_second']:,.0f} images/s"
+        + (f", utilisation {results['utilisation']:.0%}" if results["utilisation"] is not None else "")
+    )
+    table = Table(title="By self time", title_justify="left")
+    table.add_column("operator", overflow="fold", ratio=1)
+    for header in ("calls per step", "self s per step", "share"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in results["operators"]:
+        table.add_row(
+            row["name"], str(row["calls"]), f"{row['self_seconds_per_step']:.3f}", f"{row['share']:.1%}"
+        )
+    console.print(table)

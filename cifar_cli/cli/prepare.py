@@ -1,0 +1,113 @@
+"""`cifar prepare`: an archive or an image folder into PNG folders and the tensor cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.text import Text
+
+from cifar_cli.cli.common import (
+    ConfigOption,
+    DatasetOption,
+    LabelSetOption,
+    ProcessedDirOption,
+    RawDirOption,
+    SetOption,
+    Sets,
+    console,
+    error_console,
+    flag_settings,
+    handled_errors,
+    resolve,
+)
+
+
+def prepare(
+    dataset: DatasetOption = None,
+    label_set: LabelSetOption = None,
+    from_folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-folder",
+            help="Prepare your own images: DIR/<class>/*.{png,jpg,jpeg,webp,bmp}, or DIR/train/<class>/... and "
+            "DIR/test/<class>/... (sets --dataset folder).",
+        ),
+        Sets("data.folder"),
+    ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--test-fraction", help="Folder without test/: share of each class held out (default 0.2)."
+        ),
+        Sets("data.test_fraction"),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", help="Folder images are resized to this square size in pixels (default 32)."
+        ),
+        Sets("data.image_size"),
+    ] = None,
+    skip_bad_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-bad-images", help="Skip unreadable images (counted) instead of stopping at the first."
+        ),
+        Sets("data.skip_bad_images"),
+    ] = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    no_png: Annotated[
+        bool | None,
+        typer.Option("--no-png", help="Only write the tensor cache, no PNG folders."),
+        Sets("data.write_png", invert=True),
+    ] = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Extract the archive safely (or read an image folder) and write PNG-per-class folders plus a tensor cache."""
+    from cifar_cli.data import prepare_for
+
+    with handled_errors():
+        flags = flag_settings(prepare, locals())
+        if from_folder is not None:
+            flags["data.dataset"] = "folder"
+        data = resolve(config, set_options, flags).data
+        with count_progress() as on_progress:
+            result = prepare_for(data, on_progress=on_progress)
+        for note in result.notes:
+            error_console.print(Text(note, style="yellow"))
+        counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
+        spec = result.spec
+        what = f"{counts} images, {spec.num_classes} classes, {spec.image_size} x {spec.image_size}"
+        if result.already_prepared:
+            console.print(f"Already prepared in {result.processed_dir} ({what}). Nothing to do.")
+        else:
+            console.print(f"Prepared {what} in {result.processed_dir}.")
+
+
+@contextlib.contextmanager
+def count_progress() -> Iterator[Any]:
+    """One bar per stage (reading, writing PNGs...) on stderr, only on a terminal."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} images"),
+        console=error_console,
+        transient=True,
+        disable=not error_console.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done)
+
+    with progress:
+        yield on_progress

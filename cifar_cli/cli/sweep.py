@@ -1,0 +1,212 @@
+"""`cifar sweep`: a grid (or random draws) of recipes trained as ordinary runs, ranked on validation accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from cifar_cli.cli.common import (
+    CheckpointDirOption,
+    ConfigOption,
+    DeviceOption,
+    LogDirOption,
+    ProcessedDirOption,
+    RawDirOption,
+    Sets,
+    console,
+    flag_settings,
+    handled_errors,
+    resolve,
+)
+from cifar_cli.cli.runs import STATE_COLOURS
+from cifar_cli.durations import format_duration
+from cifar_cli.errors import CifarError, SettingsError
+from cifar_cli.settings import Settings, set_dotted
+
+
+def sweep(
+    axes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A setting and its values: key=v1,v2,v3, key=range(a,b,step) or key=log(a,b,n) (repeatable; "
+            "the Cartesian product is swept; one value: fixed).",
+        ),
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of every recipe, e.g. 0,1,2.")] = "0",
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Sweep folder name (default: the varied keys).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="The recipe swept around."), Sets("preset")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model"), Sets("model.name")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs"), Sets("train.epochs")] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."),
+        Sets("train.time_budget"),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Trials at once, each in its own process with the cores split between them (one "
+            "GPU each on a machine with several). Default 1: one after another, each with the machine to itself.",
+        ),
+    ] = 1,
+    device: DeviceOption = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+    log_dir: LogDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Train a grid (or random draws) of recipes as ordinary runs and rank them on validation accuracy."""
+    with handled_errors():
+        from cifar_cli import sweep as sweeps
+        from cifar_cli.display import make_reporter
+        from cifar_cli.engine.train import TrainingInterrupted
+        from cifar_cli.engine.train import train as run_training
+        from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
+
+        fixed: dict[str, Any] = {}
+        for key, value in flag_settings(sweep, locals()).items():
+            set_dotted(fixed, key, value)
+        parsed = [sweeps.parse_axis(axis) for axis in axes or []]
+        seed_list = [int(part) for part in seeds.split(",") if part.strip().isdigit()]
+        if not seed_list or len(seed_list) != len(seeds.split(",")):
+            raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
+        base = resolve(config, None, flag_settings(sweep, locals()))
+        sweep_name = name or sweeps.default_name(parsed)
+        trials = sweeps.plan_trials(parsed, seed_list, samples)
+        val_images = sweeps.validation_images(base)
+        built = sweeps.check_all(
+            trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images)
+        )
+        folder = sweeps.sweep_folder(base, sweep_name)
+        console.print(
+            f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images."
+        )
+
+        def train_one(settings: Settings) -> None:
+            run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+
+        if jobs == 1:
+            try:
+                summaries = sweeps.run_trials(
+                    trials,
+                    built,
+                    folder,
+                    train_one,
+                    console.print,
+                    lambda rows: console.print(trial_table(rows)),
+                )
+            except TrainingInterrupted as error:
+                raise TrainingInterrupted(
+                    f"Sweep interrupted. {error.message}",
+                    hint="Run the same `cifar sweep` command again: finished trials are skipped, this one resumes.",
+                ) from None
+        else:
+            summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
+        ranked = sweeps.rank(trials, summaries)
+        sweeps.write_results(folder, ranked)
+        varied = [key for key, values in parsed if len(values) > 1]
+        document = json.loads((folder / "sweep.json").read_text())
+        save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
+        print_sweep(ranked, document, folder)
+
+
+def parallel_sweep(
+    sweeps: Any, trials: list[Any], built: list[Settings], folder: Path, jobs: int, device: str
+) -> dict[str, Any]:
+    """--jobs N: trials in their own processes, a live table of all of them; failed trials named with their log."""
+    from rich.live import Live
+
+    slots = sweeps.machine_slots(jobs, device)
+    gpus = sum(slot.gpu is not None for slot in slots)
+    console.print(
+        f"{len(slots)} trials at a time, {slots[0].threads} CPU threads each"
+        + (f", one GPU each ({gpus} GPUs)" if gpus else "") + f"; trial output in {folder / sweeps.TRIALS_FOLDER}."
+    )  # fmt: skip
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+
+        def show(rows: list[Any]) -> None:
+            live.update(trial_table(rows), refresh=True)
+
+        try:
+            statuses = sweeps.run_parallel(trials, built, folder, slots, show)
+        except KeyboardInterrupt:
+            from cifar_cli.engine.train import TrainingInterrupted
+
+            raise TrainingInterrupted(
+                "Sweep interrupted: every running trial saved its checkpoint.",
+                hint="Run the same command again to skip finished trials and resume the others.",
+            ) from None
+    console.print()  # a live display that is not a terminal ends without a line break
+    failed = [status for status in statuses if status.state == "failed"]
+    if failed:
+        raise CifarError(
+            f"{len(failed)} trial(s) failed: "
+            + ", ".join(f"{s.trial.name} (log {s.log})" for s in failed)
+            + ".",
+            hint="Read the logs; the same command again retries them and skips finished trials.",
+        )
+    return sweeps.summaries_of(folder)
+
+
+def trial_table(rows: list[Any]) -> Table:
+    """Every trial: the settings that vary, state, epochs, validation and test accuracy, training time."""
+    table = Table(title="Sweep", title_justify="left")
+    table.add_column("trial", overflow="fold", ratio=1)
+    table.add_column("state", no_wrap=True)
+    table.add_column("epochs", justify="right", no_wrap=True)
+    table.add_column("val", justify="right", no_wrap=True)
+    table.add_column("test", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    for row in rows:
+        values = " ".join(
+            f"{key.split('.')[-1]}={row.trial.values[key]}" for key in (*row.trial.varied, "train.seed")
+        )
+        epochs = (
+            f"{row.epochs_done}/{row.epochs_planned}" if row.epochs_planned else str(row.epochs_done or "")
+        )
+        name = Text(row.trial.name)
+        name.append("\n" + values, style="dim")
+        table.add_row(
+            name, Text(row.state, style=STATE_COLOURS.get(row.state, "")), epochs,
+            f"{row.val_accuracy:.2%}" if row.val_accuracy is not None else "",
+            f"{row.test_accuracy:.2%}" if row.test_accuracy is not None else "",
+            format_duration(row.seconds) if row.seconds else "",
+        )  # fmt: skip
+    return table
+
+
+def print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> None:
+    table = Table(title="Ranked on validation accuracy", title_justify="left")
+    table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("settings", overflow="fold", ratio=1)
+    table.add_column("val accuracy (mean ± std)", justify="right", no_wrap=True)
+    table.add_column("seeds", justify="right", no_wrap=True)
+    for place, recipe in enumerate(ranked, start=1):
+        spread = f" ± {recipe.val_std:.2%}" if recipe.val_std is not None else ""
+        table.add_row(
+            str(place), " ".join(f"{k}={v}" for k, v in recipe.values.items()) or "(fixed)",
+            f"{recipe.val_mean:.2%}{spread}" if recipe.val_mean is not None else "not finished", str(len(recipe.trials)),
+        )  # fmt: skip
+    console.print(table)
+    test = document["chosen_test_accuracy_mean"]
+    if document["chosen"] is not None and test is not None:
+        chosen = " ".join(f"{key}={value}" for key, value in document["chosen"].items())
+        console.print(f"Chosen on validation: {chosen}. Its test accuracy, reported once: {test:.2%}.")
+    console.print(f"Wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {folder / 'sweep.png'}.")

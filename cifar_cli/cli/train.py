@@ -1,0 +1,244 @@
+"""`cifar train`: one run (or, with --nproc, one run of N processes under torchrun), and `--dry-run` plans."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from cifar_cli.cli.common import (
+    RECIPE,
+    RUN,
+    CheckpointDirOption,
+    ConfigOption,
+    DatasetOption,
+    DeviceOption,
+    LogDirOption,
+    ProcessedDirOption,
+    RawDirOption,
+    SetOption,
+    Sets,
+    console,
+    flag_settings,
+    handled_errors,
+    resolve,
+)
+from cifar_cli.settings import (
+    MODEL_RECIPES,
+    LogSettings,
+    OptimSettings,
+    SchedulerSettings,
+    TrainSettings,
+    available_presets,
+    choices,
+)
+
+
+def train(
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help=f"One of: {', '.join(available_presets())} (default fast).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("preset"),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="One of: "
+            + ", ".join(f"{name} (recipe {recipe})" for name, recipe in MODEL_RECIPES.items())
+            + ". Without --preset, the model's own recipe.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("model.name"),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE),
+        Sets("train.epochs"),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="Images per step (per process).", rich_help_panel=RECIPE),
+        Sets("train.batch_size"),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Learning rate of every parameter under adam, adamw and sgd. Under muon (the fast preset) only "
+            "the head's (the biases get optim.bias_lr_scale times it); the filters' is optim.muon_lr.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("optim.lr"),
+    ] = None,
+    wd: Annotated[
+        float | None,
+        typer.Option(
+            "--wd",
+            help="Weight decay (optim.weight_decay). Under muon, the head's; the biases' is "
+            "optim.bias_weight_decay and the filters keep a fixed norm.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("optim.weight_decay"),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            "--optimizer",
+            help=f"One of: {', '.join(choices(OptimSettings, 'name'))} (muon: Muon for conv filters, SGD for the "
+            "rest).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("optim.name"),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help=f"One of: {', '.join(choices(SchedulerSettings, 'name'))}.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("scheduler.name"),
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", rich_help_panel=RECIPE), Sets("optim.label_smoothing")
+    ] = None,
+    val_size: Annotated[
+        int | None,
+        typer.Option(
+            "--val-size",
+            help="Training images held out for validation (default auto: 5,000 where the recipe monitors a "
+            "validation metric, else 0; nothing is ever chosen on the test split).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("data.val_size"),
+    ] = None,
+    device: DeviceOption = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help=f"One of: {', '.join(choices(TrainSettings, 'precision'))}.",
+            rich_help_panel=RUN,
+        ),
+        Sets("train.precision"),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN),
+        Sets("train.seed"),
+    ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--run-name", help="Run folder name (default: preset-model-<settings hash>).", rich_help_panel=RUN
+        ),
+        Sets("train.run_name"),
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue from last.pth (default: when it exists).",
+            rich_help_panel=RUN,
+        ),
+        Sets("train.resume"),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the model.", rich_help_panel=RUN),
+        Sets("train.compile"),
+    ] = None,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option("--deterministic", help="Use deterministic algorithms only.", rich_help_panel=RUN),
+        Sets("train.deterministic"),
+    ] = None,
+    progress: Annotated[
+        str | None,
+        typer.Option(
+            "--progress", help=f"One of: {', '.join(choices(LogSettings, 'progress'))}.", rich_help_panel=RUN
+        ),
+        Sets("log.progress"),
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Launch N processes through torchrun (DDP).", rich_help_panel=RUN)
+    ] = 1,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time-budget",
+            help="Fit the run (training + final evaluation) to this wall clock on this machine: 90s, 15m, 1h. "
+            "Picks the epochs, and a narrower model if one epoch does not fit.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.time_budget"),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan (precision, epochs, steps, time) and exit.", rich_help_panel=RUN
+        ),
+    ] = False,
+    dataset: DatasetOption = None,
+    raw_dir: RawDirOption = None,
+    processed_dir: ProcessedDirOption = None,
+    checkpoint_dir: CheckpointDirOption = None,
+    log_dir: LogDirOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
+) -> None:
+    """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
+    with handled_errors():
+        settings = resolve(config, set_options, flag_settings(train, locals()))
+        if dry_run:
+            from cifar_cli.display import PlainReporter
+            from cifar_cli.engine.train import plan_run
+
+            plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
+            console.print("Dry run: nothing was trained.")
+            return
+        if nproc > 1:
+            from cifar_cli.engine.device import check_launch
+
+            check_launch(settings.train.device, nproc)  # the same short error as without --nproc
+            raise typer.Exit(launch_torchrun(nproc))
+        from cifar_cli.display import make_reporter
+        from cifar_cli.engine.train import train as run_training
+        from cifar_cli.plots import confusion_matrix_figure
+
+        run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+
+
+def launch_torchrun(nproc: int) -> int:
+    """Re-run this same command under torchrun with N processes (minus the --nproc flag)."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cifar_cli",
+        *args,
+    ]
+    console.print("Launching: " + " ".join(command[2:]))
+    return subprocess.call(command, env=os.environ.copy())
