@@ -10,7 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cifar_cli.bench import BenchOptions, _Candidate, _one_repeat, bench_fast_preset, run_benchmark
+from cifar_cli.bench import BenchOptions, run_benchmark
+from cifar_cli.bench.measure import Candidate, one_repeat
+from cifar_cli.bench.rows import bench_fast_preset
 from cifar_cli.cli import app
 from cifar_cli.errors import UsageError
 from cifar_cli.settings import DataSettings, load_settings
@@ -85,14 +87,14 @@ def _same_batch_forever() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
 
 
-def _sleeper(seconds: float) -> tuple[_Candidate, _SleepingStep]:
+def _sleeper(seconds: float) -> tuple[Candidate, _SleepingStep]:
     step = _SleepingStep(seconds)
-    return _Candidate("sleeper", _same_batch_forever, step, batch_size=4), step  # type: ignore[arg-type]
+    return Candidate("sleeper", _same_batch_forever, step, batch_size=4), step  # type: ignore[arg-type]
 
 
 def test_a_timed_window_runs_for_at_least_min_seconds() -> None:
     candidate, step = _sleeper(0.01)
-    images_per_second, data, compute = _one_repeat(
+    images_per_second, data, compute = one_repeat(
         candidate, BenchOptions(batches=2, warmup=1, min_seconds=0.2)
     )
     timed = step.calls - 1  # after one warm-up step
@@ -101,7 +103,7 @@ def test_a_timed_window_runs_for_at_least_min_seconds() -> None:
     assert compute >= 0.01 and images_per_second == pytest.approx(4 / (data + compute))
     # No minimum duration: exactly `batches` timed steps.
     candidate, step = _sleeper(0.01)
-    _one_repeat(candidate, BenchOptions(batches=3, warmup=0, min_seconds=0))
+    one_repeat(candidate, BenchOptions(batches=3, warmup=0, min_seconds=0))
     assert step.calls == 3
 
 

@@ -101,7 +101,7 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     assert result.exit_code == 0, result.output
     assert "epoch   2" in result.output and "Final test accuracy" in result.output
     # baseline's plateau scheduler reads a validation metric: a tenth of the 100 training images was held out.
-    assert "90 training images, 10 for validation" in " ".join(result.output.split())
+    assert "90 training images, 10 held out for validation" in " ".join(result.output.split())
     stored = (tmp_path / "runs" / "cli" / "settings.yaml").read_text()
     assert "lr: 0.002" in stored and "seed: 3" in stored and "batch_size: 16" in stored
 

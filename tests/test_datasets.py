@@ -290,7 +290,7 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     exported = tmp_path / "fruit.pt2"
     result = invoke("export", checkpoint, "--format", "pt2", "--out", exported, "--processed-dir", processed)
     assert result.exit_code == 0, result.output
-    from cifar_cli.engine.export import load_exported
+    from cifar_cli.engine.exported import load_exported
 
     contract = load_exported(exported).contract
     manifest = read_manifest(processed)
@@ -313,7 +313,7 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
 
 def test_runs_on_different_data_get_different_names(tmp_path: Path, prepared_dir: Path) -> None:
     from cifar_cli.data import adopt_prepared
-    from cifar_cli.engine.train import default_run_name, recipe_identity
+    from cifar_cli.engine.identity import default_run_name, recipe_identity
     from cifar_cli.settings import load_settings, parse_set_options
 
     def name(*assignments: str) -> str:

@@ -11,15 +11,17 @@ from typer.testing import CliRunner
 from cifar_cli.cli import app
 from cifar_cli.data.prepare import CLASS_NAMES
 from cifar_cli.engine import export as export_module
+from cifar_cli.engine import exported as exported_module
 from cifar_cli.engine.evaluate import evaluate_checkpoint, predict_images
-from cifar_cli.engine.export import export_checkpoint, load_exported
+from cifar_cli.engine.export import export_checkpoint
+from cifar_cli.engine.exported import load_exported
 from cifar_cli.engine.train import train
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.settings import MODEL_RECIPES, DataSettings
 from tests.conftest import tiny_settings
 
 runner = CliRunner()
-HAS_ONNX = all(importlib.util.find_spec(name) for name in export_module.ONNX_PACKAGES)
+HAS_ONNX = all(importlib.util.find_spec(name) for name in exported_module.ONNX_PACKAGES)
 needs_onnx = pytest.mark.skipif(
     not HAS_ONNX, reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed"
 )
@@ -89,9 +91,9 @@ def test_a_disagreeing_export_is_deleted_and_refused(
 ) -> None:
     real = export_module.load_exported
 
-    def off_by_a_little(path: Path) -> export_module.Exported:
+    def off_by_a_little(path: Path) -> exported_module.Exported:
         exported = real(path)
-        return export_module.Exported(lambda pixels: exported.run(pixels) * 1.01, exported.contract)
+        return exported_module.Exported(lambda pixels: exported.run(pixels) * 1.01, exported.contract)
 
     monkeypatch.setattr(export_module, "load_exported", off_by_a_little)
     out = tmp_path / "bad.pt2"
@@ -125,12 +127,14 @@ def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Pat
 
 
 def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = export_module.importlib.util.find_spec
+    real = exported_module.importlib.util.find_spec
     monkeypatch.setattr(
-        export_module.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
+        exported_module.importlib.util,
+        "find_spec",
+        lambda name: None if name == "onnxruntime" else real(name),
     )
     with pytest.raises(UsageError, match="needs onnxruntime") as raised:
-        export_module.require_onnx()
+        exported_module.require_onnx()
     assert "[export]" in raised.value.hint
 
 
@@ -151,8 +155,9 @@ def test_cli_export_prints_the_verification(
 @needs_onnx
 def test_bench_times_the_three_runtimes_in_one_run(monkeypatch: pytest.MonkeyPatch) -> None:
     from cifar_cli import bench
+    from cifar_cli.bench import runtimes
 
-    monkeypatch.setattr(bench, "LATENCY_RUNS", 3)
+    monkeypatch.setattr(runtimes, "LATENCY_RUNS", 3)
     options = bench.BenchOptions(batches=1, min_seconds=0.0, warmup=1)
     results = bench.bench_export_runtimes(options, model_name="seed-cnn")
     names = [row["runtime"] for row in results["rows"]]

@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from cifar_cli.cli import app
-from cifar_cli.engine.train import default_run_name, train
+from cifar_cli.engine.identity import default_run_name
+from cifar_cli.engine.train import train
 from cifar_cli.errors import SettingsError, UsageError
 from cifar_cli.settings import load_settings, parse_set_options, resolve_val_size
 from tests.conftest import tiny_settings

@@ -47,7 +47,7 @@ def test_runs_lists_states_and_the_settings_that_differ(tmp_path: Path, prepared
     accuracies = [run["test_accuracy"] for run in listed if run["test_accuracy"] is not None]
     assert accuracies == sorted(accuracies, reverse=True) and listed[-1]["name"] == "interrupted"
     table = runner.invoke(app, ["runs", "--log-dir", str(log_dir)], env={"COLUMNS": "200"})
-    assert table.exit_code == 0 and "interrupted" in table.output and "optim.lr=0.003" in table.output
+    assert table.exit_code == 0 and "interrupted" in table.output and "lr=0.003" in table.output
 
 
 def test_runs_errors_are_clear(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,23 +53,38 @@ def _sweep(tmp_path: Path, prepared_dir: Path, *extra: str) -> list[str]:
 def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
     tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cifar_cli.engine import train as train_module
+    """A real SIGINT during the third trial's second epoch (after its first epoch's checkpoint): the sweep stops
+    with exit 130; the same command again skips the two finished trials and resumes the third from epoch 1."""
+    import os
+    import signal
 
-    real_train, calls = train_module.train, []
+    from cifar_cli.engine.loop import EpochRunner
 
-    def interrupted_on_the_third(settings, *args, **kwargs):  # noqa: ANN001, ANN202
-        calls.append(settings.train.run_name)
-        if len(calls) == 3:
-            raise train_module.TrainingInterrupted("Interrupted.", hint="run the same command")
-        return real_train(settings, *args, **kwargs)
+    real_run, started = EpochRunner.run, []
 
-    monkeypatch.setattr(train_module, "train", interrupted_on_the_third)
-    first = runner.invoke(app, _sweep(tmp_path, prepared_dir))
+    def ctrl_c_in_the_third_trials_second_epoch(self, progress, remaining):  # noqa: ANN001, ANN202
+        if progress.epoch == 0:
+            started.append(self.settings.train.run_name)
+        if len(started) == 3 and progress.epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: KeyboardInterrupt in the middle of the epoch
+        return real_run(self, progress, remaining)
+
+    monkeypatch.setattr(EpochRunner, "run", ctrl_c_in_the_third_trials_second_epoch)
+    args = _sweep(tmp_path, prepared_dir)
+    args[args.index("--epochs") + 1] = "2"
+    args[args.index("log.progress=none")] = "log.progress=plain"  # the resume message is the runs' own
+    first = runner.invoke(app, args)
     assert first.exit_code == 130 and "same `cifar sweep` command again" in first.output, first.output
-    monkeypatch.setattr(train_module, "train", real_train)
-    again = runner.invoke(app, _sweep(tmp_path, prepared_dir))
+    interrupted = started[2]
+    checkpoint = tmp_path / "ck" / "sweeps" / "lr" / interrupted / "last.pth"
+    assert torch_epoch(checkpoint) == 1  # a real partial trial: one epoch done, the second cut short
+    monkeypatch.setattr(EpochRunner, "run", real_run)
+    again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert again.output.count("finished before, skipped") == 2
+    assert f"Resuming run {interrupted} after epoch 1" in again.output
+    history = json.loads((tmp_path / "runs" / "sweeps" / "lr" / interrupted / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2]
 
     folder = tmp_path / "runs" / "sweeps" / "lr"
     document = json.loads((folder / "sweep.json").read_text())
@@ -204,9 +220,13 @@ def test_parallel_sweep_stops_its_trials_with_checkpoints(
             time.sleep(0.1)
         else:
             raise AssertionError(f"trial process {pid} still runs")
-    for name in names:
-        state = torch_epoch(tmp_path / "ck" / "sweeps" / "lr" / name / "last.pth")
-        assert 2 <= state < 2000 and state >= epochs(name) - 1
+    for name in names:  # each trial took the SIGINT path: it says where it stopped, its checkpoint agrees
+        log = (folder / ".trials" / f"{name}.log").read_text()
+        said = re.search(r"last\.pth holds epoch (\d+) of run", log)
+        assert said, log[-2000:]
+        saved = torch_epoch(tmp_path / "ck" / "sweeps" / "lr" / name / "last.pth")
+        assert 2 <= saved == int(said.group(1)) < 2000 and epochs(name) in (saved - 1, saved)
+        assert (folder / name / ".lock").read_text() == ""  # released: no live owner
 
 
 def torch_epoch(path: Path) -> int:

@@ -1,0 +1,114 @@
+"""Options that only the command line reaches, each through the real command: a label set, bad images skipped,
+a fixed export batch, random draws and time budgets of a sweep, and a validation split that a run does not have."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from cifar_cli.cli import app
+from tests.conftest import COARSE_NAMES, build_cifar100_archive, flat, write_image_tree
+
+runner = CliRunner()
+TINY = ["--device", "cpu", "--set", "train.batch_size=16", "--set", "train.num_threads=1",
+        "--set", "train.precision=fp32", "--set", "log.progress=none"]  # fmt: skip
+
+
+def invoke(*args: object):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_prepare_label_set_coarse_gives_the_20_superclasses(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    build_cifar100_archive(raw / "cifar-100-python.tar.gz")
+    result = invoke("prepare", "--dataset", "cifar100", "--label-set", "coarse", "--raw-dir", raw,
+                    "--processed-dir", tmp_path / "c100", "--no-png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "20 classes" in flat(result.output)
+    manifest = json.loads((tmp_path / "c100" / "manifest.json").read_text())
+    assert manifest["label_set"] == "coarse" and manifest["class_names"] == COARSE_NAMES
+
+
+def test_prepare_skip_bad_images_goes_on_and_says_how_many(tmp_path: Path) -> None:
+    source = write_image_tree(tmp_path / "imgs", {"a": 6, "b": 6}, suffix=".jpg")
+    (source / "b" / "003.jpg").write_bytes(b"not a jpeg")
+    refused = invoke("prepare", "--from-folder", source, "--processed-dir", tmp_path / "strict", "--no-png")
+    assert refused.exit_code != 0 and "003.jpg" in flat(refused.output)
+    result = invoke("prepare", "--from-folder", source, "--processed-dir", tmp_path / "lenient", "--no-png",
+                    "--skip-bad-images")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Skipped 1 unreadable" in flat(result.output)
+    assert sum(json.loads((tmp_path / "lenient" / "manifest.json").read_text())["counts"].values()) == 11
+
+
+def _train(tmp_path: Path, prepared_dir: Path, name: str, *extra: object) -> Path:
+    result = invoke("train", "--preset", "baseline", "--epochs", "1", "--processed-dir", prepared_dir,
+                    "--log-dir", tmp_path / "runs", "--checkpoint-dir", tmp_path / "ck", "--run-name", name,
+                    *TINY, *extra)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return tmp_path / "ck" / name / "last.pth"
+
+
+def test_evaluate_split_val_is_refused_for_a_run_that_held_none_out(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    without = _train(tmp_path, prepared_dir, "no-val", "--val-size", "0", "--scheduler", "none")
+    refused = invoke("evaluate", without, "--split", "val")
+    assert refused.exit_code == 2 and "held out no validation split" in flat(refused.output)
+    with_val = _train(tmp_path, prepared_dir, "val", "--val-size", "20")
+    scored = invoke("evaluate", with_val, "--split", "val", "--json", tmp_path / "val.json")
+    assert scored.exit_code == 0 and json.loads((tmp_path / "val.json").read_text())["num_samples"] == 20
+
+
+def test_export_batch_n_fixes_the_batch_in_the_contract(tmp_path: Path, prepared_dir: Path) -> None:
+    from cifar_cli.engine.exported import load_exported
+
+    checkpoint = _train(tmp_path, prepared_dir, "fixed")
+    result = invoke("export", checkpoint, "--format", "pt2", "--batch", "7", "--out", tmp_path / "b7.pt2")
+    assert result.exit_code == 0, result.output
+    contract = load_exported(tmp_path / "b7.pt2").contract
+    assert contract["input"]["shape"][0] == 7 and contract["output"]["shape"][0] == 7
+    assert invoke("export", checkpoint, "--batch", "0").exit_code == 2
+
+
+def _sweep(tmp_path: Path, prepared_dir: Path, name: str, *extra: object):
+    return invoke("sweep", "--preset", "baseline", "--set", "optim.lr=0.001,0.002,0.003", "--epochs", "1",
+                  "--name", name, "--processed-dir", prepared_dir, "--log-dir", tmp_path / "runs",
+                  "--checkpoint-dir", tmp_path / "ck", "--device", "cpu", *extra)  # fmt: skip
+
+
+def test_sweep_samples_draws_that_many_trials_of_the_grid(
+    tmp_path: Path, prepared_dir: Path, monkeypatch
+) -> None:
+    for key, value in (("BATCH_SIZE", "16"), ("NUM_THREADS", "1"), ("PRECISION", "fp32")):
+        monkeypatch.setenv(f"CIFAR_TRAIN__{key}", value)
+    monkeypatch.setenv("CIFAR_LOG__PROGRESS", "none")
+    result = _sweep(tmp_path, prepared_dir, "drawn", "--samples", "2")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "runs" / "sweeps" / "drawn" / "sweep.json").read_text())
+    drawn = [recipe["optim.lr"] for recipe in document["recipes"]]
+    assert len(drawn) == 2 and set(drawn) < {0.001, 0.002, 0.003}
+    again = _sweep(tmp_path / "second", prepared_dir, "drawn", "--samples", "2")  # seeded: the same draws
+    document = json.loads((tmp_path / "second" / "runs" / "sweeps" / "drawn" / "sweep.json").read_text())
+    assert again.exit_code == 0 and sorted(r["optim.lr"] for r in document["recipes"]) == sorted(drawn)
+
+
+def test_sweep_time_budget_is_each_trials_budget(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+    for key, value in (("BATCH_SIZE", "16"), ("NUM_THREADS", "1"), ("PRECISION", "fp32")):
+        monkeypatch.setenv(f"CIFAR_TRAIN__{key}", value)
+    monkeypatch.setenv("CIFAR_LOG__PROGRESS", "none")
+    result = _sweep(tmp_path, prepared_dir, "budget", "--samples", "1", "--time-budget", "40s")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "runs" / "sweeps" / "budget"
+    [trial] = [path for path in folder.iterdir() if (path / "settings.yaml").is_file()]
+    assert yaml.safe_load((trial / "settings.yaml").read_text())["train"]["time_budget"] == 40.0
+    plan = json.loads((trial / "plan.json").read_text())
+    assert plan["budget_seconds"] == 40.0
+    shutil.rmtree(tmp_path / "ck")
