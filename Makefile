@@ -9,7 +9,7 @@ DOWNLOAD_ARGS ?=
 # The first command a new user runs must end: 15 minutes of training on any machine (engine/plan.py).
 TRAIN_ARGS ?= --time-budget 15m
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint docs bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The command reference, generated from the Typer app (tests/test_docs.py fails when it is stale).
+docs: install
+	$(BIN)/typer cifar_cli.cli utils docs --name cifar --title "cifar: command reference" --output docs/cli.md
 
 bench: install
 	$(BIN)/cifar bench
