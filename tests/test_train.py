@@ -26,6 +26,14 @@ def test_run_writes_history_tensorboard_settings_and_checkpoints(tmp_path: Path,
     state = torch.load(result.checkpoint_dir / "last.pth", weights_only=True)
     assert state["epoch"] == 2 and state["format_version"] == 1 and state["settings"]["train"]["epochs"] == 2
     assert (result.checkpoint_dir / "best.pth").is_file()
+    # The span the speed record times: init (whitening), the training steps, the final evaluation; seconds.
+    final = json.loads((result.run_dir / "final_metrics.json").read_text())
+    assert final["init_seconds"] > 0 and final["final_eval_seconds"] > 0
+    assert final["train_seconds"] == pytest.approx(sum(record["seconds"] for record in history))
+    assert final["record_span_seconds"] == pytest.approx(
+        final["init_seconds"] + final["train_seconds"] + final["final_eval_seconds"]
+    )
+    assert final["record_span_seconds"] < final["wall_seconds"]
 
 
 def test_tensorboard_scalars_are_grouped(tmp_path: Path, prepared_dir: Path) -> None:

@@ -55,6 +55,25 @@ def bench(
             "--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."
         ),
     ] = False,
+    vs_record: Annotated[
+        bool,
+        typer.Option(
+            "--vs-record",
+            help="Only the CIFAR-10 speed record (airbench94_muon) against `cifar train --preset fast` on this "
+            "GPU, --runs times each: accuracy and seconds over the same span.",
+        ),
+    ] = False,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="--vs-record: timed runs of each program.")] = 5,
+    anchors: Annotated[
+        Path | None,
+        typer.Option(
+            "--anchors", help="--vs-record: folder with airbench94_muon.py (default: ../shared/anchors)."
+        ),
+    ] = None,
+    from_json: Annotated[
+        Path | None,
+        typer.Option("--from-json", help="--vs-record: show a recorded --json result, run nothing."),
+    ] = None,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the results to this JSON file.")
     ] = None,
@@ -69,6 +88,13 @@ def bench(
         from cifar_cli.bench import BenchOptions, run_benchmark
         from cifar_cli.files import write_text_atomically
 
+        if vs_record or from_json is not None:
+            document = _vs_record(settings, runs, anchors, from_json)
+            print_vs_record(document)
+            if json_file is not None and from_json is None:
+                write_text_atomically(json_file, json.dumps(document, indent=2))
+                console.print(f"Results written to {json_file}")
+            return
         options = BenchOptions(
             model=model,
             device=settings.train.device,
@@ -99,6 +125,41 @@ def bench(
         if json_file:
             write_text_atomically(json_file, json.dumps(results, indent=2))
             console.print(f"Results written to {json_file}")
+
+
+def _vs_record(settings: Any, runs: int, anchors: Path | None, from_json: Path | None) -> dict[str, Any]:
+    from cifar_cli.bench.record import compare_with_record, find_anchors, read_side_by_side
+
+    if from_json is not None:
+        return read_side_by_side(from_json)
+    folder = find_anchors(anchors, (Path.cwd(), Path(__file__).parents[2]))
+    workdir = (settings.log.log_dir / "vs-record").absolute()
+    return compare_with_record(
+        folder, settings.data, settings.train.device, runs, list(range(runs)), workdir, error_console.print
+    )
+
+
+def print_vs_record(document: dict[str, Any]) -> None:
+    """One row per program: timed runs, final TTA accuracy, the record's span, its warm-up and the whole wall."""
+    machine = document["machine"]
+    table = Table(title=f"Side by side on {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}",
+                  title_justify="left")  # fmt: skip
+    table.add_column("program", overflow="fold", ratio=1)
+    for header in ("runs", "TTA accuracy", "span s", "warm-up s", "wall s"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for side in ("record", "ours"):
+        result = document[side]
+        accuracy, span = result["accuracy"], result["span"]
+        table.add_row(
+            result["name"], str(accuracy["n"]), f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}",
+            f"{span['mean']:.2f} ({span['min']:.2f}-{span['max']:.2f})", f"{result['warmup_seconds']:.0f}",
+            f"{result['wall_seconds']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"fast takes {document['time_ratio']:.2f}x the record's seconds over the same span (model init with "
+        "whitening, training steps, final TTA; mean of the timed runs)."
+    )
 
 
 def print_bench(results: dict[str, Any]) -> None:

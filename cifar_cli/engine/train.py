@@ -14,7 +14,7 @@ from cifar_cli.data.prepare import read_manifest
 from cifar_cli.engine import distributed, run_state
 from cifar_cli.engine.calibrate import Calibration, calibrate
 from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.device import Precision, describe, resolve_precision
+from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.identity import default_run_name, hparams
 from cifar_cli.engine.inference import checkpoint_spec, tta_level
@@ -110,9 +110,11 @@ class Trainer:
         self.loaders: Loaders = build_loaders(
             splits, self.settings.train, self.spec, self.precision, self.device, self.context
         )
+        started = synchronised_clock(self.device)
         self.parts: Parts = build_parts(
             self.settings, self.spec, self.loaders.train, self.device, self.precision, self.context
         )
+        self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
             self.progress = run_state.restore(self.parts, self._last_checkpoint())
             self.reporter.message(
@@ -336,6 +338,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the end
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
         """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
+        started = synchronised_clock(self.device)
         final, report = final_evaluation(
             self.parts.model,
             self.loaders.test,
@@ -347,6 +350,14 @@ class Trainer:
         # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
         # estimate of it: a time budget bounds the first.
         final.update(wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds)
+        # The span the CIFAR-10 speed record times (airbench94: model init with whitening, the training steps, the
+        # final TTA evaluation; no per-epoch evaluation), for `cifar bench --vs-record`. Seconds.
+        final_eval_seconds = synchronised_clock(self.device) - started
+        final.update(
+            init_seconds=self.init_seconds,
+            final_eval_seconds=final_eval_seconds,
+            record_span_seconds=self.init_seconds + final["train_seconds"] + final_eval_seconds,
+        )
         if self.progress.history:
             self.reporter.message(
                 f"Final {'TTA ' if final['tta_level'] else ''}test accuracy {report.accuracy:.2%} "

@@ -1,0 +1,232 @@
+"""`cifar bench --vs-record`: the CIFAR-10 speed record (airbench94_muon, run as its authors wrote it) and
+`cifar train --preset fast` on the same GPU in the same hour, each N times, timed over the same span.
+
+The span is the record's own (CUDA events there, a synchronised clock here): model initialisation with the
+whitening filters, the training steps, the final TTA evaluation; per-epoch evaluation and compilation excluded.
+The record pays compilation in an untimed warm-up run on random labels; ours runs an untimed warm-up seed. Both
+warm-ups and every whole command are timed by the wall clock and reported apart.
+
+The record is never copied into the project: it is read from `../shared/anchors/` (or `--anchors DIR`, or
+$CIFAR_ANCHORS) and run from a temporary copy whose only change is its number of runs (200 -> N).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_cli.errors import UsageError
+
+RECORD_SCRIPT = "airbench94_muon.py"
+ANCHORS_ENV = "CIFAR_ANCHORS"
+RECORD_RUNS_LINE = "for run in range(200)"  # the record's own run count, the one line its copy changes
+WARMUP_SEED = 1000  # our untimed warm-up run (cuDNN autotuning, allocator, kernels loaded)
+HOW_TO_GET = (
+    "Pass --anchors DIR: a folder with airbench94_muon.py (KellerJordan/cifar10-airbench at f1c599c, MIT), as "
+    "../shared/anchors/ holds it; or set CIFAR_ANCHORS."
+)
+
+
+def find_anchors(explicit: Path | None = None, search_from: tuple[Path, ...] = ()) -> Path:
+    """The folder with the record: `explicit`, else $CIFAR_ANCHORS, else the first
+    `shared/anchors` beside any parent of the `search_from` folders (a checkout sits next to shared/)."""
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(explicit)
+    elif os.environ.get(ANCHORS_ENV):
+        candidates.append(Path(os.environ[ANCHORS_ENV]))
+    else:
+        for start in search_from:
+            for folder in (start.resolve(), *start.resolve().parents):
+                candidates.append(folder / "shared" / "anchors")
+    for folder in candidates:
+        if (folder / RECORD_SCRIPT).is_file():
+            return folder
+    where = ", ".join(str(c) for c in candidates[:3]) + (" ..." if len(candidates) > 3 else "")
+    raise UsageError(f"The speed record ({RECORD_SCRIPT}) is not in {where or 'any folder'}.",
+                     hint=HOW_TO_GET)  # fmt: skip
+
+
+def record_copy(source: str, runs: int) -> str:
+    """The record's text with its 200 timed runs cut to `runs`: the only change made to it."""
+    if source.count(RECORD_RUNS_LINE) != 1:
+        raise UsageError(f"{RECORD_SCRIPT} is not the expected version: '{RECORD_RUNS_LINE}' was not found once.",
+                         hint=HOW_TO_GET)  # fmt: skip
+    return source.replace(RECORD_RUNS_LINE, f"for run in range({runs})")
+
+
+def parse_record_output(text: str) -> tuple[list[dict[str, float]], dict[str, float] | None]:
+    """The record's table: (each timed run's final TTA accuracy and time_seconds, the warm-up's), from rows
+    `| run | epoch | train_acc | val_acc | tta_val_acc | time_seconds |` whose epoch is `eval`."""
+    runs: list[dict[str, float]] = []
+    warmup, current = None, None
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 6 or cells[0] == "run":
+            continue
+        current = cells[0] or current
+        if cells[1] != "eval":
+            continue
+        entry = {"accuracy": float(cells[4]), "seconds": float(cells[5])}
+        if current == "warmup":
+            warmup = entry
+        else:
+            runs.append(entry)
+    return runs, warmup
+
+
+def summarise(values: list[float]) -> dict[str, float | int]:
+    """n, mean, sample std (0 for one value), min and max."""
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    name: str
+    command: str
+    accuracies: list[float]  # final TTA test accuracy of each timed run, fractions
+    span_seconds: list[float]  # each timed run's init + training + final TTA, seconds
+    warmup_seconds: float  # the untimed warm-up (the record's includes its torch.compile)
+    wall_seconds: float  # the whole command(s), by the wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "command": self.command, "accuracies": self.accuracies,
+            "span_seconds": self.span_seconds, "warmup_seconds": self.warmup_seconds,
+            "wall_seconds": self.wall_seconds, "accuracy": summarise(self.accuracies),
+            "span": summarise(self.span_seconds),
+        }  # fmt: skip
+
+
+def write_record_data(processed_dir: Path, workdir: Path) -> None:
+    """The images `cifar train` reads (our prepared cache), in the files the record loads from its working folder:
+    cifar10/{train,test}.pt, dicts of uint8 N x 32 x 32 x 3 `images`, int64 `labels` and `classes`. Both programs
+    then see the same pixels."""
+    import torch
+
+    from cifar_cli.data.prepare import load_cache, read_spec
+
+    cache, names = load_cache(processed_dir), list(read_spec(processed_dir).class_names)
+    folder = workdir / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        images = cache[f"{split}_images"].permute(0, 2, 3, 1).contiguous()
+        torch.save(
+            {"images": images, "labels": cache[f"{split}_labels"], "classes": names}, folder / f"{split}.pt"
+        )
+
+
+def run_record(
+    anchors: Path, processed_dir: Path, runs: int, workdir: Path, say: Callable[[str], None]
+) -> ProgramResult:
+    """The record's copy with `runs` timed runs, in `workdir`, on our prepared data."""
+    write_record_data(processed_dir, workdir)
+    script = workdir / f"airbench94_muon_{runs}_runs.py"
+    script.write_text(record_copy((anchors / RECORD_SCRIPT).read_text(), runs))
+    started = time.perf_counter()
+    output = _run([sys.executable, str(script)], workdir, say)
+    wall = time.perf_counter() - started
+    timed, warmup = parse_record_output(output)
+    if len(timed) != runs or warmup is None:
+        raise UsageError(
+            f"The record printed {len(timed)} of {runs} runs; its output ends:\n{output[-1500:]}"
+        )
+    return ProgramResult(
+        "airbench94_muon", f"python {RECORD_SCRIPT} (200 -> {runs} runs)",
+        [r["accuracy"] for r in timed], [r["seconds"] for r in timed], warmup["seconds"], wall,
+    )  # fmt: skip
+
+
+def run_ours(
+    seeds: list[int], train_args: list[str], workdir: Path, say: Callable[[str], None]
+) -> ProgramResult:
+    """`cifar train --preset fast --device cuda` once untimed (warm-up), then once per seed; each a new process."""
+    accuracies, spans, wall, warmup = [], [], 0.0, 0.0
+    for seed in [WARMUP_SEED, *seeds]:
+        name = f"vs-record-seed{seed}"
+        command = [sys.executable, "-m", "cifar_cli", "train", "--preset", "fast", "--device", "cuda",
+                   "--seed", str(seed), "--run-name", name, "--no-resume", "--progress", "plain",
+                   "--log-dir", str(workdir / "runs"), "--checkpoint-dir", str(workdir / "checkpoints"),
+                   *train_args]  # fmt: skip
+        started = time.perf_counter()
+        _run(command, workdir, say)
+        seconds = time.perf_counter() - started
+        final = json.loads((workdir / "runs" / name / "final_metrics.json").read_text())
+        if seed == WARMUP_SEED:
+            warmup = seconds
+            continue
+        wall += seconds
+        accuracies.append(final["accuracy"])
+        spans.append(final["record_span_seconds"])
+    return ProgramResult("cifar train --preset fast", "cifar train --preset fast --device cuda --seed S",
+                         accuracies, spans, warmup, wall)  # fmt: skip
+
+
+def _run(command: list[str], cwd: Path, say: Callable[[str], None]) -> str:
+    say("$ " + " ".join(command))
+    done = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    if done.returncode != 0:
+        raise UsageError(
+            f"{' '.join(command[:4])} ... failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-1500:]}"
+        )
+    return done.stdout
+
+
+def side_by_side(record: ProgramResult, ours: ProgramResult, machine: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document `--json` writes and `--from-json` reads back: both programs and their ratio."""
+    ratio = statistics.fmean(ours.span_seconds) / statistics.fmean(record.span_seconds)
+    return {"machine": machine, "record": record.to_json(), "ours": ours.to_json(), "time_ratio": ratio}
+
+
+def read_side_by_side(path: Path) -> dict[str, Any]:
+    """A document written by `--vs-record --json`, checked enough to render."""
+    try:
+        document = json.loads(path.read_text())
+        for side in ("record", "ours"):
+            document[side]["accuracy"]["mean"], document[side]["span"]["mean"]  # noqa: B018 - presence
+        return document
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"{path} is not a `cifar bench --vs-record --json` result ({type(error).__name__})."
+        ) from None
+
+
+def compare_with_record(
+    anchors: Path,
+    data: Any,
+    device_name: str,
+    runs: int,
+    seeds: list[int],
+    workdir: Path,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Both programs on this machine's GPU, the record first, on the same prepared data (`data`, DataSettings)."""
+    import torch
+
+    from cifar_cli.data import ensure_prepared
+    from cifar_cli.engine.device import resolve_device
+
+    if resolve_device(device_name).type != "cuda":
+        raise UsageError("--vs-record needs a CUDA GPU: the record runs only there.",
+                         hint="Run it on a GPU machine; --from-json FILE shows a recorded result anywhere.")  # fmt: skip
+    ensure_prepared(data, say)
+    record = run_record(anchors, data.processed_dir, runs, workdir / "record", say)
+    ours = run_ours(seeds, ["--processed-dir", str(data.processed_dir.absolute())], workdir / "ours", say)
+    machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    return side_by_side(record, ours, machine)
