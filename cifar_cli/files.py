@@ -106,6 +106,23 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block is done (it is delivered right after): a checkpoint and the note of which epoch
+    it holds are written together. POSIX main thread only; elsewhere the block runs as it is."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def folders_removed_on_failure(*folders: Path) -> Iterator[None]:
     """Folders (and their parents) that do not exist yet and that the block creates are removed again, while
     still empty, if the block fails: a command that fails leaves no empty folders behind (a partial download,

@@ -76,12 +76,16 @@ class RunLogger:
     def __init__(self, run_dir: Path, settings_yaml: str, tensorboard: bool) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(run_dir / SETTINGS_FILE, settings_yaml)
+        self.write_settings(settings_yaml)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def write_settings(self, settings_yaml: str) -> None:
+        """The run's resolved settings; written again when a time budget re-plans the epochs."""
+        write_text_atomically(self.run_dir / SETTINGS_FILE, settings_yaml)
 
     def log_epoch(self, record: dict[str, Any], history: list[dict[str, Any]], step: int) -> None:
         write_text_atomically(self.run_dir / HISTORY_FILE, json.dumps(history, indent=2))

@@ -62,12 +62,12 @@ def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
 
     real_run, started = EpochRunner.run, []
 
-    def ctrl_c_in_the_third_trials_second_epoch(self, progress, remaining):  # noqa: ANN001, ANN202
+    def ctrl_c_in_the_third_trials_second_epoch(self, progress, remaining, *args):  # noqa: ANN001, ANN002, ANN202
         if progress.epoch == 0:
             started.append(self.settings.train.run_name)
         if len(started) == 3 and progress.epoch == 1:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: KeyboardInterrupt in the middle of the epoch
-        return real_run(self, progress, remaining)
+        return real_run(self, progress, remaining, *args)
 
     monkeypatch.setattr(EpochRunner, "run", ctrl_c_in_the_third_trials_second_epoch)
     args = _sweep(tmp_path, prepared_dir)

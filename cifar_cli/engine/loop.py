@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,24 +43,36 @@ class EpochRunner:
         context: DistContext,
         reporter: Reporter,
         epoch_split: str,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.parts, self.loaders, self.settings, self.spec = parts, loaders, settings, spec
         self.precision, self.device, self.context, self.reporter = precision, device, context, reporter
         self.epoch_split = epoch_split  # "val", or "test" where the recipe holds nothing out (curves only)
+        self.clock = clock  # seconds; a test's fake clock can stand in
 
-    def run(self, progress: Progress, remaining: RemainingTime) -> dict[str, Any]:
-        """Train and evaluate epoch `progress.epoch + 1`; advances `progress.global_step`."""
+    def run(
+        self,
+        progress: Progress,
+        remaining: RemainingTime,
+        steps: int | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        """Train and evaluate epoch `progress.epoch + 1`, `steps` steps of it (default: all); advances
+        `progress.global_step`. Past `deadline` (on `clock`), the epoch ends early, so that a run whose machine
+        slowed down still ends inside its time budget with a saved, evaluated model."""
         epoch = progress.epoch + 1
-        self.reporter.start_epoch(epoch, self.settings.train.epochs, len(self.loaders.train))
+        steps = min(steps or len(self.loaders.train), len(self.loaders.train))
+        self.reporter.start_epoch(epoch, self.settings.train.epochs, steps)
         remaining.start_epoch()
-        started = time.perf_counter()
-        train_stats = self._train(progress, remaining)
-        seconds = time.perf_counter() - started
+        started = self.clock()
+        train_stats, steps_done = self._train(progress, remaining, steps, deadline)
+        seconds = self.clock() - started
         evaluated = predict(
             self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0
         )
         report = report_from_predictions(evaluated, list(self.spec.class_names))
-        images_seen = len(self.loaders.train) * self.settings.train.batch_size * self.context.world_size
+        eval_seconds = self.clock() - started - seconds
+        images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
         split = self.epoch_split
         return {
             "epoch": epoch,
@@ -71,11 +84,16 @@ class EpochRunner:
             f"{split}_f1": report.f1_macro,
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
-            "images_per_second": images_seen / seconds,
+            "eval_seconds": eval_seconds,
+            "images_per_second": images_seen / max(seconds, 1e-9),
             "step": progress.global_step,
+            "steps": steps_done,
+            **({"cut_short": True} if steps_done < steps else {}),
         }
 
-    def _train(self, progress: Progress, remaining: RemainingTime) -> dict[str, float]:
+    def _train(
+        self, progress: Progress, remaining: RemainingTime, steps: int, deadline: float | None
+    ) -> tuple[dict[str, float], int]:
         parts, loader = self.parts, self.loaders.train
         loader.set_epoch(progress.epoch)
         if hasattr(parts.model, "whiten_bias_trainable"):
@@ -85,8 +103,10 @@ class EpochRunner:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         steps_per_batch = scheduler_steps_per_batch(parts.scheduler)
-        refresh_every = max(1, len(loader) // PROGRESS_UPDATES_PER_EPOCH)
+        refresh_every = max(1, steps // PROGRESS_UPDATES_PER_EPOCH)
         started = time.perf_counter()
+        batch_index = 0
+        self._checked = (self.clock(), 0)  # (clock, batches) at the last deadline check
         for batch_index, (images, targets) in enumerate(loader, start=1):
             loss, logits = self._step(images, targets)
             if steps_per_batch:
@@ -98,16 +118,30 @@ class EpochRunner:
             predicted = logits.argmax(dim=1)
             metrics.update(predicted, targets)
             correct += (predicted == targets).sum()
-            if batch_index % refresh_every == 0 or batch_index == len(loader):
+            if batch_index % refresh_every == 0 or batch_index == steps:
                 self._check_finite(loss_sum, progress.epoch + 1, batch_index)
                 self._report_batch(batch_index, loss_sum, correct, started, remaining)
+                if batch_index < steps and self._past(deadline, batch_index):
+                    break
+            if batch_index == steps:
+                break
         totals = distributed.all_reduce_sum(
-            torch.stack([loss_sum, torch.tensor(float(len(loader)), device=self.device)])
+            torch.stack([loss_sum, torch.tensor(float(batch_index), device=self.device)])
         )
         computed = {key: float(value) for key, value in metrics.compute().items()}
         if parts.lookahead is not None and progress.epoch + 1 == self.settings.train.epochs:
             parts.lookahead.finish(parts.model)  # the last epoch ends on the averaged weights
-        return {"loss": float(totals[0] / totals[1]), **computed}
+        return {"loss": float(totals[0] / totals[1]), **computed}, batch_index
+
+    def _past(self, deadline: float | None, batches: int) -> bool:
+        """Whether the next batch would end past `deadline`, at the pace of the batches since the last check.
+        Every process stops at the same batch: rank 0's clock decides."""
+        if deadline is None:
+            return False
+        now, (then, batches_then) = self.clock(), self._checked
+        self._checked = (now, batches)
+        per_batch = (now - then) / max(batches - batches_then, 1)
+        return bool(distributed.broadcast_from_main(now + per_batch >= deadline))
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on the batch; returns its mean loss and the logits, detached."""

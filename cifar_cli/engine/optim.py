@@ -94,14 +94,29 @@ def restore_scheduler(scheduler: Scheduler, state: dict) -> None:
     """Restore the position in the schedule but keep its length from the current settings, so that a run resumed
     with more epochs stretches its schedule instead of ending at the old length."""
     state = dict(state)
-    if "lr_lambdas" in state:
-        state["lr_lambdas"] = [None] * len(
-            state["lr_lambdas"]
-        )  # None: keep the schedule built from the settings
+    if "lr_lambdas" in state:  # keep the length built from the settings; take a re-plan's anchor, if any
+        state["lr_lambdas"] = [
+            {key: saved[key] for key in _StepSchedule.ANCHOR if key in saved}
+            if isinstance(saved, dict)
+            else None
+            for saved in state["lr_lambdas"]
+        ]
     if isinstance(scheduler, OneCycleLR):
         state["total_steps"] = scheduler.total_steps
         state.pop("_schedule_phases", None)
     scheduler.load_state_dict(state)
+
+
+def stretch_schedule(scheduler: Scheduler | None, step: int, total_steps: int) -> bool:
+    """Give a per-step schedule a new length from `step` on, continuing from the rate it has reached (no jump):
+    True where it can (warm-up, constant, cosine, linear; the plateau schedule has no length), False for
+    one-cycle, whose phases are fixed when it is made."""
+    if isinstance(scheduler, OneCycleLR):
+        return False
+    if isinstance(scheduler, LambdaLR):
+        for schedule in scheduler.lr_lambdas:
+            schedule.retarget(step, total_steps)
+    return True
 
 
 def scheduler_steps_per_batch(scheduler: Scheduler | None) -> bool:
@@ -114,17 +129,31 @@ class _StepSchedule:
     A plain class (not a lambda) so that the scheduler's state_dict stays plain data.
     """
 
+    ANCHOR = ("anchor_step", "anchor_progress")  # where a re-planned length takes over (kept in checkpoints)
+
     def __init__(self, settings: SchedulerSettings, warmup_steps: int, total_steps: int) -> None:
         self.kind = settings.name
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.start, self.final = settings.warmup_start_factor, settings.final_lr_factor
+        # Progress through the decay goes linearly from anchor_progress at anchor_step to 1 at total_steps.
+        self.anchor_step, self.anchor_progress = warmup_steps, 0.0
+
+    def progress(self, step: int) -> float:
+        span = max(1, self.total_steps - self.anchor_step)
+        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * (step - self.anchor_step) / span)
+
+    def retarget(self, step: int, total_steps: int) -> None:
+        """From `step` on, reach the end of the decay at `total_steps` instead, from the progress made so far."""
+        if step > self.warmup_steps:
+            self.anchor_step, self.anchor_progress = step, self.progress(step)
+        self.total_steps = max(total_steps, step)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.start + (1 - self.start) * step / self.warmup_steps
         if self.kind == "none":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        progress = self.progress(step)
         if self.kind == "cosine":
             return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1 - (1 - self.final) * progress  # linear

@@ -39,6 +39,21 @@ class RunPlan:
     budget_seconds: float | None = None
     elapsed_seconds: float = 0.0  # spent before training starts (data, calibration)
     test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
+    last_epoch_steps: int = 0  # a budget's last epoch cut to this many steps; 0: a whole epoch
+    remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: what the learning-rate schedule spans."""
+        if self.last_epoch_steps and self.epochs:
+            return (self.epochs - 1) * self.steps_per_epoch + self.last_epoch_steps
+        return self.epochs * self.steps_per_epoch
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of epoch `epoch` (1-based): the last one may be cut short to fit the budget."""
+        return (
+            self.last_epoch_steps if epoch == self.epochs and self.last_epoch_steps else self.steps_per_epoch
+        )
 
     @property
     def train_seconds_per_epoch(self) -> float:
@@ -60,6 +75,8 @@ class RunPlan:
 
     @property
     def total_seconds(self) -> float:
+        if self.remaining_seconds is not None:
+            return self.elapsed_seconds + self.remaining_seconds
         return self.elapsed_seconds + self.epochs * self.epoch_seconds + self.final_seconds
 
     def describe(self) -> str:
@@ -85,6 +102,8 @@ class RunPlan:
             "estimated_epoch_seconds": self.epoch_seconds,
             "estimated_total_seconds": self.total_seconds,
             "budget_seconds": self.budget_seconds,
+            "last_epoch_steps": self.last_epoch_steps or self.steps_per_epoch,
+            "total_steps": self.total_steps,
         }
 
 
@@ -157,3 +176,71 @@ class RemainingTime:
         self.measured_epochs.append(time.perf_counter() - self.epoch_started)
         self.epochs_done += 1
         return (self.plan.epochs - self.epochs_done) * self._per_epoch() + self.plan.final_seconds
+
+
+# Where a re-planned run aims to end, as a share of its budget: inside 90-100% with room for the estimate's error.
+REPLAN_TARGET_SHARE = 0.96
+MIN_LAST_EPOCH_SHARE = 0.25  # a last epoch shorter than this share of a whole one is not worth its evaluation
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """What one finished epoch measured, in seconds of wall clock."""
+
+    steps: int
+    train_seconds: float  # the optimiser steps
+    eval_seconds: float  # the per-epoch evaluation pass
+    total_seconds: float  # the whole epoch: steps, evaluation, checkpoint and logs
+
+
+@dataclass(frozen=True)
+class Replan:
+    plan: RunPlan
+    step_seconds: float  # measured: what the new plan assumes per step
+    images_per_second: float
+
+    def describe(self, before: RunPlan) -> str:
+        def length(plan: RunPlan) -> str:
+            cut = f" (the last cut to {plan.last_epoch_steps} steps)" if plan.last_epoch_steps else ""
+            return f"{plan.epochs} epochs{cut}"
+
+        return (
+            f"Re-planned: {length(self.plan)} instead of {length(before)}, this machine runs at "
+            f"{self.images_per_second:,.0f} img/s now; about {format_duration(self.plan.total_seconds)} in all "
+            f"(budget {format_duration(self.plan.budget_seconds or 0)})"
+        )
+
+
+def replan(
+    plan: RunPlan, elapsed_seconds: float, epochs_done: int, timings: list[EpochTiming], eval_images: int
+) -> Replan:
+    """The epochs left refit to what this run's own epochs measured, so that the run, final evaluation included,
+    ends near REPLAN_TARGET_SHARE of its budget. The latest epoch weighs most (a shared machine drifts); the last
+    epoch may be cut short rather than leave a fifth of the budget unused."""
+    assert plan.budget_seconds is not None and timings
+    weights = [2.0**index for index in range(len(timings))][-3:]  # the last three epochs, newest double
+    recent = timings[-len(weights) :]
+    step = sum(w * t.train_seconds / max(t.steps, 1) for w, t in zip(weights, recent)) / sum(weights)
+    per_eval = sum(w * (t.total_seconds - t.train_seconds) for w, t in zip(weights, recent)) / sum(weights)
+    eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(
+        weights
+    )
+    views = TTA_VIEWS[plan.tta_level]
+    final = (plan.test_images or plan.val_images) * views / eval_rate + FINAL_OVERHEAD_SECONDS
+    available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
+    whole_epoch = plan.steps_per_epoch * step + per_eval
+    more = max(0, math.floor(available / whole_epoch))
+    spare_steps = math.floor((available - more * whole_epoch - per_eval) / step)
+    last_steps = 0
+    if spare_steps >= MIN_LAST_EPOCH_SHARE * plan.steps_per_epoch:
+        more, last_steps = more + 1, min(spare_steps, plan.steps_per_epoch)
+    last_steps = 0 if last_steps == plan.steps_per_epoch else last_steps
+    epochs = epochs_done + more
+    if more == 0:  # no time for another epoch: stop here, with the epochs done
+        last_steps = 0
+    cut = (plan.steps_per_epoch - last_steps) * step if last_steps else 0.0
+    refit = RunPlan(**{
+        **plan.__dict__, "epochs": epochs, "last_epoch_steps": last_steps, "elapsed_seconds": elapsed_seconds,
+        "remaining_seconds": more * whole_epoch - cut + final,
+    })  # fmt: skip
+    return Replan(refit, step, plan.batch_size / step)

@@ -12,6 +12,7 @@ from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.engine import distributed, run_state
+from cifar_cli.engine.budget import BudgetKeeper
 from cifar_cli.engine.calibrate import Calibration, calibrate
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
@@ -35,7 +36,7 @@ from cifar_cli.engine.setup import (
     setup_device,
 )
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.files import ensure_writable_folder, run_lock, write_text_atomically
+from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.settings import Settings, dump_yaml, resolve_val_size
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
 
@@ -63,8 +64,10 @@ class Trainer:
         reporter: Reporter | None = None,
         context: DistContext | None = None,
         confusion_figure: FigureMaker | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
-        self.started = time.perf_counter()  # a time budget counts from here
+        self.clock = clock  # seconds; a test's fake clock can stand in
+        self.started = clock()  # a time budget counts from here
         self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
         self.settings.data = adopt_prepared(
             self.settings.data
@@ -82,6 +85,9 @@ class Trainer:
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
         self.progress = Progress()
+        self.saved_epoch = (
+            0  # the epoch last.pth holds: an interrupt between epoch and save must not say more
+        )
         self._last_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ the run
@@ -117,6 +123,7 @@ class Trainer:
         self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
             self.progress = run_state.restore(self.parts, self._last_checkpoint())
+            self.saved_epoch = self.progress.epoch
             self.reporter.message(
                 f"Resuming run {self.run_name} after epoch {self.progress.epoch} ({LAST_CHECKPOINT})."
             )
@@ -135,25 +142,32 @@ class Trainer:
         return self._train(resumed_from)
 
     def _train(self, resumed_from: int) -> TrainResult:
+        # A resumed budget run trains the epochs its last plan chose; a fresh one keeps its budget as it goes.
+        budget = BudgetKeeper(self.run_plan, self.clock, self.started, resumed_from == 0,
+                              len(self.loaders.evaluation.labels))  # fmt: skip
         logger = None
         if self.context.is_main:
             logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
-            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(self.run_plan.to_json(), indent=2))
+            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
         self.reporter.message(self._banner())
         runner = EpochRunner(
             self.parts, self.loaders, self.settings, self.spec, self.precision, self.device, self.context,
-            self.reporter, self.epoch_split,
+            self.reporter, self.epoch_split, self.clock,
         )  # fmt: skip
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
             while self.progress.epoch < self.settings.train.epochs and not stopped_early:
-                record = runner.run(self.progress, remaining)
-                stopped_early = self._after_epoch(record, logger, remaining)
+                started = self.clock()
+                record = runner.run(
+                    self.progress, remaining, budget.steps(self.progress.epoch + 1), budget.deadline()
+                )
+                stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
+                self._keep_budget(budget, record, self.clock() - started, remaining, logger)
             final_metrics = self._finish(logger)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
-                f"Interrupted. {LAST_CHECKPOINT} holds epoch {self.progress.epoch} of run {self.run_name}.",
+                f"Interrupted. {LAST_CHECKPOINT} holds epoch {self.saved_epoch} of run {self.run_name}.",
                 hint=f"Resume with: cifar train --run-name {self.run_name} (plus the same options as before).",
             ) from None
         finally:
@@ -161,6 +175,21 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return self._result(final_metrics, resumed_from, stopped_early)
+
+    def _keep_budget(self, budget: BudgetKeeper, record: dict[str, Any], seconds: float, remaining: RemainingTime,
+                     logger: RunLogger | None) -> None:  # fmt: skip
+        """The epochs left refit to the measured speed (budget runs); the plan everything else reads follows."""
+        message = budget.after_epoch(
+            record, seconds, self.progress.epoch, self.progress.global_step, self.parts
+        )
+        if budget.plan is not self.run_plan:
+            self.run_plan = remaining.plan = budget.plan
+            self.settings.train.epochs = budget.plan.epochs
+            if logger is not None:
+                write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
+                logger.write_settings(dump_yaml(self.settings))
+        if message is not None:
+            self.reporter.message(message)
 
     def _result(self, final_metrics: dict[str, Any], resumed_from: int, stopped_early: bool) -> TrainResult:
         return TrainResult(
@@ -236,7 +265,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         """Seconds since this run started (a time budget counts from there)."""
-        return time.perf_counter() - self.started
+        return self.clock() - self.started
 
     def dry_run(self) -> RunPlan:
         """The plan, without training or touching the data (counts from the manifest, else CIFAR-10's)."""
@@ -333,7 +362,10 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
-        run_state.save(state, self.checkpoint_dir / name)
+        with sigint_deferred():
+            run_state.save(state, self.checkpoint_dir / name)
+            if name == LAST_CHECKPOINT:
+                self.saved_epoch = self.progress.epoch
 
     # ------------------------------------------------------------------------------------------ the end
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""A time budget kept while the run goes (engine/budget.py): re-plans from the run's own epochs on a fake clock whose
+speed changes mid-run, a schedule that follows without a jump, a deadline inside an epoch, and plan.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cifar_cli.engine.loop import EpochRunner
+from cifar_cli.engine.optim import _StepSchedule
+from cifar_cli.engine.plan import EpochTiming, replan
+from cifar_cli.engine.train import Trainer
+from cifar_cli.settings import SchedulerSettings
+from tests.conftest import tiny_settings
+
+BUDGET = 100.0  # fake seconds
+
+
+class FakeClock:
+    """Fake seconds: each optimiser step costs `step_cost` (changed mid-run to mimic a shared machine slowing
+    down), and every reading a millisecond, so evaluation passes take time too."""
+
+    def __init__(self) -> None:
+        self.now, self.step_cost, self.steps = 0.0, 0.5, 0
+
+    def __call__(self) -> float:
+        self.now += 0.001
+        return self.now
+
+
+def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int,
+                factor: float) -> tuple[Trainer, list[float], FakeClock]:  # fmt: skip
+    clock, rates = FakeClock(), []
+    real_step = EpochRunner._step
+
+    def timed_step(self, images, targets):  # noqa: ANN001, ANN202
+        clock.steps += 1
+        clock.now += clock.step_cost if clock.steps <= slow_down_after else clock.step_cost * factor
+        rates.append(self.parts.optimizer.param_groups[0]["lr"])
+        return real_step(self, images, targets)
+
+    monkeypatch.setattr(EpochRunner, "_step", timed_step)
+    settings = tiny_settings(tmp_path, prepared_dir, f"train.time_budget={BUDGET}", "scheduler.name=linear",
+                             "scheduler.final_lr_factor=0.0", "train.epochs=1")  # fmt: skip
+    trainer = Trainer(settings, clock=clock)
+    trainer.run()
+    return trainer, rates, clock
+
+
+@pytest.mark.parametrize(("slow_down_after", "factor"), [(30, 2.0), (30, 0.5)], ids=["slower", "faster"])
+def test_a_run_refits_its_epochs_when_the_machine_changes_speed(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int, factor: float
+) -> None:
+    trainer, rates, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after, factor)
+    final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
+    assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET  # the fake clock's, start to final evaluation
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    assert (
+        plan["replans"][0]["epochs"] != plan["initial"]["epochs"]
+    )  # the probe's real milliseconds were wrong
+    assert len(plan["replans"]) >= 2 and plan["epochs"] == len(trainer.progress.history)
+    speeds = [replan_["measured_step_seconds"] for replan_ in plan["replans"]]
+    assert speeds[0] == pytest.approx(0.5, rel=0.05) and speeds[-1] == pytest.approx(0.5 * factor, rel=0.2)
+    # The schedule followed every new length without a jump, and ended at zero.
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rates, rates[1:]))
+    assert max(earlier - later for earlier, later in zip(rates, rates[1:])) < 0.1 * rates[0]
+    assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert plan["total_steps"] == clock.steps == trainer.progress.global_step
+    stored = (trainer.run_dir / "settings.yaml").read_text()
+    assert f"epochs: {plan['epochs']}" in stored
+
+
+def test_an_epoch_that_would_overrun_the_budget_ends_at_its_deadline(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=158, factor=16.0)
+    final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
+    assert final["wall_seconds"] <= BUDGET
+    assert trainer.progress.history[-1].get("cut_short") is True
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    assert plan["replans"][-1]["cut_short_at_step"] < plan["steps_per_epoch"]
+    assert (trainer.checkpoint_dir / "last.pth").is_file() and final["accuracy"] >= 0
+
+
+def test_a_stale_slow_calibration_no_longer_ends_the_run_early(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached speed a third of the real one (measured while the machine was busy) plans a third of the steps
+    that fit; the run's own epochs correct it, and it ends inside 90-100% of its budget."""
+    from cifar_cli.engine import train as train_module
+    from tests.test_plan import fake_calibration
+
+    stale = fake_calibration(16.0)  # batch 16: 16 / 16 + 0.5 = 1.5 s per step, against the 0.5 s of the clock
+    monkeypatch.setattr(train_module, "calibrate", lambda *args, **kwargs: stale)
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=10**6, factor=1.0)
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
+    assert plan["epochs"] >= 2 * plan["initial"]["epochs"]
+    assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET
+
+
+def test_replan_aims_inside_the_budget_and_cuts_the_last_epoch_rather_than_waste_it() -> None:
+    from cifar_cli.engine.plan import RunPlan
+    from tests.test_plan import fake_calibration
+
+    plan = RunPlan(50, 1.0, 16, 10, 100, 0, fake_calibration(1000.0), 100.0, 10.0, 100)
+    timings = [EpochTiming(10, 5.0, 0.5, 6.0)]  # 0.5 s per step, 1 s of evaluation and writes per epoch
+    refit = replan(plan, elapsed_seconds=16.0, epochs_done=1, timings=timings, eval_images=plan.val_images)
+    assert refit.step_seconds == pytest.approx(0.5)
+    assert 0.9 * 100 <= refit.plan.total_seconds <= 100
+    assert refit.plan.last_epoch_steps in range(3, 10)  # a partial last epoch fills the rest
+    assert refit.plan.total_steps == (refit.plan.epochs - 1) * 10 + refit.plan.last_epoch_steps
+
+
+def test_a_stretched_schedule_continues_from_its_rate() -> None:
+    schedule = _StepSchedule(SchedulerSettings(name="cosine", final_lr_factor=0.0), 0, 100)
+    before = schedule(40)
+    schedule.retarget(40, 300)
+    assert schedule(40) == pytest.approx(before) and schedule(300) == pytest.approx(0.0)
+    assert schedule(41) < before and before - schedule(41) < 0.01
