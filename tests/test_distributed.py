@@ -88,8 +88,7 @@ def test_cli_nproc_launches_torchrun_and_resumes(tmp_path: Path, prepared_dir: P
     first = subprocess.run(run, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (
-        "Launching: torch.distributed.run --standalone --nproc_per_node=2 -m cifar_cli train"
-        in first.stdout
+        "Launching: torch.distributed.run --standalone --nproc_per_node=2 -m cifar_cli train" in first.stdout
     )
     assert first.stdout.count("epoch   1 |") == 1  # only rank 0 reports
     assert "2 processes" in first.stdout
