@@ -42,6 +42,7 @@ def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPa
         return real_step(self, images, targets)
 
     monkeypatch.setattr(EpochRunner, "_step", timed_step)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # what the fake clock teaches stays here
     settings = tiny_settings(tmp_path, prepared_dir, f"train.time_budget={BUDGET}", "scheduler.name=linear",
                              "scheduler.final_lr_factor=0.0", "train.epochs=1")  # fmt: skip
     trainer = Trainer(settings, clock=clock)

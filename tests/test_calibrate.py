@@ -186,3 +186,56 @@ def test_calibration_leaves_the_random_state_alone() -> None:
     torch.manual_seed(3)
     calibrate(SEED_CNN, ADAM, 32, CPU, use_cache=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_real_epochs_teach_the_cache_what_the_probe_got_wrong(
+    fake_speeds, monkeypatch, tmp_path: Path
+) -> None:
+    """A probe taken on a busy machine (here: a third of the speed) is replaced by the first real epoch, later
+    epochs are averaged in, and the next run's plan starts from them."""
+    from cifar_cli.engine.calibrate import learn_from_epoch
+    from cifar_cli.engine.plan import RunPlan
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    fake_speeds({label: rate / 3 for label, rate in AVX2_EPYC.items()})
+    busy = calibrate(SEED_CNN, ADAM, 128, CPU)
+    assert busy.step_seconds(128) == pytest.approx(128 / (130 / 3) + 0.01)
+    learn_from_epoch(busy, 0.5, 2000.0)  # far from the probe's 2.96 s: replaced
+    learn_from_epoch(busy, 0.7, 1000.0)  # near: averaged
+    again = calibrate(SEED_CNN, ADAM, 128, CPU)
+    assert again.cached and again.learned_epochs == 2
+    assert again.step_seconds(128) == pytest.approx(0.6) and again.eval_speed == pytest.approx(1500.0)
+    assert again.step_seconds(256) != pytest.approx(0.6)  # another batch size: the probe's estimate
+    assert "real epochs of earlier runs (2)" in again.summary()
+    plan = RunPlan(8, 1.0, 128, 100, 5000, 0, again)
+    assert plan.train_seconds_per_epoch == pytest.approx(60.0) and plan.val_seconds == pytest.approx(
+        5000 / 1500
+    )
+
+
+def test_a_training_run_teaches_its_calibration(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+    from cifar_cli.engine.train import train
+    from tests.conftest import tiny_settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=3"))
+    [entry] = json.loads((tmp_path / "cache" / "cifar" / "calibration.json").read_text()).values()
+    assert entry["learned_epochs"] == 3 and entry["learned_step_seconds"] > 0
+    steps = [record["seconds"] / record["steps"] for record in result.history]
+    assert min(steps) / 2 <= entry["learned_step_seconds"] <= max(steps) * 2
+
+
+def test_bench_recalibrate_forgets_and_measures_again(monkeypatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cifar_cli.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "calibration.json").write_text(json.dumps({"stale-a": {}, "stale-b": {}}))
+    result = CliRunner().invoke(app, ["bench", "--recalibrate", "--no-fast", "--model", "seed-cnn",
+                                      "--batch-size", "16", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Forgot 2 cached calibration(s)." in result.output and "measured in" in result.output
+    stored = json.loads((tmp_path / "cifar" / "calibration.json").read_text())
+    assert len(stored) == 1 and '"seed-cnn"' in next(iter(stored))

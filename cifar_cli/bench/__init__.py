@@ -118,4 +118,22 @@ def _row(measurement: Measurement) -> dict[str, Any]:
     return {**asdict(measurement), "data_share": measurement.data_share}
 
 
-__all__ = ["BenchOptions", "bench_export_runtimes", "profile_fast_step", "run_benchmark"]
+def recalibrate(model: str, batch_size: int, device_name: str, include_fast: bool) -> list[str]:
+    """Forget every cached calibration and measure again: `model` with Adam at `batch_size` (the bench's pipeline
+    row) and the fast preset as `cifar train` runs it. Returns what to print."""
+    from cifar_cli.engine.calibrate import forget_calibrations
+
+    if model not in available_models():
+        raise UsageError(f"Unknown model {model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+    device = resolve_device(device_name)
+    lines = [f"Forgot {forget_calibrations()} cached calibration(s)."]
+    lines.append(f"{model}, adam, batch {batch_size}: " + calibrate(
+        ModelSettings(name=model), OptimSettings(name="adam"), batch_size, device).summary())  # fmt: skip
+    if include_fast:
+        fast = load_settings(None, {"preset": "fast"})
+        measured = calibrate(fast.model, fast.optim, fast.train.batch_size, device)
+        lines.append(f"fast preset, batch {fast.train.batch_size}: {measured.summary()}")
+    return lines
+
+
+__all__ = ["BenchOptions", "bench_export_runtimes", "profile_fast_step", "recalibrate", "run_benchmark"]

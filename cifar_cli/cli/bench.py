@@ -55,6 +55,14 @@ def bench(
             "--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."
         ),
     ] = False,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Only forget every cached speed (what `cifar train` plans with) and measure --model's (and the "
+            "fast preset's) again.",
+        ),
+    ] = False,
     vs_record: Annotated[
         bool,
         typer.Option(
@@ -88,6 +96,12 @@ def bench(
         from cifar_cli.bench import BenchOptions, run_benchmark
         from cifar_cli.files import write_text_atomically
 
+        if recalibrate:
+            from cifar_cli.bench import recalibrate as measure_again
+
+            for line in measure_again(model, batch_size, settings.train.device, fast):
+                console.print(line)
+            return
         if vs_record or from_json is not None:
             document = _vs_record(settings, runs, anchors, from_json)
             print_vs_record(document)

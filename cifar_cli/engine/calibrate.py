@@ -75,6 +75,12 @@ class Calibration:
     batch_step_images: int = 0  # the size of those steps
     key: dict[str, Any] = field(default_factory=dict)
     cached: bool = False  # True when read from the cache instead of measured now
+    # What real epochs of earlier runs with this key measured (learn_from_epoch): a running estimate that, once
+    # present, the plan uses instead of the probe's. Seconds per training step at the key's batch size, and
+    # images/s of the per-epoch evaluation.
+    learned_step_seconds: float | None = None
+    learned_eval_images_per_second: float | None = None
+    learned_epochs: int = 0
 
     @property
     def layout(self) -> Layout:
@@ -85,8 +91,16 @@ class Calibration:
         return self.train_images_per_second[self.layout.label]
 
     def step_seconds(self, batch_size: int) -> float:
-        """Estimated seconds of one training step (forward, backward, optimiser) at `batch_size`."""
+        """Estimated seconds of one training step (forward, backward, optimiser) at `batch_size`: what real epochs
+        measured where earlier runs have taught it, else the probe's estimate."""
+        if self.learned_step_seconds and batch_size == self.key.get("batch_size"):
+            return self.learned_step_seconds
         return batch_size / (self.batch_images_per_second or self.images_per_second) + self.optimizer_seconds
+
+    @property
+    def eval_speed(self) -> float:
+        """Images/s of an evaluation pass: learned from real epochs where there are some, else the probe's."""
+        return self.learned_eval_images_per_second or self.eval_images_per_second
 
     def summary(self, requested: str = "auto") -> str:
         """E.g. `precision auto -> fp32 + channels_last: 130 img/s; bf16 + channels_last: 8 img/s`."""
@@ -98,7 +112,12 @@ class Calibration:
             if self.batch_images_per_second
             else ""
         )
-        return f"precision {requested} -> {self.layout.label}. Train step speeds: {listed}{batch}{source}"
+        learned = (
+            f"; real epochs of earlier runs ({self.learned_epochs}): {self.learned_step_seconds:.3g} s per step"
+            if self.learned_epochs and self.learned_step_seconds
+            else ""
+        )
+        return f"precision {requested} -> {self.layout.label}. Train step speeds: {listed}{batch}{source}{learned}"
 
 
 def candidates(precision: str, channels_last: bool | str, device: torch.device) -> list[Layout]:
@@ -182,6 +201,45 @@ def calibrate(
     return result
 
 
+LEARN_WEIGHT = (
+    0.5  # of the newest epoch in the running estimate: a shared machine drifts, recent epochs say most
+)
+REPLACE_FACTOR = 2.0  # an estimate this far from a real epoch (either way) is replaced, not averaged
+
+
+def learn_from_epoch(calibration: Calibration, step_seconds: float, eval_images_per_second: float) -> None:
+    """Fold one real epoch's speed into the cached entry of `calibration`'s key, so that the next run's plan starts
+    from what real epochs measured; an estimate far from it (a probe taken while the machine was busy) is
+    replaced. Best effort, like the cache itself."""
+    if not calibration.key or step_seconds <= 0 or eval_images_per_second <= 0:
+        return
+    key_text = json.dumps(calibration.key, sort_keys=True)
+    cache = _read_cache()
+    entry = cache.get(key_text) or {
+        k: v for k, v in asdict(calibration).items() if k not in ("key", "cached")
+    }
+    for name, value in (
+        ("learned_step_seconds", step_seconds),
+        ("learned_eval_images_per_second", eval_images_per_second),
+    ):
+        entry[name] = _running(entry.get(name), value)
+    entry["learned_epochs"] = int(entry.get("learned_epochs") or 0) + 1
+    _write_entries({**cache, key_text: entry})
+
+
+def _running(old: float | None, new: float) -> float:
+    if not old or not 1 / REPLACE_FACTOR <= new / old <= REPLACE_FACTOR:
+        return new
+    return (1 - LEARN_WEIGHT) * old + LEARN_WEIGHT * new
+
+
+def forget_calibrations() -> int:
+    """Remove every cached calibration (`cifar bench --recalibrate`); returns how many there were."""
+    count = len(_read_cache())
+    (cache_dir() / CACHE_FILE).unlink(missing_ok=True)
+    return count
+
+
 def _read_cache() -> dict[str, Any]:
     try:
         data = json.loads((cache_dir() / CACHE_FILE).read_text())
@@ -191,12 +249,16 @@ def _read_cache() -> dict[str, Any]:
 
 
 def _write_cache(key_text: str, result: Calibration) -> None:
-    """Best effort: a read-only home costs a re-measurement next time, never a failed run."""
     entry = {k: v for k, v in asdict(result).items() if k not in ("key", "cached")}
+    _write_entries({**_read_cache(), key_text: entry})
+
+
+def _write_entries(entries: dict[str, Any]) -> None:
+    """Best effort: a read-only home costs a re-measurement next time, never a failed run."""
     try:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(folder / CACHE_FILE, json.dumps({**_read_cache(), key_text: entry}, indent=1))
+        write_text_atomically(folder / CACHE_FILE, json.dumps(entries, indent=1))
     except OSError:
         pass
 

@@ -61,7 +61,7 @@ class RunPlan:
 
     @property
     def val_seconds(self) -> float:
-        return self.val_images / self.calibration.eval_images_per_second
+        return self.val_images / self.calibration.eval_speed
 
     @property
     def epoch_seconds(self) -> float:
@@ -71,7 +71,7 @@ class RunPlan:
     def final_seconds(self) -> float:
         views = TTA_VIEWS[self.tta_level]
         images = self.test_images or self.val_images
-        return images * views / self.calibration.eval_images_per_second + FINAL_OVERHEAD_SECONDS
+        return images * views / self.calibration.eval_speed + FINAL_OVERHEAD_SECONDS
 
     @property
     def total_seconds(self) -> float:
@@ -97,7 +97,8 @@ class RunPlan:
             "precision": self.calibration.precision,
             "channels_last": self.calibration.channels_last,
             "train_images_per_second": self.calibration.train_images_per_second,
-            "eval_images_per_second": self.calibration.eval_images_per_second,
+            "eval_images_per_second": self.calibration.eval_speed,
+            "learned_epochs": self.calibration.learned_epochs,
             "optimizer_seconds": self.calibration.optimizer_seconds,
             "estimated_epoch_seconds": self.epoch_seconds,
             "estimated_total_seconds": self.total_seconds,

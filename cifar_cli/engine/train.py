@@ -13,7 +13,7 @@ from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.engine import distributed, run_state
 from cifar_cli.engine.budget import BudgetKeeper
-from cifar_cli.engine.calibrate import Calibration, calibrate
+from cifar_cli.engine.calibrate import Calibration, calibrate, learn_from_epoch
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
@@ -164,6 +164,7 @@ class Trainer:
                 )
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self._keep_budget(budget, record, self.clock() - started, remaining, logger)
+                self._teach_calibration(record)
             final_metrics = self._finish(logger)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
@@ -175,6 +176,19 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return self._result(final_metrics, resumed_from, stopped_early)
+
+    def _teach_calibration(self, record: dict[str, Any]) -> None:
+        """The epoch's real speed into the calibration cache, for the next run's plan (one process, no compile:
+        their speeds are another machine's, as far as the cache key can tell)."""
+        if (
+            not self.context.is_main
+            or self.context.enabled
+            or self.settings.train.compile
+            or not record["steps"]
+        ):
+            return
+        eval_rate = len(self.loaders.evaluation.labels) / max(record["eval_seconds"], 1e-9)
+        learn_from_epoch(self.run_plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
     def _keep_budget(self, budget: BudgetKeeper, record: dict[str, Any], seconds: float, remaining: RemainingTime,
                      logger: RunLogger | None) -> None:  # fmt: skip
