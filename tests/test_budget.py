@@ -90,11 +90,11 @@ def test_a_stale_slow_calibration_no_longer_ends_the_run_early(
 ) -> None:
     """A cached speed a third of the real one (measured while the machine was busy) plans a third of the steps
     that fit; the run's own epochs correct it, and it ends inside 90-100% of its budget."""
-    from cifar_cli.engine import train as train_module
+    from cifar_cli.engine import plan as plan_module
     from tests.test_plan import fake_calibration
 
     stale = fake_calibration(16.0)  # batch 16: 16 / 16 + 0.5 = 1.5 s per step, against the 0.5 s of the clock
-    monkeypatch.setattr(train_module, "calibrate", lambda *args, **kwargs: stale)
+    monkeypatch.setattr(plan_module, "calibrate", lambda *args, **kwargs: stale)
     trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=10**6, factor=1.0)
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())

@@ -121,7 +121,8 @@ def test_a_budget_run_stores_its_plan_and_ends_in_time(tmp_path: Path, prepared_
     assert plan["budget_seconds"] == 20 and plan["epochs"] == len(result.history) >= 2  # not the 1 asked for
     assert f"epochs: {plan['epochs']}" in stored and f"precision: {plan['precision']}" in stored
     assert "precision: auto" not in stored and "channels_last: auto" not in stored
-    assert result.final_metrics["wall_seconds"] <= 20 * 1.1
+    # Not a timing test (the fake clocks of test_budget.py are): a bound that only a run ignoring its budget breaks.
+    assert result.final_metrics["wall_seconds"] <= 20 * 1.5
     # The same command again resumes with the plan it started with, whatever the machine measures now.
     again = train(settings)
     assert again.resumed_from_epoch == plan["epochs"] and again.plan.epochs == plan["epochs"]

@@ -13,9 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.durations import format_duration
-from cifar_cli.engine.calibrate import Calibration
+from cifar_cli.engine.calibrate import Calibration, calibrate
+from cifar_cli.engine.inference import tta_level
 from cifar_cli.errors import UsageError
+from cifar_cli.settings import Settings
 
 # Narrower networks tried, in order, when one epoch at the recipe's width does not fit the budget.
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25)
@@ -141,6 +146,48 @@ def fit_budget(
         f"(x{plan.width_multiplier:g}) needs about {format_duration(plan.total_seconds)} on this machine.",
         hint="Give a longer --time-budget, or a smaller --batch-size / data set.",
     )
+
+
+def measure_plan(
+    settings: Settings,
+    stored: dict[str, Any] | None,
+    device: torch.device,
+    world_size: int,
+    say: Callable[[str], None],
+    elapsed_seconds: Callable[[], float],
+    images: tuple[int, int, int],
+) -> RunPlan:
+    """The plan of a run from speeds measured here: `images` are (train, per-epoch evaluation, test). A resumed
+    run (`stored`: its checkpoint's settings) keeps its numerics, and a resumed budget run the epochs and width
+    its last plan chose."""
+    train_images, val_images, test_images = images
+    train = settings.train
+    precision, channels_last = train.precision, train.channels_last
+    if stored is not None:  # the same numerics as the epochs before
+        precision = stored["train"]["precision"] if precision == "auto" else precision
+        channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
+
+    def calibrate_at(width: float) -> Calibration:
+        model = settings.model.model_copy(update={"width_multiplier": width})
+        result = calibrate(model, settings.optim, train.batch_size, device, precision, channels_last)
+        say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
+        return result
+
+    steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
+    level, budget = tta_level(train), train.time_budget
+    if budget is not None and stored is None:
+        return fit_budget(
+            budget, elapsed_seconds, calibrate_at, settings.model.width_multiplier, steps, train.batch_size,
+            val_images, level, test_images,
+        )  # fmt: skip
+    epochs, width = train.epochs, settings.model.width_multiplier
+    if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
+        epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
+    calibration = calibrate_at(width)
+    return RunPlan(
+        epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed_seconds(),
+        test_images,
+    )  # fmt: skip
 
 
 class RemainingTime:

@@ -9,19 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 from cifar_cli.data import adopt_prepared, ensure_prepared
-from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.engine import distributed, run_state
 from cifar_cli.engine.budget import BudgetKeeper
-from cifar_cli.engine.calibrate import Calibration, calibrate, learn_from_epoch
+from cifar_cli.engine.calibrate import learn_from_epoch
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.identity import default_run_name, hparams
-from cifar_cli.engine.inference import checkpoint_spec, tta_level
+from cifar_cli.engine.inference import checkpoint_spec
 from cifar_cli.engine.loop import EpochRunner
 from cifar_cli.engine.optim import scheduler_steps_per_batch
-from cifar_cli.engine.plan import RemainingTime, RunPlan, fit_budget
+from cifar_cli.engine.plan import RemainingTime, RunPlan, measure_plan
 from cifar_cli.engine.report import TrainResult, final_evaluation
 from cifar_cli.engine.run_state import BEST_CHECKPOINT, LAST_CHECKPOINT, Progress
 from cifar_cli.engine.setup import (
@@ -246,35 +245,9 @@ class Trainer:
         return plan
 
     def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
-        settings, train = self.settings, self.settings.train
-        stored = self._stored_settings()
-        precision, channels_last = train.precision, train.channels_last
-        if stored is not None:  # the same numerics as the epochs before
-            precision = stored["train"]["precision"] if precision == "auto" else precision
-            channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
-
-        def calibrate_at(width: float) -> Calibration:
-            model = settings.model.model_copy(update={"width_multiplier": width})
-            result = calibrate(model, settings.optim, train.batch_size, self.device, precision, channels_last)
-            self.reporter.message(
-                result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else "")
-            )
-            return result
-
-        steps = training_steps_per_epoch(train_images, train.batch_size, self.context.world_size)
-        level, budget = tta_level(train), train.time_budget
-        if budget is not None and stored is None:
-            return fit_budget(
-                budget, self._elapsed, calibrate_at, settings.model.width_multiplier, steps, train.batch_size,
-                val_images, level, test_images,
-            )  # fmt: skip
-        epochs, width = train.epochs, settings.model.width_multiplier
-        if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
-            epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
-        calibration = calibrate_at(width)
-        return RunPlan(
-            epochs, width, train.batch_size, steps, val_images, level, calibration, budget, self._elapsed(),
-            test_images,
+        return measure_plan(
+            self.settings, self._stored_settings(), self.device, self.context.world_size, self.reporter.message,
+            self._elapsed, (train_images, val_images, test_images),
         )  # fmt: skip
 
     def _elapsed(self) -> float:
