@@ -228,7 +228,6 @@ class RemainingTime:
 
 # Where a re-planned run aims to end, as a share of its budget: inside 90-100% with room for the estimate's error.
 REPLAN_TARGET_SHARE = 0.96
-MIN_LAST_EPOCH_SHARE = 0.25  # a last epoch shorter than this share of a whole one is not worth its evaluation
 
 
 @dataclass(frozen=True)
@@ -264,7 +263,7 @@ def replan(
 ) -> Replan:
     """The epochs left refit to what this run's own epochs measured, so that the run, final evaluation included,
     ends near REPLAN_TARGET_SHARE of its budget. The latest epoch weighs most (a shared machine drifts); the last
-    epoch may be cut short rather than leave a fifth of the budget unused."""
+    epoch may be cut short (to as few as one step) rather than leave part of the budget unused."""
     assert plan.budget_seconds is not None and timings
     weights = [2.0**index for index in range(len(timings))][-3:]  # the last three epochs, newest double
     recent = timings[-len(weights) :]
@@ -280,7 +279,7 @@ def replan(
     more = max(0, math.floor(available / whole_epoch))
     spare_steps = math.floor((available - more * whole_epoch - per_eval) / step)
     last_steps = 0
-    if spare_steps >= MIN_LAST_EPOCH_SHARE * plan.steps_per_epoch:
+    if spare_steps >= 1:  # even a few steps more train longer than stopping now; the budget is the user's
         more, last_steps = more + 1, min(spare_steps, plan.steps_per_epoch)
     last_steps = 0 if last_steps == plan.steps_per_epoch else last_steps
     epochs = epochs_done + more
