@@ -31,8 +31,9 @@ class FakeClock:
 
 
 def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int,
-                factor: float) -> tuple[Trainer, list[float], FakeClock]:  # fmt: skip
+                factor: float, step_cost: float = 0.5) -> tuple[Trainer, list[float], FakeClock]:  # fmt: skip
     clock, rates = FakeClock(), []
+    clock.step_cost = step_cost
     real_step = EpochRunner._step
 
     def timed_step(self, images, targets):  # noqa: ANN001, ANN202
@@ -71,6 +72,21 @@ def test_a_run_refits_its_epochs_when_the_machine_changes_speed(
     assert plan["total_steps"] == clock.steps == trainer.progress.global_step
     stored = (trainer.run_dir / "settings.yaml").read_text()
     assert f"epochs: {plan['epochs']}" in stored
+
+
+def test_a_machine_that_speeds_up_in_the_last_epoch_gets_its_budget_used(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load stops during what the epoch-end re-plans took for the last epoch: its own pace, measured at each
+    refresh point, extends the run (another epoch here) instead of ending it at three quarters of the budget."""
+    trainer, rates, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=44, factor=0.125,
+                                    step_cost=2.0)  # fmt: skip
+    final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    assert any("during_epoch" in entry for entry in plan["replans"])
+    assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rates, rates[1:]))
+    assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_an_epoch_that_would_overrun_the_budget_ends_at_its_deadline(

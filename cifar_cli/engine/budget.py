@@ -9,14 +9,24 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from cifar_cli.engine import distributed
 from cifar_cli.engine.optim import stretch_schedule
-from cifar_cli.engine.plan import FINAL_OVERHEAD_SECONDS, TTA_VIEWS, EpochTiming, RunPlan, replan
+from cifar_cli.engine.plan import (
+    FINAL_OVERHEAD_SECONDS,
+    REPLAN_TARGET_SHARE,
+    TTA_VIEWS,
+    EpochTiming,
+    RunPlan,
+    fit_steps,
+    replan,
+)
 from cifar_cli.engine.setup import Parts
 
 # An epoch cut at its deadline still saves a checkpoint before the final evaluation: the deadline sits this far
 # before the budget's end (seconds, at most this share of the budget), behind where re-plans aim (plan.py).
 DEADLINE_MARGIN_SECONDS = 2.0
 DEADLINE_MARGIN_SHARE = 0.02
+MIN_REFIT_STEPS = 1  # a refit that moves the run's end by fewer steps is not worth a schedule change
 
 
 class BudgetKeeper:
@@ -31,6 +41,7 @@ class BudgetKeeper:
         self.eval_images = eval_images  # scored after each epoch: their timing gives the evaluation's speed
         self.timings: list[EpochTiming] = []
         self.replans: list[dict[str, Any]] = []
+        self._pace_mark = (0, 0.0, 0)  # (epoch, clock, steps done) at the last refresh point
 
     def steps(self, epoch: int) -> int:
         return self.plan.steps_in_epoch(epoch)
@@ -61,7 +72,10 @@ class BudgetKeeper:
             not self.replanning or epochs_done >= self.plan.epochs
         ):  # none left to refit: the run ends as planned
             return None
-        refit = replan(self.plan, self.clock() - self.started, epochs_done, self.timings, self.eval_images)
+        # Rank 0's clock decides for every process of a DDP run: all train the same steps and schedule.
+        refit = distributed.broadcast_from_main(
+            replan(self.plan, self.clock() - self.started, epochs_done, self.timings, self.eval_images)
+        )
         before, after = self.plan, refit.plan
         changed = (after.epochs, after.last_epoch_steps) != (before.epochs, before.last_epoch_steps)
         if changed and not stretch_schedule(parts.scheduler, global_step, after.total_steps):
@@ -76,6 +90,43 @@ class BudgetKeeper:
             "estimated_total_seconds": after.total_seconds,
         })  # fmt: skip
         return refit.describe(before) if changed else None
+
+    def refit_during_epoch(self, epoch: int, steps_done: int, epoch_started: float, global_step: int,
+                           parts: Parts) -> int | None:  # fmt: skip
+        """At a refresh point of epoch `epoch`: the steps left refit to this epoch's own pace (a machine that got
+        faster or slower since the last epoch ended), the schedule stretched to match; returns the epoch's new
+        step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again."""
+        now = self.clock()
+        mark_epoch, mark_clock, mark_steps = self._pace_mark
+        if mark_epoch != epoch:  # the first refresh of this epoch: its pace from its start
+            mark_clock, mark_steps = epoch_started, 0
+        self._pace_mark = (epoch, now, steps_done)
+        if not self.replanning or epoch < self.plan.epochs or not self.timings or steps_done <= mark_steps:
+            return None
+        pace = (now - mark_clock) / (steps_done - mark_steps)  # since the last refresh: a change shows at once
+        last = self.timings[-1]
+        per_eval = last.total_seconds - last.train_seconds
+        available = (
+            self.started
+            + self.plan.budget_seconds * REPLAN_TARGET_SHARE
+            - now
+            - self._measured_final_seconds()
+        )
+        refit = distributed.broadcast_from_main(
+            fit_steps(self.plan, available, epoch, steps_done, pace, per_eval)
+        )
+        if refit is None or abs(refit.total_steps - self.plan.total_steps) < MIN_REFIT_STEPS:
+            return None
+        if not stretch_schedule(parts.scheduler, global_step, refit.total_steps):
+            self.replanning = False
+            return None
+        self.plan = refit
+        parts.total_steps = refit.total_steps
+        self.replans.append({"during_epoch": epoch, "at_step": steps_done, "epochs": refit.epochs,
+                             "last_epoch_steps": refit.last_epoch_steps or refit.steps_per_epoch,
+                             "total_steps": refit.total_steps, "measured_step_seconds": pace,
+                             "elapsed_seconds": now - self.started})  # fmt: skip
+        return refit.steps_in_epoch(epoch) if epoch == refit.epochs else refit.steps_per_epoch
 
     def _stopped(self, record: dict[str, Any], epochs_done: int) -> str:
         """The deadline ended the epoch in progress: the run ends here, as recorded in plan.json."""

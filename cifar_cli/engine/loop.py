@@ -56,16 +56,18 @@ class EpochRunner:
         remaining: RemainingTime,
         steps: int | None = None,
         deadline: float | None = None,
+        refit: Callable[[int], int | None] | None = None,
     ) -> dict[str, Any]:
         """Train and evaluate epoch `progress.epoch + 1`, `steps` steps of it (default: all); advances
         `progress.global_step`. Past `deadline` (on `clock`), the epoch ends early, so that a run whose machine
-        slowed down still ends inside its time budget with a saved, evaluated model."""
+        slowed down still ends inside its time budget with a saved, evaluated model; `refit` may move the
+        epoch's end as it goes (see `_train`)."""
         epoch = progress.epoch + 1
         steps = min(steps or len(self.loaders.train), len(self.loaders.train))
         self.reporter.start_epoch(epoch, self.settings.train.epochs, steps)
         remaining.start_epoch()
         started = self.clock()
-        train_stats, steps_done = self._train(progress, remaining, steps, deadline)
+        train_stats, steps_done, steps = self._train(progress, remaining, steps, deadline, refit)
         seconds = self.clock() - started
         evaluated = predict(
             self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0
@@ -92,8 +94,15 @@ class EpochRunner:
         }
 
     def _train(
-        self, progress: Progress, remaining: RemainingTime, steps: int, deadline: float | None
-    ) -> tuple[dict[str, float], int]:
+        self,
+        progress: Progress,
+        remaining: RemainingTime,
+        steps: int,
+        deadline: float | None,
+        refit: Callable[[int], int | None] | None,
+    ) -> tuple[dict[str, float], int, int]:
+        """The epoch's steps; `refit(steps done)` may move its end at each refresh point (a time budget).
+        Returns the statistics, the steps done and the steps the epoch was to have."""
         parts, loader = self.parts, self.loaders.train
         loader.set_epoch(progress.epoch)
         if hasattr(parts.model, "whiten_bias_trainable"):
@@ -121,6 +130,8 @@ class EpochRunner:
             if batch_index % refresh_every == 0 or batch_index == steps:
                 self._check_finite(loss_sum, progress.epoch + 1, batch_index)
                 self._report_batch(batch_index, loss_sum, correct, started, remaining)
+                if refit is not None and (new_steps := refit(batch_index)) is not None:
+                    steps = max(batch_index, min(new_steps, len(loader)))
                 if batch_index < steps and self._past(deadline, batch_index):
                     break
             if batch_index == steps:
@@ -131,7 +142,7 @@ class EpochRunner:
         computed = {key: float(value) for key, value in metrics.compute().items()}
         if parts.lookahead is not None and progress.epoch + 1 == self.settings.train.epochs:
             parts.lookahead.finish(parts.model)  # the last epoch ends on the averaged weights
-        return {"loss": float(totals[0] / totals[1]), **computed}, batch_index
+        return {"loss": float(totals[0] / totals[1]), **computed}, batch_index, steps
 
     def _past(self, deadline: float | None, batches: int) -> bool:
         """Whether the next batch would end past `deadline`, at the pace of the batches since the last check.

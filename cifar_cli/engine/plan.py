@@ -291,3 +291,30 @@ def replan(
         "remaining_seconds": more * whole_epoch - cut + final,
     })  # fmt: skip
     return Replan(refit, step, plan.batch_size / step)
+
+
+def fit_steps(
+    plan: RunPlan,
+    available_seconds: float,
+    epochs_begun: int,
+    steps_into_epoch: int,
+    pace: float,
+    per_eval: float,
+) -> RunPlan | None:
+    """During epoch `epochs_begun`, `steps_into_epoch` steps in: the most further steps that fit
+    `available_seconds` at `pace` seconds a step, each epoch end costing `per_eval`; the plan that trains them
+    (its epochs and its last epoch's steps), or None where not even the epoch in progress can go on."""
+    left_in_epoch = plan.steps_per_epoch - steps_into_epoch
+    best: tuple[int, int] | None = None  # (further steps, further epochs)
+    for extra_epochs in range(0, 1000):
+        room = available_seconds - (1 + extra_epochs) * per_eval
+        steps = min(math.floor(room / pace), left_in_epoch + extra_epochs * plan.steps_per_epoch)
+        if steps < 0 or (extra_epochs and steps <= left_in_epoch + (extra_epochs - 1) * plan.steps_per_epoch):
+            break  # another epoch's evaluation would leave no step for it
+        best = (steps, extra_epochs)
+    if best is None:
+        return None
+    steps, extra_epochs = best
+    last = steps_into_epoch + steps - extra_epochs * plan.steps_per_epoch
+    last = 0 if last >= plan.steps_per_epoch else last
+    return RunPlan(**{**plan.__dict__, "epochs": epochs_begun + extra_epochs, "last_epoch_steps": last})

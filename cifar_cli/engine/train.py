@@ -158,9 +158,18 @@ class Trainer:
         try:
             while self.progress.epoch < self.settings.train.epochs and not stopped_early:
                 started = self.clock()
-                record = runner.run(
-                    self.progress, remaining, budget.steps(self.progress.epoch + 1), budget.deadline()
-                )
+                epoch = self.progress.epoch + 1
+
+                def refit(done: int, epoch: int = epoch, started: float = started) -> int | None:
+                    steps = budget.refit_during_epoch(
+                        epoch, done, started, self.progress.global_step, self.parts
+                    )
+                    self.settings.train.epochs = (
+                        budget.plan.epochs
+                    )  # the loop, the display and lookahead follow
+                    return steps
+
+                record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self._keep_budget(budget, record, self.clock() - started, remaining, logger)
                 self._teach_calibration(record)
