@@ -248,7 +248,8 @@ class Replan:
 
     def describe(self, before: RunPlan) -> str:
         def length(plan: RunPlan) -> str:
-            cut = f" (the last cut to {plan.last_epoch_steps} steps)" if plan.last_epoch_steps else ""
+            steps = plan.last_epoch_steps
+            cut = f" (the last cut to {steps} step{'s' if steps != 1 else ''})" if steps else ""
             return f"{plan.epochs} epochs{cut}"
 
         return (
