@@ -26,6 +26,7 @@ from cifar_cli.engine.setup import Parts
 # before the budget's end (seconds, at most this share of the budget), behind where re-plans aim (plan.py).
 DEADLINE_MARGIN_SECONDS = 2.0
 DEADLINE_MARGIN_SHARE = 0.02
+PACE_WINDOW = 3  # refresh intervals an in-epoch pace is measured over
 MIN_REFIT_STEPS = 1  # a refit that moves the run's end by fewer steps is not worth a schedule change
 
 
@@ -41,7 +42,10 @@ class BudgetKeeper:
         self.eval_images = eval_images  # scored after each epoch: their timing gives the evaluation's speed
         self.timings: list[EpochTiming] = []
         self.replans: list[dict[str, Any]] = []
-        self._pace_mark = (0, 0.0, 0)  # (epoch, clock, steps done) at the last refresh point
+        self._pace_epoch, self._pace_marks = (
+            0,
+            [(0.0, 0)],
+        )  # (clock, steps done) at this epoch's last refreshes
 
     def steps(self, epoch: int) -> int:
         return self.plan.steps_in_epoch(epoch)
@@ -97,21 +101,19 @@ class BudgetKeeper:
         faster or slower since the last epoch ended), the schedule stretched to match; returns the epoch's new
         step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again."""
         now = self.clock()
-        mark_epoch, mark_clock, mark_steps = self._pace_mark
-        if mark_epoch != epoch:  # the first refresh of this epoch: its pace from its start
-            mark_clock, mark_steps = epoch_started, 0
-        self._pace_mark = (epoch, now, steps_done)
+        marks = self._pace_marks if self._pace_epoch == epoch else [(epoch_started, 0)]
+        self._pace_epoch, self._pace_marks = epoch, [*marks, (now, steps_done)][-PACE_WINDOW - 1 :]
+        mark_clock, mark_steps = self._pace_marks[0]
         if not self.replanning or epoch < self.plan.epochs or not self.timings or steps_done <= mark_steps:
             return None
-        pace = (now - mark_clock) / (steps_done - mark_steps)  # since the last refresh: a change shows at once
+        # The pace of the last few refresh intervals: a change shows within them, one slow step does not rule.
+        pace = (now - mark_clock) / (steps_done - mark_steps)
         last = self.timings[-1]
-        per_eval = last.total_seconds - last.train_seconds
-        available = (
-            self.started
-            + self.plan.budget_seconds * REPLAN_TARGET_SHARE
-            - now
-            - self._measured_final_seconds()
-        )
+        # Evaluation costs scale with the machine's speed as the steps do (a load that stopped speeds up both).
+        speed_change = pace / max(last.train_seconds / max(last.steps, 1), 1e-9)
+        per_eval = (last.total_seconds - last.train_seconds) * speed_change
+        final = self._measured_final_seconds() * speed_change
+        available = self.started + self.plan.budget_seconds * REPLAN_TARGET_SHARE - now - final
         refit = distributed.broadcast_from_main(
             fit_steps(self.plan, available, epoch, steps_done, pace, per_eval)
         )
