@@ -107,19 +107,25 @@ def remove_stale_temporaries(path: Path) -> None:
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Ctrl-C waits until the block is done (it is delivered right after): a checkpoint and the note of which epoch
-    it holds are written together. POSIX main thread only; elsewhere the block runs as it is."""
+    """Ctrl-C waits until the block is done, then takes effect as it would have (a checkpoint and the note of which
+    epoch it holds are written together). A Python-level handler, not a signal mask: a mask holds for one thread
+    only, and torch's worker threads would take the signal. Main thread only; elsewhere the block runs as it is."""
     import signal
     import threading
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(
+                signal.SIGINT
+            )  # now handled as before the block: KeyboardInterrupt by default
 
 
 @contextlib.contextmanager

@@ -238,3 +238,23 @@ def test_flags_with_wrong_values_exit_2(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+
+
+def test_ctrl_c_during_a_checkpoint_save_waits_for_it(tmp_path: Path) -> None:
+    """SIGINT sent while a save runs (from another thread, as torch's threads can take it) lands after the block:
+    the checkpoint and the note of the epoch it holds are written together, then KeyboardInterrupt as usual."""
+    import threading
+
+    from cifar_cli.files import sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            sender = threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGINT))
+            sender.start()
+            sender.join()
+            time.sleep(0.05)  # Python would run the handler here, between bytecodes, without the deferral
+            done.append("saved")
+            done.append("noted")
+    assert done == ["saved", "noted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -84,9 +84,9 @@ class Trainer:
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
         self.progress = Progress()
-        self.saved_epoch = (
-            0  # the epoch last.pth holds: an interrupt between epoch and save must not say more
-        )
+        # The epoch last.pth holds (an interrupt between an epoch and its save must not claim more), and the
+        # seconds the last epoch's checkpoints and logs took.
+        self.saved_epoch, self.save_seconds = 0, 0.0
         self._last_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ the run
@@ -170,8 +170,14 @@ class Trainer:
                     return steps
 
                 record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
+                # The plan first, so that this epoch's checkpoint holds the epochs now planned; the epoch's time
+                # counts the previous epoch's checkpoint and logs in place of its own, still to come.
+                self._keep_budget(
+                    budget, record, self.clock() - started + self.save_seconds, remaining, logger
+                )
+                saving = self.clock()
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
-                self._keep_budget(budget, record, self.clock() - started, remaining, logger)
+                self.save_seconds = self.clock() - saving
                 self._teach_calibration(record)
             final_metrics = self._finish(logger)
         except KeyboardInterrupt:
@@ -201,9 +207,7 @@ class Trainer:
     def _keep_budget(self, budget: BudgetKeeper, record: dict[str, Any], seconds: float, remaining: RemainingTime,
                      logger: RunLogger | None) -> None:  # fmt: skip
         """The epochs left refit to the measured speed (budget runs); the plan everything else reads follows."""
-        message = budget.after_epoch(
-            record, seconds, self.progress.epoch, self.progress.global_step, self.parts
-        )
+        message = budget.after_epoch(record, seconds, record["epoch"], self.progress.global_step, self.parts)
         if budget.plan is not self.run_plan:
             self.run_plan = remaining.plan = budget.plan
             self.settings.train.epochs = budget.plan.epochs
