@@ -12,9 +12,7 @@ from typing import Any
 from cifar_cli.engine import distributed
 from cifar_cli.engine.optim import stretch_schedule
 from cifar_cli.engine.plan import (
-    FINAL_OVERHEAD_SECONDS,
     REPLAN_TARGET_SHARE,
-    TTA_VIEWS,
     EpochTiming,
     RunPlan,
     fit_steps,
@@ -59,10 +57,7 @@ class BudgetKeeper:
         return self.started + self.plan.budget_seconds - final - margin
 
     def _measured_final_seconds(self) -> float:
-        last = self.timings[-1]
-        rate = self.eval_images / max(last.eval_seconds, 1e-6)
-        images = self.plan.test_images or self.plan.val_images
-        return images * TTA_VIEWS[self.plan.tta_level] / rate + FINAL_OVERHEAD_SECONDS
+        return self.plan.final_seconds_at(self.eval_images / max(self.timings[-1].eval_seconds, 1e-6))
 
     def after_epoch(self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int,
                     parts: Parts) -> str | None:  # fmt: skip

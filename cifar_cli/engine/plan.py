@@ -74,9 +74,12 @@ class RunPlan:
 
     @property
     def final_seconds(self) -> float:
-        views = TTA_VIEWS[self.tta_level]
+        return self.final_seconds_at(self.calibration.eval_speed)
+
+    def final_seconds_at(self, eval_images_per_second: float) -> float:
+        """The final evaluation (every test-time augmentation view) at this evaluation speed, in seconds."""
         images = self.test_images or self.val_images
-        return images * views / self.calibration.eval_speed + FINAL_OVERHEAD_SECONDS
+        return images * TTA_VIEWS[self.tta_level] / eval_images_per_second + FINAL_OVERHEAD_SECONDS
 
     @property
     def total_seconds(self) -> float:
@@ -273,8 +276,7 @@ def replan(
     eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(
         weights
     )
-    views = TTA_VIEWS[plan.tta_level]
-    final = (plan.test_images or plan.val_images) * views / eval_rate + FINAL_OVERHEAD_SECONDS
+    final = plan.final_seconds_at(eval_rate)
     available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
     whole_epoch = plan.steps_per_epoch * step + per_eval
     more = max(0, math.floor(available / whole_epoch))
