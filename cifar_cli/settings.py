@@ -21,7 +21,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from cifar_cli.durations import parse_duration
 from cifar_cli.errors import SettingsError, UsageError
-from cifar_cli.yaml_files import load_bounded_yaml, parse_yaml, read_yaml_file
+from cifar_cli.set_options import deep_merge, parse_set_options, set_dotted  # noqa: F401  (part of this API)
+from cifar_cli.yaml_files import parse_yaml, read_yaml_file
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -200,6 +201,14 @@ class TrainSettings(_Section):
         True,
         description="CPU runs on Linux: malloc reuses freed memory instead of unmapping it (engine/memory.py)",
     )
+    # Fine-tuning (engine/finetune.py): the weights of a trained checkpoint to start from (a new head where its
+    # classes differ from the data's), and the first epochs that train only the head.
+    init_from: Path | None = None
+    freeze_epochs: int = Field(0, ge=0, description="with init_from: epochs that train the head only")
+    # Imbalanced classes: weights in the loss (auto: inverse class frequency), or batches that draw every class
+    # equally often (with replacement).
+    class_weights: Literal["none", "auto"] = "none"
+    balanced_sampler: bool = False
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 
@@ -301,6 +310,13 @@ def check_recipe(settings: Settings) -> Settings:
               "0")],
             hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
         )  # fmt: skip
+    train = settings.train
+    if train.freeze_epochs and train.init_from is None:
+        raise SettingsError(
+            "Nothing to freeze.",
+            [("train.freeze_epochs", "needs train.init_from (--init-from): only loaded weights are frozen",
+              str(train.freeze_epochs))],
+        )  # fmt: skip
     return settings
 
 
@@ -339,43 +355,6 @@ def read_preset(name: str) -> dict[str, Any]:
         )
     text = (resources.files("cifar_cli") / "presets" / f"{name}.yaml").read_text()
     return parse_yaml(text, f"preset {name}")
-
-
-def parse_set_options(assignments: list[str]) -> dict[str, Any]:
-    """Turn `["optim.lr=0.1", "train.augment.flip=false"]` into a nested dict; values are read as YAML scalars."""
-    nested: dict[str, Any] = {}
-    for assignment in assignments:
-        key, sep, raw_value = assignment.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError("Bad --set option.", [("--set", "expected dotted.key=value", assignment)])
-        try:
-            value = load_bounded_yaml(raw_value, f"--set {key.strip()}") if raw_value.strip() else ""
-        except yaml.YAMLError:
-            value = raw_value
-        set_dotted(nested, key.strip(), value)
-    return nested
-
-
-def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
-    *parents, leaf = dotted_key.split(".")
-    for part in parents:
-        child = target.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SettingsError(
-                "Conflicting settings.", [(dotted_key, "parent is not a section", str(child))]
-            )
-        target = child
-    target[leaf] = value
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

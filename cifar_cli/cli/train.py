@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -180,6 +181,43 @@ def train(
             rich_help_panel=RECIPE,
         ),
         Sets("train.time_budget"),
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Fine-tune: start from this checkpoint's weights (same model; a new head where the classes "
+            "differ).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.init_from"),
+    ] = None,
+    freeze_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--freeze-epochs",
+            help="With --init-from: epochs that train the head only.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.freeze_epochs"),
+    ] = None,
+    class_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--class-weights",
+            help="none, or auto: the loss weights each class by its inverse frequency (imbalanced data).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.class_weights"),
+    ] = None,
+    balanced_sampler: Annotated[
+        bool | None,
+        typer.Option(
+            "--balanced-sampler",
+            help="Batches draw every class equally often (with replacement).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.balanced_sampler"),
     ] = None,
     dry_run: Annotated[
         bool,

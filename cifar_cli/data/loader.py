@@ -120,6 +120,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool | None = None,
+        balanced: bool = False,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
@@ -132,6 +133,7 @@ class BatchLoader:
             (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
         )
         self.epoch = 0
+        self.balanced = balanced  # training order: each class drawn equally often, with replacement
         # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
         first_flip = torch.Generator().manual_seed(seed + 12_345)
         self.even_epoch_flip = (torch.rand(len(labels), generator=first_flip) < 0.5).to(images.device)
@@ -151,7 +153,10 @@ class BatchLoader:
         if not self.train:
             return torch.arange(len(self.labels))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.labels), generator=generator)
+        if self.balanced:
+            order = balanced_draw(self.labels.cpu(), generator)
+        else:
+            order = torch.randperm(len(self.labels), generator=generator)
         per_rank = self.samples_per_rank
         return order[self.rank * per_rank : (self.rank + 1) * per_rank]
 
@@ -171,6 +176,15 @@ class BatchLoader:
                 )
                 images = augment_batch(images, self.augment, generator, flip)
             yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
+
+
+def balanced_draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """As many indices as there are labels, drawn with replacement so that every class present is equally likely:
+    an epoch of an imbalanced split sees each class about equally often (rare images repeat, common ones are
+    skipped), as torch's WeightedRandomSampler with inverse-frequency weights."""
+    counts = torch.bincount(labels)
+    weights = 1.0 / counts[labels].double()
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
 
 
 def training_steps_per_epoch(images: int, batch_size: int, world_size: int = 1) -> int:

@@ -107,6 +107,8 @@ class EpochRunner:
         loader.set_epoch(progress.epoch)
         if hasattr(parts.model, "whiten_bias_trainable"):
             parts.model.whiten_bias_trainable = progress.epoch < self.settings.model.whiten_bias_epochs
+        if parts.freezer is not None:
+            parts.freezer.set_epoch(progress.epoch)
         parts.train_model.train()
         metrics = epoch_metrics(self.spec.num_classes, self.device)
         loss_sum = torch.zeros((), device=self.device)
@@ -162,6 +164,8 @@ class EpochRunner:
             parts.train_model, images, targets, parts.criterion, self.precision, parts.scaler,
             self.settings.train.micro_batch_size,
         )  # fmt: skip
+        if parts.freezer is not None:
+            parts.freezer.after_backward()
         if self.settings.optim.grad_clip:
             parts.scaler.unscale_(parts.optimizer)
             nn.utils.clip_grad_norm_(parts.model.parameters(), self.settings.optim.grad_clip)

@@ -60,6 +60,7 @@ def checkpoint_state(
         "class_names": list(spec.class_names),
         "data_spec": spec.to_dict(),
         "run_name": run_name,
+        "started_from": parts.started_from,
     }
 
 
@@ -83,6 +84,7 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
     if parts.lookahead is not None and state.get("lookahead_state"):
         parts.lookahead.load_state_dict(state["lookahead_state"])
     restore_rng_states(state["rng"])
+    parts.started_from = state.get("started_from")
     epoch = state["epoch"]
     return Progress(
         epoch, state["global_step"], list(state["history"])[:epoch], state.get("best_metric"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.engine.device import Precision, resolve_device
 from cifar_cli.engine.distributed import DistContext
+from cifar_cli.engine.finetune import BodyFreezer, Source, load_weights
 from cifar_cli.engine.lookahead import Lookahead
 from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.optim import Scheduler, build_optimizer, build_scheduler
@@ -119,6 +121,7 @@ def build_loaders(
         images.to(device), labels.to(device), train.batch_size, train=True, spec=spec,
         augment=Augment(**train.augment.model_dump()), seed=train.seed, dtype=input_dtype,
         channels_last=train.channels_last, rank=context.rank, world_size=context.world_size,
+        balanced=train.balanced_sampler,
     )  # fmt: skip
     if len(training) == 0:
         raise UsageError("No training batches: the training split is smaller than one batch per process.")
@@ -146,6 +149,8 @@ class Parts:
     criterion: nn.Module
     lookahead: Lookahead | None
     total_steps: int
+    started_from: dict[str, Any] | None = None  # the checkpoint a fine-tuning run started from (finetune.py)
+    freezer: BodyFreezer | None = None
 
 
 def build_parts(
@@ -155,10 +160,15 @@ def build_parts(
     device: torch.device,
     precision: Precision,
     context: DistContext,
+    source: Source | None = None,
 ) -> Parts:
+    """The model (initialised from `source`'s weights where a run fine-tunes), its optimiser and the rest."""
     model = build_model(settings.model.name, settings.model.width_multiplier, spec.num_classes)
     init_from_data = getattr(model, "init_from_data", None)
-    if init_from_data is not None:
+    started_from = None
+    if source is not None:  # before the optimiser and lookahead copy anything
+        started_from = load_weights(model, source, spec.class_names)
+    elif init_from_data is not None:
         sample = loader.images[: min(WHITENING_SAMPLE, len(loader.images))].cpu()
         init_from_data(normalize(sample, torch.float32, False, spec))  # fp32, outside autocast
     memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
@@ -177,10 +187,23 @@ def build_parts(
         )
     if settings.train.compile:
         train_model = torch.compile(train_model)
+    frozen_epochs = settings.train.freeze_epochs if settings.train.init_from is not None else 0
+    freezer = BodyFreezer(model, frozen_epochs, context.enabled) if frozen_epochs else None
     return Parts(
         model, train_model, optimizer, scheduler,
         torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler),
-        nn.CrossEntropyLoss(label_smoothing=settings.optim.label_smoothing),
+        nn.CrossEntropyLoss(weight=class_weights(settings.train, loader.labels, spec.num_classes),
+                            label_smoothing=settings.optim.label_smoothing),
         Lookahead(model) if settings.train.lookahead else None,
-        settings.train.epochs * len(loader),
+        settings.train.epochs * len(loader), started_from, freezer,
     )  # fmt: skip
+
+
+def class_weights(train: TrainSettings, labels: torch.Tensor, classes: int) -> torch.Tensor | None:
+    """`auto`: each class weighted by the inverse of its share of the training split, scaled so that a balanced
+    split gets weight 1 everywhere (N / (classes x count)); a class with no images gets 0. None: unweighted."""
+    if train.class_weights == "none":
+        return None
+    counts = torch.bincount(labels.cpu(), minlength=classes).double()
+    weights = torch.where(counts > 0, len(labels) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float().to(labels.device)

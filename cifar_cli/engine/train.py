@@ -16,6 +16,7 @@ from cifar_cli.engine.calibrate import learn_from_epoch
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
+from cifar_cli.engine.finetune import check_fits, describe_start, read_source
 from cifar_cli.engine.identity import default_run_name, hparams
 from cifar_cli.engine.inference import checkpoint_spec
 from cifar_cli.engine.loop import EpochRunner
@@ -71,6 +72,8 @@ class Trainer:
         self.settings.data = adopt_prepared(
             self.settings.data
         )  # which data is prepared is part of the recipe
+        if self.settings.train.init_from is not None:
+            self.settings.train.init_from = self.settings.train.init_from.absolute()
         for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
             setattr(
                 getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute()
@@ -110,15 +113,28 @@ class Trainer:
         resuming = self._should_resume()
         if resuming:
             run_state.check_same_recipe(self._last_checkpoint()["settings"], self.settings, self.run_name)
+        # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
+        init_from = self.settings.train.init_from
+        self.source = None if resuming or init_from is None else read_source(init_from)
         splits = self._load_data()
+        if self.source is not None:
+            check_fits(self.source, self.settings.model, self.spec.class_names)
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
         self.loaders: Loaders = build_loaders(
             splits, self.settings.train, self.spec, self.precision, self.device, self.context
         )
         started = synchronised_clock(self.device)
         self.parts: Parts = build_parts(
-            self.settings, self.spec, self.loaders.train, self.device, self.precision, self.context
+            self.settings,
+            self.spec,
+            self.loaders.train,
+            self.device,
+            self.precision,
+            self.context,
+            self.source,
         )
+        if self.parts.started_from is not None:
+            self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
         self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
             self.progress = run_state.restore(self.parts, self._last_checkpoint())
@@ -227,7 +243,11 @@ class Trainer:
     def _load_data(self) -> Splits:
         """Training images, the validation split held out of them (when the recipe has one) and the test split."""
         ensure_prepared(self.settings.data, self.reporter.message)
-        trained = checkpoint_spec(self._last_checkpoint()) if self._should_resume() else None
+        trained = (
+            checkpoint_spec(self._last_checkpoint())
+            if self._should_resume()
+            else (self.source.spec if self.source is not None else None)
+        )  # the input statistics the weights were trained with
         self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
         splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
         self.epoch_split = splits.epoch_split
