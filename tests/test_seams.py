@@ -156,8 +156,8 @@ def test_predict_reads_an_onnx_export(trained_elsewhere: Path, tmp_path: Path) -
     assert invoke("export", str(trained_elsewhere), "--out", str(onnx), "--batch", "4").exit_code == 0
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
-    from_onnx = invoke("predict", str(onnx), str(image), "--json")
-    from_checkpoint = invoke("predict", str(trained_elsewhere), str(image), "--json", "--device", "cpu")
+    from_onnx = invoke("predict", str(onnx), str(image), "--json", "-")
+    from_checkpoint = invoke("predict", str(trained_elsewhere), str(image), "--json", "-", "--device", "cpu")
     assert from_onnx.exit_code == 0 and from_checkpoint.exit_code == 0, from_onnx.output
     [onnx_top], [checkpoint_top] = json.loads(from_onnx.output), json.loads(from_checkpoint.output)
     assert [t["class"] for t in onnx_top["top"]] == [t["class"] for t in checkpoint_top["top"]]

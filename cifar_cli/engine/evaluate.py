@@ -12,8 +12,9 @@ from torch import nn
 
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.images import load_image
-from cifar_cli.data.loader import BatchLoader, normalize, stratified_split
+from cifar_cli.data.loader import BatchLoader, stratified_split
 from cifar_cli.data.prepare import load_cache
+from cifar_cli.engine.classify import load_classifier, top_classes
 from cifar_cli.engine.device import resolve_device, resolve_precision
 from cifar_cli.engine.exported import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
 from cifar_cli.engine.inference import (
@@ -22,7 +23,6 @@ from cifar_cli.engine.inference import (
     load_model,
     predict,
     tta_level,
-    tta_logits,
 )
 from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.engine.metrics import ClassificationReport, classification_report
@@ -165,34 +165,8 @@ def _check_tta(tta: bool | None, contract: dict[str, Any]) -> None:
 def predict_images(
     checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto"
 ) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image file (a checkpoint, or an exported .onnx / .pt2)."""
-    if checkpoint.suffix in EXPORTED_SUFFIXES:
-        exported = load_exported(checkpoint)
-        class_names = exported.contract["class_names"]
-        size = int(exported.contract["input"]["shape"][-1])
-        pixels = torch.stack([load_image(path, size) for path in paths]).float() / 255
-        logits = run_batches(exported.run, pixels, fixed_batch(exported.contract))
-        probabilities = torch.softmax(logits, dim=1)
-    else:
-        device = resolve_device(device_name)
-        loaded = load_model(checkpoint, device)
-        class_names = list(loaded.spec.class_names)
-        images = torch.stack([load_image(path, loaded.spec.image_size) for path in paths]).to(device)
-        precision = resolve_precision(loaded.train_settings.precision, device)
-        batch = normalize(
-            images,
-            precision.autocast_dtype or torch.float32,
-            loaded.train_settings.channels_last,
-            loaded.spec,
-        )
-        level = tta_level(loaded.train_settings)
-        with torch.no_grad(), precision.autocast(device):
-            probabilities = torch.softmax(tta_logits(loaded.model, batch, level).float(), dim=1).cpu()
-    top = probabilities.topk(min(top_k, len(class_names)), dim=1)
-    return [
-        {
-            "image": str(path),
-            "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(values, indices)],
-        }
-        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
-    ]
+    """Top-k classes with probabilities for each image file (a checkpoint, or an exported .onnx / .pt2); an
+    unreadable file raises (`engine/classify.py` skips them instead)."""
+    classifier = load_classifier(checkpoint, device_name)
+    images = torch.stack([load_image(path, classifier.image_size) for path in paths])
+    return top_classes(paths, classifier.probabilities(images), classifier.class_names, top_k)
