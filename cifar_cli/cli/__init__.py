@@ -12,6 +12,7 @@ import typer
 
 from cifar_cli import __version__
 from cifar_cli.cli.bench import bench
+from cifar_cli.cli.calibrate import calibrate
 from cifar_cli.cli.common import console
 from cifar_cli.cli.config import config_app
 from cifar_cli.cli.download import download
@@ -36,6 +37,7 @@ COMMANDS = {
     "train": train,
     "evaluate": evaluate,
     "predict": predict,
+    "calibrate": calibrate,
     "export": export_model,
     "runs": runs,
     "sweep": sweep,

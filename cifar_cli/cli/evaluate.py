@@ -85,6 +85,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     summary = Table("metric", "value")
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         summary.add_row(key.replace("_", " "), f"{metrics[key]:.2%}")
+    summary.add_row("calibration error (ECE)", f"{metrics['ece']:.2%}")
+    if metrics.get("temperature"):
+        summary.add_row(
+            f"ECE at temperature {metrics['temperature']:.3f}", f"{metrics['ece_calibrated']:.2%}"
+        )
     console.print(summary)
     names = metrics["class_names"]
     many = len(names) > TABLE_CLASSES

@@ -69,4 +69,10 @@ def export_model(
             f"(TTA level {result.contract['tta_level']}).\n"
             f"Input: {result.contract['input']['name']}, float32 N x 3 x {size} x {size} RGB in [0, 1] "
             "(pixels / 255), normalisation inside; output: logits."
+            + (
+                f" Calibrated probabilities: softmax(logits / {result.contract['temperature']['value']:.4f}) (the "
+                "temperature is in the contract; cifar predict applies it)."
+                if result.contract.get("temperature")
+                else ""
+            )
         )

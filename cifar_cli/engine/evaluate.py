@@ -14,7 +14,7 @@ from cifar_cli.data import ensure_prepared
 from cifar_cli.data.images import load_image
 from cifar_cli.data.loader import BatchLoader, stratified_split
 from cifar_cli.data.prepare import load_cache
-from cifar_cli.engine.classify import load_classifier, top_classes
+from cifar_cli.engine.classify import load_classifier, stored_temperature, top_classes
 from cifar_cli.engine.device import resolve_device, resolve_precision
 from cifar_cli.engine.exported import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
 from cifar_cli.engine.inference import (
@@ -25,7 +25,7 @@ from cifar_cli.engine.inference import (
     tta_level,
 )
 from cifar_cli.engine.memory import keep_freed_memory
-from cifar_cli.engine.metrics import ClassificationReport, classification_report
+from cifar_cli.engine.metrics import ClassificationReport, classification_report, expected_calibration_error
 from cifar_cli.errors import UsageError
 from cifar_cli.settings import DataSettings
 
@@ -76,6 +76,22 @@ class Evaluation:
     images: torch.Tensor  # uint8 N x 3 x 32 x 32, on the CPU
     targets: torch.Tensor  # int64 N
     predicted: torch.Tensor  # int64 N
+    logits: torch.Tensor  # float32 N x classes (the TTA the metrics name), not divided by any temperature
+    temperature: float  # the checkpoint's (`cifar calibrate`), 1 where it has none
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """Calibrated by the stored temperature."""
+        return torch.softmax(self.logits / self.temperature, dim=1)
+
+
+def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict[str, Any]:
+    """The expected calibration error of the softmax probabilities, and after the stored temperature (if any)."""
+    ece = expected_calibration_error(torch.softmax(logits.double(), dim=1), targets)
+    if temperature == 1.0:
+        return {"ece": ece, "temperature": None}
+    scaled = expected_calibration_error(torch.softmax(logits.double() / temperature, dim=1), targets)
+    return {"ece": ece, "temperature": temperature, "ece_calibrated": scaled}
 
 
 def evaluate_checkpoint(
@@ -131,8 +147,13 @@ def run_evaluation(
         model=loaded.state["model_name"],
         epoch=loaded.state["epoch"],
         class_names=class_names,
+        **calibration_metrics(
+            predictions.logits, predictions.targets, temperature := stored_temperature(loaded.state)
+        ),
     )
-    return Evaluation(metrics, images, predictions.targets, predictions.predicted)
+    return Evaluation(
+        metrics, images, predictions.targets, predictions.predicted, predictions.logits, temperature
+    )
 
 
 def _evaluate_exported(
@@ -150,8 +171,9 @@ def _evaluate_exported(
     metrics = report_to_json(
         report, checkpoint=str(path), split=split, tta=bool(contract["tta_level"]), loss=predictions.loss,
         model=contract["model"], epoch=contract["epoch"], class_names=contract["class_names"],
+        **calibration_metrics(logits, labels, temperature := stored_temperature(contract)),
     )  # fmt: skip
-    return Evaluation(metrics, images, labels, predictions.predicted)
+    return Evaluation(metrics, images, labels, predictions.predicted, logits, temperature)
 
 
 def _check_tta(tta: bool | None, contract: dict[str, Any]) -> None:

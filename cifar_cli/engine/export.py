@@ -118,7 +118,10 @@ def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: floa
         "input": {"name": INPUT_NAME, "shape": [batch or "N", 3, size, size], "dtype": "float32",
                   "layout": "NCHW, RGB", "range": [0.0, 1.0], "meaning": "uint8 pixels / 255"},
         "normalisation_inside": True,
-        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", spec.num_classes], "meaning": "logits"},
+        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", spec.num_classes], "meaning": "logits" + (
+            "; softmax(logits / temperature.value) are the calibrated probabilities"
+            if loaded.state.get("temperature") else "")},
+        "temperature": loaded.state.get("temperature"),  # `cifar calibrate`'s, fitted on the validation split
         "tta_level": tta,
         "class_names": list(spec.class_names),
         "normalisation": {"mean": list(spec.mean), "std": list(spec.std)},

@@ -1,4 +1,5 @@
-"""Classification metrics (torchmetrics): accuracy, macro precision / recall / F1, per class, confusion matrix."""
+"""Classification metrics (torchmetrics): accuracy, macro precision / recall / F1, per class, confusion matrix; and
+the calibration of the probabilities (expected calibration error, reliability bins)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,35 @@ def most_confused(
     ]
     cells.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
     return [(class_names[true], class_names[guess], images) for images, true, guess in cells[:count]]
+
+
+ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) and most papers report it
+
+
+def reliability_bins(
+    probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS
+) -> list[dict[str, float]]:
+    """Per equal-width bin of confidence (the top probability): its bounds, image count, accuracy and mean
+    confidence (accuracy and confidence 0 for an empty bin)."""
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == targets).double()
+    index = (confidence.double() * bins).long().clamp(max=bins - 1)
+    counts = torch.bincount(index, minlength=bins).double()
+    right = torch.bincount(index, weights=correct, minlength=bins)
+    sure = torch.bincount(index, weights=confidence.double(), minlength=bins)
+    return [
+        {"lower": b / bins, "upper": (b + 1) / bins, "count": int(counts[b]),
+         "accuracy": float(right[b] / counts[b]) if counts[b] else 0.0,
+         "confidence": float(sure[b] / counts[b]) if counts[b] else 0.0}
+        for b in range(bins)
+    ]  # fmt: skip
+
+
+def expected_calibration_error(
+    probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS
+) -> float:
+    """Mean |accuracy - confidence| over the bins, weighted by the share of images in each (0: perfectly
+    calibrated)."""
+    rows = reliability_bins(probabilities, targets, bins)
+    total = sum(row["count"] for row in rows)
+    return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)

@@ -1,0 +1,102 @@
+"""Calibration: the expected calibration error, temperature scaling fitted on the validation split only, and the
+temperature carried by the checkpoint into `evaluate`, `predict` and `export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cifar_cli.cli import app
+from cifar_cli.engine.checkpoint import load_checkpoint
+from cifar_cli.engine.metrics import expected_calibration_error, reliability_bins
+from cifar_cli.engine.temperature import fit_temperature
+from cifar_cli.engine.train import train
+from tests.conftest import flat, tiny_settings
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    result = runner.invoke(app, [str(arg) for arg in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_ece_of_known_cases() -> None:
+    targets = torch.tensor([0, 0, 1, 1])
+    # Two images at confidence 0.9 (one right), two at 0.6 (both right): |0.5 - 0.9| and |1 - 0.6|, half each.
+    probabilities = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.4, 0.6], [0.4, 0.6]])
+    assert expected_calibration_error(probabilities, targets) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    bins = [row for row in reliability_bins(probabilities, targets) if row["count"]]
+    assert [(row["count"], row["accuracy"]) for row in bins] == [(2, 1.0), (2, 0.5)]
+    confident_and_right = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(confident_and_right, torch.tensor([0, 1])) == 0
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20_000, 10, generator=generator)
+    for true_temperature in (0.5, 2.5):
+        targets = torch.multinomial(torch.softmax(logits / true_temperature, 1), 1, generator=generator)[:, 0]
+        assert fit_temperature(logits, targets) == pytest.approx(true_temperature, rel=0.05)
+        overconfident = torch.softmax(logits, 1)
+        scaled = torch.softmax(logits / fit_temperature(logits, targets), 1)
+        assert expected_calibration_error(scaled, targets) < expected_calibration_error(
+            overconfident, targets
+        )
+
+
+def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    checkpoint = train(tiny_settings(tmp_path, prepared_dir, "data.val_size=20")).checkpoint_dir / "last.pth"
+    image = next((prepared_dir / "test").rglob("*.png"))
+    before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[0]["top"]
+    result = invoke("calibrate", checkpoint, "--json", tmp_path / "cal.json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "cal.json").read_text())
+    stored = load_checkpoint(checkpoint)["temperature"]
+    assert (
+        stored["value"] == figures["temperature"] and stored["fitted_on"] == "val" and stored["images"] == 20
+    )
+    assert (
+        figures["val_nll_after"] <= figures["val_nll_before"] + 1e-9
+    )  # the fit can only lower what it minimised
+    temperature = stored["value"]
+    # predict divides the logits by it: log-probability differences shrink by exactly the temperature.
+    after = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[0]["top"]
+    assert [t["class"] for t in after] == [t["class"] for t in before]
+
+    def gap(top: list[dict]) -> float:
+        return float(torch.log(torch.tensor(top[0]["probability"] / top[1]["probability"])))
+
+    assert gap(after) == pytest.approx(gap(before) / temperature, rel=1e-3)
+    result = invoke("evaluate", checkpoint, "--json", tmp_path / "eval.json", "--device", "cpu")
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["temperature"] == temperature
+    assert metrics["ece"] == pytest.approx(figures["test_ece_before"])
+    assert metrics["ece_calibrated"] == pytest.approx(figures["test_ece_after"])
+    result = invoke("export", checkpoint, "--format", "pt2", "--out", tmp_path / "model.pt2")
+    assert result.exit_code == 0, result.output
+    from cifar_cli.engine.exported import load_exported
+
+    assert load_exported(tmp_path / "model.pt2").contract["temperature"]["value"] == temperature
+    exported = json.loads(
+        invoke("predict", tmp_path / "model.pt2", image, "--json", "-", "--top-k", "10").output
+    )
+    assert gap(exported[0]["top"]) == pytest.approx(gap(after), rel=1e-3)
+
+
+def test_a_run_without_a_validation_split_is_told_how_to_get_one(tmp_path: Path, prepared_dir: Path) -> None:
+    settings = tiny_settings(
+        tmp_path, prepared_dir, "data.val_size=0", "scheduler.name=none", "train.epochs=1"
+    )
+    checkpoint = train(settings).checkpoint_dir / "last.pth"
+    result = invoke("calibrate", checkpoint, "--device", "cpu")
+    assert result.exit_code == 2 and "held out no validation split" in flat(result.output)
+    assert "--val-size" in result.output
+    assert "temperature" not in load_checkpoint(checkpoint)
