@@ -210,8 +210,9 @@ def write_run_plots(
     say: Callable[[str], None] = lambda _text: None,
     keep_data: set[str] = frozenset(),
 ) -> list[Path]:
-    """curves.png always; confusion_matrix.png, per_class.png and predictions.png when a checkpoint is found (on
-    the data it was trained on, but for the data settings in `keep_data`: see `checkpoint_data`)."""
+    """curves.png always; confusion_matrix.png, per_class.png, predictions.png, mistakes.png, reliability.png and
+    gradcam.png when a checkpoint is found (on the data it was trained on, but for the data settings in
+    `keep_data`: see `checkpoint_data`)."""
     sources = find_sources(target, log_dir, checkpoint_dir)
     out = out or (sources.run_dir or sources.checkpoint.parent) / "plots"
     written = [save(curves_figure(sources.history), out / "curves.png")]
@@ -230,6 +231,22 @@ def write_run_plots(
     )
     written.append(save(per_class_figure(metrics["per_class"]), out / "per_class.png"))
     written.append(save(_sample_predictions_figure(evaluation), out / "predictions.png"))
+    written += _explaining_plots(sources.checkpoint, evaluation, out, device_name)
+    return written
+
+
+def _explaining_plots(checkpoint: Path, evaluation: Evaluation, out: Path, device_name: str) -> list[Path]:
+    """mistakes.png, reliability.png and (the model's layers needed: checkpoints, not exports) gradcam.png."""
+    from cifar_cli.engine.device import resolve_device
+    from cifar_cli.engine.exported import EXPORTED_SUFFIXES
+    from cifar_cli.engine.inference import load_model
+    from cifar_cli.plots_explain import gradcam_figure, mistakes_figure, reliability_figure
+
+    written = [save(mistakes_figure(evaluation), out / "mistakes.png")]
+    written.append(save(reliability_figure(evaluation), out / "reliability.png"))
+    if checkpoint.suffix not in EXPORTED_SUFFIXES:
+        loaded = load_model(checkpoint, resolve_device(device_name))
+        written.append(save(gradcam_figure(evaluation, loaded), out / "gradcam.png"))
     return written
 
 

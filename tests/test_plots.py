@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from cifar_cli.engine.train import train
@@ -10,7 +11,15 @@ from cifar_cli.errors import UsageError
 from cifar_cli.plots import write_run_plots
 from tests.conftest import tiny_settings
 
-EXPECTED = ["curves.png", "confusion_matrix.png", "per_class.png", "predictions.png"]
+EXPECTED = [
+    "curves.png",
+    "confusion_matrix.png",
+    "per_class.png",
+    "predictions.png",
+    "mistakes.png",
+    "reliability.png",
+    "gradcam.png",
+]
 
 
 def _check_png(path: Path, min_width: int = 400) -> None:
@@ -107,3 +116,39 @@ def test_clear_errors_without_history(tmp_path: Path, prepared_dir: Path) -> Non
         write_run_plots(
             tmp_path / "empty-run", None, tmp_path / "runs", tmp_path / "checkpoints", settings.data
         )
+
+
+def test_mistakes_are_the_most_confidently_wrong_and_the_figure_names_them() -> None:
+    from cifar_cli.engine.evaluate import Evaluation
+    from cifar_cli.plots_explain import mistakes_figure, most_confident_mistakes
+
+    logits = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 4.0], [2.0, 0.0], [0.0, 3.0]])
+    targets = torch.tensor([0, 0, 0, 1, 1])  # wrong: 1 (p 0.73), 2 (p 0.98), 3 (p 0.88)
+    evaluation = Evaluation({"class_names": ["cat", "dog"]}, torch.zeros(5, 3, 32, 32, dtype=torch.uint8), targets,
+                            logits.argmax(1), logits, 1.0)  # fmt: skip
+    assert most_confident_mistakes(evaluation, 10).tolist() == [2, 3, 1]
+    titles = [axis.get_title() for axis in mistakes_figure(evaluation).axes if axis.get_title()]
+    assert titles == ["true cat\n→ dog 98%", "true dog\n→ cat 88%", "true cat\n→ dog 73%"]
+
+
+def test_gradcam_finds_the_evidence() -> None:
+    """A network whose only evidence for class 0 is red light: the heat map's peak is inside the red square."""
+    from torch import nn
+
+    from cifar_cli.data.spec import CIFAR10_SPEC
+    from cifar_cli.engine.gradcam import gradcam
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 1, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2)
+    )
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+        model[3].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    images[0, 0, 2:10, 20:28] = 255  # top right
+    images[1, 0, 22:30, 3:11] = 255  # bottom left
+    heat = gradcam(model, images, CIFAR10_SPEC, torch.tensor([0, 0]))
+    assert heat.shape == (2, 32, 32) and float(heat.max()) == pytest.approx(1.0) and float(heat.min()) >= 0
+    for map_, (rows, columns) in zip(heat, [(range(2, 10), range(20, 28)), (range(22, 30), range(3, 11))]):
+        row, column = divmod(int(map_.argmax()), 32)
+        assert row in rows and column in columns
