@@ -162,3 +162,17 @@ def test_the_balanced_sampler_draws_every_class_about_equally() -> None:
     loader.set_epoch(1)
     again = torch.bincount(torch.cat([batch_labels for _, batch_labels in loader]), minlength=3)
     assert not torch.equal(seen, again)  # each epoch draws anew
+
+
+def test_prepare_prints_class_counts_and_warns_above_five_to_one(tmp_path: Path) -> None:
+    write_image_tree(tmp_path / "skewed", {"common": 36, "rare": 6}, (32, 32))
+    write_image_tree(tmp_path / "even", {"common": 12, "rare": 6}, (32, 32))
+    skewed = invoke("prepare", "--from-folder", tmp_path / "skewed", "--processed-dir", tmp_path / "p1",
+                    "--test-fraction", "0.5", "--no-png")  # fmt: skip
+    assert skewed.exit_code == 0, skewed.output
+    assert "Imbalanced train split: 0_common has 18 images, 1_rare 3 (6.0:1, above 5:1)" in flat(skewed.output)
+    assert "--class-weights auto" in flat(skewed.output)
+    even = invoke("prepare", "--from-folder", tmp_path / "even", "--processed-dir", tmp_path / "p2",
+                  "--test-fraction", "0.5", "--no-png")  # fmt: skip
+    assert even.exit_code == 0 and "Imbalanced" not in even.output
+    assert "0_common 6 6" in flat(even.output) and "1_rare 3 3" in flat(even.output)  # class, train, test

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.cli.common import (
@@ -85,6 +86,7 @@ def prepare(
         counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
         spec = result.spec
         what = f"{counts} images, {spec.num_classes} classes, {spec.image_size} x {spec.image_size}"
+        print_class_counts(result.per_class)
         if result.already_prepared:
             console.print(f"Already prepared in {result.processed_dir} ({what}). Nothing to do.")
         else:
@@ -111,3 +113,32 @@ def count_progress() -> Iterator[Any]:
 
     with progress:
         yield on_progress
+
+
+COUNTED_CLASSES = 20  # up to this many classes, a table of every class's images; beyond, the extremes
+
+
+def print_class_counts(per_class: dict[str, dict[str, int]]) -> None:
+    """Images per class and split, and a warning on stderr where the training split is imbalanced."""
+    from cifar_cli.data.balance import class_balance, imbalance_warning
+
+    train = per_class.get("train", {})
+    if not train:
+        return
+    splits = list(per_class)
+    if len(train) <= COUNTED_CLASSES:
+        table = Table("class", title="Images per class", title_justify="left")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for name in train:
+            table.add_row(name, *[f"{per_class[split].get(name, 0):,}" for split in splits])
+        console.print(table)
+    else:
+        balance = class_balance(train)
+        console.print(
+            f"Images per class (train): {balance.smallest[1]:,} ({balance.smallest[0]}) to {balance.largest[1]:,} "
+            f"({balance.largest[0]}); every count is in the manifest."
+        )
+    warning = imbalance_warning(train)
+    if warning:
+        error_console.print(Text(warning, style="yellow"))

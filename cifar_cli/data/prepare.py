@@ -67,6 +67,7 @@ class PrepareResult:
     counts: dict[str, int]
     spec: DataSpec
     notes: list[str] = field(default_factory=list)  # what was ignored or skipped, for the user
+    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class folder -> images
 
 
 @dataclass
@@ -233,11 +234,13 @@ def _write_prepared(
                 ) from None
     manifest = _manifest(prepared, folders, write_png)
     write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
-    return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes)
+    return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes,
+                         manifest["per_class"])  # fmt: skip
 
 
 def _already(processed_dir: Path, manifest: dict) -> PrepareResult:
-    return PrepareResult(processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest))
+    return PrepareResult(processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest),
+                         per_class=manifest.get("per_class", {}))  # fmt: skip
 
 
 def read_manifest(processed_dir: Path) -> dict | None:
