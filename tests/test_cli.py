@@ -132,12 +132,13 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
-        ["curves.png", "confusion_matrix.png", "per_class.png", "predictions.png"]
-    )
+        ["curves.png", "confusion_matrix.png", "per_class.png", "predictions.png", "mistakes.png",
+         "reliability.png", "gradcam.png"]
+    )  # fmt: skip
     # The run folder alone: its settings.yaml leads to its own checkpoint and data (no --checkpoint-dir here).
     result = invoke("plot", str(tmp_path / "runs" / "cli"), "--out", str(tmp_path / "again"))
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "again").iterdir())) == 4, result.output
+    assert len(list((tmp_path / "again").iterdir())) == 7, result.output
 
 
 def test_download_checksum_error_is_exit_1_with_hint(tmp_path: Path, tiny_archive: Path) -> None:

@@ -170,7 +170,9 @@ def test_prepare_prints_class_counts_and_warns_above_five_to_one(tmp_path: Path)
     skewed = invoke("prepare", "--from-folder", tmp_path / "skewed", "--processed-dir", tmp_path / "p1",
                     "--test-fraction", "0.5", "--no-png")  # fmt: skip
     assert skewed.exit_code == 0, skewed.output
-    assert "Imbalanced train split: 0_common has 18 images, 1_rare 3 (6.0:1, above 5:1)" in flat(skewed.output)
+    assert "Imbalanced train split: 0_common has 18 images, 1_rare 3 (6.0:1, above 5:1)" in flat(
+        skewed.output
+    )
     assert "--class-weights auto" in flat(skewed.output)
     even = invoke("prepare", "--from-folder", tmp_path / "even", "--processed-dir", tmp_path / "p2",
                   "--test-fraction", "0.5", "--no-png")  # fmt: skip

@@ -11,9 +11,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "cifar_cli"
 # Everything but the commands (cli/), the entry point (__main__.py), the CLI's displays (display.py) and the figures
-# (plots.py) is the core, usable from Python without a terminal.
-UI_FILES = {"__main__.py", "display.py", "plots.py"}
-UI = ("rich", "matplotlib", "typer", "cifar_cli.cli", "cifar_cli.plots", "cifar_cli.display")
+# (plots.py, plots_explain.py) is the core, usable from Python without a terminal.
+UI_FILES = {"__main__.py", "display.py", "plots.py", "plots_explain.py"}
+UI = (
+    "rich",
+    "matplotlib",
+    "typer",
+    "cifar_cli.cli",
+    "cifar_cli.plots",
+    "cifar_cli.plots_explain",
+    "cifar_cli.display",
+)
 MAX_LINES = 450  # a file past this is asking to be split by what it is about
 
 
