@@ -58,13 +58,21 @@ def test_a_folder_in_batches_writes_csv_and_json_that_agree_with_evaluate(
         "class_2",
         "probability_2",
     ]
+    result = invoke("evaluate", checkpoint, "--predictions", tmp_path / "e.csv", "--device", "cpu",
+                    "--processed-dir", prepared_dir)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "e.csv", newline="") as handle:
+        evaluated = {int(row["index"]): row for row in csv.DictReader(handle)}
     evaluation = run_evaluation(
         checkpoint, DataSettings(processed_dir=prepared_dir), "test", device_name="cpu"
     )
-    names = evaluation.metrics["class_names"]
+    assert len(evaluated) == 30 and [row["predicted"] for row in evaluated.values()] == [
+        evaluation.metrics["class_names"][i] for i in evaluation.predicted.tolist()
+    ]
     for row in rows:
-        index = int(Path(row["path"]).stem)
-        assert row["class_1"] == names[int(evaluation.predicted[index])], row
+        same_image = evaluated[int(Path(row["path"]).stem)]
+        assert row["class_1"] == same_image["predicted"], row
+        assert float(row["probability_1"]) == pytest.approx(float(same_image["probability"]), abs=1e-4)
         assert float(row["probability_1"]) >= float(row["probability_2"])
     document = json.loads((tmp_path / "p.json").read_text())
     assert [entry["image"] for entry in document["images"]] == [row["path"] for row in rows]

@@ -46,6 +46,13 @@ def evaluate(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
     ] = None,
+    predictions_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--predictions",
+            help="Also write each image's index, true class, prediction and probability (CSV).",
+        ),
+    ] = None,
     raw_dir: CheckpointRawDirOption = None,
     processed_dir: CheckpointProcessedDirOption = None,
     config: ConfigOption = None,
@@ -57,11 +64,11 @@ def evaluate(
             raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
         flags = flag_settings(evaluate, locals())
         settings = resolve(config, set_options, flags)
-        from cifar_cli.engine.evaluate import evaluate_checkpoint
+        from cifar_cli.engine.evaluate import run_evaluation
         from cifar_cli.engine.inference import checkpoint_data
         from cifar_cli.files import write_text_atomically
 
-        metrics = evaluate_checkpoint(
+        evaluation = run_evaluation(
             checkpoint,
             checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags)),
             split,
@@ -71,10 +78,29 @@ def evaluate(
             say=error_console.print,
             keep_memory=settings.train.keep_freed_memory,
         )
+        metrics = evaluation.metrics
         print_metrics(metrics)
         if json_file:
             write_text_atomically(json_file, json.dumps(metrics, indent=2))
             console.print(f"Metrics written to {json_file}")
+        if predictions_file:
+            write_text_atomically(predictions_file, predictions_csv(evaluation))
+            console.print(f"Predictions written to {predictions_file}")
+
+
+def predictions_csv(evaluation: Any) -> str:
+    """index (in the split), true class, predicted class, its probability (after the stored temperature)."""
+    import csv
+    import io
+
+    names = evaluation.metrics["class_names"]
+    probabilities = evaluation.probabilities
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "true", "predicted", "probability"])
+    for index, (true, guess) in enumerate(zip(evaluation.targets.tolist(), evaluation.predicted.tolist())):
+        writer.writerow([index, names[true], names[guess], f"{float(probabilities[index, guess]):.6f}"])
+    return buffer.getvalue()
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
