@@ -27,12 +27,13 @@ def invoke(*args: object):
 
 
 def test_ece_of_known_cases() -> None:
+    # Three images at confidence 0.9 (two right), one at 0.6 (right): |2/3 - 0.9| for three quarters of the images,
+    # |1 - 0.6| for one quarter.
+    probabilities = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
     targets = torch.tensor([0, 0, 1, 1])
-    # Two images at confidence 0.9 (one right), two at 0.6 (both right): |0.5 - 0.9| and |1 - 0.6|, half each.
-    probabilities = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.4, 0.6], [0.4, 0.6]])
-    assert expected_calibration_error(probabilities, targets) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert expected_calibration_error(probabilities, targets) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.4)
     bins = [row for row in reliability_bins(probabilities, targets) if row["count"]]
-    assert [(row["count"], row["accuracy"]) for row in bins] == [(2, 1.0), (2, 0.5)]
+    assert [(row["count"], row["accuracy"]) for row in bins] == [(1, 1.0), (3, pytest.approx(2 / 3))]
     confident_and_right = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(confident_and_right, torch.tensor([0, 1])) == 0
 
@@ -56,6 +57,9 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     checkpoint = train(tiny_settings(tmp_path, prepared_dir, "data.val_size=20")).checkpoint_dir / "last.pth"
     image = next((prepared_dir / "test").rglob("*.png"))
     before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[0]["top"]
+    invoke("evaluate", checkpoint, "--json", tmp_path / "plain.json", "--device", "cpu")
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["temperature"] is None and "ece_calibrated" not in plain and 0 <= plain["ece"] <= 1
     result = invoke("calibrate", checkpoint, "--json", tmp_path / "cal.json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "cal.json").read_text())
