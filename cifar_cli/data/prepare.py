@@ -339,7 +339,9 @@ def load_cache(processed_dir: Path) -> dict[str, torch.Tensor]:
             f"No prepared data at {path}.", hint="Run `cifar prepare` (or pass --processed-dir)."
         )
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the processes of one machine (--nproc, torchrun) share one copy in the page cache
+        # instead of reading one each; tensors indexed out of it (a validation split) are private copies.
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for damaged files
         raise CifarError(
             f"{path} is damaged ({type(error).__name__}).", hint="Run `cifar prepare` again."
