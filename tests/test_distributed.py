@@ -134,3 +134,94 @@ def test_airbench_early_stopping_is_decided_once_for_both_ranks(tmp_path: Path, 
     # rank 0's at the start of every forward), which is why rank 0's monitor decides for both.
     differing = {key for key in rank0 if not torch.equal(rank0[key], rank1[key])}
     assert differing and all(key.endswith(("running_mean", "running_var")) for key in differing), differing
+
+
+# ------------------------------------------------------------------------------------------------ two "nodes"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _two_nodes(
+    tmp_path: Path, node_args: list[list[str]], timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
+    """Two torchrun agents on 127.0.0.1 standing in for two nodes (one process each, node ranks 0 and 1), each with
+    its own settings: as nodes without a shared disk."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "cifar_cli",
+                "train",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )  # fmt: skip
+        for rank, args in enumerate(node_args)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    return [
+        subprocess.CompletedProcess(agent.args, agent.returncode, out, "")
+        for agent, out in zip(agents, outputs)
+    ]
+
+
+def _node_args(tmp_path: Path, node: int, processed: Path, *extra: str) -> list[str]:
+    return ["--preset", "baseline", "--device", "cpu", "--precision", "fp32", "--run-name", "nodes",
+            "--batch-size", "16", "--progress", "plain", "--processed-dir", str(processed),
+            "--checkpoint-dir", str(tmp_path / f"node{node}" / "ck"), "--log-dir", str(tmp_path / f"node{node}" / "runs"),
+            *extra]  # fmt: skip
+
+
+def test_two_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """Node 1 never has a checkpoint of its own: rank 0 decides to resume and sends it, so both continue from epoch
+    1 (before, rank 1 started again from epoch 1 of 2 and died in its backward pass)."""
+    for epochs in ("1", "2"):
+        done = _two_nodes(
+            tmp_path, [_node_args(tmp_path, node, prepared_dir, "--epochs", epochs) for node in (0, 1)]
+        )
+        assert [agent.returncode for agent in done] == [0, 0], done[0].stdout[-3000:] + done[1].stdout[-3000:]
+    assert "Resuming run nodes after epoch 1" in done[0].stdout
+    state = torch.load(tmp_path / "node0" / "ck" / "nodes" / "last.pth", weights_only=True)
+    assert state["epoch"] == 2 and [record["epoch"] for record in state["history"]] == [1, 2]
+    assert not (tmp_path / "node1" / "ck" / "nodes" / "last.pth").exists()
+
+
+def test_a_node_without_the_data_stops_both_nodes_with_one_message(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    missing = tmp_path / "not_prepared"
+    nowhere = ["--set", f"data.urls=[{tmp_path / 'no_archive.tar.gz'}]", "--raw-dir", str(tmp_path / "raw1")]
+    done = _two_nodes(tmp_path, [_node_args(tmp_path, 0, prepared_dir, "--epochs", "1"),
+                                 _node_args(tmp_path, 1, missing, "--epochs", "1", *nowhere)], timeout=240)  # fmt: skip
+    assert all(agent.returncode != 0 for agent in done)
+    for agent in done:
+        assert "1 of 2 processes cannot start" in agent.stdout and "rank 1 on" in agent.stdout, agent.stdout[
+            -3000:
+        ]
+    assert not (tmp_path / "node0" / "ck" / "nodes" / "last.pth").exists()

@@ -31,7 +31,9 @@ def test_ece_of_known_cases() -> None:
     # |1 - 0.6| for one quarter.
     probabilities = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
     targets = torch.tensor([0, 0, 1, 1])
-    assert expected_calibration_error(probabilities, targets) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.4)
+    assert expected_calibration_error(probabilities, targets) == pytest.approx(
+        0.75 * (0.9 - 2 / 3) + 0.25 * 0.4
+    )
     bins = [row for row in reliability_bins(probabilities, targets) if row["count"]]
     assert [(row["count"], row["accuracy"]) for row in bins] == [(1, 1.0), (3, pytest.approx(2 / 3))]
     confident_and_right = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from cifar_cli.data.loader import BatchLoader
-from cifar_cli.engine.device import Precision
+from cifar_cli.engine.device import Precision, describe
+from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.evaluate import report_from_predictions
 from cifar_cli.engine.inference import predict, tta_level
 from cifar_cli.engine.metrics import ClassificationReport
 from cifar_cli.engine.plan import RunPlan
+from cifar_cli.engine.setup import Loaders
 from cifar_cli.settings import Settings
 
 
@@ -57,3 +59,26 @@ def final_evaluation(
         "train_seconds": sum(record["seconds"] for record in history),
     }
     return final, report
+
+
+def run_banner(run_name: str, settings: Settings, loaders: Loaders, epoch_split: str, device: torch.device,
+               precision: Precision, context: DistContext) -> str:  # fmt: skip
+    """The line a run starts with: what trains, where, in what precision, on how many images, for how long."""
+    train = settings.train
+    training, scored = len(loaders.train.labels), len(loaders.evaluation.labels)
+    held_out = (
+        f"{scored:,} held out for validation"
+        if epoch_split == "val"
+        else f"none held out (the {scored:,} test images are scored each epoch for the curves only)"
+    )
+    parts = [
+        f"run {run_name}",
+        f"model {settings.model.name}",
+        f"device {describe(device)}",
+        f"precision {precision.name}",
+        f"{training:,} training images, {held_out}",
+        f"batch {train.batch_size} x {len(loaders.train)} steps x {train.epochs} epochs",
+    ]
+    if context.enabled:
+        parts.append(f"{context.world_size} processes")
+    return "Training: " + ", ".join(parts)

@@ -10,11 +10,11 @@ from typing import Any
 
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.engine import distributed, run_state
+from cifar_cli.engine import distributed, ranks, run_state
 from cifar_cli.engine.budget import BudgetKeeper
 from cifar_cli.engine.calibrate import learn_from_epoch
 from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.device import Precision, describe, resolve_precision, synchronised_clock
+from cifar_cli.engine.device import Precision, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.finetune import check_fits, describe_start, read_source
 from cifar_cli.engine.identity import default_run_name, hparams
@@ -22,7 +22,8 @@ from cifar_cli.engine.inference import checkpoint_spec
 from cifar_cli.engine.loop import EpochRunner
 from cifar_cli.engine.optim import scheduler_steps_per_batch
 from cifar_cli.engine.plan import RemainingTime, RunPlan, measure_plan
-from cifar_cli.engine.report import TrainResult, final_evaluation
+from cifar_cli.engine.ranks import data_identity
+from cifar_cli.engine.report import TrainResult, final_evaluation, run_banner
 from cifar_cli.engine.run_state import BEST_CHECKPOINT, LAST_CHECKPOINT, Progress
 from cifar_cli.engine.setup import (
     Loaders,
@@ -91,6 +92,7 @@ class Trainer:
         # seconds the last epoch's checkpoints and logs took.
         self.saved_epoch, self.save_seconds = 0, 0.0
         self._last_state: dict[str, Any] | None = None
+        self._resuming: bool | None = None
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
@@ -116,7 +118,9 @@ class Trainer:
         # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
         init_from = self.settings.train.init_from
         self.source = None if resuming or init_from is None else read_source(init_from)
-        splits = self._load_data()
+        splits = ranks.on_every_rank(self._load_data)  # a node without the data stops every node, named
+        ranks.same_on_every_rank(data_identity(read_manifest(self.settings.data.processed_dir)), "The prepared data",
+                                 self.settings.data.processed_dir)  # fmt: skip
         if self.source is not None:
             check_fits(self.source, self.settings.model, self.spec.class_names)
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
@@ -164,7 +168,17 @@ class Trainer:
         if self.context.is_main:
             logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
             write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
-        self.reporter.message(self._banner())
+        self.reporter.message(
+            run_banner(
+                self.run_name,
+                self.settings,
+                self.loaders,
+                self.epoch_split,
+                self.device,
+                self.precision,
+                self.context,
+            )
+        )
         runner = EpochRunner(
             self.parts, self.loaders, self.settings, self.spec, self.precision, self.device, self.context,
             self.reporter, self.epoch_split, self.clock,
@@ -299,6 +313,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ resume
     def _should_resume(self) -> bool:
+        """Rank 0 decides, from its own disk, for every rank (other nodes may have no checkpoint folder)."""
+        if self._resuming is None:
+            self._resuming = ranks.decided_by_main(self._resume_here)
+        return self._resuming
+
+    def _resume_here(self) -> bool:
         wanted = self.settings.train.resume
         exists = (self.checkpoint_dir / LAST_CHECKPOINT).is_file()
         if wanted and not exists:
@@ -314,33 +334,16 @@ class Trainer:
 
     def _last_checkpoint(self) -> dict[str, Any]:
         """last.pth of this run, read once (the plan needs its settings, the resume everything)."""
-        if self._last_state is None:
-            self._last_state = load_checkpoint(
-                self.checkpoint_dir / LAST_CHECKPOINT, map_location=self.device
+        if (
+            self._last_state is None
+        ):  # rank 0's file, sent to every rank (to the CPU first when there are several)
+            place = "cpu" if self.context.enabled else self.device
+            self._last_state = ranks.decided_by_main(
+                lambda: load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=place)
             )
         return self._last_state
 
     # ------------------------------------------------------------------------------------------ each epoch
-    def _banner(self) -> str:
-        train, loaders = self.settings.train, self.loaders
-        training, scored = len(loaders.train.labels), len(loaders.evaluation.labels)
-        held_out = (
-            f"{scored:,} held out for validation"
-            if self.epoch_split == "val"
-            else f"none held out (the {scored:,} test images are scored each epoch for the curves only)"
-        )
-        parts = [
-            f"run {self.run_name}",
-            f"model {self.settings.model.name}",
-            f"device {describe(self.device)}",
-            f"precision {self.precision.name}",
-            f"{training:,} training images, {held_out}",
-            f"batch {train.batch_size} x {len(loaders.train)} steps x {train.epochs} epochs",
-        ]
-        if self.context.enabled:
-            parts.append(f"{self.context.world_size} processes")
-        return "Training: " + ", ".join(parts)
-
     def _after_epoch(
         self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime
     ) -> bool:
