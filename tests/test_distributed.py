@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,3 +227,87 @@ def test_a_node_without_the_data_stops_both_nodes_with_one_message(
             -3000:
         ]
     assert not (tmp_path / "node0" / "ck" / "nodes" / "last.pth").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (children first found, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(status.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`kill -9` of node 1 (its torchrun agent and worker, as a crashed machine) after epoch 2: node 0's process fails
+    in its next collective and its agent exits; the same command on both nodes resumes from node 0's last.pth."""
+    import signal
+    import time
+
+    from cifar_cli.data.prepare import prepare_dataset
+    from tests.conftest import build_archive
+
+    raw = tmp_path_factory.mktemp("raw_larger")
+    build_archive(raw / "cifar-10-python.tar.gz", per_batch=400, test_count=50)  # 2,000 training images
+    prepared = tmp_path / "prepared"
+    prepare_dataset(raw, prepared, write_png=False)
+    args = [_node_args(tmp_path, node, prepared, "--epochs", "40") for node in (0, 1)]
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "cifar_cli",
+                "train",
+                *node,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )  # fmt: skip
+        for rank, node in enumerate(args)
+    ]
+    last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (
+            last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2
+        ):
+            time.sleep(0.1)
+        for pid in [
+            agents[1].pid,
+            *_descendants(agents[1].pid),
+        ]:  # torchrun starts its workers in sessions of their own
+            os.kill(pid, signal.SIGKILL)
+        assert agents[0].wait(timeout=180) != 0  # failed in its next collective, and said so
+    finally:
+        for agent in agents:
+            for pid in [agent.pid, *_descendants(agent.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    saved = torch.load(last, weights_only=True)["epoch"]
+    assert 2 <= saved < 40
+    done = _two_nodes(tmp_path, args)
+    assert [agent.returncode for agent in done] == [0, 0], done[0].stdout[-3000:] + done[1].stdout[-3000:]
+    assert f"Resuming run nodes after epoch {saved}" in done[0].stdout
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 40 and [record["epoch"] for record in state["history"]] == list(range(1, 41))
