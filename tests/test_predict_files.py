@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -103,3 +104,15 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path, checkpoint: Path) -> None:
     result = invoke("predict", checkpoint, tmp_path / "bad.jpg", "--csv", tmp_path / "out.csv")
     assert result.exit_code == 2 and "None of the 1 files could be read" in flat(result.output)
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_ties_go_to_the_lower_class_as_evaluate_decides_them() -> None:
+    """bf16 logits tie exactly now and then; predict's top class must be argmax's (the lower index), as evaluate's."""
+    from cifar_cli.engine.classify import top_classes
+
+    probabilities = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.0, 0.2, 0.4]])
+    rows = top_classes([Path("a.png"), Path("b.png")], probabilities, ["w", "x", "y", "z"], 3)
+    assert [[t["class"] for t in row["top"]] for row in rows] == [["x", "y", "z"], ["w", "z", "y"]]
+    assert [row["top"][0]["class"] for row in rows] == [
+        ["w", "x", "y", "z"][i] for i in probabilities.argmax(1)
+    ]

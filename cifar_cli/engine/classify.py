@@ -126,10 +126,13 @@ def classify_files(
 
 def top_classes(paths: list[Path], probabilities: torch.Tensor, class_names: list[str],
                 top_k: int) -> list[dict[str, Any]]:  # fmt: skip
-    top = probabilities.topk(min(top_k, len(class_names)), dim=1)
+    # A stable sort, so that exact ties (bf16 logits have them) go to the lower class index, as argmax (and so
+    # `cifar evaluate`) decides them; topk's order among ties is unspecified.
+    values, indices = probabilities.sort(dim=1, descending=True, stable=True)
+    count = min(top_k, len(class_names))
     return [
-        {"image": str(path), "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(values, indices)]}
-        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
+        {"image": str(path), "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(row, order)]}
+        for path, row, order in zip(paths, values[:, :count].tolist(), indices[:, :count].tolist())
     ]  # fmt: skip
 
 
