@@ -311,3 +311,46 @@ def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
     assert f"Resuming run nodes after epoch {saved}" in done[0].stdout
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 40 and [record["epoch"] for record in state["history"]] == list(range(1, 41))
+
+
+def test_an_elastic_restart_resumes_from_the_last_checkpoint(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`torchrun --max-restarts 1`: a worker killed after epoch 2 makes torchrun start both again, and they resume
+    from last.pth instead of training from the start."""
+    import signal
+    import time
+
+    from cifar_cli.data.prepare import prepare_dataset
+    from tests.conftest import build_archive
+
+    raw = tmp_path_factory.mktemp("raw_elastic")
+    build_archive(raw / "cifar-10-python.tar.gz", per_batch=400, test_count=50)
+    prepared = tmp_path / "prepared"
+    prepare_dataset(raw, prepared, write_png=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+         "-m", "cifar_cli", "train", *_node_args(tmp_path, 0, prepared, "--epochs", "30")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (
+            last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2
+        ):
+            time.sleep(0.1)
+        workers = [
+            pid for pid in _descendants(agent.pid) if "cifar_cli" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        os.kill(max(workers), signal.SIGKILL)  # one of the two workers
+        output = agent.communicate(timeout=300)[0]
+    finally:
+        for pid in [agent.pid, *_descendants(agent.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert agent.returncode == 0, output[-3000:]
+    assert "Resuming run nodes after epoch" in output
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 30 and [record["epoch"] for record in state["history"]] == list(range(1, 31))

@@ -33,8 +33,16 @@ def context_from_env() -> DistContext:
 
 
 def init_process_group(context: DistContext, device: torch.device) -> None:
-    if context.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    """Join torchrun's group. The store's keys are prefixed by torchrun's restart count: after an elastic restart
+    (`--max-restarts`), gloo otherwise read the previous group's addresses from the agent's store and failed to
+    connect ("connectFullMesh failed ... Connection refused")."""
+    if not context.enabled or dist.is_initialized():
+        return
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            store=dist.PrefixStore(f"cifar/attempt-{attempt}", store), rank=rank,
+                            world_size=world_size)  # fmt: skip
 
 
 def destroy_process_group() -> None:
