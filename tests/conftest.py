@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import re
+import signal
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,9 @@ SHARED_MD5 = "3466e0b843d66efd7e25787f51d01865"
 # without it, each print reads COLUMNS then, which `isolated_environment` sets wide for every test.
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+# A shell without job control that starts the suite in the background (`cmd &`) makes it ignore SIGINT, and its
+# children inherit that: the Ctrl-C tests then wait for runs that never stop. They need the default handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 WIDE_COLUMNS = "1000"
 HAS_ONNX = all(
     importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")

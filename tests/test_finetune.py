@@ -178,3 +178,27 @@ def test_prepare_prints_class_counts_and_warns_above_five_to_one(tmp_path: Path)
                   "--test-fraction", "0.5", "--no-png")  # fmt: skip
     assert even.exit_code == 0 and "Imbalanced" not in even.output
     assert "0_common 6 6" in flat(even.output) and "1_rare 3 3" in flat(even.output)  # class, train, test
+
+
+def test_freezing_under_ddp_keeps_the_body_and_trains_the_head(
+    tmp_path: Path, source_checkpoint: Path, three_classes: Path
+) -> None:
+    """Two processes under torchrun: the body's gradients are dropped after each backward (DDP's hooks are fixed,
+    so it keeps requiring them), and after a frozen epoch the body saved by rank 0 is the source's to the bit."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cifar_cli", "train", "--nproc", "2", "--preset", "baseline", "--epochs", "1",
+               "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--run-name", "ddp-ft",
+               "--processed-dir", str(three_classes), "--checkpoint-dir", str(tmp_path / "ck"),
+               "--log-dir", str(tmp_path / "runs"), "--init-from", str(source_checkpoint), "--freeze-epochs", "1",
+               "--val-size", "6"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "ck" / "ddp-ft" / "last.pth")
+    for name, tensor in body_parameters(load_checkpoint(source_checkpoint)).items():
+        assert torch.equal(state["model_state"][name], tensor), name
+    assert state["started_from"]["head"] == "new" and state["global_step"] > 0
