@@ -256,10 +256,10 @@ def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
     from tests.conftest import build_archive
 
     raw = tmp_path_factory.mktemp("raw_larger")
-    build_archive(raw / "cifar-10-python.tar.gz", per_batch=400, test_count=50)  # 2,000 training images
+    build_archive(raw / "cifar-10-python.tar.gz", per_batch=200, test_count=50)  # 1,000 training images
     prepared = tmp_path / "prepared"
     prepare_dataset(raw, prepared, write_png=False)
-    args = [_node_args(tmp_path, node, prepared, "--epochs", "40") for node in (0, 1)]
+    args = [_node_args(tmp_path, node, prepared, "--epochs", "16") for node in (0, 1)]
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     agents = [
@@ -305,12 +305,12 @@ def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     saved = torch.load(last, weights_only=True)["epoch"]
-    assert 2 <= saved < 40
+    assert 2 <= saved < 16
     done = _two_nodes(tmp_path, args)
     assert [agent.returncode for agent in done] == [0, 0], done[0].stdout[-3000:] + done[1].stdout[-3000:]
     assert f"Resuming run nodes after epoch {saved}" in done[0].stdout
     state = torch.load(last, weights_only=True)
-    assert state["epoch"] == 40 and [record["epoch"] for record in state["history"]] == list(range(1, 41))
+    assert state["epoch"] == 16 and [record["epoch"] for record in state["history"]] == list(range(1, 17))
 
 
 def test_an_elastic_restart_resumes_from_the_last_checkpoint(
@@ -325,13 +325,13 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(
     from tests.conftest import build_archive
 
     raw = tmp_path_factory.mktemp("raw_elastic")
-    build_archive(raw / "cifar-10-python.tar.gz", per_batch=400, test_count=50)
+    build_archive(raw / "cifar-10-python.tar.gz", per_batch=200, test_count=50)
     prepared = tmp_path / "prepared"
     prepare_dataset(raw, prepared, write_png=False)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-         "-m", "cifar_cli", "train", *_node_args(tmp_path, 0, prepared, "--epochs", "30")],
+         "-m", "cifar_cli", "train", *_node_args(tmp_path, 0, prepared, "--epochs", "16")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
@@ -353,4 +353,4 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(
     assert agent.returncode == 0, output[-3000:]
     assert "Resuming run nodes after epoch" in output
     state = torch.load(last, weights_only=True)
-    assert state["epoch"] == 30 and [record["epoch"] for record in state["history"]] == list(range(1, 31))
+    assert state["epoch"] == 16 and [record["epoch"] for record in state["history"]] == list(range(1, 17))
