@@ -91,6 +91,8 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     from cifar_cli.engine.exported import load_exported
 
     assert load_exported(tmp_path / "model.pt2").contract["temperature"]["value"] == temperature
+    refused = invoke("predict", tmp_path / "model.pt2", image, "--explain", tmp_path / "why")
+    assert refused.exit_code == 2 and "Grad-CAM needs the model's layers" in flat(refused.output)
     exported = json.loads(
         invoke("predict", tmp_path / "model.pt2", image, "--json", "-", "--top-k", "10").output
     )
