@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,14 +150,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _two_nodes(
-    tmp_path: Path, node_args: list[list[str]], timeout: int = 300
-) -> list[subprocess.CompletedProcess]:
+def _start_nodes(tmp_path: Path, node_args: list[list[str]], **popen: object) -> list[subprocess.Popen]:
     """Two torchrun agents on 127.0.0.1 standing in for two nodes (one process each, node ranks 0 and 1), each with
     its own settings: as nodes without a shared disk."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    agents = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -172,14 +171,19 @@ def _two_nodes(
                 "train",
                 *args,
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             env=env,
             cwd=tmp_path,
+            **popen,
         )  # fmt: skip
         for rank, args in enumerate(node_args)
     ]
+
+
+def _two_nodes(
+    tmp_path: Path, node_args: list[list[str]], timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
+    """Both nodes run to the end; their exit codes and merged output."""
+    agents = _start_nodes(tmp_path, node_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
     finally:
@@ -244,66 +248,46 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """`kill -9` of node 1 (its torchrun agent and worker, as a crashed machine) after epoch 2: node 0's process fails
-    in its next collective and its agent exits; the same command on both nodes resumes from node 0's last.pth."""
-    import signal
-    import time
-
+def _thousand_images(tmp_path: Path) -> Path:
+    """A prepared data set of 1,000 training images: epochs long enough to kill a run between two of them."""
     from cifar_cli.data.prepare import prepare_dataset
     from tests.conftest import build_archive
 
-    raw = tmp_path_factory.mktemp("raw_larger")
-    build_archive(raw / "cifar-10-python.tar.gz", per_batch=200, test_count=50)  # 1,000 training images
-    prepared = tmp_path / "prepared"
-    prepare_dataset(raw, prepared, write_png=False)
+    (tmp_path / "raw_larger").mkdir()
+    build_archive(tmp_path / "raw_larger" / "cifar-10-python.tar.gz", per_batch=200, test_count=50)
+    prepare_dataset(tmp_path / "raw_larger", tmp_path / "prepared", write_png=False)
+    return tmp_path / "prepared"
+
+
+def _wait_for_epoch(last: Path, epoch: int, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (
+        last.exists() and torch.load(last, weights_only=True)["epoch"] >= epoch
+    ):
+        time.sleep(0.1)
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(tmp_path: Path) -> None:
+    """`kill -9` of node 1 (its torchrun agent and worker, as a crashed machine) after epoch 2: node 0's process fails
+    in its next collective and its agent exits; the same command on both nodes resumes from node 0's last.pth."""
+    prepared = _thousand_images(tmp_path)
     args = [_node_args(tmp_path, node, prepared, "--epochs", "16") for node in (0, 1)]
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "-m",
-                "cifar_cli",
-                "train",
-                *node,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-        )  # fmt: skip
-        for rank, node in enumerate(args)
-    ]
+    agents = _start_nodes(tmp_path, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (
-            last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2
-        ):
-            time.sleep(0.1)
-        for pid in [
-            agents[1].pid,
-            *_descendants(agents[1].pid),
-        ]:  # torchrun starts its workers in sessions of their own
-            os.kill(pid, signal.SIGKILL)
+        _wait_for_epoch(last, 2)
+        _kill_all(
+            [agents[1].pid, *_descendants(agents[1].pid)]
+        )  # torchrun's workers run in sessions of their own
         assert agents[0].wait(timeout=180) != 0  # failed in its next collective, and said so
     finally:
-        for agent in agents:
-            for pid in [agent.pid, *_descendants(agent.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_all([pid for agent in agents for pid in (agent.pid, *_descendants(agent.pid))])
     saved = torch.load(last, weights_only=True)["epoch"]
     assert 2 <= saved < 16
     done = _two_nodes(tmp_path, args)
@@ -313,43 +297,26 @@ def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(
     assert state["epoch"] == 16 and [record["epoch"] for record in state["history"]] == list(range(1, 17))
 
 
-def test_an_elastic_restart_resumes_from_the_last_checkpoint(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     """`torchrun --max-restarts 1`: a worker killed after epoch 2 makes torchrun start both again, and they resume
     from last.pth instead of training from the start."""
-    import signal
-    import time
-
-    from cifar_cli.data.prepare import prepare_dataset
-    from tests.conftest import build_archive
-
-    raw = tmp_path_factory.mktemp("raw_elastic")
-    build_archive(raw / "cifar-10-python.tar.gz", per_batch=200, test_count=50)
-    prepared = tmp_path / "prepared"
-    prepare_dataset(raw, prepared, write_png=False)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    node = _node_args(tmp_path, 0, _thousand_images(tmp_path), "--epochs", "16")
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-         "-m", "cifar_cli", "train", *_node_args(tmp_path, 0, prepared, "--epochs", "16")],
+         "-m", "cifar_cli", "train", *node],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (
-            last.exists() and torch.load(last, weights_only=True)["epoch"] >= 2
-        ):
-            time.sleep(0.1)
+        _wait_for_epoch(last, 2)
         workers = [
             pid for pid in _descendants(agent.pid) if "cifar_cli" in Path(f"/proc/{pid}/cmdline").read_text()
         ]
-        os.kill(max(workers), signal.SIGKILL)  # one of the two workers
+        _kill_all([max(workers)])  # one of the two workers
         output = agent.communicate(timeout=300)[0]
     finally:
-        for pid in [agent.pid, *_descendants(agent.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all([agent.pid, *_descendants(agent.pid)])
     assert agent.returncode == 0, output[-3000:]
     assert "Resuming run nodes after epoch" in output
     state = torch.load(last, weights_only=True)

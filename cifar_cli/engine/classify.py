@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class Classifier:
     temperature: float  # logits are divided by it before the softmax (1: uncalibrated)
     scores: Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> float32 logits on the CPU
     loaded: LoadedModel | None = None  # the model itself (checkpoints only): what Grad-CAM needs
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.scores(images) / self.temperature, dim=1)
@@ -69,7 +68,7 @@ def load_classifier(checkpoint: Path, device_name: str = "auto") -> Classifier:
             return tta_logits(loaded.model, batch, level).float().cpu()
 
     return Classifier(list(loaded.spec.class_names), loaded.spec.image_size, stored_temperature(loaded.state),
-                      run_model, loaded, device)  # fmt: skip
+                      run_model, loaded)  # fmt: skip
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
