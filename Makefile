@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
-	$(BIN)/pip install -e '.[dev,export]'
+	$(BIN)/pip install -e '.[dev,export,optuna]'
 	touch $@
 
 run: install

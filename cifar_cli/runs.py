@@ -14,7 +14,7 @@ import yaml
 from cifar_cli.engine.identity import recipe_identity
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
-from cifar_cli.tracking import FINAL_METRICS_FILE, HISTORY_FILE, SETTINGS_FILE, read_history
+from cifar_cli.tracking import FINAL_METRICS_FILE, HISTORY_FILE, PRUNED_FILE, SETTINGS_FILE, read_history
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
 SWEEPS_FOLDER = "sweeps"  # `cifar sweep` puts each sweep's trials in <log_dir>/sweeps/<sweep name>/<trial>/
@@ -30,7 +30,7 @@ class RunSummary:
     val_accuracy: float | None  # last epoch's, where the run holds out a validation split
     test_accuracy: float | None  # final_metrics.json: the last weights on the test split
     seconds: float  # training time, summed over the epochs
-    state: str  # finished, running, interrupted
+    state: str  # finished, running, interrupted, pruned (a sweep's pruner stopped it)
     differing: dict[str, Any] = field(
         default_factory=dict
     )  # settings that differ between the runs of its group
@@ -117,7 +117,7 @@ def _state(folder: Path, history: list[dict[str, Any]], final: dict | None) -> s
         return "running"
     if final is not None and final.get("epochs") == len(history):
         return "finished"
-    return "interrupted"
+    return "pruned" if (folder / PRUNED_FILE).is_file() else "interrupted"
 
 
 def _owner_alive(lock: Path) -> bool:

@@ -66,7 +66,18 @@ def parse_axis(assignment: str) -> tuple[str, list[Any]]:
             raise SettingsError("Bad log range.", [(key, "log(a, b, n) needs a, b > 0 and n >= 2", text)])
         ratio = (high / low) ** (1 / (count - 1))
         return key, [float(f"{low * ratio**i:.6g}") for i in range(count)]
-    return key, [load_bounded_yaml(value.strip(), f"--set {key}") for value in text.split(",")]
+    return key, [_scalar(value.strip(), key) for value in text.split(",")]
+
+
+def _scalar(text: str, key: str) -> Any:
+    """A YAML scalar, where `1e-9` (a string to YAML 1.1, which wants `1.0e-9`) is the number a user meant."""
+    value = load_bounded_yaml(text, f"--set {key}")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _number(text: str) -> int | float:
@@ -97,9 +108,15 @@ def plan_trials(
     for combo in grid:
         for run_seed in seeds:
             values = {**combo, "train.seed": run_seed}
-            label = "_".join(f"{key.split('.')[-1]}{_short(values[key])}" for key in (*varied, "train.seed"))
-            trials.append(Trial(len(trials), values, varied, f"t{len(trials):03d}_{label}"[:120]))
+            trials.append(
+                Trial(len(trials), values, varied, f"t{len(trials):03d}_{trial_label(values, varied)}"[:120])
+            )
     return trials
+
+
+def trial_label(values: dict[str, Any], varied: tuple[str, ...]) -> str:
+    """`lr0.01_momentum0.9_seed0`: the varied settings and the seed, as a run folder name can hold them."""
+    return "_".join(f"{key.split('.')[-1]}{_short(values[key])}" for key in (*varied, "train.seed"))
 
 
 def _short(value: Any) -> str:
@@ -173,8 +190,9 @@ def rank(trials: list[Trial], summaries: dict[str, Any]) -> list[RecipeResult]:
     return sorted(results, key=lambda r: (r.val_mean is None, -(r.val_mean or 0.0)))
 
 
-def write_results(folder: Path, ranked: list[RecipeResult]) -> None:
-    """sweep.json (everything) and sweep.csv (one row per recipe), written atomically."""
+def write_results(folder: Path, ranked: list[RecipeResult], extra: dict[str, Any] | None = None) -> None:
+    """sweep.json (everything, plus `extra`: a shared study's name and pruned trials) and sweep.csv (one row per
+    recipe), written atomically."""
     rows = [
         {**r.values, "val_accuracy_mean": r.val_mean, "val_accuracy_std": r.val_std, "seeds": len(r.trials),
          "trials": " ".join(r.trials)}
@@ -187,6 +205,7 @@ def write_results(folder: Path, ranked: list[RecipeResult]) -> None:
         "chosen": chosen.values if chosen else None,
         # Reported once, for the recipe chosen on validation; it chose nothing.
         "chosen_test_accuracy_mean": statistics.mean(chosen.test_accuracies) if chosen and chosen.test_accuracies else None,
+        **(extra or {}),
     }  # fmt: skip
     write_text_atomically(folder / "sweep.json", json.dumps(document, indent=2))
     buffer = io.StringIO()

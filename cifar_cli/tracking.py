@@ -8,6 +8,7 @@ CI logs. Neither rich nor matplotlib is imported here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from cifar_cli.files import write_text_atomically
 HISTORY_FILE = "history.json"
 FINAL_METRICS_FILE = "final_metrics.json"
 SETTINGS_FILE = "settings.yaml"
+PRUNED_FILE = "pruned.json"  # a sweep's pruner stopped the run: after which epoch, and why
 
 
 class Reporter(Protocol):
@@ -26,6 +28,30 @@ class Reporter(Protocol):
     def update_batch(self, done: int, stats: dict[str, float]) -> None: ...
     def end_epoch(self, record: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+
+
+class EpochHook:
+    """A reporter that also hands each finished epoch's record to `on_epoch` (a sweep's pruner listens), after the
+    epoch's checkpoint is saved: an exception from `on_epoch` stops the run with that epoch kept."""
+
+    def __init__(self, inner: Reporter, on_epoch: Callable[[dict[str, Any]], None]) -> None:
+        self.inner, self.on_epoch = inner, on_epoch
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+
+    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+        self.inner.start_epoch(epoch, epochs, batches)
+
+    def update_batch(self, done: int, stats: dict[str, float]) -> None:
+        self.inner.update_batch(done, stats)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.inner.end_epoch(record)
+        self.on_epoch(record)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class NullReporter:

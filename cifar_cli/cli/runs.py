@@ -21,7 +21,13 @@ from cifar_cli.cli.common import (
 )
 from cifar_cli.durations import format_duration
 
-STATE_COLOURS = {"running": "cyan", "finished": "green", "failed": "red", "interrupted": "yellow"}
+STATE_COLOURS = {
+    "running": "cyan",
+    "finished": "green",
+    "failed": "red",
+    "interrupted": "yellow",
+    "pruned": "magenta",
+}
 
 
 def runs(

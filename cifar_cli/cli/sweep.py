@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from cifar_cli.cli.common import (
     CheckpointDirOption,
@@ -23,8 +21,7 @@ from cifar_cli.cli.common import (
     handled_errors,
     resolve,
 )
-from cifar_cli.cli.runs import STATE_COLOURS
-from cifar_cli.durations import format_duration
+from cifar_cli.cli.sweep_tables import print_sweep, trial_table
 from cifar_cli.errors import CifarError, SettingsError
 from cifar_cli.settings import Settings, set_dotted
 
@@ -44,7 +41,12 @@ def sweep(
         typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all."),
     ] = None,
     name: Annotated[
-        str | None, typer.Option("--name", help="Sweep folder name (default: the varied keys).")
+        str | None,
+        typer.Option(
+            "--name",
+            "--study",
+            help="Sweep folder name, and the study's name with --storage (default: the varied keys).",
+        ),
     ] = None,
     preset: Annotated[
         str | None, typer.Option("--preset", help="The recipe swept around."), Sets("preset")
@@ -55,6 +57,40 @@ def sweep(
         str | None,
         typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."),
         Sets("train.time_budget"),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Share an Optuna study (the optuna extra): sqlite:///sweep.db, postgresql://user@host/db or a "
+            "journal file on a shared disk (sweep.journal). Every `cifar sweep` with the same --storage and name "
+            "is one more worker.",
+        ),
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            "--trials", min=1, help="Trials in the whole study (with --storage; default: the grid)."
+        ),
+    ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(
+            "--sampler",
+            help="With --storage: grid (every point), random (seeded draws) or tpe (model-based).",
+        ),
+    ] = None,
+    pruner: Annotated[
+        str | None,
+        typer.Option(
+            "--pruner",
+            help="With --storage: none, halving (successive halving) or hyperband, on each epoch's validation "
+            "accuracy.",
+        ),
+    ] = None,
+    timeout: Annotated[
+        str | None,
+        typer.Option("--timeout", help="With --storage: start no new trial after this long, e.g. 30m."),
     ] = None,
     jobs: Annotated[
         int,
@@ -89,6 +125,17 @@ def sweep(
             raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
         base = resolve(config, None, flag_settings(sweep, locals()))
         sweep_name = name or sweeps.default_name(parsed)
+        _check_choices(sampler, pruner)
+        if storage is not None:
+            from cifar_cli.cli.sweep_study import run_study
+
+            options = {"storage": storage, "trials": trials, "sampler": sampler, "pruner": pruner,
+                       "timeout": timeout, "samples": samples, "jobs": jobs}  # fmt: skip
+            run_study(axes or [], seed_list, options, base, fixed, config, sweep_name)
+            return
+        from cifar_cli.cli.sweep_study import check_local_options
+
+        check_local_options(trials, sampler, pruner, timeout)
         trials = sweeps.plan_trials(parsed, seed_list, samples)
         val_images = sweeps.validation_images(base)
         built = sweeps.check_all(
@@ -127,6 +174,15 @@ def sweep(
         print_sweep(ranked, document, folder)
 
 
+def _check_choices(sampler: str | None, pruner: str | None) -> None:
+    from cifar_cli.study import PRUNERS, SAMPLERS
+
+    rows = [(flag, f"one of {', '.join(choices)}", value) for flag, value, choices in
+            (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS)) if value not in (None, *choices)]  # fmt: skip
+    if rows:
+        raise SettingsError("Bad option.", rows)
+
+
 def parallel_sweep(
     sweeps: Any, trials: list[Any], built: list[Settings], folder: Path, jobs: int, device: str
 ) -> dict[str, Any]:
@@ -163,50 +219,3 @@ def parallel_sweep(
             hint="Read the logs; the same command again retries them and skips finished trials.",
         )
     return sweeps.summaries_of(folder)
-
-
-def trial_table(rows: list[Any]) -> Table:
-    """Every trial: the settings that vary, state, epochs, validation and test accuracy, training time."""
-    table = Table(title="Sweep", title_justify="left")
-    table.add_column("trial", overflow="fold", ratio=1)
-    table.add_column("state", no_wrap=True)
-    table.add_column("epochs", justify="right", no_wrap=True)
-    table.add_column("val", justify="right", no_wrap=True)
-    table.add_column("test", justify="right", no_wrap=True)
-    table.add_column("time", justify="right", no_wrap=True)
-    for row in rows:
-        values = " ".join(
-            f"{key.split('.')[-1]}={row.trial.values[key]}" for key in (*row.trial.varied, "train.seed")
-        )
-        epochs = (
-            f"{row.epochs_done}/{row.epochs_planned}" if row.epochs_planned else str(row.epochs_done or "")
-        )
-        name = Text(row.trial.name)
-        name.append("\n" + values, style="dim")
-        table.add_row(
-            name, Text(row.state, style=STATE_COLOURS.get(row.state, "")), epochs,
-            f"{row.val_accuracy:.2%}" if row.val_accuracy is not None else "",
-            f"{row.test_accuracy:.2%}" if row.test_accuracy is not None else "",
-            format_duration(row.seconds) if row.seconds else "",
-        )  # fmt: skip
-    return table
-
-
-def print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> None:
-    table = Table(title="Ranked on validation accuracy", title_justify="left")
-    table.add_column("rank", justify="right", no_wrap=True)
-    table.add_column("settings", overflow="fold", ratio=1)
-    table.add_column("val accuracy (mean ± std)", justify="right", no_wrap=True)
-    table.add_column("seeds", justify="right", no_wrap=True)
-    for place, recipe in enumerate(ranked, start=1):
-        spread = f" ± {recipe.val_std:.2%}" if recipe.val_std is not None else ""
-        table.add_row(
-            str(place), " ".join(f"{k}={v}" for k, v in recipe.values.items()) or "(fixed)",
-            f"{recipe.val_mean:.2%}{spread}" if recipe.val_mean is not None else "not finished", str(len(recipe.trials)),
-        )  # fmt: skip
-    console.print(table)
-    test = document["chosen_test_accuracy_mean"]
-    if document["chosen"] is not None and test is not None:
-        chosen = " ".join(f"{key}={value}" for key, value in document["chosen"].items())
-        console.print(f"Chosen on validation: {chosen}. Its test accuracy, reported once: {test:.2%}.")
-    console.print(f"Wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {folder / 'sweep.png'}.")

@@ -1,0 +1,151 @@
+"""`cifar sweep --storage URL`: this process is one worker of an Optuna study that others (here or on other machines)
+share; the core is `cifar_cli/study.py`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from cifar_cli.cli.common import console
+from cifar_cli.errors import SettingsError, UsageError
+from cifar_cli.settings import Settings
+
+
+def check_local_options(
+    trials: int | None, sampler: str | None, pruner: str | None, timeout: str | None
+) -> None:
+    """Options that only a shared study reads are refused without --storage, not silently ignored."""
+    given = [flag for flag, value in (("--trials", trials), ("--sampler", sampler), ("--pruner", pruner),
+                                      ("--timeout", timeout)) if value is not None]  # fmt: skip
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} need --storage.",
+            hint="Share a study through a storage, e.g. --storage sqlite:///sweep.db (or a file sweep.journal).",
+        )
+
+
+def run_study(
+    axes: list[str], seeds: list[int], options: dict[str, Any], base: Settings, build_fixed: dict[str, Any],
+    config: Path | None, sweep_name: str,
+) -> None:  # fmt: skip
+    """One worker: trials until the study has its count, then the whole study ranked into sweep.csv/json/png."""
+    from cifar_cli import study as studies
+    from cifar_cli import sweep as sweeps
+    from cifar_cli.cli.sweep_tables import print_sweep
+    from cifar_cli.display import make_reporter
+    from cifar_cli.durations import parse_duration
+    from cifar_cli.engine.train import train as run_training
+    from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
+    from cifar_cli.tracking import EpochHook
+
+    sampler, pruner = options["sampler"] or "grid", options["pruner"] or "none"
+    _refuse_local_only(seeds, options)
+    dimensions = [studies.parse_dimension(axis) for axis in axes]
+    varied = [d for d in dimensions if len(d.values) > 1]
+    if not varied:
+        raise UsageError(
+            "Nothing to draw.", hint="Give at least one --set key=v1,v2 (or range/log) to sweep."
+        )
+    fixed = {d.key: d.values[0] for d in dimensions if len(d.values) == 1} | {"train.seed": seeds[0]}
+    grid = studies.grid_points(varied)
+    count = _trial_count(options["trials"], sampler, len(grid))
+    val_images = sweeps.validation_images(base)
+
+    def build(trial: Any) -> Settings:
+        return sweeps.trial_settings(trial, config, build_fixed, sweep_name, val_images)
+
+    # Every bad value in one table before any trial: the grid, or each range's two ends.
+    corners = (
+        grid
+        if sampler == "grid"
+        else [{d.key: d.values[0] for d in varied}, {d.key: d.values[-1] for d in varied}]
+    )
+    sweeps.check_all(
+        [sweeps.Trial(i, {**c, **fixed}, tuple(c), f"check{i}") for i, c in enumerate(corners)], build
+    )
+    storage = studies.open_storage(options["storage"])
+    study = studies.open_study(
+        storage, sweep_name, studies.make_sampler(sampler, grid, seeds[0]),
+        studies.make_pruner(pruner, base.train.epochs), studies.space_text(varied),
+    )  # fmt: skip
+    folder = sweeps.sweep_folder(base, sweep_name)
+    console.print(
+        f"Study {sweep_name} in {_redacted(options['storage'])}: {count} trials, {sampler} sampler, pruner {pruner}, "
+        f"ranked on {val_images:,} validation images; runs in {folder}."
+    )
+    for dimension in varied:
+        console.print(f"  {studies.describe(dimension, sampler)}")
+
+    def train(settings: Settings, on_epoch: Any) -> None:
+        reporter = EpochHook(make_reporter(settings.log.progress, console), on_epoch)
+        run_training(settings, reporter, confusion_matrix_figure)
+
+    plan = studies.StudyPlan(
+        varied, fixed, count, parse_duration(options["timeout"]) if options["timeout"] else None
+    )
+    try:
+        done = studies.run_worker(study, plan, studies.trial_runner(build, train), console.print)
+    except Exception as error:
+        if (
+            getattr(error, "exit_code", None) == 130
+        ):  # Ctrl-C: the trial saved its checkpoint and is queued again
+            from cifar_cli.engine.train import TrainingInterrupted
+
+            raise TrainingInterrupted(
+                f"Sweep interrupted. {error}",
+                hint="The trial is queued again: this command (or any worker of the study) resumes it.",
+            ) from None
+        raise
+    _write_results(sweeps, studies, study, folder, [d.key for d in varied], save, sweep_figure, print_sweep)
+    running = sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
+    console.print(
+        f"This worker: {done['finished']} finished, {done['pruned']} pruned, {done['taken over']} taken over from "
+        "workers that died." + (f" {running} trial(s) still running elsewhere." if running else "")
+    )
+
+
+def _write_results(sweeps: Any, studies: Any, study: Any, folder: Path, keys: list[str], save: Any,
+                   sweep_figure: Any, print_sweep: Any) -> None:  # fmt: skip
+    trials, summaries, pruned = studies.study_results(study)
+    ranked = sweeps.rank(trials, summaries)
+    sweeps.write_results(folder, ranked, {"study": study.study_name, "pruned": pruned})
+    document = json.loads((folder / "sweep.json").read_text())
+    save(sweep_figure(document["recipes"], keys), folder / "sweep.png")
+    print_sweep(ranked, document, folder)
+    if pruned:
+        console.print(
+            f"Pruned: {', '.join(row['run'] + ' after epoch ' + str(row['epochs']) for row in pruned)}."
+        )
+
+
+def _refuse_local_only(seeds: list[int], options: dict[str, Any]) -> None:
+    rows = []
+    if len(seeds) > 1:
+        rows.append(("--seeds", "one seed: each trial of a study is one run", ",".join(map(str, seeds))))
+    if options["samples"] is not None:
+        rows.append(("--samples", "use --trials N with --sampler random", str(options["samples"])))
+    if options["jobs"] != 1:
+        rows.append(("--jobs", "1: start more `cifar sweep --storage` workers instead", str(options["jobs"])))
+    if rows:
+        raise SettingsError("Options the local sweep reads, not a shared study.", rows)
+
+
+def _trial_count(trials: int | None, sampler: str, grid_size: int) -> int:
+    if sampler == "grid":
+        if trials is not None and trials > grid_size:
+            raise SettingsError(
+                "Too many trials.", [("--trials", f"at most the grid's {grid_size} points", str(trials))]
+            )
+        return trials or grid_size
+    if trials is None:
+        raise SettingsError(
+            "How many trials?", [("--trials", f"a number of draws for --sampler {sampler}", "missing")]
+        )
+    return trials
+
+
+def _redacted(url: str) -> str:
+    """A storage URL with its password hidden, for printing."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
