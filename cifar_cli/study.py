@@ -186,9 +186,10 @@ def run_worker(
         trial = study.ask()
         with heartbeat(trial):
             outcome = _run_one(study, trial, plan, train_trial, say)
-        if outcome != "surplus":
-            done[outcome] += 1
-            done["taken over"] += FIRST_ATTR in frozen(study, trial).system_attrs
+        if outcome == "surplus":  # every grid point is handed out (one lost to an error is not drawn again)
+            break
+        done[outcome] += 1
+        done["taken over"] += FIRST_ATTR in frozen(study, trial).system_attrs
     return done
 
 

@@ -264,3 +264,26 @@ def test_options_a_study_cannot_honour_are_refused(tmp_path: Path, prepared_dir:
     assert runner.invoke(app, base).exit_code == 0
     other = runner.invoke(app, _args(tmp_path, prepared_dir, storage, "0.01,0.02", 1))
     assert other.exit_code == 2 and "another search space" in other.output
+
+
+def test_a_grid_worker_stops_when_the_grid_is_handed_out_even_after_an_error() -> None:
+    """A grid point lost to an error (failed, not retried) is not drawn again, and the worker ends instead of
+    asking for trials past the grid forever."""
+    dimensions = [studies.parse_dimension("optim.lr=0.1,0.2")]
+    study = _memory_study(studies.make_sampler("grid", studies.grid_points(dimensions), 0))
+    lost = study.ask()
+    dimensions[0].suggest(lost)
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)  # its worker raised
+    trained = []
+
+    def train(trial: object, report: object) -> dict:
+        trained.append(trial.values["optim.lr"])
+        return {"val_accuracy": 0.5, "test_accuracy": 0.4, "seconds": 1.0, "epochs": 1}
+
+    ticks = iter(range(10**6))  # a clock that ends a looping worker after 50 asks instead of never
+    plan = studies.StudyPlan(dimensions, {"train.seed": 0}, trials=2, timeout=50)
+    done = studies.run_worker(study, plan, train, lambda _text: None, clock=lambda: next(ticks))
+    assert trained == [0.2] and done == {"finished": 1, "pruned": 0, "taken over": 0}
+    assert (
+        len(study.get_trials()) == 3
+    )  # the lost one, the trained one, the one that found the grid handed out
