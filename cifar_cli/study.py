@@ -222,8 +222,12 @@ def _run_one(
     trial.set_user_attr("place", place)
     say(f"Trial {trial.number} ({name})" + (f", continuing trial {first}" if first != trial.number else ""))
 
+    inherited = set(
+        stored.intermediate_values
+    )  # a retry trained again from scratch reports these epochs again
+
     def report(epoch: int, val_accuracy: float | None) -> None:
-        if val_accuracy is None:
+        if val_accuracy is None or epoch in inherited:
             return
         trial.report(val_accuracy, epoch)
         if trial.should_prune():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from cifar_cli.errors import UsageError
 from cifar_cli.sweep import LOG, RANGE, parse_axis
 
+OPEN_ATTEMPTS = 4  # tries to open a database storage (several workers may be creating its tables)
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "halving", "hyperband")
 PRUNE_REDUCTION = 3  # successive halving / Hyperband keep the best third at each rung
@@ -85,10 +88,15 @@ def open_storage(url: str) -> Any:
     if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
         # SQLite: writers wait for each other's locks (seconds) instead of failing at once.
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except Exception as error:  # noqa: BLE001 - SQLAlchemy's many errors, one message
-            raise UsageError(f"Cannot open the study storage {url}: {error}") from None
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except Exception as error:  # noqa: BLE001 - SQLAlchemy's many errors, one message
+                # Workers started together (a SLURM array) race to create a new database's tables; the loser
+                # finds them made when it tries again.
+                if attempt == OPEN_ATTEMPTS - 1:
+                    raise UsageError(f"Cannot open the study storage {url}: {error}") from None
+                time.sleep(1.0 + random.random())
     if url.endswith((".journal", ".log")):
         path = Path(url).expanduser()
         if not path.parent.is_dir():

@@ -101,7 +101,11 @@ def test_a_killed_workers_trial_is_resumed_by_the_next_and_a_hopeless_one_pruned
 
 
 def test_two_workers_on_a_journal_file_run_each_grid_point_once(tmp_path: Path, prepared_dir: Path) -> None:
-    storage = str(tmp_path / "study.journal")
+    _two_workers_run_each_grid_point_once(tmp_path, prepared_dir, str(tmp_path / "study.journal"))
+
+
+def _two_workers_run_each_grid_point_once(tmp_path: Path, prepared_dir: Path, storage: str) -> None:
+    """Two worker processes started together on one study: three grid points, each trained exactly once."""
     args = _args(tmp_path, prepared_dir, storage, "0.004,0.002,0.001", 3)
     workers = [_worker(args, tmp_path / f"{name}.log") for name in "ab"]
     for worker in workers:
@@ -143,10 +147,9 @@ def test_postgresql_storage(tmp_path: Path, prepared_dir: Path) -> None:
     subprocess.run([*prefix, binaries[1], "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)  # fmt: skip
     try:
-        storage = f"postgresql+psycopg2://cifar@/postgres?host={sockets}&port={port}"
-        result = runner.invoke(app, _args(tmp_path, prepared_dir, storage, "0.003,0.001", 2))
-        assert result.exit_code == 0, result.output
-        assert [t.state.name for t in _trials(storage)] == ["COMPLETE", "COMPLETE"]
+        _two_workers_run_each_grid_point_once(
+            tmp_path, prepared_dir, f"postgresql+psycopg2://cifar@/postgres?host={sockets}&port={port}"
+        )
     finally:
         subprocess.run([*prefix, binaries[1], "-D", str(data), "-m", "immediate", "stop"], capture_output=True,
                        timeout=60)  # fmt: skip

@@ -115,9 +115,9 @@ def _write_results(sweeps: Any, studies: Any, study: Any, folder: Path, keys: li
     save(sweep_figure(document["recipes"], keys), folder / "sweep.png")
     print_sweep(ranked, document, folder)
     if pruned:
-        console.print(
-            f"Pruned: {', '.join(row['run'] + ' after epoch ' + str(row['epochs']) for row in pruned)}."
-        )
+        named = ", ".join(f"{row['run']} (epoch {row['epochs']})" for row in pruned[:3])
+        more = f" and {len(pruned) - 3} more" if len(pruned) > 3 else ""
+        console.print(f"{len(pruned)} trial(s) pruned, not ranked: {named}{more} (all in sweep.json).")
 
 
 def _refuse_local_only(seeds: list[int], options: dict[str, Any]) -> None:
