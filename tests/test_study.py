@@ -290,3 +290,24 @@ def test_a_grid_worker_stops_when_the_grid_is_handed_out_even_after_an_error() -
     assert (
         len(study.get_trials()) == 3
     )  # the lost one, the trained one, the one that found the grid handed out
+
+
+def test_ctrl_c_queues_the_trial_again_and_the_same_command_resumes_it(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = _args(tmp_path, prepared_dir, storage, "0.003,0.002", 30)
+    run = tmp_path / "ck" / "sweeps" / "lr" / "t000_lr0.003_seed0"
+    worker = _worker(args, tmp_path / "a.log")
+    _wait_for(run / "last.pth", worker)
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=120) == 130, (tmp_path / "a.log").read_text()
+    assert "queued again" in (tmp_path / "a.log").read_text()
+    assert [(t.state.name, t.user_attrs.get("run")) for t in _trials(storage)] == [
+        ("FAIL", run.name), ("WAITING", run.name)
+    ]  # fmt: skip
+    again = subprocess.run([sys.executable, "-m", "cifar_cli", *args], capture_output=True, text=True,
+                           cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and f"Resuming run {run.name} after epoch" in again.stdout, again.stdout
+    states = [(t.state.name, t.user_attrs.get("run")) for t in _trials(storage)]
+    assert states == [("FAIL", run.name), ("COMPLETE", run.name), ("COMPLETE", "t001_lr0.002_seed0")], states
