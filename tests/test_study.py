@@ -296,7 +296,7 @@ def test_ctrl_c_queues_the_trial_again_and_the_same_command_resumes_it(
     tmp_path: Path, prepared_dir: Path
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = _args(tmp_path, prepared_dir, storage, "0.003,0.002", 30)
+    args = _args(tmp_path, prepared_dir, storage, "0.003,0.002", 15)
     run = tmp_path / "ck" / "sweeps" / "lr" / "t000_lr0.003_seed0"
     worker = _worker(args, tmp_path / "a.log")
     _wait_for(run / "last.pth", worker)
