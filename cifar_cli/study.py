@@ -222,9 +222,8 @@ def _run_one(
     trial.set_user_attr("place", place)
     say(f"Trial {trial.number} ({name})" + (f", continuing trial {first}" if first != trial.number else ""))
 
-    inherited = set(
-        stored.intermediate_values
-    )  # a retry trained again from scratch reports these epochs again
+    # A retry trained again from scratch (its checkpoint out of reach) would report these epochs a second time.
+    inherited = set(stored.intermediate_values)
 
     def report(epoch: int, val_accuracy: float | None) -> None:
         if val_accuracy is None or epoch in inherited:
