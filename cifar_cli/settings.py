@@ -38,7 +38,10 @@ DEFAULT_CONFIG_FILE = Path("settings.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The recipe made for each model: `--model X` without a preset trains X with it. tests/test_settings.py checks
 # that every registered model has one and that the preset trains that model.
-MODEL_RECIPES = {"seed-cnn": "baseline", "resnet18": "resnet18", "airbench": "fast"}
+MODEL_RECIPES = {
+    "seed-cnn": "baseline", "resnet18": "resnet18", "airbench": "fast", "airbench-wide": "balanced",
+    "airbench-deep": "accurate",
+}  # fmt: skip
 
 
 class _Section(BaseModel):

@@ -5,10 +5,10 @@ import torch
 
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
-from cifar_cli.models.airbench import AirbenchNet
+from cifar_cli.models.airbench import AirbenchNet, ConvGroup
 
 
-@pytest.mark.parametrize("name", ["seed-cnn", "resnet18", "airbench"])
+@pytest.mark.parametrize("name", ["seed-cnn", "resnet18", "airbench", "airbench-wide", "airbench-deep"])
 def test_forward_and_backward(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(name, width_multiplier=0.25)
@@ -23,9 +23,35 @@ def test_forward_and_backward(name: str) -> None:
 
 
 def test_registry_lists_every_model_and_rejects_unknown_names() -> None:
-    assert set(available_models()) == {"seed-cnn", "resnet18", "airbench"}
+    assert set(available_models()) == {"seed-cnn", "resnet18", "airbench", "airbench-wide", "airbench-deep"}
     with pytest.raises(UsageError, match="Unknown model"):
         build_model("vgg99")
+
+
+def test_the_ladders_networks_grow_in_width_and_depth() -> None:
+    widths = {
+        name: [group.conv1.out_channels for group in build_model(name).groups]
+        for name in ("airbench", "airbench-wide", "airbench-deep")
+    }
+    assert widths == {
+        "airbench": [64, 256, 256],
+        "airbench-wide": [128, 384, 384],
+        "airbench-deep": [128, 384, 512],
+    }
+    assert [hasattr(build_model(n).groups[0], "conv3") for n in ("airbench-wide", "airbench-deep")] == [
+        False,
+        True,
+    ]
+
+
+def test_a_deep_group_adds_its_third_convolution_onto_its_first_activation() -> None:
+    torch.manual_seed(0)
+    group = ConvGroup(8, 8, depth=3).eval()
+    images = torch.randn(2, 8, 16, 16)
+    first = group.activation(group.norm1(group.pool(group.conv1(images))))
+    with torch.no_grad():
+        group.conv3.weight.zero_()  # the third branch adds nothing: the group passes its first activation on
+    torch.testing.assert_close(group(images), group.activation(first))
 
 
 def test_whitening_filters_whiten_the_patches() -> None:

@@ -1,8 +1,13 @@
-"""An airbench94-class network (after Keller Jordan's cifar10-airbench), written for this project.
+"""airbench-class networks (after Keller Jordan's cifar10-airbench), written for this project.
 
 A frozen 2x2 convolution whitens the input patches (its filters come from the eigenvectors of the training patches'
-covariance), then three groups of (conv, max-pool, BatchNorm, GELU, conv, BatchNorm, GELU) with widths 64/256/256,
-a global max-pool and a linear head whose logits are scaled by 1/9.
+covariance), then three groups of (conv, max-pool, BatchNorm, GELU, conv, BatchNorm, GELU), a global max-pool and a
+linear head whose logits are scaled by 1/9. Three sizes, the rungs of the recipe ladder (presets fast, balanced,
+accurate):
+- `airbench` (airbench94 class): widths 64/256/256, two convolutions per group;
+- `airbench-wide` (airbench95 class): widths 128/384/384, about 2.5x the multiply-adds;
+- `airbench-deep` (airbench96 class): widths 128/384/512 and a third convolution per group, added back onto the
+  group's first activation (a residual), about 4x the multiply-adds.
 """
 
 from __future__ import annotations
@@ -26,18 +31,25 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, depth: int = 2) -> None:
         super().__init__()
         self.conv1 = _conv(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(out_channels)
         self.conv2 = _conv(out_channels, out_channels)
         self.norm2 = FrozenScaleBatchNorm(out_channels)
+        self.third = depth == 3
+        if self.third:
+            self.conv3 = _conv(out_channels, out_channels)
+            self.norm3 = FrozenScaleBatchNorm(out_channels)
         self.activation = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
-        return self.activation(self.norm2(self.conv2(x)))
+        y = self.activation(self.norm2(self.conv2(x)))
+        if not self.third:
+            return y
+        return self.activation(self.norm3(self.conv3(y)) + x)
 
 
 def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -49,15 +61,21 @@ def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 class AirbenchNet(nn.Module):
-    def __init__(self, width_multiplier: float = 1.0, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        width_multiplier: float = 1.0,
+        num_classes: int = 10,
+        base_widths: tuple[int, int, int] = (64, 256, 256),
+        depth: int = 2,
+    ) -> None:
         super().__init__()
-        widths = [max(8, round(w * width_multiplier)) for w in (64, 256, 256)]
+        widths = [max(8, round(w * width_multiplier)) for w in base_widths]
         self.whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.groups = nn.Sequential(
-            ConvGroup(WHITEN_WIDTH, widths[0]),
-            ConvGroup(widths[0], widths[1]),
-            ConvGroup(widths[1], widths[2]),
+            ConvGroup(WHITEN_WIDTH, widths[0], depth),
+            ConvGroup(widths[0], widths[1], depth),
+            ConvGroup(widths[1], widths[2], depth),
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
@@ -88,3 +106,13 @@ class AirbenchNet(nn.Module):
 @register_model("airbench")
 def airbench(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
     return AirbenchNet(width_multiplier, num_classes)
+
+
+@register_model("airbench-wide")
+def airbench_wide(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 384))
+
+
+@register_model("airbench-deep")
+def airbench_deep(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 512), depth=3)
