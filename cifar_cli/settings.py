@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -38,6 +38,9 @@ DEFAULT_CONFIG_FILE = Path("settings.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The recipe made for each model: `--model X` without a preset trains X with it. tests/test_settings.py checks
 # that every registered model has one and that the preset trains that model.
+# The recipe ladder, cheapest first: a time budget given without a preset (or a model) trains the highest rung whose
+# whole schedule fits the budget on this machine (engine/ladder.py), its epochs stretched to fill the budget.
+LADDER = ("fast", "balanced", "accurate")
 MODEL_RECIPES = {
     "seed-cnn": "baseline", "resnet18": "resnet18", "airbench": "fast", "airbench-wide": "balanced",
     "airbench-deep": "accurate",
@@ -270,6 +273,14 @@ class Settings(BaseSettings):
         # `load_settings` and handed over through a context variable, as the lowest-priority sources.
         return (init_settings, env_settings, _DictSource(settings_cls, _file_layers.get() or {}))
 
+    # The ladder's rungs (preset -> settings, each with the same flags, environment and YAML on top) when the
+    # budget run may climb it: set by `load_settings`, empty otherwise.
+    _rungs: dict[str, Settings] = PrivateAttr(default_factory=dict)
+
+    @property
+    def rungs(self) -> dict[str, Settings]:
+        return self._rungs
+
     def to_plain(self) -> dict[str, Any]:
         """JSON-safe nested dict (paths as strings): what checkpoints and run folders store."""
         return self.model_dump(mode="json")
@@ -368,8 +379,18 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     overrides = overrides or {}
     yaml_data = read_yaml_file(config_file) if config_file else _default_yaml()
     preset_name = _choose_preset(overrides, yaml_data)
-    layers = deep_merge(read_preset(preset_name), yaml_data)
-    token = _file_layers.set(layers)
+    settings = _settings_with_preset(preset_name, overrides, yaml_data)
+    if preset_name is None and settings.train.time_budget is not None:
+        settings._rungs = {name: _settings_with_preset(name, overrides, yaml_data) for name in LADDER}
+    return settings
+
+
+def _settings_with_preset(
+    preset_name: str | None, overrides: dict[str, Any], yaml_data: dict[str, Any]
+) -> Settings:
+    """The settings with this preset under the YAML, environment and flags (None: the default preset)."""
+    preset_name = preset_name or str(Settings.model_fields["preset"].default)
+    token = _file_layers.set(deep_merge(read_preset(preset_name), yaml_data))
     try:
         # The preset chosen above names the recipe merged in, whichever layer or model chose it.
         return check_recipe(Settings(**{**overrides, "preset": preset_name}))
@@ -383,11 +404,12 @@ def _default_yaml() -> dict[str, Any]:
     return read_yaml_file(DEFAULT_CONFIG_FILE) if DEFAULT_CONFIG_FILE.is_file() else {}
 
 
-def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str:
+def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str | None:
     """The preset has to be known before the other layers are merged, so it is resolved on its own first.
 
     Layer by layer (flags, environment, YAML): a preset named there wins; else a model named there brings the
-    recipe made for it (MODEL_RECIPES); else the next layer decides; else the default preset.
+    recipe made for it (MODEL_RECIPES); else the next layer decides; else None (the default preset, or a rung of
+    the ladder for a time budget).
     """
     layers = [
         (overrides.get("preset"), _model_name(overrides)),
@@ -399,7 +421,7 @@ def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str:
             return str(preset)
         if model in MODEL_RECIPES:
             return MODEL_RECIPES[model]
-    return str(Settings.model_fields["preset"].default)
+    return None
 
 
 def _model_name(layer: dict[str, Any]) -> str | None:

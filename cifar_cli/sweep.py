@@ -135,6 +135,8 @@ def trial_settings(
     log["checkpoint_dir"] = str(base.log.checkpoint_dir / SWEEPS_FOLDER / sweep_name)
     overrides.setdefault("train", {})["run_name"] = trial.name
     overrides.setdefault("data", {}).setdefault("val_size", val_size)
+    # Trials compare like with like: a budget trains the recipe named (or the default), never a ladder's rung.
+    overrides.setdefault("preset", base.preset)
     return load_settings(config, overrides)
 
 

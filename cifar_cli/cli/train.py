@@ -43,7 +43,8 @@ def train(
         str | None,
         typer.Option(
             "--preset",
-            help=f"One of: {', '.join(available_presets())} (default fast).",
+            help=f"One of: {', '.join(available_presets())} (default fast; with --time-budget, the highest of "
+            "fast, balanced, accurate that fits).",
             rich_help_panel=RECIPE,
         ),
         Sets("preset"),
@@ -177,7 +178,8 @@ def train(
         typer.Option(
             "--time-budget",
             help="Fit the run (training + final evaluation) to this wall clock on this machine: 90s, 15m, 1h. "
-            "Picks the epochs, and a narrower model if one epoch does not fit.",
+            "Picks the epochs, and a narrower model if one epoch does not fit; without --preset or --model, also "
+            "the recipe (fast, balanced, accurate) whose whole schedule fits.",
             rich_help_panel=RECIPE,
         ),
         Sets("train.time_budget"),

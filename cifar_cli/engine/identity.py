@@ -56,6 +56,9 @@ def default_run_name(settings: Settings) -> str:
     """Same recipe, same name: running the same command again resumes instead of starting a second run."""
     identity = recipe_identity(settings.to_plain())
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    # A ladder run's rung is chosen later, from this machine's speeds: the same command, the same name.
+    if settings.rungs:
+        return f"ladder-{digest}"
     return f"{settings.preset}-{settings.model.name}-{digest}"
 
 

@@ -46,6 +46,9 @@ class RunPlan:
     test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
     last_epoch_steps: int = 0  # a budget's last epoch cut to this many steps; 0: a whole epoch
     remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
+    ladder: dict[str, Any] | None = (
+        None  # the rung a budget chose and every rung's estimate (engine/ladder.py)
+    )
 
     @property
     def total_steps(self) -> int:
@@ -113,6 +116,7 @@ class RunPlan:
             "budget_seconds": self.budget_seconds,
             "last_epoch_steps": self.last_epoch_steps or self.steps_per_epoch,
             "total_steps": self.total_steps,
+            **({"ladder": self.ladder} if self.ladder else {}),
         }
 
 

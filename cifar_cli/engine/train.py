@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from cifar_cli.data import adopt_prepared, ensure_prepared
@@ -19,6 +20,7 @@ from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.finetune import check_fits, describe_start, read_source
 from cifar_cli.engine.identity import default_run_name, hparams
 from cifar_cli.engine.inference import checkpoint_spec
+from cifar_cli.engine.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.engine.loop import EpochRunner
 from cifar_cli.engine.optim import scheduler_steps_per_batch
 from cifar_cli.engine.plan import RemainingTime, RunPlan, measure_plan
@@ -70,9 +72,8 @@ class Trainer:
         self.clock = clock  # seconds; a test's fake clock can stand in
         self.started = clock()  # a time budget counts from here
         self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
-        self.settings.data = adopt_prepared(
-            self.settings.data
-        )  # which data is prepared is part of the recipe
+        # Which data is prepared is part of the recipe.
+        self.settings.data = adopt_prepared(self.settings.data)
         if self.settings.train.init_from is not None:
             self.settings.train.init_from = self.settings.train.init_from.absolute()
         for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
@@ -81,9 +82,8 @@ class Trainer:
             )
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
-        self.confusion_figure = (
-            confusion_figure  # the CLI passes plots' figure; the core draws nothing itself
-        )
+        # The CLI passes plots' figure; the core draws nothing itself.
+        self.confusion_figure = confusion_figure
         self.run_name = settings.train.run_name or default_run_name(self.settings)
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
@@ -113,6 +113,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         resuming = self._should_resume()
+        if resuming and self.settings.rungs:  # a budget run resumes on the rung its plan chose
+            self._adopt_rung(self._last_checkpoint()["settings"].get("preset", self.settings.preset))
         if resuming:
             run_state.check_same_recipe(self._last_checkpoint()["settings"], self.settings, self.run_name)
         # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
@@ -194,9 +196,8 @@ class Trainer:
                     steps = budget.refit_during_epoch(
                         epoch, done, started, self.progress.global_step, self.parts
                     )
-                    self.settings.train.epochs = (
-                        budget.plan.epochs
-                    )  # the loop, the display and lookahead follow
+                    # The loop, the display and lookahead follow the plan.
+                    self.settings.train.epochs = budget.plan.epochs
                     return steps
 
                 record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
@@ -282,8 +283,10 @@ class Trainer:
     def plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
         """Precision, memory layout, epochs and width of this run, from speeds measured on this machine (on rank 0,
         shared with the others); a resumed run keeps what its checkpoint chose."""
-        plan = self._measure_plan(train_images, val_images, test_images) if self.context.is_main else None
-        plan = distributed.broadcast_from_main(plan)
+        chosen = self._measure_plan(train_images, val_images, test_images) if self.context.is_main else None
+        rung, plan = distributed.broadcast_from_main(chosen)
+        if rung != self.settings.preset:  # the other ranks follow rank 0's rung of the ladder
+            self._adopt_rung(rung)
         train, model = self.settings.train, self.settings.model
         train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
         train.epochs, model.width_multiplier = plan.epochs, plan.width_multiplier
@@ -291,11 +294,27 @@ class Trainer:
         self.reporter.message(plan.describe())
         return plan
 
-    def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
-        return measure_plan(
-            self.settings, self._stored_settings(), self.device, self.context.world_size, self.reporter.message,
-            self._elapsed, (train_images, val_images, test_images),
-        )  # fmt: skip
+    def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> tuple[str, RunPlan]:
+        """(the preset trained, its plan): a budget run free to climb the ladder first chooses its rung."""
+        images, stored = (train_images, val_images, test_images), self._stored_settings()
+
+        def measure(settings: Settings) -> RunPlan:
+            return measure_plan(settings, stored, self.device, self.context.world_size, self.reporter.message,
+                                self._elapsed, images)  # fmt: skip
+
+        if not self.settings.rungs or stored is not None or self.settings.train.time_budget is None:
+            return self.settings.preset, measure(self.settings)
+        choice = choose_rung(self.settings.rungs, self.settings.train.time_budget, full_schedule(measure))
+        self.reporter.message(choice.describe())
+        self._adopt_rung(choice.preset)
+        return choice.preset, replace(measure(self.settings), ladder=choice.to_json())
+
+    def _adopt_rung(self, preset: str) -> None:
+        """Train the ladder's rung `preset`, with this run's data, folders and starting weights."""
+        self.settings = adopt_rung(self.settings, preset)
+        if hasattr(self, "spec"):  # the data is loaded: the statistics a model made for one input size needs
+            trained = self.source.spec if self.source is not None else None
+            self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
 
     def _elapsed(self) -> float:
         """Seconds since this run started (a time budget counts from there)."""
@@ -334,9 +353,8 @@ class Trainer:
 
     def _last_checkpoint(self) -> dict[str, Any]:
         """last.pth of this run, read once (the plan needs its settings, the resume everything)."""
-        if (
-            self._last_state is None
-        ):  # rank 0's file, sent to every rank (to the CPU first when there are several)
+        # Rank 0's file, sent to every rank (to the CPU first when there are several).
+        if self._last_state is None:
             place = "cpu" if self.context.enabled else self.device
             self._last_state = ranks.decided_by_main(
                 lambda: load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=place)
@@ -368,9 +386,7 @@ class Trainer:
             parts.scheduler.step(monitored)
         if self.context.is_main:
             self._save(LAST_CHECKPOINT)
-            if (
-                improved and self.epoch_split == "val"
-            ):  # best.pth exists only where a validation split chose it
+            if improved and self.epoch_split == "val":  # best.pth: only where a validation split chose it
                 self._save(BEST_CHECKPOINT)
             logger.log_epoch(record, progress.history, progress.global_step)
         self.reporter.end_epoch({**record, "remaining_seconds": remaining.end_epoch()})
@@ -394,14 +410,8 @@ class Trainer:
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
         """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
         started = synchronised_clock(self.device)
-        final, report = final_evaluation(
-            self.parts.model,
-            self.loaders.test,
-            self.settings,
-            self.precision,
-            self.device,
-            self.progress.history,
-        )
+        final, report = final_evaluation(self.parts.model, self.loaders.test, self.settings, self.precision,
+                                         self.device, self.progress.history)  # fmt: skip
         # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
         # estimate of it: a time budget bounds the first.
         final.update(wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds)
