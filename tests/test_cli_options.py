@@ -104,11 +104,11 @@ def test_sweep_time_budget_is_each_trials_budget(tmp_path: Path, prepared_dir: P
     for key, value in (("BATCH_SIZE", "16"), ("NUM_THREADS", "1"), ("PRECISION", "fp32")):
         monkeypatch.setenv(f"CIFAR_TRAIN__{key}", value)
     monkeypatch.setenv("CIFAR_LOG__PROGRESS", "none")
-    result = _sweep(tmp_path, prepared_dir, "budget", "--samples", "1", "--time-budget", "40s")
+    result = _sweep(tmp_path, prepared_dir, "budget", "--samples", "1", "--time-budget", "20s")
     assert result.exit_code == 0, result.output
     folder = tmp_path / "runs" / "sweeps" / "budget"
     [trial] = [path for path in folder.iterdir() if (path / "settings.yaml").is_file()]
-    assert yaml.safe_load((trial / "settings.yaml").read_text())["train"]["time_budget"] == 40.0
+    assert yaml.safe_load((trial / "settings.yaml").read_text())["train"]["time_budget"] == 20.0
     plan = json.loads((trial / "plan.json").read_text())
-    assert plan["budget_seconds"] == 40.0
+    assert plan["budget_seconds"] == 20.0
     shutil.rmtree(tmp_path / "ck")

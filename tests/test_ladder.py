@@ -48,6 +48,11 @@ def _choose(budget: str) -> tuple[str, list[str], str]:
 def test_a_short_budget_stays_on_fast_without_measuring_the_larger_networks() -> None:
     # fast's 8 epochs: about 11 min here; balanced's 15 epochs, even at 1.6x fast's FLOP rate, about 28 min.
     assert _choose("20m")[:2] == ("fast", ["fast"])
+    chosen, measured, why = _choose("5m")  # not even fast's whole schedule: fast, shortened
+    assert (chosen, measured) == (
+        "fast",
+        ["fast"],
+    ) and "the lowest: its 8-epoch schedule needs about 10 min" in why
 
 
 def test_an_hour_buys_the_wider_network() -> None:

@@ -42,10 +42,13 @@ class LadderChoice:
 
     def describe(self) -> str:
         chosen = next(e for e in self.estimates if e.preset == self.preset)
-        how = "fits" if chosen.fits else "does not fit, but nothing smaller is on the ladder"
+        budget, needs = format_duration(self.budget_seconds), format_duration(chosen.seconds)
         text = (
-            f"Rung {chosen.preset} ({chosen.model}): its {chosen.epochs}-epoch schedule {how} the budget of "
-            f"{format_duration(self.budget_seconds)} (about {format_duration(chosen.seconds)} here)"
+            f"Rung {chosen.preset} ({chosen.model}): its {chosen.epochs}-epoch schedule fits the budget of "
+            f"{budget} (about {needs} here)"
+            if chosen.fits
+            else f"Rung {chosen.preset} ({chosen.model}), the lowest: its {chosen.epochs}-epoch schedule needs "
+            f"about {needs} here, more than the budget of {budget}, so it trains fewer epochs"
         )
         above = [e for e in self.estimates if not e.fits and e.preset != self.preset]
         if above:
