@@ -380,7 +380,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     yaml_data = read_yaml_file(config_file) if config_file else _default_yaml()
     preset_name = _choose_preset(overrides, yaml_data)
     settings = _settings_with_preset(preset_name, overrides, yaml_data)
-    if preset_name is None and settings.train.time_budget is not None:
+    # A fine-tuning run's network is its source's: nothing to climb.
+    if preset_name is None and settings.train.time_budget is not None and settings.train.init_from is None:
         settings._rungs = {name: _settings_with_preset(name, overrides, yaml_data) for name in LADDER}
     return settings
 

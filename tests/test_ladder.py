@@ -73,11 +73,18 @@ def test_a_long_budget_reaches_the_top_rung() -> None:
 
 
 @pytest.mark.parametrize(
-    "named", [{"preset": "fast"}, {"model": {"name": "airbench"}}, {"preset": "accurate"}, {}]
+    "named",
+    [
+        {"preset": "fast"},
+        {"model": {"name": "airbench"}},
+        {"preset": "accurate"},
+        {"train": {"init_from": "a.pth"}},
+        {},
+    ],
 )
-def test_only_a_budget_with_no_preset_or_model_named_climbs_the_ladder(named: dict) -> None:
-    budget = {"train": {"time_budget": "1h"}} if named else {}
-    assert load_settings(None, {**named, **budget}).rungs == {}
+def test_only_a_budget_with_no_preset_model_or_source_named_climbs_the_ladder(named: dict) -> None:
+    train = {**named.get("train", {}), "time_budget": "1h"}
+    assert load_settings(None, {**named, "train": train} if named else {}).rungs == {}
 
 
 def test_every_rung_keeps_the_users_flags() -> None:
