@@ -372,15 +372,13 @@ def read_preset(name: str) -> dict[str, Any]:
 
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Resolve settings from defaults, preset, YAML, environment and overrides (flags), in rising priority.
-
-    `config_file=None` reads `./settings.yaml` when it exists. Raises `SettingsError` (exit code 2) on any problem.
-    """
+    """Resolve settings from defaults, preset, YAML, environment and overrides (flags), in rising priority; with a
+    budget and no preset, model or `--init-from` (its network is fixed) named, `.rungs` holds the ladder's settings.
+    `config_file=None` reads `./settings.yaml` when it exists. Raises `SettingsError` (exit 2) on any problem."""
     overrides = overrides or {}
     yaml_data = read_yaml_file(config_file) if config_file else _default_yaml()
     preset_name = _choose_preset(overrides, yaml_data)
     settings = _settings_with_preset(preset_name, overrides, yaml_data)
-    # A fine-tuning run's network is its source's: nothing to climb.
     if preset_name is None and settings.train.time_budget is not None and settings.train.init_from is None:
         settings._rungs = {name: _settings_with_preset(name, overrides, yaml_data) for name in LADDER}
     return settings
