@@ -46,9 +46,8 @@ class RunPlan:
     test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
     last_epoch_steps: int = 0  # a budget's last epoch cut to this many steps; 0: a whole epoch
     remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
-    ladder: dict[str, Any] | None = (
-        None  # the rung a budget chose and every rung's estimate (engine/ladder.py)
-    )
+    # The rung a budget chose and every rung's estimate (engine/ladder.py); None where no ladder was climbed.
+    ladder: dict[str, Any] | None = None
 
     @property
     def total_steps(self) -> int:

@@ -7,7 +7,7 @@ accurate):
 - `airbench` (airbench94 class): widths 64/256/256, two convolutions per group;
 - `airbench-wide` (airbench95 class): widths 128/384/384, about 2.5x the multiply-adds;
 - `airbench-deep` (airbench96 class): widths 128/384/512 and a third convolution per group, added back onto the
-  group's first activation (a residual), about 4x the multiply-adds.
+  group's first activation (a residual), about 3.8x the multiply-adds.
 """
 
 from __future__ import annotations
