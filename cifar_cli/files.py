@@ -76,9 +76,20 @@ def write_atomically(path: Path, payload: bytes, hint: str | None = None) -> Non
             os.fsync(handle.fileno())
         tmp.replace(path)
     except OSError as error:
-        raise CifarError(f"Could not write {path}: {error.strerror or error}.", hint=hint) from None
+        why = (
+            f"{_blocking_file(path)} is a file, not a folder"
+            if _blocking_file(path)
+            else error.strerror or error
+        )
+        raise CifarError(f"Could not write {path}: {why}.", hint=hint) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. no folder to remove it from: the error above says why
+            tmp.unlink(missing_ok=True)
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The file that stands where one of `path`'s folders should be, if any."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
 
 
 def tensor_file_bytes(state: object) -> bytes:

@@ -6,9 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.data.prepare import CLASS_NAMES
 from cifar_cli.engine import export as export_module
 from cifar_cli.engine import exported as exported_module
@@ -18,9 +16,8 @@ from cifar_cli.engine.exported import load_exported
 from cifar_cli.engine.train import train
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.settings import MODEL_RECIPES, DataSettings
-from tests.conftest import tiny_settings
+from tests.conftest import flat, run_cli, tiny_settings
 
-runner = CliRunner()
 HAS_ONNX = all(importlib.util.find_spec(name) for name in exported_module.ONNX_PACKAGES)
 needs_onnx = pytest.mark.skipif(
     not HAS_ONNX, reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed"
@@ -95,11 +92,36 @@ def test_a_disagreeing_export_is_deleted_and_refused(
         exported = real(path)
         return exported_module.Exported(lambda pixels: exported.run(pixels) * 1.01, exported.contract)
 
+    data = DataSettings(processed_dir=prepared_dir)
+    out = tmp_path / "model.pt2"
+    export_checkpoint(trained["seed-cnn"], data, "pt2", out)  # an earlier, good export at the same path
+    good = out.read_bytes()
     monkeypatch.setattr(export_module, "load_exported", off_by_a_little)
-    out = tmp_path / "bad.pt2"
     with pytest.raises(CifarError, match="does not match the checkpoint"):
-        export_checkpoint(trained["seed-cnn"], DataSettings(processed_dir=prepared_dir), "pt2", out)
-    assert list(tmp_path.iterdir()) == []
+        export_checkpoint(trained["seed-cnn"], data, "pt2", out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"] and out.read_bytes() == good
+    monkeypatch.undo()
+    assert load_exported(out).contract["class_names"] == CLASS_NAMES  # still the good one, whole
+
+
+def test_the_checkpoint_is_never_an_export_target(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
+) -> None:
+    """`cifar export ck/last.pth --out ck/last.pth` used to overwrite the checkpoint with ONNX bytes, then delete it
+    when the check failed."""
+    checkpoint = tmp_path / "one" / "last.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(trained["seed-cnn"].read_bytes())
+    original = checkpoint.read_bytes()
+    for out in (checkpoint, tmp_path / "one" / "." / "last.pth", tmp_path / "other.pth"):
+        result = run_cli(
+            "export", checkpoint, "--format", "pt2", "--out", out, "--processed-dir", prepared_dir
+        )
+        assert result.exit_code == 2 and "would overwrite" in flat(result.output), result.output
+    assert checkpoint.read_bytes() == original and sorted(p.name for p in tmp_path.rglob("*")) == [
+        "last.pth",
+        "one",
+    ]
 
 
 def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
@@ -117,13 +139,13 @@ def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Pat
         ),
     }
     for case, (args, code) in cases.items():
-        result = runner.invoke(app, ["export", *args, "--processed-dir", str(prepared_dir)])
+        result = run_cli("export", *args, "--processed-dir", str(prepared_dir))
         assert result.exit_code == code, (case, result.output)
-        assert "Traceback" not in result.output, case
+    assert "a-file is a file, not a folder" in flat(result.output)  # the unwritable output, named
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "notes.txt"]
     damaged = tmp_path / "damaged.onnx"
     damaged.write_bytes(b"\x08\x01garbage")
-    assert runner.invoke(app, ["evaluate", str(damaged), "--processed-dir", str(prepared_dir)]).exit_code == 2
+    assert run_cli("evaluate", str(damaged), "--processed-dir", str(prepared_dir)).exit_code == 2
 
 
 def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,8 +165,8 @@ def test_cli_export_prints_the_verification(
     trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "cli.onnx"
-    result = runner.invoke(
-        app, ["export", str(trained["seed-cnn"]), "--out", str(out), "--processed-dir", str(prepared_dir)]
+    result = run_cli(
+        *["export", str(trained["seed-cnn"]), "--out", str(out), "--processed-dir", str(prepared_dir)]
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,15 @@ def export_checkpoint(
     opset: int | None = None,
     say: Callable[[str], None] = lambda _text: None,
 ) -> ExportResult:
-    """Write the export, then load it with its own runtime and compare it with the checkpoint on 512 test images;
-    a file that disagrees is deleted and refused (exit 1)."""
+    """Write the export under a temporary name, load it with its own runtime and compare it with the checkpoint on
+    512 test images, then rename it over `out`: a file that disagrees is deleted and refused (exit 1), and whatever
+    was at `out` before (an earlier good export) stays as it was until a verified file replaces it."""
     if fmt not in FORMATS:
         raise UsageError(f"Unknown export format {fmt!r}.", hint=f"Use one of: {', '.join(FORMATS)}.")
     if fmt == "onnx":
         require_onnx()
     out = out or checkpoint.with_suffix(f".{fmt}")
+    _refuse_checkpoint_as_out(checkpoint, out, fmt)
     loaded = load_model(checkpoint, torch.device("cpu"))
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
     classifier = PixelClassifier(model, tta_level(loaded.train_settings, tta), loaded.spec).eval()
@@ -100,15 +103,31 @@ def export_checkpoint(
         if fmt == "onnx"
         else pt2_bytes(classifier, example, batch, contract)
     )
-    write_atomically(out, payload, hint="Choose another --out.")
+    # The file's own runtime reads it by its suffix: the temporary name keeps the format's.
+    candidate = out.with_name(f".{out.name}.{os.getpid()}.verifying.{fmt}")
+    write_atomically(candidate, payload, hint="Choose another --out.")
     try:
-        runner = load_exported(out).run
+        runner = load_exported(candidate).run
         exported_logits = run_batches(runner, pixels, batch)
-        result = _verify(out, checkpoint_logits, exported_logits, labels, contract)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return result
+        result = _verify(candidate, checkpoint_logits, exported_logits, labels, contract, out.name)
+        candidate.replace(out)
+    except OSError as error:
+        raise CifarError(
+            f"Could not write {out}: {error.strerror or error}.", hint="Choose another --out."
+        ) from None
+    finally:
+        candidate.unlink(missing_ok=True)
+    return replace(result, path=out)
+
+
+def _refuse_checkpoint_as_out(checkpoint: Path, out: Path, fmt: str) -> None:
+    """An export never takes the place of a checkpoint: not the one exported, nor any file named as one."""
+    same = out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve()
+    if same or out.suffix == ".pth":
+        raise UsageError(
+            f"--out {out} would overwrite {'the checkpoint being exported' if same else 'a checkpoint file (.pth)'}.",
+            hint=f"Write the export to a file of its own, e.g. --out {checkpoint.with_suffix('.' + fmt)}.",
+        )
 
 
 def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: float) -> dict[str, Any]:
@@ -164,7 +183,7 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _verify(
-    path: Path, expected: torch.Tensor, actual: torch.Tensor, labels: torch.Tensor, contract: dict
+    path: Path, expected: torch.Tensor, actual: torch.Tensor, labels: torch.Tensor, contract: dict, name: str
 ) -> ExportResult:
     sample = slice(0, VERIFY_IMAGES)
     difference = float((expected[sample] - actual[sample]).abs().max())
@@ -172,9 +191,9 @@ def _verify(
     agreement = float((expected[sample].argmax(1) == actual[sample].argmax(1)).float().mean())
     if relative > RELATIVE_TOLERANCE or agreement < 1.0:
         raise CifarError(
-            f"The exported {path.name} does not match the checkpoint on {min(VERIFY_IMAGES, len(labels))} test "
+            f"The exported {name} does not match the checkpoint on {min(VERIFY_IMAGES, len(labels))} test "
             f"images: max |logit difference| {difference:.3g} ({relative:.2g} of the largest logit; limit "
-            f"{RELATIVE_TOLERANCE:g}), top-1 agreement {agreement:.2%}. The file was deleted."
+            f"{RELATIVE_TOLERANCE:g}), top-1 agreement {agreement:.2%}. It was not kept (a file already at that path is unchanged)."
         )
     return ExportResult(
         path, path.stat().st_size, min(VERIFY_IMAGES, len(labels)), difference, relative, agreement,
