@@ -11,9 +11,11 @@ from typing import Any
 
 import yaml
 
-from cifar_cli.engine.identity import recipe_identity
+from cifar_cli.data import adopt_prepared
+from cifar_cli.engine.identity import recipe_differences, recipe_identity
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
+from cifar_cli.settings import Settings
 from cifar_cli.tracking import FINAL_METRICS_FILE, HISTORY_FILE, PRUNED_FILE, SETTINGS_FILE, read_history
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
@@ -67,6 +69,25 @@ def _group(parent: Path, sweep: str | None, sort: str) -> list[RunSummary]:
     for run in runs:
         run.sweep = sweep
     return sorted(runs, key=lambda run: _sort_value(run, sort))
+
+
+def recorded_differences(run_folder: Path, settings: Settings) -> list[tuple[str, Any, Any]]:
+    """(setting, as the run in `run_folder` recorded it, as `settings` ask now) for what makes a run's result: its
+    recipe and its length (the epochs, or the time budget that chose them). Empty where no run was recorded."""
+    stored = _read_settings(run_folder)
+    if not stored:
+        return []
+    settings = settings.model_copy(
+        update={"data": adopt_prepared(settings.data)}
+    )  # as the run recorded its data
+    differences = recipe_differences(stored, settings)
+    before, now = stored.get("train", {}), settings.train
+    length = (
+        "time_budget" if now.time_budget is not None or before.get("time_budget") is not None else "epochs"
+    )
+    if before.get(length) != getattr(now, length):
+        differences.append((f"train.{length}", before.get(length), getattr(now, length)))
+    return differences
 
 
 def _read_settings(folder: Path) -> dict[str, Any]:

@@ -49,6 +49,7 @@ STALE_SECONDS = (
 )
 WORKER_ATTR = "cifar:worker"  # user attribute of a running trial: host, pid, last heartbeat (Unix seconds)
 SPACE_ATTR = "cifar:space"  # study user attribute: the search space it was created with
+RECIPE_ATTR = "cifar:recipe"  # study user attribute: the fixed settings its trials share (study_recipe)
 
 
 class Pruned(Exception):
@@ -144,7 +145,9 @@ class StudyPlan:
     timeout: float | None  # seconds after which this worker starts no new trial
 
 
-def open_study(storage: Any, name: str, sampler: Any, pruner: Any, space: str) -> Any:
+def open_study(storage: Any, name: str, sampler: Any, pruner: Any, space: str, recipe: dict[str, Any]) -> Any:
+    """The study `name` (made when new); a worker whose search space or fixed recipe differs from the study's is
+    refused, so that every trial of a study answers the same question."""
     optuna = require_optuna()
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                 pruner=pruner, load_if_exists=True)  # fmt: skip
@@ -156,7 +159,28 @@ def open_study(storage: Any, name: str, sampler: Any, pruner: Any, space: str) -
             f"Study {name!r} was created with another search space.",
             [("--set", f"the study's: {stored}", space)],
         )
+    stored_recipe = study.user_attrs.get(RECIPE_ATTR)
+    if stored_recipe is None:
+        study.set_user_attr(RECIPE_ATTR, recipe)
+    elif stored_recipe != recipe:
+        keys = sorted(key for key in {*stored_recipe, *recipe} if stored_recipe.get(key) != recipe.get(key))
+        raise SettingsError(
+            f"Study {name!r} was created with other fixed settings: its trials answer another question.",
+            [(key, f"the study's: {stored_recipe.get(key)!r}", repr(recipe.get(key))) for key in keys[:12]],
+            hint="Give this study a new --name, or run this worker with the study's settings.",
+        )
     return study
+
+
+def study_recipe(settings: Any, varied: list[str]) -> dict[str, Any]:
+    """What every trial of a study shares: the settings that make a result (engine/identity.py) but the varied
+    ones, and the length (epochs, or the time budget that chooses them), as JSON-safe values."""
+    from cifar_cli.engine.identity import recipe_identity
+
+    identity = recipe_identity(settings.to_plain())
+    shared = {key: value for key, value in identity.items() if key not in varied}
+    shared["train.epochs"], shared["train.time_budget"] = settings.train.epochs, settings.train.time_budget
+    return json.loads(json.dumps(shared))
 
 
 def counted(study: Any) -> tuple[int, int]:

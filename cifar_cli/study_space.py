@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.errors import UsageError
-from cifar_cli.sweep import LOG, RANGE, parse_axis
+from cifar_cli.sweep_axes import LOG, RANGE, exact_step, parse_axis
 
 OPEN_ATTEMPTS = 4  # tries to open a database storage (several workers may be creating its tables)
 SAMPLERS = ("grid", "random", "tpe")
@@ -53,7 +53,7 @@ def parse_dimension(assignment: str) -> Dimension:
     if LOG.match(text):
         return Dimension(key, tuple(values), values[0], values[-1], log=True)
     if RANGE.match(text):
-        step = values[1] - values[0]
+        step = exact_step(values[0], values[1])
         return Dimension(key, tuple(values), values[0], values[-1], step=step)
     return Dimension(key, tuple(values))
 

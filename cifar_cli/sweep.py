@@ -15,7 +15,6 @@ import ctypes
 import io
 import itertools
 import json
-import math
 import os
 import random
 import re
@@ -30,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.errors import SettingsError, UsageError
+from cifar_cli.errors import ExitCode, SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
-from cifar_cli.runs import SWEEPS_FOLDER, list_runs
+from cifar_cli.runs import SWEEPS_FOLDER, list_runs, recorded_differences
 from cifar_cli.settings import (
     Settings,
     dump_yaml,
@@ -40,51 +39,6 @@ from cifar_cli.settings import (
     load_settings,
     set_dotted,
 )
-from cifar_cli.yaml_files import load_bounded_yaml
-
-RANGE = re.compile(r"^range\(\s*([^,]+),\s*([^,]+)(?:,\s*([^,]+))?\s*\)$")
-LOG = re.compile(r"^log\(\s*([^,]+),\s*([^,]+),\s*(\d+)\s*\)$")
-
-
-def parse_axis(assignment: str) -> tuple[str, list[Any]]:
-    """`key=v1,v2,v3` (Hydra's comma syntax, each value a YAML scalar), `key=range(a,b[,step])` (b excluded) or
-    `key=log(a,b,n)` (n values spaced evenly on a log scale from a to b)."""
-    key, sep, text = assignment.partition("=")
-    key, text = key.strip(), text.strip()
-    if not sep or not key or not text:
-        raise SettingsError("Bad --set option.", [("--set", "expected dotted.key=v1,v2,...", assignment)])
-    if match := RANGE.match(text):
-        start, stop, step = (
-            _number(part) for part in (match.group(1), match.group(2), match.group(3) or "1")
-        )
-        if step == 0 or (stop - start) / step <= 0:
-            raise SettingsError("Bad range.", [(key, "range(a, b, step) must reach from a towards b", text)])
-        return key, [start + i * step for i in range(math.ceil((stop - start) / step))]
-    if match := LOG.match(text):
-        low, high, count = _number(match.group(1)), _number(match.group(2)), int(match.group(3))
-        if low <= 0 or high <= 0 or count < 2:
-            raise SettingsError("Bad log range.", [(key, "log(a, b, n) needs a, b > 0 and n >= 2", text)])
-        ratio = (high / low) ** (1 / (count - 1))
-        return key, [float(f"{low * ratio**i:.6g}") for i in range(count)]
-    return key, [_scalar(value.strip(), key) for value in text.split(",")]
-
-
-def _scalar(text: str, key: str) -> Any:
-    """A YAML scalar, where `1e-9` (a string to YAML 1.1, which wants `1.0e-9`) is the number a user meant."""
-    value = load_bounded_yaml(text, f"--set {key}")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _number(text: str) -> int | float:
-    value = load_bounded_yaml(text.strip(), "a range bound")
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise SettingsError("Bad range.", [("range", "bounds and steps must be numbers", text)])
-    return value
 
 
 @dataclass(frozen=True)
@@ -157,6 +111,22 @@ def check_all(trials: list[Trial], build: Callable[[Trial], Settings]) -> list[S
     if rows:
         raise SettingsError(f"{len({row[0].split(':')[0] for row in rows})} trial(s) have bad values.", rows)
     return built
+
+
+def check_earlier_trials(trials: list[Trial], built: list[Settings], folder: Path) -> None:
+    """A trial name holds only the varied values and the seed: a sweep run again under the same name reuses (or
+    resumes) its trials only where everything else that makes a result is the same too, else it is refused."""
+    rows = [
+        (f"{trial.name}: {key}", f"was {before!r} in the earlier sweep", repr(now))
+        for trial, settings in zip(trials, built)
+        for key, before, now in recorded_differences(folder / trial.name, settings)
+    ]
+    if rows:
+        raise SettingsError(
+            f"Sweep {folder.name!r} was run before with other settings: its trials answer another question.",
+            rows[:12] + ([("...", f"and {len(rows) - 12} more", "")] if len(rows) > 12 else []),
+            hint=f"Give this sweep a new --name (or delete {folder} to train its trials again).",
+        )
 
 
 @dataclass(frozen=True)
@@ -279,7 +249,8 @@ def machine_slots(jobs: int, device: str) -> list[Slot]:
 TRIALS_FOLDER = ".trials"  # per-trial settings files and output logs of `--jobs N` runs
 POLL_SECONDS = 2.0  # how often the status table is refreshed while trials run in parallel
 STOP_GRACE_SECONDS = 120  # after Ctrl-C, how long a trial may take to save its checkpoint before it is killed
-EXIT_STATES = {0: "finished", 130: "interrupted"}  # `cifar train` exit codes; anything else: failed
+# What a trial's `cifar train` exit code means; any other code: failed.
+EXIT_STATES = {ExitCode.OK: "finished", ExitCode.INTERRUPTED: "interrupted"}
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from cifar_cli.cli import app
 
 optuna = pytest.importorskip("optuna")
 from cifar_cli import study as studies  # noqa: E402 - after the skip: the module needs Optuna at work
-
-runner = CliRunner()
+from tests.conftest import flat, run_cli  # noqa: E402
 
 
 def _args(tmp_path: Path, prepared_dir: Path, storage: str, lrs: str, epochs: int, *extra: str) -> list[str]:
@@ -96,7 +92,7 @@ def test_a_killed_workers_trial_is_resumed_by_the_next_and_a_hopeless_one_pruned
     assert document["recipes"][0]["val_accuracy_mean"] == pytest.approx(history[-1]["val_accuracy"])
     assert [row["run"] for row in document["pruned"]] == ["t001_lr1e-09_seed0"]
     assert (runs / "sweep.csv").read_text().count("\n") == 2 and (runs / "sweep.png").stat().st_size > 10_000
-    listed = runner.invoke(app, ["runs", "--log-dir", str(tmp_path / "runs"), "--json"])
+    listed = run_cli("runs", "--log-dir", str(tmp_path / "runs"), "--json")
     states_listed = {run["name"]: run["state"] for run in json.loads(listed.output)}
     assert states_listed == {first.name: "finished", "t001_lr1e-09_seed0": "pruned"}
 
@@ -263,15 +259,21 @@ def test_options_a_study_cannot_honour_are_refused(tmp_path: Path, prepared_dir:
         (["--sampler", "random"], "--trials"),
         (["--trials", "3"], "--trials"),
     ):
-        result = runner.invoke(app, [*base, *extra])
+        result = run_cli(*base, *extra)
         assert result.exit_code == 2 and field in result.output, (extra, result.output)
-    local = runner.invoke(app, [*base[: base.index("--storage")], "--pruner", "halving"])
+    local = run_cli(*[*base[: base.index("--storage")], "--pruner", "halving"])
     assert local.exit_code == 2 and "need --storage" in local.output
-    unknown = runner.invoke(app, [*base[:-1], "ftp://somewhere"])
+    unknown = run_cli(*[*base[:-1], "ftp://somewhere"])
     assert unknown.exit_code == 2 and "Unknown storage" in unknown.output
-    assert runner.invoke(app, base).exit_code == 0
-    other = runner.invoke(app, _args(tmp_path, prepared_dir, storage, "0.01,0.02", 1))
+    assert run_cli(*base).exit_code == 0
+    other = run_cli(*_args(tmp_path, prepared_dir, storage, "0.01,0.02", 1))
     assert other.exit_code == 2 and "another search space" in other.output
+    # The same space with another length or fixed setting would rank trials that answer different questions.
+    for changed, key in ((_args(tmp_path, prepared_dir, storage, "0.003,0.001", 2), "train.epochs"),
+                         ([*base, "--set", "optim.momentum=0.5"], "optim.momentum")):  # fmt: skip
+        result = run_cli(*changed)
+        assert result.exit_code == 2 and "other fixed settings" in flat(result.output), result.output
+        assert key in result.output
 
 
 def test_a_grid_worker_stops_when_the_grid_is_handed_out_even_after_an_error() -> None:

@@ -8,13 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.errors import SettingsError
-from cifar_cli.sweep import parse_axis, plan_trials
-
-runner = CliRunner()
+from cifar_cli.sweep import plan_trials
+from cifar_cli.sweep_axes import parse_axis
+from tests.conftest import flat, run_cli
 
 
 def test_axis_syntax() -> None:
@@ -25,6 +23,15 @@ def test_axis_syntax() -> None:
     for bad in ("optim.lr", "optim.lr=range(1,1)", "optim.lr=log(0,1,3)", "optim.lr=range(a,b)"):
         with pytest.raises(SettingsError):
             parse_axis(bad)
+
+
+def test_ranges_exclude_their_end_and_keep_the_written_precision() -> None:
+    # Binary floating point would give 0.7999999999999999, 0.8999999999999999 and then 1.0 (b included).
+    assert parse_axis("optim.momentum=range(0.7,1.0,0.1)")[1] == [0.7, 0.8, 0.9]
+    assert parse_axis("optim.label_smoothing=range(0,0.3,0.05)")[1] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    assert parse_axis("train.epochs=range(10,0,-3)")[1] == [10, 7, 4, 1]
+    trials = plan_trials([parse_axis("optim.label_smoothing=range(0.1,0.2,0.05)")], [0], None)
+    assert [t.name for t in trials] == ["t000_label_smoothing0.1_seed0", "t001_label_smoothing0.15_seed0"]
 
 
 def test_grid_times_seeds_and_seeded_random_draws() -> None:
@@ -73,13 +80,13 @@ def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
     args = _sweep(tmp_path, prepared_dir)
     args[args.index("--epochs") + 1] = "2"
     args[args.index("log.progress=none")] = "log.progress=plain"  # the resume message is the runs' own
-    first = runner.invoke(app, args)
+    first = run_cli(*args)
     assert first.exit_code == 130 and "same `cifar sweep` command again" in first.output, first.output
     interrupted = started[2]
     checkpoint = tmp_path / "ck" / "sweeps" / "lr" / interrupted / "last.pth"
     assert torch_epoch(checkpoint) == 1  # a real partial trial: one epoch done, the second cut short
     monkeypatch.setattr(EpochRunner, "run", real_run)
-    again = runner.invoke(app, args)
+    again = run_cli(*args)
     assert again.exit_code == 0, again.output
     assert again.output.count("finished before, skipped") == 2
     assert f"Resuming run {interrupted} after epoch 1" in again.output
@@ -117,9 +124,43 @@ def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
 def test_bad_values_are_refused_before_the_first_trial(tmp_path: Path, prepared_dir: Path) -> None:
     args = _sweep(tmp_path, prepared_dir)
     args[args.index("optim.lr=0.001,0.003")] = "optim.lr=0.001,-1"
-    result = runner.invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2 and "optim.lr" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_rerun_with_another_recipe_is_refused_not_answered_with_old_trials(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """The trial names hold only the swept values and the seed: the same sweep with another --epochs (or preset, or
+    fixed --set) must not skip its finished trials as if they answered the new question."""
+    args = [arg for arg in _sweep(tmp_path, prepared_dir) if arg != "0,1"]
+    args[args.index("--seeds") + 1 : args.index("--seeds") + 1] = ["0"]
+    assert run_cli(*args).exit_code == 0
+    folder = tmp_path / "runs" / "sweeps" / "lr"
+    before = {p.name: (p / "final_metrics.json").stat().st_mtime_ns for p in folder.iterdir() if p.is_dir()}
+    assert len(before) == 2
+    same = run_cli(*args)
+    assert same.exit_code == 0 and same.output.count("finished before, skipped") == 2
+    for changed, setting in (
+        (["--epochs", "2"], "train.epochs"),
+        (["--set", "optim.momentum=0.5"], "optim.momentum"),
+    ):
+        if changed[0] == "--epochs":
+            longer = list(args)
+            longer[longer.index("--epochs") + 1] = "2"
+        else:
+            longer = [*args, *changed]
+        result = run_cli(*longer)
+        assert result.exit_code == 2, result.output
+        text = flat(result.output)
+        assert "was run before with other settings" in text and setting in text and "new --name" in text
+    after = {p.name: (p / "final_metrics.json").stat().st_mtime_ns for p in folder.iterdir() if p.is_dir()}
+    assert after == before  # nothing trained, nothing overwritten
+    renamed = list(args)
+    renamed[renamed.index("--name") + 1] = "lr-two-epochs"
+    renamed[renamed.index("--epochs") + 1] = "2"
+    assert run_cli(*renamed).exit_code == 0
 
 
 def test_slots_split_the_cores_and_give_each_trial_its_own_gpu() -> None:

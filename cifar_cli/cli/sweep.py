@@ -18,7 +18,6 @@ from cifar_cli.cli.common import (
     Sets,
     console,
     flag_settings,
-    handled_errors,
     resolve,
 )
 from cifar_cli.cli.sweep_tables import print_sweep, trial_table
@@ -109,69 +108,70 @@ def sweep(
     config: ConfigOption = None,
 ) -> None:
     """Train a grid (or random draws) of recipes as ordinary runs and rank them on validation accuracy."""
-    with handled_errors():
-        from cifar_cli import sweep as sweeps
-        from cifar_cli.display import make_reporter
-        from cifar_cli.engine.train import TrainingInterrupted
-        from cifar_cli.engine.train import train as run_training
-        from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
+    from cifar_cli import sweep as sweeps
+    from cifar_cli.display import make_reporter
+    from cifar_cli.engine.train import TrainingInterrupted
+    from cifar_cli.engine.train import train as run_training
+    from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
+    from cifar_cli.sweep_axes import parse_axis
 
-        fixed: dict[str, Any] = {}
-        for key, value in flag_settings(sweep, locals()).items():
-            set_dotted(fixed, key, value)
-        parsed = [sweeps.parse_axis(axis) for axis in axes or []]
-        seed_list = [int(part) for part in seeds.split(",") if part.strip().isdigit()]
-        if not seed_list or len(seed_list) != len(seeds.split(",")):
-            raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
-        base = resolve(config, None, flag_settings(sweep, locals()))
-        sweep_name = name or sweeps.default_name(parsed)
-        _check_choices(sampler, pruner)
-        if storage is not None:
-            from cifar_cli.cli.sweep_study import run_study
+    fixed: dict[str, Any] = {}
+    for key, value in flag_settings(sweep, locals()).items():
+        set_dotted(fixed, key, value)
+    parsed = [parse_axis(axis) for axis in axes or []]
+    seed_list = [int(part) for part in seeds.split(",") if part.strip().isdigit()]
+    if not seed_list or len(seed_list) != len(seeds.split(",")):
+        raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
+    base = resolve(config, None, flag_settings(sweep, locals()))
+    sweep_name = name or sweeps.default_name(parsed)
+    _check_choices(sampler, pruner)
+    if storage is not None:
+        from cifar_cli.cli.sweep_study import run_study
 
-            options = {"storage": storage, "trials": trials, "sampler": sampler, "pruner": pruner,
-                       "timeout": timeout, "samples": samples, "jobs": jobs}  # fmt: skip
-            run_study(axes or [], seed_list, options, base, fixed, config, sweep_name)
-            return
-        from cifar_cli.cli.sweep_study import check_local_options
+        options = {"storage": storage, "trials": trials, "sampler": sampler, "pruner": pruner,
+                   "timeout": timeout, "samples": samples, "jobs": jobs}  # fmt: skip
+        run_study(axes or [], seed_list, options, base, fixed, config, sweep_name)
+        return
+    from cifar_cli.cli.sweep_study import check_local_options
 
-        check_local_options(trials, sampler, pruner, timeout)
-        trials = sweeps.plan_trials(parsed, seed_list, samples)
-        val_images = sweeps.validation_images(base)
-        built = sweeps.check_all(
-            trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images)
-        )
-        folder = sweeps.sweep_folder(base, sweep_name)
-        console.print(
-            f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images."
-        )
+    check_local_options(trials, sampler, pruner, timeout)
+    trials = sweeps.plan_trials(parsed, seed_list, samples)
+    val_images = sweeps.validation_images(base)
+    built = sweeps.check_all(
+        trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images)
+    )
+    folder = sweeps.sweep_folder(base, sweep_name)
+    sweeps.check_earlier_trials(trials, built, folder)  # a rerun reuses trials only for the same question
+    console.print(
+        f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images."
+    )
 
-        def train_one(settings: Settings) -> None:
-            run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+    def train_one(settings: Settings) -> None:
+        run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 
-        if jobs == 1:
-            try:
-                summaries = sweeps.run_trials(
-                    trials,
-                    built,
-                    folder,
-                    train_one,
-                    console.print,
-                    lambda rows: console.print(trial_table(rows)),
-                )
-            except TrainingInterrupted as error:
-                raise TrainingInterrupted(
-                    f"Sweep interrupted. {error.message}",
-                    hint="Run the same `cifar sweep` command again: finished trials are skipped, this one resumes.",
-                ) from None
-        else:
-            summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
-        ranked = sweeps.rank(trials, summaries)
-        sweeps.write_results(folder, ranked)
-        varied = [key for key, values in parsed if len(values) > 1]
-        document = json.loads((folder / "sweep.json").read_text())
-        save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
-        print_sweep(ranked, document, folder)
+    if jobs == 1:
+        try:
+            summaries = sweeps.run_trials(
+                trials,
+                built,
+                folder,
+                train_one,
+                console.print,
+                lambda rows: console.print(trial_table(rows)),
+            )
+        except TrainingInterrupted as error:
+            raise TrainingInterrupted(
+                f"Sweep interrupted. {error.message}",
+                hint="Run the same `cifar sweep` command again: finished trials are skipped, this one resumes.",
+            ) from None
+    else:
+        summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
+    ranked = sweeps.rank(trials, summaries)
+    sweeps.write_results(folder, ranked)
+    varied = [key for key, values in parsed if len(values) > 1]
+    document = json.loads((folder / "sweep.json").read_text())
+    save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
+    print_sweep(ranked, document, folder)
 
 
 def _check_choices(sampler: str | None, pruner: str | None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.cli.common import console
-from cifar_cli.errors import SettingsError, UsageError
+from cifar_cli.errors import ExitCode, SettingsError, UsageError
 from cifar_cli.settings import Settings
 
 
@@ -62,13 +62,14 @@ def run_study(
         if sampler == "grid"
         else [{d.key: d.values[0] for d in varied}, {d.key: d.values[-1] for d in varied}]
     )
-    sweeps.check_all(
+    checked = sweeps.check_all(
         [sweeps.Trial(i, {**c, **fixed}, tuple(c), f"check{i}") for i, c in enumerate(corners)], build
     )
     storage = studies.open_storage(options["storage"])
     study = studies.open_study(
         storage, sweep_name, studies.make_sampler(sampler, grid, seeds[0]),
         studies.make_pruner(pruner, base.train.epochs), studies.space_text(varied),
+        studies.study_recipe(checked[0], [d.key for d in varied]),
     )  # fmt: skip
     folder = sweeps.sweep_folder(base, sweep_name)
     console.print(
@@ -88,9 +89,8 @@ def run_study(
     try:
         done = studies.run_worker(study, plan, studies.trial_runner(build, train), console.print)
     except Exception as error:
-        if (
-            getattr(error, "exit_code", None) == 130
-        ):  # Ctrl-C: the trial saved its checkpoint and is queued again
+        # Ctrl-C: the trial saved its checkpoint and is queued again.
+        if getattr(error, "exit_code", None) == ExitCode.INTERRUPTED:
             from cifar_cli.engine.train import TrainingInterrupted
 
             raise TrainingInterrupted(
