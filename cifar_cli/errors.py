@@ -1,12 +1,24 @@
-"""One exception type for every problem a user can fix: the CLI turns it into a short message and an exit code."""
+"""One exception type for every problem a user can fix, and the exit codes the CLI ends with, named once."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `cifar` returns to the shell; scripts and sweeps read these (e.g. a trial's 130 means "resume me")."""
+
+    OK = 0
+    ERROR = 1  # a failure that is not the input's fault (disk, network, a bug: see CIFAR_DEBUG=1)
+    USAGE = 2  # bad input: settings, flags, files that are not what they claim
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): the run saved what it had and can be resumed
+    CLOSED_PIPE = 141  # the reader of our output went away (`cifar runs | head -1`), as 128 + SIGPIPE
 
 
 class CifarError(Exception):
     """A failure with a message for people, an optional hint, and the exit code the CLI should use."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.ERROR
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -17,7 +29,7 @@ class CifarError(Exception):
 class UsageError(CifarError):
     """Bad input given by the user (settings, flags, files that are not what they claim): exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class SettingsError(UsageError):

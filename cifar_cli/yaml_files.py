@@ -14,7 +14,20 @@ from cifar_cli.errors import UsageError
 def read_yaml_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"Config file not found: {path}", hint="Pass an existing file to --config.")
-    return parse_yaml(path.read_text(), str(path))
+    try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"Config file {path} cannot be read: {error.strerror or error}.") from None
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = payload[: error.start].count(b"\n") + 1
+        raise UsageError(
+            f"Config file {path} is not UTF-8 text: byte 0x{payload[error.start]:02x} on line {line} "
+            f"(byte {error.start + 1} of the file).",
+            hint="Save the file as UTF-8 (most editors: 'Save with encoding'; iconv -f latin1 -t utf-8 converts).",
+        ) from None
+    return parse_yaml(text, str(path))
 
 
 def parse_yaml(text: str, origin: str) -> dict[str, Any]:

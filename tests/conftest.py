@@ -10,9 +10,11 @@ import re
 import signal
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import Result
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-python.tar.gz"
 SHARED_MD5 = "3466e0b843d66efd7e25787f51d01865"
@@ -135,6 +137,16 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path) -
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
+    """last.pth of one epoch of the baseline on the tiny data, for tests that need a real checkpoint where the
+    path is not the point (a refusal must be reached by its own check, not by a missing file). Read only."""
+    from cifar_cli.engine.train import train
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    return train(tiny_settings(folder, prepared_dir, "train.epochs=1")).checkpoint_dir / "last.pth"
+
+
+@pytest.fixture(scope="session")
 def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache of measured step speeds for the whole session (engine/calibrate.py), never the user's own."""
     return tmp_path_factory.mktemp("xdg-cache")
@@ -150,6 +162,26 @@ def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calibr
         if key.startswith("CIFAR_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("CI", "true")
+    # An unexpected exception leaves the CLI's error boundary as itself, so `run_cli` can tell a crash from a clean
+    # error (both would exit 1 otherwise). Tests of the boundary's own message delete it.
+    monkeypatch.setenv("CIFAR_DEBUG", "1")
+
+
+def run_cli(*args: object, **options: Any) -> Result:
+    """`cifar ARGS` through Typer's CliRunner (options as `CliRunner.invoke` takes them: env, input...). The test
+    fails when the command crashed: `result.exception` may only be the SystemExit of a handled error (CliRunner
+    swallows every other exception, exit 1 and no traceback in the output, like a clean error)."""
+    from typer.testing import CliRunner
+
+    from cifar_cli.cli import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args], **options)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        command = " ".join(str(arg) for arg in args)
+        raise AssertionError(
+            f"`cifar {command}` crashed: {result.exception!r}\n{result.output}"
+        ) from result.exception
+    return result
 
 
 def flat(console_text: str) -> str:

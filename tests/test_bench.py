@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from cifar_cli.bench import BenchOptions, run_benchmark
 from cifar_cli.bench.measure import Candidate, one_repeat
 from cifar_cli.bench.rows import bench_fast_preset
-from cifar_cli.cli import app
 from cifar_cli.errors import UsageError
 from cifar_cli.settings import DataSettings, load_settings
+from tests.conftest import run_cli
 
 QUICK = {
     "batches": 2,
@@ -109,10 +108,8 @@ def test_a_timed_window_runs_for_at_least_min_seconds() -> None:
 
 def test_bench_cli_writes_json(prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        app,
-        ["bench", "--batches", "1", "--repeats", "1", "--batch-size", "8", "--models", "seed-cnn", "--no-fast",
-         "--device", "cpu", "--processed-dir", str(prepared_dir), "--json", str(out)],
+    result = run_cli("bench", "--batches", "1", "--repeats", "1", "--batch-size", "8", "--models", "seed-cnn", "--no-fast",
+         "--device", "cpu", "--processed-dir", str(prepared_dir), "--json", str(out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Pipeline speed-up" in result.output

@@ -14,6 +14,7 @@ import torch
 from cifar_cli.engine import calibrate as calibrate_module
 from cifar_cli.engine.calibrate import Layout, cache_dir, calibrate, candidates
 from cifar_cli.settings import ModelSettings, OptimSettings
+from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
 SEED_CNN = ModelSettings(name="seed-cnn", width_multiplier=0.25)
@@ -226,15 +227,11 @@ def test_a_training_run_teaches_its_calibration(tmp_path: Path, prepared_dir: Pa
 
 
 def test_bench_recalibrate_forgets_and_measures_again(monkeypatch, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from cifar_cli.cli import app
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     (tmp_path / "cifar").mkdir()
     (tmp_path / "cifar" / "calibration.json").write_text(json.dumps({"stale-a": {}, "stale-b": {}}))
-    result = CliRunner().invoke(app, ["bench", "--recalibrate", "--no-fast", "--model", "seed-cnn",
-                                      "--batch-size", "16", "--device", "cpu"])  # fmt: skip
+    result = run_cli("bench", "--recalibrate", "--no-fast", "--model", "seed-cnn",
+                                      "--batch-size", "16", "--device", "cpu")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Forgot 2 cached calibration(s)." in result.output and "measured in" in result.output
     stored = json.loads((tmp_path / "cifar" / "calibration.json").read_text())

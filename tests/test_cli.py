@@ -7,17 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
-
-runner = CliRunner()
+from tests.conftest import run_cli
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
-    result = runner.invoke(app, list(args), env=env)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args, env=env)
 
 
 def test_version_and_help() -> None:
@@ -37,23 +32,25 @@ def test_config_show_applies_set_env_and_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "named"),
     [
-        ["config", "show", "--set", "optim.lr=-1"],
-        ["config", "show", "--set", "nope.x=1"],
-        ["train", "--batch-size", "0"],
-        ["train", "--device", "tpu"],
-        ["train", "--epochs", "many"],
-        ["train", "--lr", "fast"],
-        ["train", "--optimizer", "rmsprop"],
-        ["evaluate", "missing.pth"],
-        ["evaluate", "x.pth", "--split", "holdout"],
-        ["prepare", "--raw-dir", "does-not-exist"],
+        (["config", "show", "--set", "optim.lr=-1"], "optim.lr"),
+        (["config", "show", "--set", "nope.x=1"], "unknown setting"),
+        (["train", "--batch-size", "0"], "train.batch_size"),
+        (["train", "--device", "tpu"], "train.device"),
+        (["train", "--epochs", "many"], "--epochs"),
+        (["train", "--lr", "fast"], "--lr"),
+        (["train", "--optimizer", "rmsprop"], "optim.name"),
+        (["evaluate", "missing.pth"], "No checkpoint at missing.pth"),
+        (["evaluate", "{checkpoint}", "--split", "holdout"], "must be test, train or val"),
+        (["prepare", "--raw-dir", "does-not-exist"], "No archive at"),
     ],
 )
-def test_bad_input_exits_2_without_traceback(args: list[str]) -> None:
-    result = invoke(*args)
+def test_bad_input_exits_2_naming_the_problem(args: list[str], named: str, tiny_checkpoint: Path) -> None:
+    """Each refusal is reached by its own check (a real checkpoint where the path is not the point)."""
+    result = invoke(*[arg.format(checkpoint=tiny_checkpoint) for arg in args])
     assert result.exit_code == 2, result.output
+    assert named in result.output, result.output
 
 
 def test_settings_table_shows_field_problem_and_value() -> None:

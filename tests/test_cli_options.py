@@ -8,20 +8,15 @@ import shutil
 from pathlib import Path
 
 import yaml
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
-from tests.conftest import COARSE_NAMES, build_cifar100_archive, flat, write_image_tree
+from tests.conftest import COARSE_NAMES, build_cifar100_archive, flat, run_cli, write_image_tree
 
-runner = CliRunner()
 TINY = ["--device", "cpu", "--set", "train.batch_size=16", "--set", "train.num_threads=1",
         "--set", "train.precision=fp32", "--set", "log.progress=none"]  # fmt: skip
 
 
 def invoke(*args: object):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args)
 
 
 def test_prepare_label_set_coarse_gives_the_20_superclasses(tmp_path: Path) -> None:

@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.data.prepare import load_cache, prepare_dataset, prepare_folder, read_manifest
 from cifar_cli.data.spec import CIFAR10_SPEC, DataSpec, channel_statistics
 from cifar_cli.errors import UsageError
-from tests.conftest import COARSE_NAMES, FINE_NAMES, build_cifar100_archive, flat, write_image_tree
-
-runner = CliRunner()
+from tests.conftest import COARSE_NAMES, FINE_NAMES, build_cifar100_archive, flat, run_cli, write_image_tree
 
 
 def invoke(*args: str):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

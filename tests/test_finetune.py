@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.data.loader import BatchLoader, balanced_draw
 from cifar_cli.data.prepare import prepare_folder
 from cifar_cli.data.spec import CIFAR10_SPEC
@@ -18,15 +16,11 @@ from cifar_cli.engine.setup import class_weights
 from cifar_cli.engine.train import Trainer, train
 from cifar_cli.models import build_model
 from cifar_cli.settings import TrainSettings
-from tests.conftest import flat, tiny_settings, write_image_tree
-
-runner = CliRunner()
+from tests.conftest import flat, run_cli, tiny_settings, write_image_tree
 
 
 def invoke(*args: object):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.engine.identity import default_run_name
 from cifar_cli.engine.train import train
 from cifar_cli.errors import SettingsError, UsageError
 from cifar_cli.settings import load_settings, parse_set_options, resolve_val_size
-from tests.conftest import tiny_settings
-
-runner = CliRunner()
+from tests.conftest import run_cli, tiny_settings
 
 
 def _settings(*assignments: str, preset: str = "baseline"):
@@ -39,8 +35,8 @@ def test_a_validation_monitor_without_a_validation_split_is_refused() -> None:
     with pytest.raises(SettingsError, match="needs a validation split") as raised:
         _settings("data.val_size=0")
     assert raised.value.rows[0][0] == "data.val_size"
-    result = runner.invoke(app, ["train", "--preset", "fast", "--set", "train.early_stopping.patience=2",
-                                 "--val-size", "0", "--dry-run"])  # fmt: skip
+    result = run_cli("train", "--preset", "fast", "--set", "train.early_stopping.patience=2",
+                                 "--val-size", "0", "--dry-run")  # fmt: skip
     assert result.exit_code == 2 and "needs a validation split" in result.output
 
 
@@ -114,8 +110,8 @@ def test_resuming_with_another_optimizer_names_the_differences(tmp_path: Path, p
 
 
 def test_unknown_model_is_refused_before_any_download(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["train", "--model", "vgg", "--raw-dir", str(tmp_path / "raw"),
-                                 "--processed-dir", str(tmp_path / "data")])  # fmt: skip
+    result = run_cli("train", "--model", "vgg", "--raw-dir", str(tmp_path / "raw"),
+                                 "--processed-dir", str(tmp_path / "data"))  # fmt: skip
     assert result.exit_code == 2
     assert "model.name" in result.output and "seed-cnn" in result.output
     assert not (tmp_path / "raw").exists() and not (tmp_path / "data").exists()
@@ -125,7 +121,7 @@ def test_help_choices_come_from_the_code() -> None:
     from cifar_cli.models import available_models
     from cifar_cli.settings import available_presets
 
-    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    result = run_cli("train", "--help", env={"COLUMNS": "200"})
     text = " ".join(result.output.split())
     for name in [*available_models(), *available_presets(), "adamw", "muon", "onecycle", "plateau"]:
         assert name in text, name
@@ -134,9 +130,7 @@ def test_help_choices_come_from_the_code() -> None:
 def test_nproc_on_an_absent_device_fails_before_launching(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = runner.invoke(
-        app, ["train", "--nproc", "2", "--device", "cuda", "--processed-dir", str(tmp_path)]
-    )
+    result = run_cli("train", "--nproc", "2", "--device", "cuda", "--processed-dir", str(tmp_path))
     assert result.exit_code == 2
     assert "CUDA is not available" in result.output and "Launching" not in result.output
 

@@ -6,17 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.durations import format_duration, parse_duration
 from cifar_cli.engine.calibrate import Calibration
 from cifar_cli.engine.plan import PLAN_SHARE, RemainingTime, RunPlan, fit_budget
 from cifar_cli.engine.train import train
 from cifar_cli.errors import UsageError
-from tests.conftest import tiny_settings
-
-runner = CliRunner()
+from tests.conftest import run_cli, tiny_settings
 
 
 def fake_calibration(images_per_second: float, eval_images_per_second: float = 1000.0) -> Calibration:
@@ -91,16 +87,14 @@ def test_format_duration() -> None:
 
 
 def test_a_bad_time_budget_flag_exits_2() -> None:
-    result = runner.invoke(app, ["train", "--time-budget", "soon", "--dry-run"])
+    result = run_cli("train", "--time-budget", "soon", "--dry-run")
     assert result.exit_code == 2 and "train.time_budget" in result.output
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        ["train", "--dry-run", "--model", "seed-cnn", "--device", "cpu", "--time-budget", "10m",
+    result = run_cli("train", "--dry-run", "--model", "seed-cnn", "--device", "cpu", "--time-budget", "10m",
          "--processed-dir", str(tmp_path / "nothing"), "--checkpoint-dir", str(tmp_path / "ck"),
-         "--log-dir", str(tmp_path / "runs")],
+         "--log-dir", str(tmp_path / "runs"),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "precision auto -> " in result.output and "Plan: " in result.output

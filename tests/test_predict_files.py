@@ -11,21 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.engine.evaluate import run_evaluation
 from cifar_cli.engine.train import train
 from cifar_cli.settings import DataSettings
-from tests.conftest import flat, tiny_settings
-
-runner = CliRunner()
+from tests.conftest import flat, run_cli, tiny_settings
 
 
 def invoke(*args: object):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args)
 
 
 @pytest.fixture(scope="module")

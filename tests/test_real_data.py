@@ -6,29 +6,25 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
-from tests.conftest import SHARED_ARCHIVE, SHARED_MD5
+from tests.conftest import SHARED_ARCHIVE, SHARED_MD5, run_cli
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"{SHARED_ARCHIVE} is not on this machine"),
 ]
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def real_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
     paths = {"raw": root / "raw", "processed": root / "processed"}
-    download = runner.invoke(
-        app,
-        ["download", "--url", SHARED_ARCHIVE.as_uri(), "--md5", SHARED_MD5, "--raw-dir", str(paths["raw"])],
+    download = run_cli(
+        *["download", "--url", SHARED_ARCHIVE.as_uri(), "--md5", SHARED_MD5, "--raw-dir", str(paths["raw"])],
     )
     assert download.exit_code == 0, download.output
-    prepare = runner.invoke(
-        app, ["prepare", "--raw-dir", str(paths["raw"]), "--processed-dir", str(paths["processed"])]
+    prepare = run_cli(
+        *["prepare", "--raw-dir", str(paths["raw"]), "--processed-dir", str(paths["processed"])]
     )
     assert prepare.exit_code == 0, prepare.output
     return paths
@@ -48,9 +44,7 @@ def test_a_time_budget_run_learns_within_its_budget(real_data: dict[str, Path], 
     # The default recipe (fast) fitted to 4 minutes of this machine, measurements included: one or two full-width
     # epochs where bf16 is fast, a narrower network where it is emulated (AVX2); precision and layout measured here.
     budget = 240
-    result = runner.invoke(
-        app,
-        ["train", "--time-budget", f"{budget}s", "--device", "cpu", "--run-name", "real", "--progress", "plain",
+    result = run_cli(*["train", "--time-budget", f"{budget}s", "--device", "cpu", "--run-name", "real", "--progress", "plain",
          "--processed-dir", str(real_data["processed"]), "--checkpoint-dir", str(tmp_path / "ck"),
          "--log-dir", str(tmp_path / "runs")],
     )  # fmt: skip

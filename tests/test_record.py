@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from cifar_cli.bench.record import (
     ProgramResult,
@@ -18,11 +17,9 @@ from cifar_cli.bench.record import (
     side_by_side,
     summarise,
 )
-from cifar_cli.cli import app
 from cifar_cli.errors import UsageError
-from tests.conftest import flat
+from tests.conftest import flat, run_cli
 
-runner = CliRunner()
 SHARED_ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
 
 # What airbench94_muon.py prints (its print_training_details), for a warm-up and two timed runs.
@@ -108,10 +105,10 @@ def test_summaries_are_mean_and_sample_std() -> None:
 
 def test_on_a_cpu_it_refuses_before_running_anything(tmp_path: Path) -> None:
     folder = _anchor_folder(tmp_path)
-    result = runner.invoke(app, ["bench", "--vs-record", "--anchors", str(folder), "--device", "cpu"])
+    result = run_cli("bench", "--vs-record", "--anchors", str(folder), "--device", "cpu")
     assert result.exit_code == 2 and "needs a CUDA GPU" in flat(result.output), result.output
     assert not Path("runs").exists()
-    missing = runner.invoke(app, ["bench", "--vs-record", "--anchors", str(tmp_path / "none")])
+    missing = run_cli("bench", "--vs-record", "--anchors", str(tmp_path / "none"))
     assert missing.exit_code == 2 and "--anchors DIR" in flat(missing.output)
 
 
@@ -127,10 +124,10 @@ def test_a_recorded_result_renders_on_any_machine(tmp_path: Path) -> None:
     path = tmp_path / "vs.json"
     path.write_text(json.dumps(document))
     assert read_side_by_side(path)["ours"]["accuracy"]["n"] == 2
-    result = runner.invoke(app, ["bench", "--from-json", str(path)], env={"COLUMNS": "80"})
+    result = run_cli("bench", "--from-json", str(path), env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     text = flat(result.output)
     assert "NVIDIA H200" in text and "90.87% ± 0.08%" in text and "1.94x" in text
     assert max(len(line) for line in result.output.splitlines()) <= 80
     path.write_text("{}")
-    assert runner.invoke(app, ["bench", "--from-json", str(path)]).exit_code == 2
+    assert run_cli("bench", "--from-json", str(path)).exit_code == 2

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from cifar_cli import files
-from cifar_cli.cli import app
 from cifar_cli.engine.checkpoint import save_checkpoint
 from cifar_cli.errors import CifarError
-from tests.conftest import flat, tiny_settings
+from tests.conftest import flat, run_cli, tiny_settings
 from tests.http_server import ServerState, serve
-
-runner = CliRunner()
 
 
 def _mount_tmpfs(folder: Path, size: int) -> Iterator[Path]:
@@ -84,7 +80,8 @@ def _squash(text: str) -> str:
 
 
 def _one_screen(output: str) -> None:
-    assert "Traceback" not in output and len(output.splitlines()) < 15, output
+    assert "Traceback" not in output and "Unexpected error" not in output, output
+    assert len(output.splitlines()) < 15, output
 
 
 def test_prepare_onto_a_full_disk_refuses_before_writing(
@@ -94,7 +91,7 @@ def test_prepare_onto_a_full_disk_refuses_before_writing(
     raw.mkdir()
     shutil.copy(tiny_archive, raw / tiny_archive.name)
     with small_disk(tmp_path / "disk", 64 * 1024) as disk:
-        result = runner.invoke(app, ["prepare", "--raw-dir", str(raw), "--processed-dir", str(disk / "data")])
+        result = run_cli("prepare", "--raw-dir", str(raw), "--processed-dir", str(disk / "data"))
         assert result.exit_code == 1, result.output
         assert "Not enough space" in flat(result.output) and "prepared data" in flat(result.output)
         _one_screen(result.output)
@@ -105,9 +102,7 @@ def test_extracting_onto_a_full_disk_leaves_nothing(tmp_path: Path, tiny_archive
     room = tiny_archive.stat().st_size + 64 * 1024  # the archive fits, its extracted batches do not
     with small_disk(tmp_path / "disk", room) as disk:
         shutil.copy(tiny_archive, disk / tiny_archive.name)
-        result = runner.invoke(
-            app, ["prepare", "--raw-dir", str(disk), "--processed-dir", str(tmp_path / "out")]
-        )
+        result = run_cli("prepare", "--raw-dir", str(disk), "--processed-dir", str(tmp_path / "out"))
         assert result.exit_code == 1, result.output
         assert "Not enough space" in flat(result.output) and "extracted" in flat(result.output)
         _one_screen(result.output)
@@ -118,7 +113,7 @@ def test_download_onto_a_full_disk_refuses_before_copying(
     tmp_path: Path, tiny_archive: Path, small_disk
 ) -> None:
     with small_disk(tmp_path / "disk", 16 * 1024) as disk:
-        result = runner.invoke(app, ["download", "--url", str(tiny_archive), "--raw-dir", str(disk)])
+        result = run_cli("download", "--url", str(tiny_archive), "--raw-dir", str(disk))
         assert result.exit_code == 1, result.output
         assert "Not enough space" in flat(result.output)
         _one_screen(result.output)
@@ -183,10 +178,8 @@ def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None
 def test_endless_mirror_through_the_cli(tmp_path: Path) -> None:
     state = ServerState(b"", mode="endless")
     with serve(state) as base:
-        result = runner.invoke(
-            app,
-            ["download", "--url", f"{base}/cifar-10-python.tar.gz", "--md5", "0" * 32, "--raw-dir", str(tmp_path / "raw"),
-             "--set", "data.max_archive_mb=3"],
+        result = run_cli("download", "--url", f"{base}/cifar-10-python.tar.gz", "--md5", "0" * 32, "--raw-dir", str(tmp_path / "raw"),
+             "--set", "data.max_archive_mb=3",
         )  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "more than 3,000,000 bytes" in result.output
@@ -204,7 +197,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(BOMB)
     assert len(BOMB) < 500  # nine levels of ten: a billion values once expanded
-    result = runner.invoke(app, ["config", "show", "--config", str(bomb)])
+    result = run_cli("config", "show", "--config", str(bomb))
     assert result.exit_code == 2, result.output
     assert "expands to more than 10,000 values" in result.output
     _one_screen(result.output)
@@ -220,7 +213,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
 def test_self_referencing_and_deep_yaml_is_refused(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    result = runner.invoke(app, ["config", "show", "--config", str(path)])
+    result = run_cli("config", "show", "--config", str(path))
     assert result.exit_code == 2 and message in result.output, result.output
     _one_screen(result.output)
 
@@ -228,7 +221,7 @@ def test_self_referencing_and_deep_yaml_is_refused(tmp_path: Path, text: str, me
 def test_yaml_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
     path.write_text("optim: &o {lr: 0.05}\n")  # an anchor a user might write; not a bomb
-    result = runner.invoke(app, ["config", "show", "--config", str(path)])
+    result = run_cli("config", "show", "--config", str(path))
     assert result.exit_code == 0, result.output
 
 
@@ -239,7 +232,7 @@ def test_damaged_history_is_a_clear_error_naming_the_file(tmp_path: Path, conten
     run = tmp_path / "runs" / "damaged"
     run.mkdir(parents=True)
     (run / "history.json").write_bytes(content.encode("latin-1"))
-    result = runner.invoke(app, ["plot", str(run)])
+    result = run_cli("plot", str(run))
     assert result.exit_code == 2, result.output
     assert _squash("history.json is damaged") in _squash(result.output)
     _one_screen(result.output)

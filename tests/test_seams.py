@@ -8,12 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
-from tests.conftest import HAS_ONNX, flat
+from tests.conftest import HAS_ONNX, flat, run_cli
 
-runner = CliRunner()
 TINY_RUN = ["--preset", "baseline", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
             "--set", "train.batch_size=16", "--set", "train.num_threads=1", "--set", "log.progress=plain"]  # fmt: skip
 
@@ -23,9 +20,7 @@ LONG_NAME = "a-plain-run-whose-name-is-too-long-for-one-line-of-an-80-column-tab
 
 def invoke(*args: str, columns: int | None = None):
     env = {"COLUMNS": str(columns)} if columns else None
-    result = runner.invoke(app, list(args), env=env)
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args, env=env)
 
 
 @pytest.fixture()

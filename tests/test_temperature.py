@@ -8,22 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cifar_cli.cli import app
 from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.metrics import expected_calibration_error, reliability_bins
 from cifar_cli.engine.temperature import fit_temperature
 from cifar_cli.engine.train import train
-from tests.conftest import flat, tiny_settings
-
-runner = CliRunner()
+from tests.conftest import flat, run_cli, tiny_settings
 
 
 def invoke(*args: object):
-    result = runner.invoke(app, [str(arg) for arg in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+    return run_cli(*args)
 
 
 def test_ece_of_known_cases() -> None:

@@ -6,12 +6,14 @@ in docs/cli.md is generated from this app (`make docs`); a test fails when it is
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
 from cifar_cli import __version__
 from cifar_cli.cli.bench import bench
+from cifar_cli.cli.boundary import error_boundary, flush_or_quiet
 from cifar_cli.cli.calibrate import calibrate
 from cifar_cli.cli.common import console
 from cifar_cli.cli.config import config_app
@@ -24,6 +26,7 @@ from cifar_cli.cli.prepare import prepare
 from cifar_cli.cli.runs import runs
 from cifar_cli.cli.sweep import sweep
 from cifar_cli.cli.train import train
+from cifar_cli.errors import ExitCode
 
 app = typer.Typer(
     help="CIFAR-10 from nothing to a trained, evaluated, plotted classifier.",
@@ -45,7 +48,7 @@ COMMANDS = {
     "bench": bench,
 }
 for name, command in COMMANDS.items():
-    app.command(name)(command)
+    app.command(name)(error_boundary(command))
 app.add_typer(config_app, name="config")
 
 
@@ -65,4 +68,11 @@ def main_callback(
 
 
 def main() -> None:
-    app(prog_name="cifar")
+    try:
+        app(prog_name="cifar")  # ends with SystemExit(code) in Click's standalone mode
+    except SystemExit as exit_:
+        code = exit_.code
+    else:
+        code = ExitCode.OK
+    # A reader that left early (`cifar runs | head -1`) makes the last flush fail: end quietly, not with a traceback.
+    sys.exit(flush_or_quiet() or code)

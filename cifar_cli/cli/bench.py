@@ -19,7 +19,6 @@ from cifar_cli.cli.common import (
     console,
     error_console,
     flag_settings,
-    handled_errors,
     resolve,
 )
 
@@ -91,54 +90,53 @@ def bench(
     set_options: SetOption = None,
 ) -> None:
     """Measure training throughput on this machine: our pipeline vs the seed's, fp32 vs mixed precision."""
-    with handled_errors():
-        settings = resolve(config, set_options, flag_settings(bench, locals()))
-        from cifar_cli.bench import BenchOptions, run_benchmark
-        from cifar_cli.files import write_text_atomically
+    settings = resolve(config, set_options, flag_settings(bench, locals()))
+    from cifar_cli.bench import BenchOptions, run_benchmark
+    from cifar_cli.files import write_text_atomically
 
-        if recalibrate:
-            from cifar_cli.bench import recalibrate as measure_again
+    if recalibrate:
+        from cifar_cli.bench import recalibrate as measure_again
 
-            for line in measure_again(model, batch_size, settings.train.device, fast):
-                console.print(line)
-            return
-        if vs_record or from_json is not None:
-            document = _vs_record(settings, runs, anchors, from_json)
-            print_vs_record(document)
-            if json_file is not None and from_json is None:
-                write_text_atomically(json_file, json.dumps(document, indent=2))
-                console.print(f"Results written to {json_file}")
-            return
-        options = BenchOptions(
-            model=model,
-            device=settings.train.device,
-            batches=batches,
-            repeats=repeats,
-            min_seconds=min_seconds,
-            batch_size=batch_size,
-            models=tuple(models or ()),
-            include_fast=fast,
-            keep_freed_memory=settings.train.keep_freed_memory,
-        )
-        if export:
-            from cifar_cli.bench import bench_export_runtimes
-
-            results = bench_export_runtimes(options, say=error_console.print)
-            print_export_runtimes(results)
-            if json_file is not None:
-                write_text_atomically(json_file, json.dumps(results, indent=2))
-            return
-        if profile:
-            from cifar_cli.bench import profile_fast_step
-
-            results = profile_fast_step(options, settings.data)
-            print_profile(results)
-        else:
-            results = run_benchmark(options, settings.data, say=error_console.print)
-            print_bench(results)
-        if json_file:
-            write_text_atomically(json_file, json.dumps(results, indent=2))
+        for line in measure_again(model, batch_size, settings.train.device, fast):
+            console.print(line)
+        return
+    if vs_record or from_json is not None:
+        document = _vs_record(settings, runs, anchors, from_json)
+        print_vs_record(document)
+        if json_file is not None and from_json is None:
+            write_text_atomically(json_file, json.dumps(document, indent=2))
             console.print(f"Results written to {json_file}")
+        return
+    options = BenchOptions(
+        model=model,
+        device=settings.train.device,
+        batches=batches,
+        repeats=repeats,
+        min_seconds=min_seconds,
+        batch_size=batch_size,
+        models=tuple(models or ()),
+        include_fast=fast,
+        keep_freed_memory=settings.train.keep_freed_memory,
+    )
+    if export:
+        from cifar_cli.bench import bench_export_runtimes
+
+        results = bench_export_runtimes(options, say=error_console.print)
+        print_export_runtimes(results)
+        if json_file is not None:
+            write_text_atomically(json_file, json.dumps(results, indent=2))
+        return
+    if profile:
+        from cifar_cli.bench import profile_fast_step
+
+        results = profile_fast_step(options, settings.data)
+        print_profile(results)
+    else:
+        results = run_benchmark(options, settings.data, say=error_console.print)
+        print_bench(results)
+    if json_file:
+        write_text_atomically(json_file, json.dumps(results, indent=2))
+        console.print(f"Results written to {json_file}")
 
 
 def _vs_record(settings: Any, runs: int, anchors: Path | None, from_json: Path | None) -> dict[str, Any]:

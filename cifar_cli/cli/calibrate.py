@@ -19,7 +19,6 @@ from cifar_cli.cli.common import (
     error_console,
     flag_settings,
     given_data_settings,
-    handled_errors,
     resolve,
 )
 
@@ -39,27 +38,26 @@ def calibrate(
 ) -> None:
     """Fit temperature scaling on the run's validation split, store it in the checkpoint (predict and export use
     it), and report the test split's calibration error before and after."""
-    with handled_errors():
-        flags = flag_settings(calibrate, locals())
-        settings = resolve(config, set_options, flags)
-        from cifar_cli.engine.inference import checkpoint_data
-        from cifar_cli.engine.temperature import calibrate_checkpoint
-        from cifar_cli.files import write_text_atomically
+    flags = flag_settings(calibrate, locals())
+    settings = resolve(config, set_options, flags)
+    from cifar_cli.engine.inference import checkpoint_data
+    from cifar_cli.engine.temperature import calibrate_checkpoint
+    from cifar_cli.files import write_text_atomically
 
-        data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
-        figures = calibrate_checkpoint(checkpoint, data, settings.train.device, say=error_console.print)
-        table = Table("test split", "before", "after", title=f"Temperature {figures['temperature']:.3f}",
-                      title_justify="left")  # fmt: skip
-        table.add_row(
-            "calibration error (ECE)", f"{figures['test_ece_before']:.2%}", f"{figures['test_ece_after']:.2%}"
-        )
-        table.add_row(
-            "negative log-likelihood", f"{figures['test_nll_before']:.4f}", f"{figures['test_nll_after']:.4f}"
-        )
-        console.print(table)
-        console.print(
-            f"Stored in {checkpoint}: `cifar predict` and `cifar export` use it (accuracy unchanged, "
-            f"{figures['test_accuracy']:.2%})."
-        )
-        if json_file:
-            write_text_atomically(json_file, json.dumps(figures, indent=2))
+    data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
+    figures = calibrate_checkpoint(checkpoint, data, settings.train.device, say=error_console.print)
+    table = Table("test split", "before", "after", title=f"Temperature {figures['temperature']:.3f}",
+                  title_justify="left")  # fmt: skip
+    table.add_row(
+        "calibration error (ECE)", f"{figures['test_ece_before']:.2%}", f"{figures['test_ece_after']:.2%}"
+    )
+    table.add_row(
+        "negative log-likelihood", f"{figures['test_nll_before']:.4f}", f"{figures['test_nll_after']:.4f}"
+    )
+    console.print(table)
+    console.print(
+        f"Stored in {checkpoint}: `cifar predict` and `cifar export` use it (accuracy unchanged, "
+        f"{figures['test_accuracy']:.2%})."
+    )
+    if json_file:
+        write_text_atomically(json_file, json.dumps(figures, indent=2))

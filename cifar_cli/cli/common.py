@@ -5,24 +5,32 @@ No torch code lives in `cli/`; heavy modules are imported inside the commands so
 
 from __future__ import annotations
 
-import contextlib
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
 
-from cifar_cli.errors import CifarError, SettingsError
+from cifar_cli.errors import ExitCode
 from cifar_cli.settings import Settings, load_settings, parse_set_options, set_dotted
 
-console = Console()
-error_console = Console(stderr=True)
+
+class _Console(Console):
+    """rich's console, but a reader that closed our pipe ends the command with its own exit code (rich's default
+    exits 1, like any error)."""
+
+    def on_broken_pipe(self) -> None:
+        from cifar_cli.cli.boundary import quiet_closed_stdout
+
+        quiet_closed_stdout()
+        raise SystemExit(ExitCode.CLOSED_PIPE)
+
+
+console = _Console()
+error_console = _Console(stderr=True)
 
 # Help panels that group a command's options.
 PATHS = "Paths"
@@ -141,35 +149,6 @@ def given_data_settings(set_options: list[str] | None, flags: dict[str, Any]) ->
     over what a checkpoint recorded of its data."""
     named = set(flags) | {option.split("=", 1)[0].strip() for option in set_options or []}
     return {key.split(".")[1] for key in named if key.startswith("data.") and key.count(".") >= 1}
-
-
-@contextlib.contextmanager
-def handled_errors() -> Iterator[None]:
-    """Turn every expected failure into a short message and an exit code; never a traceback."""
-    try:
-        yield
-    except SettingsError as error:
-        table = Table(
-            "setting", "problem", "given", title=error.message, title_justify="left", border_style="red"
-        )
-        for row in error.rows:
-            table.add_row(*row)
-        error_console.print(table)
-        if error.hint:
-            error_console.print(f"[dim]{error.hint}[/dim]")
-        raise typer.Exit(error.exit_code) from None
-    except CifarError as error:
-        # Text, not markup: messages quote user input ("[1,"); fold, not crop, so long paths stay whole.
-        body = Text(error.message, overflow="fold")
-        if error.hint:
-            body.append(f"\n\n{error.hint}", style="dim")
-        error_console.print(
-            Panel(body, title="cifar: error", title_align="left", border_style="red", expand=False)
-        )
-        raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
-        error_console.print("Interrupted.")
-        raise typer.Exit(130) from None
 
 
 def percent(value: float | None) -> str:

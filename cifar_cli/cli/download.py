@@ -26,7 +26,6 @@ from cifar_cli.cli.common import (
     console,
     error_console,
     flag_settings,
-    handled_errors,
     resolve,
 )
 
@@ -54,16 +53,13 @@ def download(
     """Fetch the CIFAR-10 (or --dataset cifar100) python archive, resume partial downloads, verify its checksum."""
     from cifar_cli.data import download_for
 
-    with handled_errors():
-        data = resolve(config, set_options, flag_settings(download, locals())).data
-        with transfer_progress() as (on_progress, on_message):
-            result = download_for(data, force=force, on_progress=on_progress, on_message=on_message)
-        if result.already_present:
-            console.print(
-                f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do."
-            )
-        else:
-            console.print(f"Downloaded {result.path} from {result.source} (md5 {result.md5} verified).")
+    data = resolve(config, set_options, flag_settings(download, locals())).data
+    with transfer_progress() as (on_progress, on_message):
+        result = download_for(data, force=force, on_progress=on_progress, on_message=on_message)
+    if result.already_present:
+        console.print(f"Already downloaded and verified: {result.path} (md5 {result.md5}). Nothing to do.")
+    else:
+        console.print(f"Downloaded {result.path} from {result.source} (md5 {result.md5} verified).")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ from cifar_cli.cli.common import (
     error_console,
     flag_settings,
     given_data_settings,
-    handled_errors,
     resolve,
 )
 from cifar_cli.errors import SettingsError
@@ -59,33 +58,32 @@ def evaluate(
     set_options: SetOption = None,
 ) -> None:
     """Accuracy, macro and per-class precision / recall / F1 and the confusion matrix of a checkpoint."""
-    with handled_errors():
-        if split not in ("test", "train", "val"):
-            raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
-        flags = flag_settings(evaluate, locals())
-        settings = resolve(config, set_options, flags)
-        from cifar_cli.engine.evaluate import run_evaluation
-        from cifar_cli.engine.inference import checkpoint_data
-        from cifar_cli.files import write_text_atomically
+    if split not in ("test", "train", "val"):
+        raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
+    flags = flag_settings(evaluate, locals())
+    settings = resolve(config, set_options, flags)
+    from cifar_cli.engine.evaluate import run_evaluation
+    from cifar_cli.engine.inference import checkpoint_data
+    from cifar_cli.files import write_text_atomically
 
-        evaluation = run_evaluation(
-            checkpoint,
-            checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags)),
-            split,
-            tta=tta,
-            device_name=settings.train.device,
-            batch_size=batch_size,
-            say=error_console.print,
-            keep_memory=settings.train.keep_freed_memory,
-        )
-        metrics = evaluation.metrics
-        print_metrics(metrics)
-        if json_file:
-            write_text_atomically(json_file, json.dumps(metrics, indent=2))
-            console.print(f"Metrics written to {json_file}")
-        if predictions_file:
-            write_text_atomically(predictions_file, predictions_csv(evaluation))
-            console.print(f"Predictions written to {predictions_file}")
+    evaluation = run_evaluation(
+        checkpoint,
+        checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags)),
+        split,
+        tta=tta,
+        device_name=settings.train.device,
+        batch_size=batch_size,
+        say=error_console.print,
+        keep_memory=settings.train.keep_freed_memory,
+    )
+    metrics = evaluation.metrics
+    print_metrics(metrics)
+    if json_file:
+        write_text_atomically(json_file, json.dumps(metrics, indent=2))
+        console.print(f"Metrics written to {json_file}")
+    if predictions_file:
+        write_text_atomically(predictions_file, predictions_csv(evaluation))
+        console.print(f"Predictions written to {predictions_file}")
 
 
 def predictions_csv(evaluation: Any) -> str:

@@ -16,7 +16,6 @@ from cifar_cli.cli.common import (
     error_console,
     flag_settings,
     given_data_settings,
-    handled_errors,
     resolve,
 )
 from cifar_cli.errors import SettingsError
@@ -46,33 +45,32 @@ def export_model(
     set_options: SetOption = None,
 ) -> None:
     """A model to ship: the checkpoint as ONNX or a torch.export program, verified against it before it is kept."""
-    with handled_errors():
-        flags = flag_settings(export_model, locals())
-        settings = resolve(config, set_options, flags)
-        if batch != "dynamic" and not (batch.isdigit() and int(batch) > 0):
-            raise SettingsError("Bad option.", [("--batch", "dynamic or a positive whole number", batch)])
-        from cifar_cli.engine.export import export_checkpoint
-        from cifar_cli.engine.inference import checkpoint_data
+    flags = flag_settings(export_model, locals())
+    settings = resolve(config, set_options, flags)
+    if batch != "dynamic" and not (batch.isdigit() and int(batch) > 0):
+        raise SettingsError("Bad option.", [("--batch", "dynamic or a positive whole number", batch)])
+    from cifar_cli.engine.export import export_checkpoint
+    from cifar_cli.engine.inference import checkpoint_data
 
-        data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
-        result = export_checkpoint(
-            checkpoint, data, fmt, out, None if batch == "dynamic" else int(batch), tta, opset,
-            say=error_console.print,
-        )  # fmt: skip
-        size = result.contract["input"]["shape"][-1]
-        console.print(
-            f"Wrote {result.path} ({result.size_bytes / 1e6:.1f} MB). Verified against the checkpoint on "
-            f"{result.verified_images} "
-            f"test images: max |logit difference| {result.max_abs_difference:.2g} "
-            f"({result.relative_difference:.2g} of the largest logit), top-1 agreement {result.top1_agreement:.2%}.\n"
-            f"Test accuracy: exported {result.accuracy:.2%}, checkpoint {result.checkpoint_accuracy:.2%} "
-            f"(TTA level {result.contract['tta_level']}).\n"
-            f"Input: {result.contract['input']['name']}, float32 N x 3 x {size} x {size} RGB in [0, 1] "
-            "(pixels / 255), normalisation inside; output: logits."
-            + (
-                f" Calibrated probabilities: softmax(logits / {result.contract['temperature']['value']:.4f}) (the "
-                "temperature is in the contract; cifar predict applies it)."
-                if result.contract.get("temperature")
-                else ""
-            )
+    data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
+    result = export_checkpoint(
+        checkpoint, data, fmt, out, None if batch == "dynamic" else int(batch), tta, opset,
+        say=error_console.print,
+    )  # fmt: skip
+    size = result.contract["input"]["shape"][-1]
+    console.print(
+        f"Wrote {result.path} ({result.size_bytes / 1e6:.1f} MB). Verified against the checkpoint on "
+        f"{result.verified_images} "
+        f"test images: max |logit difference| {result.max_abs_difference:.2g} "
+        f"({result.relative_difference:.2g} of the largest logit), top-1 agreement {result.top1_agreement:.2%}.\n"
+        f"Test accuracy: exported {result.accuracy:.2%}, checkpoint {result.checkpoint_accuracy:.2%} "
+        f"(TTA level {result.contract['tta_level']}).\n"
+        f"Input: {result.contract['input']['name']}, float32 N x 3 x {size} x {size} RGB in [0, 1] "
+        "(pixels / 255), normalisation inside; output: logits."
+        + (
+            f" Calibrated probabilities: softmax(logits / {result.contract['temperature']['value']:.4f}) (the "
+            "temperature is in the contract; cifar predict applies it)."
+            if result.contract.get("temperature")
+            else ""
         )
+    )

@@ -19,7 +19,6 @@ from cifar_cli.cli.common import (
     error_console,
     flag_settings,
     given_data_settings,
-    handled_errors,
     resolve,
 )
 
@@ -41,19 +40,18 @@ def plot(
     set_options: SetOption = None,
 ) -> None:
     """Training curves, confusion matrix, per-class accuracy and sample predictions as PNG files."""
-    with handled_errors():
-        flags = flag_settings(plot, locals())
-        settings = resolve(config, set_options, flags)
-        from cifar_cli.plots import write_run_plots
+    flags = flag_settings(plot, locals())
+    settings = resolve(config, set_options, flags)
+    from cifar_cli.plots import write_run_plots
 
-        written = write_run_plots(
-            target,
-            out,
-            settings.log.log_dir,
-            settings.log.checkpoint_dir,
-            settings.data,
-            settings.train.device,
-            say=error_console.print,
-            keep_data=given_data_settings(set_options, flags),
-        )
-        console.print("Wrote:\n" + "\n".join(f"  {path}" for path in written))
+    written = write_run_plots(
+        target,
+        out,
+        settings.log.log_dir,
+        settings.log.checkpoint_dir,
+        settings.data,
+        settings.train.device,
+        say=error_console.print,
+        keep_data=given_data_settings(set_options, flags),
+    )
+    console.print("Wrote:\n" + "\n".join(f"  {path}" for path in written))

@@ -12,7 +12,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cifar_cli.cli.common import DeviceOption, console, error_console, flag_settings, handled_errors, resolve
+from cifar_cli.cli.common import DeviceOption, console, error_console, flag_settings, resolve
+from cifar_cli.errors import SettingsError
 
 TABLE_ROWS = 50  # rows printed to the terminal; the files (--csv, --json) always have every image
 SKIPPED_SHOWN = 20
@@ -26,7 +27,9 @@ def predict(
             help="Image files of any size (resized as in training), or folders (searched recursively)."
         ),
     ],
-    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="Classes to show per image.")] = 3,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, help="Classes to show per image (at most the model's classes).")
+    ] = 3,
     csv_file: Annotated[
         Path | None, typer.Option("--csv", help="Write path, top classes and probabilities to this CSV file.")
     ] = None,
@@ -43,32 +46,36 @@ def predict(
     device: DeviceOption = None,
 ) -> None:
     """Top-k classes with probabilities for image files and folders (unreadable files are listed and skipped)."""
-    with handled_errors():
-        from cifar_cli.engine.classify import classify_files, collect_images, load_classifier
-        from cifar_cli.files import write_text_atomically
+    from cifar_cli.engine.classify import classify_files, collect_images, load_classifier
+    from cifar_cli.files import write_text_atomically
 
-        device_name = resolve(None, None, flag_settings(predict, locals())).train.device
-        files = collect_images(paths)
-        classifier = load_classifier(checkpoint, device_name)
-        on_batch = explainer(classifier, explain, checkpoint) if explain is not None else None
-        with file_progress(len(files)) as on_progress:
-            result = classify_files(classifier, files, top_k, batch_size, on_progress, on_batch)
-        report_skipped(result.skipped)
-        if not result.rows:
-            from cifar_cli.errors import UsageError
+    device_name = resolve(None, None, flag_settings(predict, locals())).train.device
+    files = collect_images(paths)
+    classifier = load_classifier(checkpoint, device_name)
+    if top_k > len(classifier.class_names):
+        raise SettingsError(
+            "Bad option.",
+            [("--top-k", f"at most the model's {len(classifier.class_names)} classes", str(top_k))],
+        )
+    on_batch = explainer(classifier, explain, checkpoint) if explain is not None else None
+    with file_progress(len(files)) as on_progress:
+        result = classify_files(classifier, files, top_k, batch_size, on_progress, on_batch)
+    report_skipped(result.skipped)
+    if not result.rows:
+        from cifar_cli.errors import UsageError
 
-            raise UsageError(f"None of the {len(files):,} files could be read as an image.")
-        if csv_file is not None:
-            write_text_atomically(csv_file, csv_text(result.rows, top_k))
-        if json_file is not None and str(json_file) != "-":
-            write_text_atomically(json_file, json.dumps(json_document(result), indent=2))
-        if json_file is not None and str(json_file) == "-":
-            console.print_json(json.dumps(result.rows))
-        elif csv_file is None and json_file is None:
-            console.print(results_table(result.rows, top_k))
-        else:
-            written = [str(path) for path in (csv_file, json_file) if path is not None and str(path) != "-"]
-            console.print(f"Classified {len(result.rows):,} images; wrote {' and '.join(written)}.")
+        raise UsageError(f"None of the {len(files):,} files could be read as an image.")
+    if csv_file is not None:
+        write_text_atomically(csv_file, csv_text(result.rows, top_k))
+    if json_file is not None and str(json_file) != "-":
+        write_text_atomically(json_file, json.dumps(json_document(result), indent=2))
+    if json_file is not None and str(json_file) == "-":
+        console.print_json(json.dumps(result.rows))
+    elif csv_file is None and json_file is None:
+        console.print(results_table(result.rows, top_k))
+    else:
+        written = [str(path) for path in (csv_file, json_file) if path is not None and str(path) != "-"]
+        console.print(f"Classified {len(result.rows):,} images; wrote {' and '.join(written)}.")
 
 
 def explainer(classifier: Any, folder: Path, checkpoint: Path) -> Any:

@@ -23,7 +23,6 @@ from cifar_cli.cli.common import (
     console,
     error_console,
     flag_settings,
-    handled_errors,
     resolve,
 )
 
@@ -74,23 +73,22 @@ def prepare(
     """Extract the archive safely (or read an image folder) and write PNG-per-class folders plus a tensor cache."""
     from cifar_cli.data import prepare_for
 
-    with handled_errors():
-        flags = flag_settings(prepare, locals())
-        if from_folder is not None:
-            flags["data.dataset"] = "folder"
-        data = resolve(config, set_options, flags).data
-        with count_progress() as on_progress:
-            result = prepare_for(data, on_progress=on_progress)
-        for note in result.notes:
-            error_console.print(Text(note, style="yellow"))
-        counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
-        spec = result.spec
-        what = f"{counts} images, {spec.num_classes} classes, {spec.image_size} x {spec.image_size}"
-        print_class_counts(result.per_class)
-        if result.already_prepared:
-            console.print(f"Already prepared in {result.processed_dir} ({what}). Nothing to do.")
-        else:
-            console.print(f"Prepared {what} in {result.processed_dir}.")
+    flags = flag_settings(prepare, locals())
+    if from_folder is not None:
+        flags["data.dataset"] = "folder"
+    data = resolve(config, set_options, flags).data
+    with count_progress() as on_progress:
+        result = prepare_for(data, on_progress=on_progress)
+    for note in result.notes:
+        error_console.print(Text(note, style="yellow"))
+    counts = ", ".join(f"{count:,} {split}" for split, count in result.counts.items())
+    spec = result.spec
+    what = f"{counts} images, {spec.num_classes} classes, {spec.image_size} x {spec.image_size}"
+    print_class_counts(result.per_class)
+    if result.already_prepared:
+        console.print(f"Already prepared in {result.processed_dir} ({what}). Nothing to do.")
+    else:
+        console.print(f"Prepared {what} in {result.processed_dir}.")
 
 
 @contextlib.contextmanager

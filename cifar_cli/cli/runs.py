@@ -15,7 +15,6 @@ from cifar_cli.cli.common import (
     SetOption,
     console,
     flag_settings,
-    handled_errors,
     percent,
     resolve,
 )
@@ -43,22 +42,21 @@ def runs(
 ) -> None:
     """One line per run: the settings that differ between runs, epochs, validation and test accuracy, state.
     Sweep trials (log_dir/sweeps/<sweep>/) follow, a table per sweep."""
-    with handled_errors():
-        settings = resolve(config, set_options, flag_settings(runs, locals()))
-        from cifar_cli.runs import SWEEPS_FOLDER, list_runs
+    settings = resolve(config, set_options, flag_settings(runs, locals()))
+    from cifar_cli.runs import SWEEPS_FOLDER, list_runs
 
-        found = list_runs(settings.log.log_dir, sort)
-        if as_json:
-            console.print_json(json.dumps([run.to_json() for run in found]))
-            return
-        log_dir = settings.log.log_dir
-        sweeps = sorted({run.sweep for run in found if run.sweep is not None})
-        plain = [run for run in found if run.sweep is None]
-        if plain or not sweeps:
-            console.print(runs_table(plain, f"Runs in {log_dir}"))
-        for sweep in sweeps:
-            trials = [run for run in found if run.sweep == sweep]
-            console.print(runs_table(trials, f"Sweep {sweep} ({log_dir / SWEEPS_FOLDER / sweep})"))
+    found = list_runs(settings.log.log_dir, sort)
+    if as_json:
+        console.print_json(json.dumps([run.to_json() for run in found]))
+        return
+    log_dir = settings.log.log_dir
+    sweeps = sorted({run.sweep for run in found if run.sweep is not None})
+    plain = [run for run in found if run.sweep is None]
+    if plain or not sweeps:
+        console.print(runs_table(plain, f"Runs in {log_dir}"))
+    for sweep in sweeps:
+        trials = [run for run in found if run.sweep == sweep]
+        console.print(runs_table(trials, f"Sweep {sweep} ({log_dir / SWEEPS_FOLDER / sweep})"))
 
 
 def runs_table(found: list[Any], title: str) -> Table:

@@ -24,7 +24,6 @@ from cifar_cli.cli.common import (
     Sets,
     console,
     flag_settings,
-    handled_errors,
     resolve,
 )
 from cifar_cli.settings import (
@@ -236,25 +235,24 @@ def train(
     set_options: SetOption = None,
 ) -> None:
     """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
-    with handled_errors():
-        settings = resolve(config, set_options, flag_settings(train, locals()))
-        if dry_run:
-            from cifar_cli.display import PlainReporter
-            from cifar_cli.engine.train import plan_run
+    settings = resolve(config, set_options, flag_settings(train, locals()))
+    if dry_run:
+        from cifar_cli.display import PlainReporter
+        from cifar_cli.engine.train import plan_run
 
-            plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
-            console.print("Dry run: nothing was trained.")
-            return
-        if nproc > 1:
-            from cifar_cli.engine.device import check_launch
+        plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
+        console.print("Dry run: nothing was trained.")
+        return
+    if nproc > 1:
+        from cifar_cli.engine.device import check_launch
 
-            check_launch(settings.train.device, nproc)  # the same short error as without --nproc
-            raise typer.Exit(launch_torchrun(nproc))
-        from cifar_cli.display import make_reporter
-        from cifar_cli.engine.train import train as run_training
-        from cifar_cli.plots import confusion_matrix_figure
+        check_launch(settings.train.device, nproc)  # the same short error as without --nproc
+        raise typer.Exit(launch_torchrun(nproc))
+    from cifar_cli.display import make_reporter
+    from cifar_cli.engine.train import train as run_training
+    from cifar_cli.plots import confusion_matrix_figure
 
-        run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+    run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 
 
 def launch_torchrun(nproc: int) -> int:

@@ -38,7 +38,7 @@ from cifar_cli.engine.setup import (
     seed_everything,
     setup_device,
 )
-from cifar_cli.errors import CifarError, UsageError
+from cifar_cli.errors import CifarError, ExitCode, UsageError
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.settings import Settings, dump_yaml, resolve_val_size
 from cifar_cli.tracking import NullReporter, Reporter, RunLogger
@@ -55,7 +55,7 @@ PATH_SETTINGS = (
 
 
 class TrainingInterrupted(CifarError):
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 class Trainer:
