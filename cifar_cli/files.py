@@ -184,13 +184,13 @@ def process_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(folders: list[Path], run_name: str) -> Iterator[None]:
+def run_lock(folders: list[Path], run_name: str, hint: str | None = None) -> Iterator[None]:
     """Own a run: one process at a time. An OS file lock (flock) that the kernel releases when the owner exits,
     however it exits, so a killed run never leaves a stuck lock; the file names the owner for the error message."""
     handles = []
     try:
         for folder in folders:
-            handles.append(_acquire(folder / LOCK_FILE, run_name))
+            handles.append(_acquire(folder / LOCK_FILE, run_name, hint))
         yield
     finally:
         for handle in handles:
@@ -200,7 +200,7 @@ def run_lock(folders: list[Path], run_name: str) -> Iterator[None]:
             handle.close()  # closing the descriptor releases the lock
 
 
-def _acquire(lock_path: Path, run_name: str):  # noqa: ANN202 - an open binary file
+def _acquire(lock_path: Path, run_name: str, hint: str | None = None):  # noqa: ANN202 - an open binary file
     import fcntl  # POSIX only; imported here so the rest of the module works everywhere
 
     handle = lock_path.open("a+b")
@@ -214,7 +214,7 @@ def _acquire(lock_path: Path, run_name: str):  # noqa: ANN202 - an open binary f
             raise CifarError(f"Could not lock {lock_path}: {error.strerror or error}.") from None
         raise UsageError(
             f"Run {run_name!r} is in use by {owner} ({lock_path}).",
-            hint="Wait for it to finish or stop it; or start another run with --run-name.",
+            hint=hint or "Wait for it to finish or stop it; or start another run with --run-name.",
         ) from None
     handle.seek(0)
     handle.truncate()

@@ -102,3 +102,39 @@ def test_a_run_without_a_validation_split_is_told_how_to_get_one(tmp_path: Path,
     assert result.exit_code == 2 and "held out no validation split" in flat(result.output)
     assert "--val-size" in result.output
     assert "temperature" not in load_checkpoint(checkpoint)
+
+
+def test_calibrate_waits_for_a_running_training_and_a_resume_says_it_drops_the_temperature(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """A real second process trains the run: calibrate is refused (its temperature would be written over by the
+    next epoch's save); once the training stopped it calibrates, and a resume says that the temperature goes."""
+    import os
+    import signal
+    import subprocess
+
+    from cifar_cli.engine.run_state import DROPPED_TEMPERATURE
+    from tests.test_faults import ENV, LONG_RUN, _start_and_wait_for_epoch, _train_command
+
+    last = tmp_path / "ck" / "owned" / "last.pth"
+    training = _start_and_wait_for_epoch(_train_command(tmp_path, prepared_dir, LONG_RUN), tmp_path, last, 1)
+    try:
+        refused = invoke("calibrate", last, "--device", "cpu")
+        assert training.poll() is None  # still training: the refusal is the lock's doing
+        os.kill(training.pid, signal.SIGINT)
+        training.communicate(timeout=120)
+    finally:
+        training.kill()
+    assert refused.exit_code == 2, refused.output
+    assert f"in use by process {training.pid}" in flat(refused.output) and "Calibrate once" in flat(
+        refused.output
+    )
+    assert "temperature" not in load_checkpoint(last)
+    assert invoke("calibrate", last, "--device", "cpu").exit_code == 0
+    done = load_checkpoint(last)["epoch"]
+    assert load_checkpoint(last)["temperature"]["value"] > 0
+    command = _train_command(tmp_path, prepared_dir, done + 1)
+    again = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert " ".join(DROPPED_TEMPERATURE.split()) in " ".join(again.stdout.split())
+    assert "temperature" not in load_checkpoint(last)

@@ -23,6 +23,11 @@ from cifar_cli.files import require_free_space
 from cifar_cli.settings import Settings
 
 LAST_CHECKPOINT = "last.pth"  # every epoch: what a resume continues from
+# Said when a run resumes from a checkpoint that `cifar calibrate` gave a temperature: the next save has none.
+DROPPED_TEMPERATURE = (
+    f"{LAST_CHECKPOINT} held a temperature from `cifar calibrate`; it is dropped, as the weights it was fitted to "
+    "change from here. Run `cifar calibrate` again once this run ends."
+)
 BEST_CHECKPOINT = (
     "best.pth"  # the epoch with the best monitored validation value (only with a validation split)
 )

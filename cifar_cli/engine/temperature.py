@@ -20,10 +20,14 @@ from cifar_cli.engine.evaluate import run_evaluation
 from cifar_cli.engine.exported import EXPORTED_SUFFIXES
 from cifar_cli.engine.metrics import expected_calibration_error
 from cifar_cli.errors import UsageError
+from cifar_cli.files import run_lock
 from cifar_cli.settings import DataSettings
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 FEW_IMAGES = 1_000  # validation images below which a fitted temperature is noisy
+LOCK_HINT = (
+    "Calibrate once the training has finished: its next checkpoint would be written over the temperature."
+)
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
@@ -60,6 +64,14 @@ def calibrate_checkpoint(
             f"{checkpoint} is an export: calibrate the checkpoint, then export it again (the temperature goes into "
             "the export's contract).",
         )
+    # The run's own lock: a training still running would write its next epoch over the temperature.
+    with run_lock([checkpoint.parent], checkpoint.parent.name, hint=LOCK_HINT):
+        return _calibrate(checkpoint, data, device_name, say)
+
+
+def _calibrate(
+    checkpoint: Path, data: DataSettings, device_name: str, say: Callable[[str], None]
+) -> dict[str, Any]:
     stored = load_checkpoint(checkpoint)
     val_size = stored["settings"]["data"].get("val_size")
     if not val_size:

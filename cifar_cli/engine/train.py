@@ -160,6 +160,8 @@ class Trainer:
             )
             # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
             return self._result({}, resumed_from, stopped_early=False)
+        if resuming and self._last_checkpoint().get("temperature"):
+            self.reporter.message(run_state.DROPPED_TEMPERATURE)
         return self._train(resumed_from)
 
     def _train(self, resumed_from: int) -> TrainResult:
@@ -225,12 +227,8 @@ class Trainer:
     def _teach_calibration(self, record: dict[str, Any]) -> None:
         """The epoch's real speed into the calibration cache, for the next run's plan (one process, no compile:
         their speeds are another machine's, as far as the cache key can tell)."""
-        if (
-            not self.context.is_main
-            or self.context.enabled
-            or self.settings.train.compile
-            or not record["steps"]
-        ):
+        other_machine = self.context.enabled or self.settings.train.compile
+        if not self.context.is_main or other_machine or not record["steps"]:
             return
         eval_rate = len(self.loaders.evaluation.labels) / max(record["eval_seconds"], 1e-9)
         learn_from_epoch(self.run_plan.calibration, record["seconds"] / record["steps"], eval_rate)
