@@ -106,7 +106,7 @@ def test_cifar100_five_commands_end_to_end(tmp_path: Path, cifar100_archive: Pat
     Image.fromarray(np.full((32, 32, 3), 120, dtype=np.uint8)).save(image)
     result = invoke("predict", tmp_path / "ck" / "c100" / "last.pth", image, "--json", "-", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    top = json.loads(result.output)[0]["top"]
+    top = json.loads(result.output)["images"][0]["top"]
     assert {entry["class"] for entry in top} <= set(FINE_NAMES) and len(top) == 3
 
     result = invoke("plot", tmp_path / "runs" / "c100", "--out", tmp_path / "plots")
@@ -278,7 +278,7 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     Image.open(source / "plum" / "000.jpg").save(plum)
     result = invoke("predict", checkpoint, plum, "--json", "-", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)[0]["top"][0]["class"] == "plum"
+    assert json.loads(result.output)["images"][0]["top"][0]["class"] == "plum"
 
     # An export carries the folder's classes, size and statistics, and predicts with them.
     exported = tmp_path / "fruit.pt2"
@@ -295,7 +295,9 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     ]
     assert contract["normalisation"] == {"mean": manifest["mean"], "std": manifest["std"]}
     result = invoke("predict", exported, plum, "--json", "-")
-    assert result.exit_code == 0 and json.loads(result.output)[0]["top"][0]["class"] == "plum", result.output
+    assert result.exit_code == 0 and json.loads(result.output)["images"][0]["top"][0]["class"] == "plum", (
+        result.output
+    )
 
     other = write_image_tree(tmp_path / "other", {"apple": 4, "kiwi": 4}, size=(48, 48))
     prepare_folder(other, tmp_path / "other_processed", image_size=48)

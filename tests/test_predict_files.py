@@ -72,6 +72,11 @@ def test_a_folder_in_batches_writes_csv_and_json_that_agree_with_evaluate(
     document = json.loads((tmp_path / "p.json").read_text())
     assert [entry["image"] for entry in document["images"]] == [row["path"] for row in rows]
     assert [Path(entry["path"]).name for entry in document["skipped"]] == ["damaged.png"]
+    # Printed (`--json -`), the same document: the skipped files too, on stdout, the messages apart on stderr.
+    printed = invoke(
+        "predict", checkpoint, images, "--json", "-", "--top-k", "2", "--batch-size", "7", "--device", "cpu"
+    )
+    assert json.loads(printed.stdout) == document
 
 
 def test_explain_writes_one_overlay_per_image(tmp_path: Path, checkpoint: Path, prepared_dir: Path) -> None:

@@ -154,7 +154,7 @@ def test_predict_reads_an_onnx_export(trained_elsewhere: Path, tmp_path: Path) -
     from_onnx = invoke("predict", str(onnx), str(image), "--json", "-")
     from_checkpoint = invoke("predict", str(trained_elsewhere), str(image), "--json", "-", "--device", "cpu")
     assert from_onnx.exit_code == 0 and from_checkpoint.exit_code == 0, from_onnx.output
-    [onnx_top], [checkpoint_top] = json.loads(from_onnx.output), json.loads(from_checkpoint.output)
+    [onnx_top], [checkpoint_top] = (json.loads(r.output)["images"] for r in (from_onnx, from_checkpoint))
     assert [t["class"] for t in onnx_top["top"]] == [t["class"] for t in checkpoint_top["top"]]
     assert abs(onnx_top["top"][0]["probability"] - checkpoint_top["top"][0]["probability"]) < 1e-4
     scored = invoke("evaluate", str(onnx), "--json", str(tmp_path / "onnx.json"))  # 30 images in batches of 4

@@ -52,7 +52,9 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
 ) -> None:
     checkpoint = train(tiny_settings(tmp_path, prepared_dir, "data.val_size=20")).checkpoint_dir / "last.pth"
     image = next((prepared_dir / "test").rglob("*.png"))
-    before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[0]["top"]
+    before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[
+        "images"
+    ][0]["top"]
     invoke("evaluate", checkpoint, "--json", tmp_path / "plain.json", "--device", "cpu")
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert plain["temperature"] is None and "ece_calibrated" not in plain and 0 <= plain["ece"] <= 1
@@ -68,7 +70,9 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     )  # the fit can only lower what it minimised
     temperature = stored["value"]
     # predict divides the logits by it: log-probability differences shrink by exactly the temperature.
-    after = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[0]["top"]
+    after = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)["images"][
+        0
+    ]["top"]
     assert [t["class"] for t in after] == [t["class"] for t in before]
 
     def gap(top: list[dict]) -> float:
@@ -90,7 +94,7 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     exported = json.loads(
         invoke("predict", tmp_path / "model.pt2", image, "--json", "-", "--top-k", "10").output
     )
-    assert gap(exported[0]["top"]) == pytest.approx(gap(after), rel=1e-3)
+    assert gap(exported["images"][0]["top"]) == pytest.approx(gap(after), rel=1e-3)
 
 
 def test_a_run_without_a_validation_split_is_told_how_to_get_one(tmp_path: Path, prepared_dir: Path) -> None:

@@ -34,7 +34,11 @@ def predict(
         Path | None, typer.Option("--csv", help="Write path, top classes and probabilities to this CSV file.")
     ] = None,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the results as JSON to this file ('-': print them).")
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Write the results as JSON to this file ('-': print them): {images: [...], skipped: [...]}.",
+        ),
     ] = None,
     explain: Annotated[
         Path | None,
@@ -70,7 +74,7 @@ def predict(
     if json_file is not None and str(json_file) != "-":
         write_text_atomically(json_file, json.dumps(json_document(result), indent=2))
     if json_file is not None and str(json_file) == "-":
-        console.print_json(json.dumps(result.rows))
+        console.print_json(json.dumps(json_document(result)))  # what --json FILE holds: images and skipped
     elif csv_file is None and json_file is None:
         console.print(results_table(result.rows, top_k))
     else:
