@@ -31,7 +31,7 @@ class FakeClock:
 
 
 def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int,
-                factor: float, step_cost: float = 0.5) -> tuple[Trainer, list[float], FakeClock]:  # fmt: skip
+                factor: float, step_cost: float = 0.5, *extra: str) -> tuple[Trainer, list[float], FakeClock]:  # fmt: skip
     clock, rates = FakeClock(), []
     clock.step_cost = step_cost
     real_step = EpochRunner._step
@@ -45,7 +45,7 @@ def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(EpochRunner, "_step", timed_step)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # what the fake clock teaches stays here
     settings = tiny_settings(tmp_path, prepared_dir, f"train.time_budget={BUDGET}", "scheduler.name=linear",
-                             "scheduler.final_lr_factor=0.0", "train.epochs=1")  # fmt: skip
+                             "scheduler.final_lr_factor=0.0", "train.epochs=1", *extra)  # fmt: skip
     trainer = Trainer(settings, clock=clock)
     trainer.run()
     return trainer, rates, clock
@@ -92,13 +92,27 @@ def test_a_machine_that_speeds_up_in_the_last_epoch_gets_its_budget_used(
 def test_an_epoch_that_would_overrun_the_budget_ends_at_its_deadline(
     tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=158, factor=16.0)
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 158, 16.0, 0.5, "train.lookahead=true")
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
     assert final["wall_seconds"] <= BUDGET
     assert trainer.progress.history[-1].get("cut_short") is True
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
     assert plan["replans"][-1]["cut_short_at_step"] < plan["steps_per_epoch"]
     assert (trainer.checkpoint_dir / "last.pth").is_file() and final["accuracy"] >= 0
+    # The epoch the deadline cut is the run's last: lookahead handed back its average.
+    assert_ends_on_the_average(trainer.checkpoint_dir / "last.pth")
+
+
+def assert_ends_on_the_average(checkpoint: Path) -> None:
+    """The saved weights are lookahead's average (as its final hand-back leaves them), not the last step's."""
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["global_step"] % 5, (
+        "a sync every 5 steps would hand the average back anyway: pick other sizes"
+    )
+    for name, average in state["lookahead_state"].items():
+        assert torch.equal(state["model_state"][name], average), name
 
 
 def test_a_stale_slow_calibration_no_longer_ends_the_run_early(

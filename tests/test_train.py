@@ -196,6 +196,21 @@ def test_same_recipe_same_run_name(tmp_path: Path, prepared_dir: Path) -> None:
     assert default_run_name(a).startswith("baseline-seed-cnn-")
 
 
+def test_an_early_stopped_run_ends_on_lookahead_s_averaged_weights(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """Early stopping ends the run before its planned last epoch: the weights kept are still the averaged ones."""
+    from tests.test_budget import assert_ends_on_the_average
+
+    # train_loss "improving" upwards never happens while the model learns: the run stops after epoch 2 of 20.
+    settings = tiny_settings(tmp_path, prepared_dir, "train.lookahead=true", "train.epochs=20", "train.batch_size=32",
+                             "train.early_stopping.patience=1", "train.early_stopping.monitor=train_loss",
+                             "train.early_stopping.mode=max")  # fmt: skip
+    result = train(settings)
+    assert result.stopped_early and len(result.history) == 2
+    assert_ends_on_the_average(result.checkpoint_dir / "last.pth")
+
+
 def test_lookahead_moves_weights_towards_their_average() -> None:
     from cifar_cli.engine.lookahead import Lookahead
 

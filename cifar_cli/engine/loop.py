@@ -142,8 +142,12 @@ class EpochRunner:
             torch.stack([loss_sum, torch.tensor(float(batch_index), device=self.device)])
         )
         computed = {key: float(value) for key, value in metrics.compute().items()}
-        if parts.lookahead is not None and progress.epoch + 1 == self.settings.train.epochs:
-            parts.lookahead.finish(parts.model)  # the last epoch ends on the averaged weights
+        # The run's last epoch, planned or cut short by the clock, ends on the averaged weights (early stopping,
+        # decided after the evaluation, hands them back in the trainer).
+        if parts.lookahead is not None and (
+            progress.epoch + 1 == self.settings.train.epochs or batch_index < steps
+        ):
+            parts.lookahead.finish(parts.model)
         return {"loss": float(totals[0] / totals[1]), **computed}, batch_index, steps
 
     def _past(self, deadline: float | None, batches: int) -> bool:

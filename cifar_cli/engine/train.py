@@ -382,6 +382,9 @@ class Trainer:
             progress.epochs_without_improvement += 1
         if parts.scheduler is not None and not scheduler_steps_per_batch(parts.scheduler):
             parts.scheduler.step(monitored)
+        stop = bool(stopping.patience) and progress.epochs_without_improvement >= stopping.patience
+        if stop and parts.lookahead is not None:  # the weights kept and scored at the end: the averaged ones
+            parts.lookahead.finish(parts.model)
         if self.context.is_main:
             self._save(LAST_CHECKPOINT)
             if improved and self.epoch_split == "val":  # best.pth: only where a validation split chose it
@@ -389,7 +392,6 @@ class Trainer:
             logger.log_epoch(record, progress.history, progress.global_step)
         self.reporter.end_epoch({**record, "remaining_seconds": remaining.end_epoch()})
         distributed.barrier()
-        stop = bool(stopping.patience) and progress.epochs_without_improvement >= stopping.patience
         if stop:
             self.reporter.message(
                 f"Early stopping: {stopping.monitor} has not improved for {stopping.patience} epochs "
