@@ -222,3 +222,32 @@ def test_lookahead_moves_weights_towards_their_average() -> None:
     lookahead.sync(model, decay=0.75)
     assert torch.allclose(model.weight, start + 0.25)  # a quarter of the way from the average
     assert Lookahead.decay(0, 100) == 0 and Lookahead.decay(100, 100) == pytest.approx(0.95**5)
+
+
+def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prepared_dir: Path) -> None:
+    import platform
+    import subprocess
+
+    from cifar_cli import __version__
+    from cifar_cli.engine.export import export_checkpoint
+    from cifar_cli.settings import DataSettings
+
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
+    made_by = load_checkpoint(result.checkpoint_dir / "last.pth")["made_by"]
+    assert made_by["cifar_cli"] == __version__ and made_by["torch"] == torch.__version__
+    assert made_by["python"] == platform.python_version()
+    if (
+        repo / ".git"
+    ).exists() and head.returncode == 0:  # run from a checkout: its commit, "-dirty" if edited
+        assert made_by["git_commit"].removesuffix("-dirty") == head.stdout.strip()
+    final = json.loads((result.run_dir / "final_metrics.json").read_text())
+    assert final["made_by"] == made_by
+    exported = export_checkpoint(
+        result.checkpoint_dir / "last.pth",
+        DataSettings(processed_dir=prepared_dir),
+        "pt2",
+        tmp_path / "m.pt2",
+    )
+    assert exported.contract["made_by"] == made_by and exported.contract["checkpoint_made_by"] == made_by

@@ -31,6 +31,7 @@ from cifar_cli.engine.exported import (
     require_onnx,
     run_batches,
 )
+from cifar_cli.engine.identity import provenance
 from cifar_cli.engine.inference import check_same_classes, load_model, tta_level, tta_logits
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import write_atomically
@@ -151,6 +152,8 @@ def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: floa
         "val_size": loaded.data_settings.val_size if isinstance(loaded.data_settings.val_size, int) else 0,
         "seed": loaded.train_settings.seed,
         "data": loaded.data_settings.model_dump(mode="json"),  # where `cifar evaluate` finds its test images
+        "made_by": provenance(),  # of this export; the checkpoint's own below
+        "checkpoint_made_by": loaded.state.get("made_by"),
     }  # fmt: skip
 
 

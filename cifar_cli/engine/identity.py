@@ -1,12 +1,17 @@
 """What identifies a run: the settings that change what it learns (its name is a hash of them), the differences that
-forbid a resume, and the values logged to TensorBoard's HParams tab."""
+forbid a resume, the values logged to TensorBoard's HParams tab, and what made it (versions, commit)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import platform
+import subprocess
+from pathlib import Path
 from typing import Any
 
+from cifar_cli import __version__
 from cifar_cli.settings import OFFICIAL_ARCHIVES, Settings
 
 # Train settings that do not change what a run learns (where and how fast it runs, how it is shown or evaluated at
@@ -84,3 +89,36 @@ def hparams(settings: Settings) -> dict[str, Any]:
         for key, value in identity.items()
     }
     return {**{k: v for k, v in values.items() if v is not None}, "train.epochs": settings.train.epochs}
+
+
+@functools.cache
+def provenance() -> dict[str, Any]:
+    """What made a checkpoint, a run's results or an export: this package's version, the git commit of the checkout
+    it runs from ("-dirty" when tracked files differ from it; None when installed from a wheel), torch, Python."""
+    import torch
+
+    return {
+        "cifar_cli": __version__,
+        "git_commit": _git_commit(Path(__file__).resolve().parents[2]),
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "python": platform.python_version(),
+    }
+
+
+def _git_commit(checkout: Path) -> str | None:
+    if not (checkout / ".git").exists():
+        return None
+    git = ["git", "-C", str(checkout)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):  # no git on this machine, or a stuck one
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changes.stdout.strip() else "")

@@ -15,7 +15,7 @@ from cifar_cli.engine.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from cifar_cli.engine.identity import recipe_differences
+from cifar_cli.engine.identity import provenance, recipe_differences
 from cifar_cli.engine.optim import restore_scheduler
 from cifar_cli.engine.setup import Parts
 from cifar_cli.errors import UsageError
@@ -66,6 +66,7 @@ def checkpoint_state(
         "data_spec": spec.to_dict(),
         "run_name": run_name,
         "started_from": parts.started_from,
+        "made_by": provenance(),  # package version, git commit, torch, Python
     }
 
 

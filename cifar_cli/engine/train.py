@@ -18,7 +18,7 @@ from cifar_cli.engine.checkpoint import load_checkpoint
 from cifar_cli.engine.device import Precision, resolve_precision, synchronised_clock
 from cifar_cli.engine.distributed import DistContext
 from cifar_cli.engine.finetune import check_fits, describe_start, read_source
-from cifar_cli.engine.identity import default_run_name, hparams
+from cifar_cli.engine.identity import default_run_name, hparams, provenance
 from cifar_cli.engine.inference import checkpoint_spec
 from cifar_cli.engine.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.engine.loop import EpochRunner
@@ -414,7 +414,9 @@ class Trainer:
                                          self.device, self.progress.history)  # fmt: skip
         # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
         # estimate of it: a time budget bounds the first.
-        final.update(wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds)
+        final.update(
+            wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds, made_by=provenance()
+        )
         # The span the CIFAR-10 speed record times (airbench94: model init with whitening, the training steps, the
         # final TTA evaluation; no per-epoch evaluation), for `cifar bench --vs-record`. Seconds.
         final_eval_seconds = synchronised_clock(self.device) - started
