@@ -107,3 +107,18 @@ def test_sweep_time_budget_is_each_trials_budget(tmp_path: Path, prepared_dir: P
     plan = json.loads((trial / "plan.json").read_text())
     assert plan["budget_seconds"] == 20.0
     shutil.rmtree(tmp_path / "ck")
+
+
+def test_lr_on_a_recipe_with_several_rates_says_what_it_reached(tmp_path: Path, prepared_dir: Path) -> None:
+    """`cifar train --lr 0.001` on `fast` moves only the head and biases (the filters follow optim.muon_lr):
+    the user is told, and told which setting moves the rest."""
+    tiny = ["train", "--preset", "fast", "--epochs", "1", "--device", "cpu", "--precision", "fp32",
+            "--processed-dir", prepared_dir, "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs",
+            "--set", "train.channels_last=true", "--set", "model.width_multiplier=0.25",
+            "--set", "train.batch_size=16", "--set", "log.progress=none"]  # fmt: skip
+    told = flat(invoke(*tiny, "--lr", "0.001").output)
+    assert "--lr 0.001 sets the step size of the classifier head" in told
+    assert "biases and normalisation take 64x it" in told and "--set optim.muon_lr=" in told
+    assert "sets the step size" in flat(invoke(*tiny, "--set", "optim.lr=0.002").output)
+    for quiet in (invoke(*tiny), invoke(*tiny[:1], *tiny[3:], "--preset", "baseline", "--lr", "0.001")):
+        assert quiet.exit_code == 0 and "sets the step size" not in flat(quiet.output)  # no --lr; one rate

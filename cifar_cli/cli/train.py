@@ -235,7 +235,13 @@ def train(
     set_options: SetOption = None,
 ) -> None:
     """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
-    settings = resolve(config, set_options, flag_settings(train, locals()))
+    flags = flag_settings(train, locals())
+    settings = resolve(config, set_options, flags)
+    if "optim.lr" in flags or any(option.split("=")[0].strip() == "optim.lr" for option in set_options or []):
+        from cifar_cli.engine.optim import what_lr_reaches
+
+        if note := what_lr_reaches(settings.optim):
+            console.print(note, style="yellow")
     if dry_run:
         from cifar_cli.display import PlainReporter
         from cifar_cli.engine.train import plan_run

@@ -58,6 +58,23 @@ def build_optimizer(
     return torch.optim.Adam(groups, lr=settings.lr, betas=settings.betas, fused=fused)
 
 
+def what_lr_reaches(settings: OptimSettings) -> str | None:
+    """For a user who gave --lr: which parameters `optim.lr` steps and which settings move the others, in a recipe
+    with several step sizes (`fast`'s Muon filters, biases at a multiple); None where it is the only one."""
+    others = []
+    if settings.bias_lr_scale != 1:
+        others.append(f"biases and normalisation take {settings.bias_lr_scale:g}x it (optim.bias_lr_scale)")
+    if settings.name == "muon":
+        others.append(
+            f"the convolution filters take Muon steps of optim.muon_lr ({settings.muon_lr:g}), which --lr does not "
+            "change: --set optim.muon_lr=..."
+        )
+    if not others:
+        return None
+    reached = "the classifier head" if settings.name == "muon" else "the weights"
+    return f"--lr {settings.lr:g} sets the step size of {reached}; " + "; ".join(others) + "."
+
+
 def use_fused_kernels(model: nn.Module) -> bool:
     """Fused optimiser kernels (one pass over all parameters instead of a few ops per tensor) where torch has
     them for CPUs and CUDA GPUs (`cifar bench --profile` shows the optimiser's share of a step).
