@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+DEBUG_VARIABLE = "CIFAR_DEBUG"  # set to 1: an unexpected error raises with its traceback instead of one line
+
 
 class ExitCode(IntEnum):
     """What `cifar` returns to the shell; scripts and sweeps read these (e.g. a trial's 130 means "resume me")."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.errors import ExitCode, SettingsError, UsageError
+from cifar_cli.errors import DEBUG_VARIABLE, ExitCode, SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
 from cifar_cli.runs import SWEEPS_FOLDER, list_runs, recorded_differences
 from cifar_cli.settings import (
@@ -345,9 +345,8 @@ def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> 
     config = work / f"{status.trial.name}.yaml"
     write_text_atomically(config, dump_yaml(settings))
     env = {**os.environ, "OMP_NUM_THREADS": str(slot.threads), "PYTHONUNBUFFERED": "1"}
-    env = {
-        key: value for key, value in env.items() if not key.startswith("CIFAR_")
-    }  # the file says everything
+    # The settings file says everything; CIFAR_DEBUG is no setting (a trial's crash shows its traceback too).
+    env = {key: value for key, value in env.items() if not key.startswith("CIFAR_") or key == DEBUG_VARIABLE}
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
     status.log = work / f"{status.trial.name}.log"

@@ -13,8 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from cifar_cli.cli import app
-from cifar_cli.cli.boundary import DEBUG_VARIABLE, error_boundary
-from cifar_cli.errors import ExitCode, UsageError
+from cifar_cli.cli.boundary import error_boundary
+from cifar_cli.errors import DEBUG_VARIABLE, ExitCode, UsageError
 from tests.conftest import flat, run_cli
 
 

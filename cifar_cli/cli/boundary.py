@@ -18,9 +18,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from cifar_cli.errors import CifarError, ExitCode, SettingsError
+from cifar_cli.errors import DEBUG_VARIABLE, CifarError, ExitCode, SettingsError
 
-DEBUG_VARIABLE = "CIFAR_DEBUG"  # set to 1: unexpected errors raise with their traceback
 # What running out of memory looks like: Python's own, torch's CUDA/MPS error, and the CPU allocator's message.
 OUT_OF_MEMORY_TYPES = ("MemoryError", "OutOfMemoryError")
 OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
