@@ -230,10 +230,12 @@ def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prep
 
     from cifar_cli import __version__
     from cifar_cli.engine.export import export_checkpoint
+    from cifar_cli.engine.identity import provenance
     from cifar_cli.settings import DataSettings
 
     repo = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    provenance.cache_clear()  # read once per process: a commit made while the suite runs would be missed
     result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
     made_by = load_checkpoint(result.checkpoint_dir / "last.pth")["made_by"]
     assert made_by["cifar_cli"] == __version__ and made_by["torch"] == torch.__version__

@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from cifar_cli.cli.common import error_console, quiet_closed_stdout
 from cifar_cli.errors import DEBUG_VARIABLE, CifarError, ExitCode, SettingsError
 
 # What running out of memory looks like: Python's own, torch's CUDA/MPS error, and the CPU allocator's message.
@@ -56,8 +57,6 @@ def _from_the_framework(error: BaseException) -> bool:
 
 
 def _end_with(error: BaseException) -> NoReturn:
-    from cifar_cli.cli.common import error_console
-
     if isinstance(error, SystemExit):
         raise error
     if isinstance(error, SettingsError):
@@ -95,16 +94,6 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(words in text for words in OUT_OF_MEMORY_WORDS)
-
-
-def quiet_closed_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's last flush of a closed pipe does not print a second
-    BrokenPipeError on the way out (the recipe of Python's `signal` documentation)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # no real descriptor (a test's captured output): nothing will flush there
-        pass
 
 
 def flush_or_quiet() -> int | None:

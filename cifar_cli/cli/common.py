@@ -1,10 +1,12 @@
-"""What every command shares: the consoles, option declarations, flags -> Settings, and errors -> messages.
+"""What every command shares: the consoles (a closed pipe ends them quietly), option declarations, flags -> Settings.
 
 No torch code lives in `cli/`; heavy modules are imported inside the commands so `cifar --help` stays instant.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +20,21 @@ from cifar_cli.errors import ExitCode
 from cifar_cli.settings import Settings, load_settings, parse_set_options, set_dotted
 
 
+def quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of a closed pipe does not print a second
+    BrokenPipeError on the way out (the recipe of Python's `signal` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real descriptor (a test's captured output): nothing will flush there
+        pass
+
+
 class _Console(Console):
     """rich's console, but a reader that closed our pipe ends the command with its own exit code (rich's default
     exits 1, like any error)."""
 
     def on_broken_pipe(self) -> None:
-        from cifar_cli.cli.boundary import quiet_closed_stdout
-
         quiet_closed_stdout()
         raise SystemExit(ExitCode.CLOSED_PIPE)
 
