@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # Extra flags for `make run`, e.g. DOWNLOAD_ARGS="--url /path/to/cifar-10-python.tar.gz --md5 <hex>".
 DOWNLOAD_ARGS ?=
-# The first command a new user runs must end: 15 minutes of training on any machine (engine/plan.py).
+# The first command a new user runs must end: 15 minutes of training on any machine (budget/plan.py).
 TRAIN_ARGS ?= --time-budget 15m
 
 .PHONY: install run test lint docs bench clean

@@ -11,12 +11,18 @@ from typing import Any
 
 import yaml
 
+from cifar_cli.config.settings import Settings
 from cifar_cli.data import adopt_prepared
-from cifar_cli.engine.identity import recipe_differences, recipe_identity
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
-from cifar_cli.settings import Settings
-from cifar_cli.tracking import FINAL_METRICS_FILE, HISTORY_FILE, PRUNED_FILE, SETTINGS_FILE, read_history
+from cifar_cli.train.identity import recipe_differences, recipe_identity
+from cifar_cli.train.tracking import (
+    FINAL_METRICS_FILE,
+    HISTORY_FILE,
+    PRUNED_FILE,
+    SETTINGS_FILE,
+    read_history,
+)
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
 SWEEPS_FOLDER = "sweeps"  # `cifar sweep` puts each sweep's trials in <log_dir>/sweeps/<sweep name>/<trial>/

@@ -140,7 +140,7 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path) -
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
     """last.pth of one epoch of the baseline on the tiny data, for tests that need a real checkpoint where the
     path is not the point (a refusal must be reached by its own check, not by a missing file). Read only."""
-    from cifar_cli.engine.train import train
+    from cifar_cli.train.run import train
 
     folder = tmp_path_factory.mktemp("tiny-checkpoint")
     return train(tiny_settings(folder, prepared_dir, "train.epochs=1")).checkpoint_dir / "last.pth"
@@ -148,7 +148,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path
 
 @pytest.fixture(scope="session")
 def calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache of measured step speeds for the whole session (engine/calibrate.py), never the user's own."""
+    """One cache of measured step speeds for the whole session (budget/probe.py), never the user's own."""
     return tmp_path_factory.mktemp("xdg-cache")
 
 
@@ -192,7 +192,7 @@ def flat(console_text: str) -> str:
 
 def tiny_settings(tmp_path: Path, prepared: Path, *assignments: str, preset: str = "baseline"):
     """Settings for a fast CPU run on the tiny prepared data; extra `dotted.key=value` strings override."""
-    from cifar_cli.settings import load_settings, parse_set_options
+    from cifar_cli.config.settings import load_settings, parse_set_options
 
     base = [
         f"preset={preset}",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cifar_cli.engine.train import Trainer
-from cifar_cli.settings import load_settings, parse_set_options
+from cifar_cli.config.settings import load_settings, parse_set_options
+from cifar_cli.train.run import Trainer
 
 if __name__ == "__main__":
     weights_dir = Path(sys.argv[1])

@@ -1,4 +1,4 @@
-"""A time budget kept while the run goes (engine/budget.py): re-plans from the run's own epochs on a fake clock whose
+"""A time budget kept while the run goes (budget/keeper.py): re-plans from the run's own epochs on a fake clock whose
 speed changes mid-run, a schedule that follows without a jump, a deadline inside an epoch, and plan.json."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cifar_cli.engine.loop import EpochRunner
-from cifar_cli.engine.optim import _StepSchedule
-from cifar_cli.engine.plan import EpochTiming, replan
-from cifar_cli.engine.train import Trainer
-from cifar_cli.settings import SchedulerSettings
+from cifar_cli.budget.plan import EpochTiming, replan
+from cifar_cli.config.settings import SchedulerSettings
+from cifar_cli.train.loop import EpochRunner
+from cifar_cli.train.optim import _StepSchedule
+from cifar_cli.train.run import Trainer
 from tests.conftest import tiny_settings
 
 BUDGET = 100.0  # fake seconds
@@ -120,11 +120,11 @@ def test_a_stale_slow_calibration_no_longer_ends_the_run_early(
 ) -> None:
     """A cached speed a third of the real one (measured while the machine was busy) plans a third of the steps
     that fit; the run's own epochs correct it, and it ends inside 90-100% of its budget."""
-    from cifar_cli.engine import plan as plan_module
+    from cifar_cli.budget import plan as plan_module
     from tests.test_plan import fake_calibration
 
     stale = fake_calibration(16.0)  # batch 16: 16 / 16 + 0.5 = 1.5 s per step, against the 0.5 s of the clock
-    monkeypatch.setattr(plan_module, "calibrate", lambda *args, **kwargs: stale)
+    monkeypatch.setattr(plan_module, "measure_speed", lambda *args, **kwargs: stale)
     trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=10**6, factor=1.0)
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
@@ -133,7 +133,7 @@ def test_a_stale_slow_calibration_no_longer_ends_the_run_early(
 
 
 def test_replan_aims_inside_the_budget_and_cuts_the_last_epoch_rather_than_waste_it() -> None:
-    from cifar_cli.engine.plan import RunPlan
+    from cifar_cli.budget.plan import RunPlan
     from tests.test_plan import fake_calibration
 
     plan = RunPlan(50, 1.0, 16, 10, 100, 0, fake_calibration(1000.0), 100.0, 10.0, 100)

@@ -63,7 +63,7 @@ def test_evaluate_split_val_is_refused_for_a_run_that_held_none_out(
 
 
 def test_export_batch_n_fixes_the_batch_in_the_contract(tmp_path: Path, prepared_dir: Path) -> None:
-    from cifar_cli.engine.exported import load_exported
+    from cifar_cli.predict.exported_model import load_exported
 
     checkpoint = _train(tmp_path, prepared_dir, "fixed")
     result = invoke("export", checkpoint, "--format", "pt2", "--batch", "7", "--out", tmp_path / "b7.pt2")

@@ -284,7 +284,7 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     exported = tmp_path / "fruit.pt2"
     result = invoke("export", checkpoint, "--format", "pt2", "--out", exported, "--processed-dir", processed)
     assert result.exit_code == 0, result.output
-    from cifar_cli.engine.exported import load_exported
+    from cifar_cli.predict.exported_model import load_exported
 
     contract = load_exported(exported).contract
     manifest = read_manifest(processed)
@@ -308,9 +308,9 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
 
 
 def test_runs_on_different_data_get_different_names(tmp_path: Path, prepared_dir: Path) -> None:
+    from cifar_cli.config.settings import load_settings, parse_set_options
     from cifar_cli.data import adopt_prepared
-    from cifar_cli.engine.identity import default_run_name, recipe_identity
-    from cifar_cli.settings import load_settings, parse_set_options
+    from cifar_cli.train.identity import default_run_name, recipe_identity
 
     def name(*assignments: str) -> str:
         settings = load_settings(None, parse_set_options(list(assignments)))
@@ -345,8 +345,8 @@ def test_normalisation_uses_the_data_statistics() -> None:
 
 
 def test_most_confused_pairs_and_a_readable_100_class_figure() -> None:
-    from cifar_cli.engine.metrics import most_confused
-    from cifar_cli.plots import confusion_matrix_figure
+    from cifar_cli.predict.metrics import most_confused
+    from cifar_cli.ui.plots import confusion_matrix_figure
 
     matrix = np.eye(100, dtype=int) * 5
     matrix[3, 7], matrix[9, 1], matrix[50, 51] = 4, 9, 4
@@ -360,8 +360,8 @@ def test_most_confused_pairs_and_a_readable_100_class_figure() -> None:
 
 def test_a_cache_without_its_manifest_is_prepared_again(tmp_path: Path) -> None:
     """The manifest is written last: a cache alone is an unfinished preparation, never data of unknown classes."""
+    from cifar_cli.config.settings import DataSettings
     from cifar_cli.data import ensure_prepared
-    from cifar_cli.settings import DataSettings
 
     source = write_image_tree(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})
     prepare_folder(source, tmp_path / "out", write_png=False)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.evaluate import evaluate_checkpoint, predict_images
-from cifar_cli.engine.metrics import classification_report
-from cifar_cli.engine.train import train
+from cifar_cli.checkpoint import load_checkpoint
 from cifar_cli.errors import UsageError
+from cifar_cli.predict.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.predict.metrics import classification_report
+from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
 
 NAMES = [f"c{i}" for i in range(10)]
@@ -45,7 +45,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: P
 
 
 def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
-    from cifar_cli.settings import DataSettings
+    from cifar_cli.config.settings import DataSettings
 
     metrics = evaluate_checkpoint(
         trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True
@@ -119,7 +119,7 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, trained_checkpoint: Path) -
 def test_weights_that_do_not_fit_the_model(
     tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path
 ) -> None:
-    from cifar_cli.settings import DataSettings
+    from cifar_cli.config.settings import DataSettings
 
     state = load_checkpoint(trained_checkpoint)
     state["settings"]["model"]["width_multiplier"] = 0.5

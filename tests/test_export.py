@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from cifar_cli.config.settings import MODEL_RECIPES, DataSettings
 from cifar_cli.data.prepare import CLASS_NAMES
-from cifar_cli.engine import export as export_module
-from cifar_cli.engine import exported as exported_module
-from cifar_cli.engine.evaluate import evaluate_checkpoint, predict_images
-from cifar_cli.engine.export import export_checkpoint
-from cifar_cli.engine.exported import load_exported
-from cifar_cli.engine.train import train
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.settings import MODEL_RECIPES, DataSettings
+from cifar_cli.export import writer as export_module
+from cifar_cli.export.writer import export_checkpoint
+from cifar_cli.predict import exported_model as exported_module
+from cifar_cli.predict.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.predict.exported_model import load_exported
+from cifar_cli.train.run import train
 from tests.conftest import flat, run_cli, tiny_settings
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in exported_module.ONNX_PACKAGES)

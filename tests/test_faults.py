@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_cli.engine.checkpoint import load_checkpoint, save_checkpoint
+from cifar_cli.checkpoint import load_checkpoint, save_checkpoint
 from cifar_cli.errors import UsageError
 from tests.conftest import batch_bytes, build_archive, flat, make_images, py2_pickle, run_cli
 
@@ -112,7 +112,7 @@ def test_kill_9_mid_training_leaves_no_stuck_lock_and_the_rerun_resumes(
 WRITER = """
 import sys, torch
 from pathlib import Path
-from cifar_cli.engine.checkpoint import save_checkpoint
+from cifar_cli.checkpoint import save_checkpoint
 save_checkpoint({"big": torch.zeros(400_000_000, dtype=torch.uint8)}, Path(sys.argv[1]))
 """
 
@@ -131,7 +131,7 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path: Pat
 
 
 def test_full_disk_is_reported_before_training(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
-    from cifar_cli.engine.train import train
+    from cifar_cli.train.run import train
     from tests.conftest import tiny_settings
 
     original = Path.write_bytes

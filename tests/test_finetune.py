@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_cli.checkpoint import load_checkpoint, save_checkpoint
+from cifar_cli.config.settings import TrainSettings
 from cifar_cli.data.loader import BatchLoader, balanced_draw
 from cifar_cli.data.prepare import prepare_folder
 from cifar_cli.data.spec import CIFAR10_SPEC
-from cifar_cli.engine.checkpoint import load_checkpoint, save_checkpoint
-from cifar_cli.engine.finetune import head_name
-from cifar_cli.engine.setup import class_weights
-from cifar_cli.engine.train import Trainer, train
 from cifar_cli.models import build_model
-from cifar_cli.settings import TrainSettings
+from cifar_cli.train.finetune import head_name
+from cifar_cli.train.run import Trainer, train
+from cifar_cli.train.setup import class_weights
 from tests.conftest import flat, run_cli, tiny_settings, write_image_tree
 
 

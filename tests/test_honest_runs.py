@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_cli.engine.identity import default_run_name
-from cifar_cli.engine.train import train
+from cifar_cli.config.settings import load_settings, parse_set_options, resolve_val_size
 from cifar_cli.errors import SettingsError, UsageError
-from cifar_cli.settings import load_settings, parse_set_options, resolve_val_size
+from cifar_cli.train.identity import default_run_name
+from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
 
 
@@ -118,8 +118,8 @@ def test_unknown_model_is_refused_before_any_download(tmp_path: Path) -> None:
 
 
 def test_help_choices_come_from_the_code() -> None:
+    from cifar_cli.config.settings import available_presets
     from cifar_cli.models import available_models
-    from cifar_cli.settings import available_presets
 
     result = run_cli("train", "--help", env={"COLUMNS": "200"})
     text = " ".join(result.output.split())

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_cli.engine.ladder import choose_rung
-from cifar_cli.engine.plan import RunPlan
-from cifar_cli.engine.train import plan_run, train
-from cifar_cli.settings import Settings, load_settings, parse_set_options
-from cifar_cli.sweep import Trial, trial_settings
+from cifar_cli.budget.ladder import choose_rung
+from cifar_cli.budget.plan import RunPlan
+from cifar_cli.config.settings import Settings, load_settings, parse_set_options
+from cifar_cli.sweep.grid import Trial, trial_settings
+from cifar_cli.train.run import plan_run, train
 from tests.test_plan import fake_calibration
 
 SPEEDS = {

@@ -5,15 +5,16 @@ import sys
 
 import pytest
 
-from cifar_cli.engine import memory, setup
-from cifar_cli.engine.distributed import DistContext
-from cifar_cli.settings import load_settings
+from cifar_cli.config.settings import load_settings
+from cifar_cli.runtime import memory
+from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.train import setup
 
 # Allocates, fills and frees a 64 MiB tensor 20 times; prints the minor page faults of the last 10 rounds. (With the
 # heap kept, glibc grows it for the first few rounds while its free lists settle, then serves every round from it.)
 FAULTS_PER_ROUND_SCRIPT = """
 import resource, sys, torch
-from cifar_cli.engine.memory import keep_freed_memory
+from cifar_cli.runtime.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifar_cli.engine.optim import build_optimizer, build_scheduler
+from cifar_cli.config.settings import OptimSettings, SchedulerSettings
 from cifar_cli.models import build_model
-from cifar_cli.settings import OptimSettings, SchedulerSettings
+from cifar_cli.train.optim import build_optimizer, build_scheduler
 
 
 def test_weights_and_biases_get_their_own_lr_and_decay() -> None:
@@ -53,7 +53,7 @@ def test_cosine_ends_at_the_final_factor() -> None:
 
 
 def test_orthogonalize_flattens_the_singular_values() -> None:
-    from cifar_cli.engine.muon import orthogonalize
+    from cifar_cli.train.muon import orthogonalize
 
     torch.manual_seed(0)
     matrix = (
@@ -66,7 +66,7 @@ def test_orthogonalize_flattens_the_singular_values() -> None:
 
 
 def test_muon_groups_and_step() -> None:
-    from cifar_cli.engine.muon import MuonSGD
+    from cifar_cli.train.muon import MuonSGD
 
     torch.manual_seed(0)
     model = build_model("airbench", 0.25)
@@ -86,7 +86,7 @@ def test_muon_groups_and_step() -> None:
 
 
 def test_sgd_groups_match_torch_sgd() -> None:
-    from cifar_cli.engine.muon import MuonSGD
+    from cifar_cli.train.muon import MuonSGD
 
     torch.manual_seed(0)
     ours, reference = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
@@ -129,7 +129,7 @@ def test_cpu_optimizers_use_fused_kernels_with_the_same_steps(name: str) -> None
 
 
 def test_muon_orthogonalises_in_the_precision_it_is_given() -> None:
-    from cifar_cli.engine.muon import orthogonalize
+    from cifar_cli.train.muon import orthogonalize
 
     torch.manual_seed(0)
     matrix = torch.randn(16, 72)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_cli.engine.train import train
 from cifar_cli.errors import UsageError
-from cifar_cli.plots import write_run_plots
+from cifar_cli.train.run import train
+from cifar_cli.ui.plots import write_run_plots
 from tests.conftest import tiny_settings
 
 EXPECTED = [
@@ -31,7 +31,7 @@ def _check_png(path: Path, min_width: int = 400) -> None:
 
 
 def test_curves_show_the_history_values() -> None:
-    from cifar_cli.plots import curves_figure
+    from cifar_cli.ui.plots import curves_figure
 
     history = [
         {"epoch": e, "train_loss": 2.0 / e, "test_loss": 2.5 / e, "train_accuracy": 0.2 * e, "test_accuracy": 0.1 * e,
@@ -50,7 +50,7 @@ def test_curves_show_the_history_values() -> None:
 def test_predictions_figure_marks_exactly_the_mistakes() -> None:
     import numpy as np
 
-    from cifar_cli.plots import predictions_figure
+    from cifar_cli.ui.plots import predictions_figure
 
     targets, predicted = [0, 1, 2, 3], [0, 5, 2, 7]
     figure = predictions_figure(
@@ -61,8 +61,8 @@ def test_predictions_figure_marks_exactly_the_mistakes() -> None:
 
 
 def test_plots_of_a_trained_run(tmp_path: Path, prepared_dir: Path) -> None:
-    from cifar_cli.engine.evaluate import run_evaluation
-    from cifar_cli.plots import _sample_predictions_figure
+    from cifar_cli.predict.evaluate import run_evaluation
+    from cifar_cli.ui.plots import _sample_predictions_figure
 
     settings = tiny_settings(tmp_path, prepared_dir, "train.tta=true")
     result = train(settings)
@@ -119,8 +119,8 @@ def test_clear_errors_without_history(tmp_path: Path, prepared_dir: Path) -> Non
 
 
 def test_mistakes_are_the_most_confidently_wrong_and_the_figure_names_them() -> None:
-    from cifar_cli.engine.evaluate import Evaluation
-    from cifar_cli.plots_explain import mistakes_figure, most_confident_mistakes
+    from cifar_cli.predict.evaluate import Evaluation
+    from cifar_cli.ui.plots_explain import mistakes_figure, most_confident_mistakes
 
     logits = torch.tensor([[5.0, 0.0], [0.0, 1.0], [0.0, 4.0], [2.0, 0.0], [0.0, 3.0]])
     targets = torch.tensor([0, 0, 0, 1, 1])  # wrong: 1 (p 0.73), 2 (p 0.98), 3 (p 0.88)
@@ -136,7 +136,7 @@ def test_gradcam_finds_the_evidence() -> None:
     from torch import nn
 
     from cifar_cli.data.spec import CIFAR10_SPEC
-    from cifar_cli.engine.gradcam import gradcam
+    from cifar_cli.predict.gradcam import gradcam
 
     model = nn.Sequential(
         nn.Conv2d(3, 1, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_cli.engine.evaluate import run_evaluation
-from cifar_cli.engine.train import train
-from cifar_cli.settings import DataSettings
+from cifar_cli.config.settings import DataSettings
+from cifar_cli.predict.evaluate import run_evaluation
+from cifar_cli.train.run import train
 from tests.conftest import flat, run_cli, tiny_settings
 
 
@@ -107,7 +107,7 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path, checkpoint: Path) -> None:
 
 def test_ties_go_to_the_lower_class_as_evaluate_decides_them() -> None:
     """bf16 logits tie exactly now and then; predict's top class must be argmax's (the lower index), as evaluate's."""
-    from cifar_cli.engine.classify import top_classes
+    from cifar_cli.predict.classify import top_classes
 
     probabilities = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.0, 0.2, 0.4]])
     rows = top_classes([Path("a.png"), Path("b.png")], probabilities, ["w", "x", "y", "z"], 3)

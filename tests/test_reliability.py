@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cifar_cli import files
-from cifar_cli.engine.checkpoint import save_checkpoint
+from cifar_cli.checkpoint import save_checkpoint
 from cifar_cli.errors import CifarError
 from tests.conftest import flat, run_cli, tiny_settings
 from tests.http_server import ServerState, serve
@@ -124,7 +124,7 @@ def test_training_refuses_before_the_first_epoch_when_checkpoints_cannot_fit(
     tmp_path: Path, prepared_dir: Path, small_disk
 ) -> None:
     with small_disk(tmp_path / "disk", 64 * 1024) as disk:
-        from cifar_cli.engine.train import train
+        from cifar_cli.train.run import train
 
         with pytest.raises(CifarError, match=r"Not enough space .* checkpoints"):
             train(tiny_settings(tmp_path, prepared_dir, f"log.checkpoint_dir={disk}"))
@@ -239,8 +239,8 @@ def test_damaged_history_is_a_clear_error_naming_the_file(tmp_path: Path, conten
 
 
 def test_history_written_by_training_reads_back(tmp_path: Path, prepared_dir: Path) -> None:
-    from cifar_cli.engine.train import train
-    from cifar_cli.tracking import read_history
+    from cifar_cli.train.run import train
+    from cifar_cli.train.tracking import read_history
 
     result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
     assert [r["epoch"] for r in read_history(result.run_dir)] == [1]

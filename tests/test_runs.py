@@ -8,8 +8,8 @@ import shutil
 import socket
 from pathlib import Path
 
-from cifar_cli.engine.train import train
 from cifar_cli.runs import list_runs
+from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
 
 

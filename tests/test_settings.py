@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from cifar_cli.config.settings import available_presets, load_settings, parse_set_options, read_preset
 from cifar_cli.errors import SettingsError, UsageError
-from cifar_cli.settings import available_presets, load_settings, parse_set_options, read_preset
 
 REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.yaml"
 
@@ -134,8 +134,8 @@ def test_commented_recipe_in_settings_yaml_matches_the_fast_preset(tmp_path: Pat
 
 
 def test_every_model_has_a_recipe_that_trains_it() -> None:
+    from cifar_cli.config.settings import MODEL_RECIPES
     from cifar_cli.models import available_models
-    from cifar_cli.settings import MODEL_RECIPES
 
     assert sorted(MODEL_RECIPES) == available_models()
     for model, preset in MODEL_RECIPES.items():

@@ -1,4 +1,4 @@
-"""engine/step.py: whole batches and micro-batches give the same gradient (without BatchNorm)."""
+"""train/step.py: whole batches and micro-batches give the same gradient (without BatchNorm)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_cli.engine.device import resolve_precision
-from cifar_cli.engine.step import chunk_sizes, forward_backward
+from cifar_cli.runtime.device import resolve_precision
+from cifar_cli.train.step import chunk_sizes, forward_backward
 
 
 @pytest.mark.parametrize(

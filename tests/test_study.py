@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 optuna = pytest.importorskip("optuna")
-from cifar_cli import study as studies  # noqa: E402 - after the skip: the module needs Optuna at work
+from cifar_cli.sweep import space  # noqa: E402
+from cifar_cli.sweep import study as studies  # noqa: E402 - after the skip: the module needs Optuna at work
 from tests.conftest import flat, run_cli  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def _worker(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def _trials(storage: str) -> list:
-    return optuna.load_study(study_name="lr", storage=studies.open_storage(storage)).get_trials()
+    return optuna.load_study(study_name="lr", storage=space.open_storage(storage)).get_trials()
 
 
 def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -200,7 +201,7 @@ def test_a_dead_workers_trial_is_queued_again_once_with_its_reports() -> None:
     first, running, retry = study.get_trials()
     assert (first.state.name, running.state.name, retry.state.name) == ("FAIL", "RUNNING", "WAITING")
     assert retry.params == first.params and retry.intermediate_values == {1: 0.4}
-    assert retry.system_attrs[studies.FIRST_ATTR] == 0 and retry.user_attrs["run"] == "t000_lr0.01_seed0"
+    assert retry.system_attrs[space.FIRST_ATTR] == 0 and retry.user_attrs["run"] == "t000_lr0.01_seed0"
     assert studies.WORKER_ATTR not in retry.user_attrs  # the old worker's record would look dead at once
     assert study.ask().number == 2  # the next worker gets the retry first
 
@@ -219,24 +220,24 @@ def test_silence_counts_as_death_only_on_other_hosts_and_after_the_grace_period(
 
 def test_grid_points_in_order_and_random_draws_the_same_for_every_worker() -> None:
     dimensions = [
-        studies.parse_dimension("optim.lr=log(0.001,0.1,3)"),
-        studies.parse_dimension("train.batch_size=range(16,64,16)"),
+        space.parse_dimension("optim.lr=log(0.001,0.1,3)"),
+        space.parse_dimension("train.batch_size=range(16,64,16)"),
     ]
     assert dimensions[0].log and (dimensions[0].low, dimensions[0].high) == (0.001, 0.1)
     assert (dimensions[1].low, dimensions[1].high, dimensions[1].step) == (16, 48, 16)
-    grid = studies.grid_points(dimensions)
-    study = _memory_study(studies.make_sampler("grid", grid, 0))
+    grid = space.grid_points(dimensions)
+    study = _memory_study(space.make_sampler("grid", grid, 0))
     drawn = []
     for _ in grid:
         trial = study.ask()
         drawn.append({d.key: d.suggest(trial) for d in dimensions})
         study.tell(trial, 0.5)
     assert drawn == grid
-    with pytest.raises(studies.GridExhausted):
+    with pytest.raises(space.GridExhausted):
         dimensions[0].suggest(study.ask())
 
     def draws(seed: int) -> list[tuple]:
-        study = _memory_study(studies.make_sampler("random", grid, seed))
+        study = _memory_study(space.make_sampler("random", grid, seed))
         values = []
         for _ in range(4):
             trial = study.ask()
@@ -279,8 +280,8 @@ def test_options_a_study_cannot_honour_are_refused(tmp_path: Path, prepared_dir:
 def test_a_grid_worker_stops_when_the_grid_is_handed_out_even_after_an_error() -> None:
     """A grid point lost to an error (failed, not retried) is not drawn again, and the worker ends instead of
     asking for trials past the grid forever."""
-    dimensions = [studies.parse_dimension("optim.lr=0.1,0.2")]
-    study = _memory_study(studies.make_sampler("grid", studies.grid_points(dimensions), 0))
+    dimensions = [space.parse_dimension("optim.lr=0.1,0.2")]
+    study = _memory_study(space.make_sampler("grid", space.grid_points(dimensions), 0))
     lost = study.ask()
     dimensions[0].suggest(lost)
     study.tell(lost, state=optuna.trial.TrialState.FAIL)  # its worker raised

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cifar_cli.errors import SettingsError
-from cifar_cli.sweep import plan_trials
-from cifar_cli.sweep_axes import parse_axis
+from cifar_cli.sweep.axes import parse_axis
+from cifar_cli.sweep.grid import plan_trials
 from tests.conftest import flat, run_cli
 
 
@@ -65,7 +65,7 @@ def test_sweep_ranks_on_validation_survives_ctrl_c_and_resumes(
     import os
     import signal
 
-    from cifar_cli.engine.loop import EpochRunner
+    from cifar_cli.train.loop import EpochRunner
 
     real_run, started = EpochRunner.run, []
 
@@ -164,7 +164,7 @@ def test_a_rerun_with_another_recipe_is_refused_not_answered_with_old_trials(
 
 
 def test_slots_split_the_cores_and_give_each_trial_its_own_gpu() -> None:
-    from cifar_cli.sweep import Slot, plan_slots
+    from cifar_cli.sweep.grid import Slot, plan_slots
 
     assert plan_slots(2, 16, 0) == [Slot(8), Slot(8)]
     assert plan_slots(3, 2, 0) == [Slot(1), Slot(1), Slot(1)]  # never zero threads
@@ -181,9 +181,9 @@ def _parallel_args(tmp_path: Path, prepared_dir: Path, epochs: int) -> list[str]
 
 def test_jobs_run_trials_at_once_with_the_cores_split(tmp_path: Path, prepared_dir: Path) -> None:
     """Two real `cifar train` processes, seen running at the same time by their own locks, one thread each here."""
-    from cifar_cli import sweep as sweeps
+    from cifar_cli.config.settings import load_settings, parse_set_options
     from cifar_cli.runs import list_runs
-    from cifar_cli.settings import load_settings, parse_set_options
+    from cifar_cli.sweep import grid as sweeps
 
     trials = sweeps.plan_trials([("optim.lr", [0.001, 0.003])], [0], None)
     fixed = parse_set_options([

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.metrics import expected_calibration_error, reliability_bins
-from cifar_cli.engine.temperature import fit_temperature
-from cifar_cli.engine.train import train
+from cifar_cli.checkpoint import load_checkpoint
+from cifar_cli.predict.metrics import expected_calibration_error, reliability_bins
+from cifar_cli.predict.temperature import fit_temperature
+from cifar_cli.train.run import train
 from tests.conftest import flat, run_cli, tiny_settings
 
 
@@ -86,7 +86,7 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     assert metrics["ece_calibrated"] == pytest.approx(figures["test_ece_after"])
     result = invoke("export", checkpoint, "--format", "pt2", "--out", tmp_path / "model.pt2")
     assert result.exit_code == 0, result.output
-    from cifar_cli.engine.exported import load_exported
+    from cifar_cli.predict.exported_model import load_exported
 
     assert load_exported(tmp_path / "model.pt2").contract["temperature"]["value"] == temperature
     refused = invoke("predict", tmp_path / "model.pt2", image, "--explain", tmp_path / "why")
@@ -117,7 +117,7 @@ def test_calibrate_waits_for_a_running_training_and_a_resume_says_it_drops_the_t
     import signal
     import subprocess
 
-    from cifar_cli.engine.run_state import DROPPED_TEMPERATURE
+    from cifar_cli.train.state import DROPPED_TEMPERATURE
     from tests.test_faults import ENV, LONG_RUN, _start_and_wait_for_epoch, _train_command
 
     last = tmp_path / "ck" / "owned" / "last.pth"

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from cifar_cli.display import RichReporter
-from cifar_cli.tracking import epoch_summary
+from cifar_cli.train.tracking import epoch_summary
+from cifar_cli.ui.display import RichReporter
 
 RECORD = {
     "epoch": 1,

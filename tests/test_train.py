@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from cifar_cli import files as files_module
-from cifar_cli.engine.checkpoint import load_checkpoint
-from cifar_cli.engine.identity import default_run_name
-from cifar_cli.engine.train import Trainer, TrainingInterrupted, train
+from cifar_cli.checkpoint import load_checkpoint
 from cifar_cli.errors import CifarError, UsageError
-from cifar_cli.tracking import NullReporter
+from cifar_cli.train.identity import default_run_name
+from cifar_cli.train.run import Trainer, TrainingInterrupted, train
+from cifar_cli.train.tracking import NullReporter
 from tests.conftest import tiny_settings
 
 
@@ -212,7 +212,7 @@ def test_an_early_stopped_run_ends_on_lookahead_s_averaged_weights(
 
 
 def test_lookahead_moves_weights_towards_their_average() -> None:
-    from cifar_cli.engine.lookahead import Lookahead
+    from cifar_cli.train.lookahead import Lookahead
 
     model = torch.nn.Linear(2, 2)
     lookahead = Lookahead(model)
@@ -229,9 +229,9 @@ def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prep
     import subprocess
 
     from cifar_cli import __version__
-    from cifar_cli.engine.export import export_checkpoint
-    from cifar_cli.engine.identity import provenance
-    from cifar_cli.settings import DataSettings
+    from cifar_cli.config.settings import DataSettings
+    from cifar_cli.export.writer import export_checkpoint
+    from cifar_cli.train.identity import provenance
 
     repo = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)

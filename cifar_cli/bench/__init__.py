@@ -4,12 +4,12 @@
    sample through a torchvision DataLoader with its transforms, fp32, Adam), same model; ours steps Adam with the
    fused kernels that `cifar train` uses.
 2. Models: the train step of every registered model on synthetic batches in fp32 and mixed precision (bf16 on CPUs),
-   each in both memory layouts, with its utilisation of this machine's ceiling (engine/flops.py).
+   each in both memory layouts, with its utilisation of this machine's ceiling (budget/flops.py).
 3. The `fast` preset's real step (its model, optimiser and batch size, augmentation included) and its epoch time,
-   against the same step with glibc's malloc defaults (`cifar train` keeps freed memory: engine/memory.py) and cut
+   against the same step with glibc's malloc defaults (`cifar train` keeps freed memory: runtime/memory.py) and cut
    into micro-batches of 500; every repeat of these rows runs in a new process.
 
-Our pipeline and the `fast` rows use the precision and layout `cifar train` would choose here (engine/calibrate.py);
+Our pipeline and the `fast` rows use the precision and layout `cifar train` would choose here (budget/probe.py);
 the bench prints those decisions and the ceiling: the FLOP/s of a large matrix multiply in fp32 and bf16.
 
 Warm-up steps are not timed; each figure is the median over repeats, and every timed window runs for at least
@@ -27,15 +27,15 @@ from cifar_cli.bench.measure import BenchOptions, Measurement, machine_facts, ut
 from cifar_cli.bench.profile import profile_fast_step
 from cifar_cli.bench.rows import bench_fast_preset, bench_models, bench_pipeline
 from cifar_cli.bench.runtimes import bench_export_runtimes
+from cifar_cli.budget.flops import machine_ceiling
+from cifar_cli.budget.probe import Calibration, measure_speed
+from cifar_cli.config.settings import DataSettings, ModelSettings, OptimSettings, load_settings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.engine.calibrate import Calibration, calibrate
-from cifar_cli.engine.device import describe, resolve_device
-from cifar_cli.engine.flops import machine_ceiling
-from cifar_cli.engine.memory import keep_freed_memory
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models
-from cifar_cli.settings import DataSettings, ModelSettings, OptimSettings, load_settings
+from cifar_cli.runtime.device import describe_device, resolve_device
+from cifar_cli.runtime.memory import keep_freed_memory
 
 
 def run_benchmark(
@@ -57,17 +57,19 @@ def run_benchmark(
     say("Ceiling: large matrix multiplies in fp32 and bf16")
     ceiling = machine_ceiling(device)
     decisions = [
-        calibrate(ModelSettings(name=options.model), OptimSettings(name="adam"), options.batch_size, device)
+        measure_speed(
+            ModelSettings(name=options.model), OptimSettings(name="adam"), options.batch_size, device
+        )
     ]
     say(f"{options.model}, batch {options.batch_size}: {decisions[0].summary()}")
-    say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe(device)}")
+    say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe_device(device)}")
     pipeline = bench_pipeline(options, data, device, decisions[0])
     say("Models: synthetic batches, fp32 vs mixed precision")
     models = bench_models(options, device)
     fast = None
     if options.include_fast:
         preset = load_settings(None, {"preset": "fast"})
-        decisions.append(calibrate(preset.model, preset.optim, preset.train.batch_size, device))
+        decisions.append(measure_speed(preset.model, preset.optim, preset.train.batch_size, device))
         say(f"fast preset: {decisions[-1].summary()}")
         say("fast preset: real batches with augmentation, each repeat in a new process")
         fast = bench_fast_preset(options, data, device, preset, choice=decisions[-1])
@@ -121,17 +123,17 @@ def _row(measurement: Measurement) -> dict[str, Any]:
 def recalibrate(model: str, batch_size: int, device_name: str, include_fast: bool) -> list[str]:
     """Forget every cached calibration and measure again: `model` with Adam at `batch_size` (the bench's pipeline
     row) and the fast preset as `cifar train` runs it. Returns what to print."""
-    from cifar_cli.engine.calibrate import forget_calibrations
+    from cifar_cli.budget.probe import forget_calibrations
 
     if model not in available_models():
         raise UsageError(f"Unknown model {model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
     device = resolve_device(device_name)
     lines = [f"Forgot {forget_calibrations()} cached calibration(s)."]
-    lines.append(f"{model}, adam, batch {batch_size}: " + calibrate(
+    lines.append(f"{model}, adam, batch {batch_size}: " + measure_speed(
         ModelSettings(name=model), OptimSettings(name="adam"), batch_size, device).summary())  # fmt: skip
     if include_fast:
         fast = load_settings(None, {"preset": "fast"})
-        measured = calibrate(fast.model, fast.optim, fast.train.batch_size, device)
+        measured = measure_speed(fast.model, fast.optim, fast.train.batch_size, device)
         lines.append(f"fast preset, batch {fast.train.batch_size}: {measured.summary()}")
     return lines
 

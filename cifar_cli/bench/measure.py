@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cifar_cli.engine.calibrate import machine_identity
-from cifar_cli.engine.device import Precision, describe
-from cifar_cli.engine.optim import use_fused_kernels
-from cifar_cli.engine.step import forward_backward
+from cifar_cli.budget.probe import machine_identity
+from cifar_cli.runtime.device import Precision, describe_device
+from cifar_cli.train.optim import use_fused_kernels
+from cifar_cli.train.step import forward_backward
 
 TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch
 CPU_MICRO_BATCH = 500  # images per chunk in the fast table's micro-batch row
@@ -33,7 +33,7 @@ class Measurement:
     ratio: float | None = None  # against the reference row of its table
     per_repeat: list[float] = field(default_factory=list)  # images/s of each repeat, in order
     precision: str = "fp32"  # of the step's matrix work: its ceiling is the machine's rate in this precision
-    flops_per_image: float = 0.0  # train step FLOPs per image (engine/flops.py); 0 when not counted
+    flops_per_image: float = 0.0  # train step FLOPs per image (budget/flops.py); 0 when not counted
     utilisation: float | None = None  # FLOP/s over the ceiling of `precision`; set by run_benchmark
     epoch_seconds: float = field(init=False)
 
@@ -216,7 +216,7 @@ def utilisation(row: Measurement, ceiling: dict[str, float]) -> float | None:
 
 def machine_facts(device: torch.device) -> dict[str, Any]:
     return {
-        "device": describe(device),
+        "device": describe_device(device),
         "cpu": machine_identity(device)["cpu"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),

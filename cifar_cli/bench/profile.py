@@ -7,12 +7,12 @@ from typing import Any
 
 from cifar_cli.bench.measure import BenchOptions, Measurement, machine_facts, on_device, sync, utilisation
 from cifar_cli.bench.rows import FastJob, fast_candidate
+from cifar_cli.budget.flops import machine_ceiling, train_step_flops_per_image
+from cifar_cli.budget.probe import measure_speed
+from cifar_cli.config.settings import DataSettings, load_settings
 from cifar_cli.data import ensure_prepared
-from cifar_cli.engine.calibrate import calibrate
-from cifar_cli.engine.device import resolve_device
-from cifar_cli.engine.flops import machine_ceiling, train_step_flops_per_image
-from cifar_cli.engine.memory import keep_freed_memory
-from cifar_cli.settings import DataSettings, load_settings
+from cifar_cli.runtime.device import resolve_device
+from cifar_cli.runtime.memory import keep_freed_memory
 
 PROFILE_STEPS = 2  # profiled steps of the fast preset, after two untimed ones
 PROFILE_TOP = 15  # operators listed
@@ -28,7 +28,7 @@ def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, An
         keep_freed_memory(device.type)
     ensure_prepared(data)
     fast = load_settings(None, {"preset": "fast"})
-    choice = calibrate(fast.model, fast.optim, fast.train.batch_size, device)
+    choice = measure_speed(fast.model, fast.optim, fast.train.batch_size, device)
     job = FastJob(fast, data, str(device), None, options.keep_freed_memory, options, choice.precision,
                    choice.channels_last)  # fmt: skip
     candidate = fast_candidate(job, device)

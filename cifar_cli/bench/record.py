@@ -220,7 +220,7 @@ def compare_with_record(
     import torch
 
     from cifar_cli.data import ensure_prepared
-    from cifar_cli.engine.device import resolve_device
+    from cifar_cli.runtime.device import resolve_device
 
     if resolve_device(device_name).type != "cuda":
         raise UsageError("--vs-record needs a CUDA GPU: the record runs only there.",

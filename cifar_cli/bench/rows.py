@@ -25,16 +25,16 @@ from cifar_cli.bench.measure import (
     measure,
     one_repeat,
 )
+from cifar_cli.budget.flops import train_step_flops_per_image
+from cifar_cli.budget.probe import Calibration, measure_speed
+from cifar_cli.config.settings import DataSettings, Settings, load_settings
 from cifar_cli.data.loader import Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_spec
-from cifar_cli.engine.calibrate import Calibration, calibrate
-from cifar_cli.engine.device import resolve_precision
-from cifar_cli.engine.flops import train_step_flops_per_image
-from cifar_cli.engine.memory import keep_freed_memory, keep_freed_memory_supported
-from cifar_cli.engine.optim import build_optimizer
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
-from cifar_cli.settings import DataSettings, Settings, load_settings
+from cifar_cli.runtime.device import resolve_precision
+from cifar_cli.runtime.memory import keep_freed_memory, keep_freed_memory_supported
+from cifar_cli.train.optim import build_optimizer
 
 
 def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> Any:
@@ -252,7 +252,7 @@ def bench_fast_preset(
             hint="Use the full data set, or leave this row out with --no-fast.",
         )
     keep = options.keep_freed_memory and keep_freed_memory_supported(device.type)
-    choice = choice or calibrate(fast.model, fast.optim, train.batch_size, device)
+    choice = choice or measure_speed(fast.model, fast.optim, train.batch_size, device)
     flops = train_step_flops_per_image(fast.model.name, fast.model.width_multiplier)
 
     def candidate(micro_batch_size: int | None, keep_memory: bool) -> _IsolatedCandidate:

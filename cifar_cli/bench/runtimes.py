@@ -26,8 +26,8 @@ def bench_export_runtimes(
     module, its `torch.export` program and ONNX Runtime, batch-1 latency and batch-256 throughput, in one run."""
     import tempfile
 
-    from cifar_cli.engine.export import PixelClassifier, onnx_bytes, pt2_bytes
-    from cifar_cli.engine.exported import load_exported, require_onnx
+    from cifar_cli.export.writer import PixelClassifier, onnx_bytes, pt2_bytes
+    from cifar_cli.predict.exported_model import load_exported, require_onnx
 
     torch.manual_seed(0)
     classifier = PixelClassifier(build_model(model_name, 1.0).eval(), tta=2, spec=CIFAR10_SPEC).eval()

@@ -40,9 +40,9 @@ def calibrate(
     it), and report the test split's calibration error before and after."""
     flags = flag_settings(calibrate, locals())
     settings = resolve(config, set_options, flags)
-    from cifar_cli.engine.inference import checkpoint_data
-    from cifar_cli.engine.temperature import calibrate_checkpoint
     from cifar_cli.files import write_text_atomically
+    from cifar_cli.predict.inference import checkpoint_data
+    from cifar_cli.predict.temperature import calibrate_checkpoint
 
     data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
     figures = calibrate_checkpoint(checkpoint, data, settings.train.device, say=error_console.print)

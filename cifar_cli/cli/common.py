@@ -16,8 +16,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cifar_cli.config.settings import Settings, load_settings, parse_set_options, set_dotted
 from cifar_cli.errors import ExitCode
-from cifar_cli.settings import Settings, load_settings, parse_set_options, set_dotted
 
 
 def quiet_closed_stdout() -> None:

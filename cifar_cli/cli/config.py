@@ -6,7 +6,7 @@ import typer
 
 from cifar_cli.cli.boundary import error_boundary
 from cifar_cli.cli.common import ConfigOption, SetOption, console, resolve
-from cifar_cli.settings import dump_yaml
+from cifar_cli.config.settings import dump_yaml
 
 config_app = typer.Typer(help="Inspect the resolved settings.", no_args_is_help=True)
 

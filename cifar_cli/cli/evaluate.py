@@ -62,9 +62,9 @@ def evaluate(
         raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
     flags = flag_settings(evaluate, locals())
     settings = resolve(config, set_options, flags)
-    from cifar_cli.engine.evaluate import run_evaluation
-    from cifar_cli.engine.inference import checkpoint_data
     from cifar_cli.files import write_text_atomically
+    from cifar_cli.predict.evaluate import run_evaluation
+    from cifar_cli.predict.inference import checkpoint_data
 
     evaluation = run_evaluation(
         checkpoint,
@@ -146,7 +146,7 @@ def confusion_table(metrics: dict[str, Any]) -> Table:
 
 def most_confused_table(metrics: dict[str, Any]) -> Table:
     """For many classes: the largest mistakes instead of an unreadable N x N grid (`--json` has the matrix)."""
-    from cifar_cli.engine.metrics import most_confused
+    from cifar_cli.predict.metrics import most_confused
 
     pairs = most_confused(metrics["confusion_matrix"], metrics["class_names"], WORST_CLASSES)
     table = Table("true class", "predicted as", "images", title="Most confused pairs", title_justify="left")

@@ -49,8 +49,8 @@ def export_model(
     settings = resolve(config, set_options, flags)
     if batch != "dynamic" and not (batch.isdigit() and int(batch) > 0):
         raise SettingsError("Bad option.", [("--batch", "dynamic or a positive whole number", batch)])
-    from cifar_cli.engine.export import export_checkpoint
-    from cifar_cli.engine.inference import checkpoint_data
+    from cifar_cli.export.writer import export_checkpoint
+    from cifar_cli.predict.inference import checkpoint_data
 
     data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
     result = export_checkpoint(

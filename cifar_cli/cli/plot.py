@@ -42,7 +42,7 @@ def plot(
     """Training curves, confusion matrix, per-class accuracy and sample predictions as PNG files."""
     flags = flag_settings(plot, locals())
     settings = resolve(config, set_options, flags)
-    from cifar_cli.plots import write_run_plots
+    from cifar_cli.ui.plots import write_run_plots
 
     written = write_run_plots(
         target,

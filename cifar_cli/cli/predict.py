@@ -50,8 +50,8 @@ def predict(
     device: DeviceOption = None,
 ) -> None:
     """Top-k classes with probabilities for image files and folders (unreadable files are listed and skipped)."""
-    from cifar_cli.engine.classify import classify_files, collect_images, load_classifier
     from cifar_cli.files import write_text_atomically
+    from cifar_cli.predict.classify import classify_files, collect_images, load_classifier
 
     device_name = resolve(None, None, flag_settings(predict, locals())).train.device
     files = collect_images(paths)
@@ -84,9 +84,9 @@ def predict(
 
 def explainer(classifier: Any, folder: Path, checkpoint: Path) -> Any:
     """`on_batch` for --explain: a Grad-CAM overlay of each image's top class, named after the image."""
-    from cifar_cli.engine.gradcam import gradcam, write_overlay
     from cifar_cli.errors import UsageError
     from cifar_cli.files import ensure_writable_folder
+    from cifar_cli.predict.gradcam import gradcam, write_overlay
 
     if classifier.loaded is None:
         raise UsageError(

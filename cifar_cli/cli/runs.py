@@ -18,7 +18,7 @@ from cifar_cli.cli.common import (
     percent,
     resolve,
 )
-from cifar_cli.durations import format_duration
+from cifar_cli.config.durations import format_duration
 
 STATE_COLOURS = {
     "running": "cyan",

@@ -21,8 +21,8 @@ from cifar_cli.cli.common import (
     resolve,
 )
 from cifar_cli.cli.sweep_tables import print_sweep, trial_table
+from cifar_cli.config.settings import Settings, set_dotted
 from cifar_cli.errors import CifarError, SettingsError
-from cifar_cli.settings import Settings, set_dotted
 
 
 def sweep(
@@ -108,12 +108,12 @@ def sweep(
     config: ConfigOption = None,
 ) -> None:
     """Train a grid (or random draws) of recipes as ordinary runs and rank them on validation accuracy."""
-    from cifar_cli import sweep as sweeps
-    from cifar_cli.display import make_reporter
-    from cifar_cli.engine.train import TrainingInterrupted
-    from cifar_cli.engine.train import train as run_training
-    from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
-    from cifar_cli.sweep_axes import parse_axis
+    from cifar_cli.sweep import grid as sweeps
+    from cifar_cli.sweep.axes import parse_axis
+    from cifar_cli.train.run import TrainingInterrupted
+    from cifar_cli.train.run import train as run_training
+    from cifar_cli.ui.display import make_reporter
+    from cifar_cli.ui.plots import confusion_matrix_figure, save_figure, sweep_figure
 
     fixed: dict[str, Any] = {}
     for key, value in flag_settings(sweep, locals()).items():
@@ -170,12 +170,12 @@ def sweep(
     sweeps.write_results(folder, ranked)
     varied = [key for key, values in parsed if len(values) > 1]
     document = json.loads((folder / "sweep.json").read_text())
-    save(sweep_figure(document["recipes"], varied), folder / "sweep.png")
+    save_figure(sweep_figure(document["recipes"], varied), folder / "sweep.png")
     print_sweep(ranked, document, folder)
 
 
 def _check_choices(sampler: str | None, pruner: str | None) -> None:
-    from cifar_cli.study import PRUNERS, SAMPLERS
+    from cifar_cli.sweep.space import PRUNERS, SAMPLERS
 
     rows = [(flag, f"one of {', '.join(choices)}", value) for flag, value, choices in
             (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS)) if value not in (None, *choices)]  # fmt: skip
@@ -203,7 +203,7 @@ def parallel_sweep(
         try:
             statuses = sweeps.run_parallel(trials, built, folder, slots, show)
         except KeyboardInterrupt:
-            from cifar_cli.engine.train import TrainingInterrupted
+            from cifar_cli.train.run import TrainingInterrupted
 
             raise TrainingInterrupted(
                 "Sweep interrupted: every running trial saved its checkpoint.",

@@ -1,5 +1,5 @@
 """`cifar sweep --storage URL`: this process is one worker of an Optuna study that others (here or on other machines)
-share; the core is `cifar_cli/study.py`."""
+share; the core is `cifar_cli/sweep/study.py`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.cli.common import console
+from cifar_cli.config.settings import Settings
 from cifar_cli.errors import ExitCode, SettingsError, UsageError
-from cifar_cli.settings import Settings
 
 
 def check_local_options(
@@ -31,25 +31,26 @@ def run_study(
     config: Path | None, sweep_name: str,
 ) -> None:  # fmt: skip
     """One worker: trials until the study has its count, then the whole study ranked into sweep.csv/json/png."""
-    from cifar_cli import study as studies
-    from cifar_cli import sweep as sweeps
     from cifar_cli.cli.sweep_tables import print_sweep
-    from cifar_cli.display import make_reporter
-    from cifar_cli.durations import parse_duration
-    from cifar_cli.engine.train import train as run_training
-    from cifar_cli.plots import confusion_matrix_figure, save, sweep_figure
-    from cifar_cli.tracking import EpochHook
+    from cifar_cli.config.durations import parse_duration
+    from cifar_cli.sweep import grid as sweeps
+    from cifar_cli.sweep import space
+    from cifar_cli.sweep import study as studies
+    from cifar_cli.train.run import train as run_training
+    from cifar_cli.train.tracking import EpochHook
+    from cifar_cli.ui.display import make_reporter
+    from cifar_cli.ui.plots import confusion_matrix_figure, save_figure, sweep_figure
 
     sampler, pruner = options["sampler"] or "grid", options["pruner"] or "none"
     _refuse_local_only(seeds, options)
-    dimensions = [studies.parse_dimension(axis) for axis in axes]
+    dimensions = [space.parse_dimension(axis) for axis in axes]
     varied = [d for d in dimensions if len(d.values) > 1]
     if not varied:
         raise UsageError(
             "Nothing to draw.", hint="Give at least one --set key=v1,v2 (or range/log) to sweep."
         )
     fixed = {d.key: d.values[0] for d in dimensions if len(d.values) == 1} | {"train.seed": seeds[0]}
-    grid = studies.grid_points(varied)
+    grid = space.grid_points(varied)
     count = _trial_count(options["trials"], sampler, len(grid))
     val_images = sweeps.validation_images(base)
 
@@ -65,10 +66,10 @@ def run_study(
     checked = sweeps.check_all(
         [sweeps.Trial(i, {**c, **fixed}, tuple(c), f"check{i}") for i, c in enumerate(corners)], build
     )
-    storage = studies.open_storage(options["storage"])
+    storage = space.open_storage(options["storage"])
     study = studies.open_study(
-        storage, sweep_name, studies.make_sampler(sampler, grid, seeds[0]),
-        studies.make_pruner(pruner, base.train.epochs), studies.space_text(varied),
+        storage, sweep_name, space.make_sampler(sampler, grid, seeds[0]),
+        space.make_pruner(pruner, base.train.epochs), space.space_text(varied),
         studies.study_recipe(checked[0], [d.key for d in varied]),
     )  # fmt: skip
     folder = sweeps.sweep_folder(base, sweep_name)
@@ -77,7 +78,7 @@ def run_study(
         f"ranked on {val_images:,} validation images; runs in {folder}."
     )
     for dimension in varied:
-        console.print(f"  {studies.describe(dimension, sampler)}")
+        console.print(f"  {space.describe_dimension(dimension, sampler)}")
 
     def train(settings: Settings, on_epoch: Any) -> None:
         reporter = EpochHook(make_reporter(settings.log.progress, console), on_epoch)
@@ -91,14 +92,16 @@ def run_study(
     except Exception as error:
         # Ctrl-C: the trial saved its checkpoint and is queued again.
         if getattr(error, "exit_code", None) == ExitCode.INTERRUPTED:
-            from cifar_cli.engine.train import TrainingInterrupted
+            from cifar_cli.train.run import TrainingInterrupted
 
             raise TrainingInterrupted(
                 f"Sweep interrupted. {error}",
                 hint="The trial is queued again: this command (or any worker of the study) resumes it.",
             ) from None
         raise
-    _write_results(sweeps, studies, study, folder, [d.key for d in varied], save, sweep_figure, print_sweep)
+    _write_results(
+        sweeps, studies, study, folder, [d.key for d in varied], save_figure, sweep_figure, print_sweep
+    )
     running = sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
     console.print(
         f"This worker: {done['finished']} finished, {done['pruned']} pruned, {done['taken over']} taken over from "

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from cifar_cli.cli.common import console
 from cifar_cli.cli.runs import STATE_COLOURS
-from cifar_cli.durations import format_duration
+from cifar_cli.config.durations import format_duration
 
 
 def trial_table(rows: list[Any]) -> Table:

@@ -26,7 +26,7 @@ from cifar_cli.cli.common import (
     flag_settings,
     resolve,
 )
-from cifar_cli.settings import (
+from cifar_cli.config.settings import (
     MODEL_RECIPES,
     LogSettings,
     OptimSettings,
@@ -238,25 +238,25 @@ def train(
     flags = flag_settings(train, locals())
     settings = resolve(config, set_options, flags)
     if "optim.lr" in flags or any(option.split("=")[0].strip() == "optim.lr" for option in set_options or []):
-        from cifar_cli.engine.optim import what_lr_reaches
+        from cifar_cli.train.optim import what_lr_reaches
 
         if note := what_lr_reaches(settings.optim):
             console.print(note, style="yellow")
     if dry_run:
-        from cifar_cli.display import PlainReporter
-        from cifar_cli.engine.train import plan_run
+        from cifar_cli.train.run import plan_run
+        from cifar_cli.ui.display import PlainReporter
 
         plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
         console.print("Dry run: nothing was trained.")
         return
     if nproc > 1:
-        from cifar_cli.engine.device import check_launch
+        from cifar_cli.runtime.device import check_launch
 
         check_launch(settings.train.device, nproc)  # the same short error as without --nproc
         raise typer.Exit(launch_torchrun(nproc))
-    from cifar_cli.display import make_reporter
-    from cifar_cli.engine.train import train as run_training
-    from cifar_cli.plots import confusion_matrix_figure
+    from cifar_cli.train.run import train as run_training
+    from cifar_cli.ui.display import make_reporter
+    from cifar_cli.ui.plots import confusion_matrix_figure
 
     run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cifar_cli.config.settings import DataSettings
 from cifar_cli.data.archive import archive_layout
 from cifar_cli.data.download import DownloadResult, download_archive
 from cifar_cli.data.prepare import (
@@ -16,7 +17,6 @@ from cifar_cli.data.prepare import (
 )
 from cifar_cli.errors import UsageError
 from cifar_cli.files import ensure_writable_folder, folders_removed_on_failure
-from cifar_cli.settings import DataSettings
 
 
 def download_for(

@@ -1,0 +1,140 @@
+"""A time budget kept while the run goes: after every epoch, the epochs left are refit to what this run's own
+epochs measured (a shared machine's speed drifts, and a start-up probe does not see what a real epoch pays), the
+learning-rate schedule follows the new length without a jump, and an epoch that would run past the budget ends
+early. Every re-plan is printed and recorded in plan.json."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cifar_cli.budget.plan import (
+    REPLAN_TARGET_SHARE,
+    EpochTiming,
+    RunPlan,
+    fit_steps,
+    replan,
+)
+from cifar_cli.runtime import distributed
+from cifar_cli.train.optim import stretch_schedule
+from cifar_cli.train.setup import Parts
+
+# An epoch cut at its deadline still saves a checkpoint before the final evaluation: the deadline sits this far
+# before the budget's end (seconds, at most this share of the budget), behind where re-plans aim (plan.py).
+DEADLINE_MARGIN_SECONDS = 2.0
+DEADLINE_MARGIN_SHARE = 0.02
+PACE_WINDOW = 3  # refresh intervals an in-epoch pace is measured over
+MIN_REFIT_STEPS = 1  # a refit that moves the run's end by fewer steps is not worth a schedule change
+
+
+class BudgetKeeper:
+    """Owns the plan of a run: the steps of each epoch, the deadline inside one, and the re-plan after it."""
+
+    def __init__(
+        self, plan: RunPlan, clock: Callable[[], float], started: float, replanning: bool, eval_images: int
+    ) -> None:
+        self.plan, self.initial = plan, plan
+        self.clock, self.started = clock, started  # `started`: the clock's reading when the budget began
+        self.replanning = replanning and plan.budget_seconds is not None
+        self.eval_images = eval_images  # scored after each epoch: their timing gives the evaluation's speed
+        self.timings: list[EpochTiming] = []
+        self.replans: list[dict[str, Any]] = []
+        self._pace_epoch, self._pace_marks = (
+            0,
+            [(0.0, 0)],
+        )  # (clock, steps done) at this epoch's last refreshes
+
+    def steps(self, epoch: int) -> int:
+        return self.plan.steps_in_epoch(epoch)
+
+    def deadline(self) -> float | None:
+        """The clock reading past which the epoch in progress stops, leaving the final evaluation its time."""
+        if self.plan.budget_seconds is None:
+            return None
+        final = self.plan.final_seconds if not self.timings else self._measured_final_seconds()
+        margin = min(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * self.plan.budget_seconds)
+        return self.started + self.plan.budget_seconds - final - margin
+
+    def _measured_final_seconds(self) -> float:
+        return self.plan.final_seconds_at(self.eval_images / max(self.timings[-1].eval_seconds, 1e-6))
+
+    def after_epoch(self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int,
+                    parts: Parts) -> str | None:  # fmt: skip
+        """Record the epoch's timing; where the budget is kept, refit the epochs left and return the message."""
+        self.timings.append(
+            EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds)
+        )
+        if record.get("cut_short"):
+            return self._stopped(record, epochs_done)
+        if (
+            not self.replanning or epochs_done >= self.plan.epochs
+        ):  # none left to refit: the run ends as planned
+            return None
+        # Rank 0's clock decides for every process of a DDP run: all train the same steps and schedule.
+        refit = distributed.broadcast_from_main(
+            replan(self.plan, self.clock() - self.started, epochs_done, self.timings, self.eval_images)
+        )
+        before, after = self.plan, refit.plan
+        changed = (after.epochs, after.last_epoch_steps) != (before.epochs, before.last_epoch_steps)
+        if changed and not stretch_schedule(parts.scheduler, global_step, after.total_steps):
+            self.replanning = False  # one-cycle keeps its length; the deadline still holds
+            return None
+        self.plan = after
+        parts.total_steps = after.total_steps
+        self.replans.append({
+            "after_epoch": epochs_done, "elapsed_seconds": after.elapsed_seconds, "epochs": after.epochs,
+            "last_epoch_steps": after.last_epoch_steps or after.steps_per_epoch, "total_steps": after.total_steps,
+            "measured_step_seconds": refit.step_seconds, "images_per_second": refit.images_per_second,
+            "estimated_total_seconds": after.total_seconds,
+        })  # fmt: skip
+        return refit.describe(before) if changed else None
+
+    def refit_during_epoch(self, epoch: int, steps_done: int, epoch_started: float, global_step: int,
+                           parts: Parts) -> int | None:  # fmt: skip
+        """At a refresh point of epoch `epoch`: the steps left refit to this epoch's own pace (a machine that got
+        faster or slower since the last epoch ended), the schedule stretched to match; returns the epoch's new
+        step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again."""
+        now = self.clock()
+        marks = self._pace_marks if self._pace_epoch == epoch else [(epoch_started, 0)]
+        self._pace_epoch, self._pace_marks = epoch, [*marks, (now, steps_done)][-PACE_WINDOW - 1 :]
+        mark_clock, mark_steps = self._pace_marks[0]
+        if not self.replanning or epoch < self.plan.epochs or not self.timings or steps_done <= mark_steps:
+            return None
+        # The pace of the last few refresh intervals: a change shows within them, one slow step does not rule.
+        pace = (now - mark_clock) / (steps_done - mark_steps)
+        last = self.timings[-1]
+        # Evaluation costs scale with the machine's speed as the steps do (a load that stopped speeds up both).
+        speed_change = pace / max(last.train_seconds / max(last.steps, 1), 1e-9)
+        per_eval = (last.total_seconds - last.train_seconds) * speed_change
+        final = self._measured_final_seconds() * speed_change
+        available = self.started + self.plan.budget_seconds * REPLAN_TARGET_SHARE - now - final
+        refit = distributed.broadcast_from_main(
+            fit_steps(self.plan, available, epoch, steps_done, pace, per_eval)
+        )
+        if refit is None or abs(refit.total_steps - self.plan.total_steps) < MIN_REFIT_STEPS:
+            return None
+        if not stretch_schedule(parts.scheduler, global_step, refit.total_steps):
+            self.replanning = False
+            return None
+        self.plan = refit
+        parts.total_steps = refit.total_steps
+        self.replans.append({"during_epoch": epoch, "at_step": steps_done, "epochs": refit.epochs,
+                             "last_epoch_steps": refit.last_epoch_steps or refit.steps_per_epoch,
+                             "total_steps": refit.total_steps, "measured_step_seconds": pace,
+                             "elapsed_seconds": now - self.started})  # fmt: skip
+        return refit.steps_in_epoch(epoch) if epoch == refit.epochs else refit.steps_per_epoch
+
+    def _stopped(self, record: dict[str, Any], epochs_done: int) -> str:
+        """The deadline ended the epoch in progress: the run ends here, as recorded in plan.json."""
+        self.plan = replace(self.plan, epochs=epochs_done, last_epoch_steps=0, remaining_seconds=None)
+        self.replans.append({"after_epoch": epochs_done, "cut_short_at_step": record["steps"],
+                             "elapsed_seconds": self.clock() - self.started, "epochs": epochs_done})  # fmt: skip
+        return (
+            f"Time budget: epoch {epochs_done} stopped after {record['steps']} steps to leave the final evaluation "
+            "its time; the run ends with the weights it has."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """plan.json: the plan in force, the one the run started with, and every re-plan in between."""
+        return {**self.plan.to_json(), "initial": self.initial.to_json(), "replans": self.replans}

@@ -1,0 +1,326 @@
+"""How long a run takes on this machine, the longest run that fits a time budget, and the time left while it runs.
+
+All figures are seconds of wall clock, estimated from the measured step speeds (budget/probe.py): a training
+step takes `batch / train images/s + optimiser seconds`, a validation pass `images / eval images/s`, and the final
+evaluation with test-time augmentation `images x views / eval images/s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cifar_cli.budget.probe import Calibration, measure_speed
+from cifar_cli.config.durations import format_duration
+from cifar_cli.config.settings import Settings
+from cifar_cli.data.loader import training_steps_per_epoch
+from cifar_cli.errors import UsageError
+from cifar_cli.predict.inference import tta_level
+
+# Narrower networks tried, in order, when one epoch at the recipe's width does not fit the budget.
+WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25)
+# Share of the budget the plan fills; the rest absorbs the estimate's error and the process start (imports, about
+# 3 s) that happens before the clock starts.
+PLAN_SHARE = 0.92
+EPOCH_OVERHEAD_SECONDS = 1.0  # checkpoint, history and TensorBoard writes after each epoch
+FINAL_OVERHEAD_SECONDS = 3.0  # confusion-matrix figure, final files
+TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # forward passes per image at each test-time augmentation level
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    epochs: int
+    width_multiplier: float
+    batch_size: int
+    steps_per_epoch: int
+    val_images: int
+    tta_level: int
+    calibration: Calibration
+    budget_seconds: float | None = None
+    elapsed_seconds: float = 0.0  # spent before training starts (data, calibration)
+    test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
+    last_epoch_steps: int = 0  # a budget's last epoch cut to this many steps; 0: a whole epoch
+    remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
+    # The rung a budget chose and every rung's estimate (budget/ladder.py); None where no ladder was climbed.
+    ladder: dict[str, Any] | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: what the learning-rate schedule spans."""
+        if self.last_epoch_steps and self.epochs:
+            return (self.epochs - 1) * self.steps_per_epoch + self.last_epoch_steps
+        return self.epochs * self.steps_per_epoch
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of epoch `epoch` (1-based): the last one may be cut short to fit the budget."""
+        return (
+            self.last_epoch_steps if epoch == self.epochs and self.last_epoch_steps else self.steps_per_epoch
+        )
+
+    @property
+    def train_seconds_per_epoch(self) -> float:
+        return self.steps_per_epoch * self.calibration.step_seconds(self.batch_size)
+
+    @property
+    def val_seconds(self) -> float:
+        return self.val_images / self.calibration.eval_speed
+
+    @property
+    def epoch_seconds(self) -> float:
+        return self.train_seconds_per_epoch + self.val_seconds + EPOCH_OVERHEAD_SECONDS
+
+    @property
+    def final_seconds(self) -> float:
+        return self.final_seconds_at(self.calibration.eval_speed)
+
+    def final_seconds_at(self, eval_images_per_second: float) -> float:
+        """The final evaluation (every test-time augmentation view) at this evaluation speed, in seconds."""
+        images = self.test_images or self.val_images
+        return images * TTA_VIEWS[self.tta_level] / eval_images_per_second + FINAL_OVERHEAD_SECONDS
+
+    @property
+    def total_seconds(self) -> float:
+        if self.remaining_seconds is not None:
+            return self.elapsed_seconds + self.remaining_seconds
+        return self.elapsed_seconds + self.epochs * self.epoch_seconds + self.final_seconds
+
+    def describe(self) -> str:
+        budget = f" (budget {format_duration(self.budget_seconds)})" if self.budget_seconds else ""
+        return (
+            f"Plan: {self.epochs} epochs x {self.steps_per_epoch} steps of {self.batch_size}, width x"
+            f"{self.width_multiplier:g}, {self.calibration.layout.label}: about "
+            f"{format_duration(self.epoch_seconds)} per epoch, "
+            f"{format_duration(self.total_seconds)} in all on this machine{budget}"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "width_multiplier": self.width_multiplier,
+            "batch_size": self.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "precision": self.calibration.precision,
+            "channels_last": self.calibration.channels_last,
+            "train_images_per_second": self.calibration.train_images_per_second,
+            "eval_images_per_second": self.calibration.eval_speed,
+            "learned_epochs": self.calibration.learned_epochs,
+            "optimizer_seconds": self.calibration.optimizer_seconds,
+            "estimated_epoch_seconds": self.epoch_seconds,
+            "estimated_total_seconds": self.total_seconds,
+            "budget_seconds": self.budget_seconds,
+            "last_epoch_steps": self.last_epoch_steps or self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            **({"ladder": self.ladder} if self.ladder else {}),
+        }
+
+
+def fit_budget(
+    budget_seconds: float,
+    elapsed_seconds: Callable[[], float],
+    calibrate_at: Callable[[float], Calibration],
+    recipe_width: float,
+    steps_per_epoch: int,
+    batch_size: int,
+    val_images: int,
+    tta_level: int,
+    test_images: int = 0,
+) -> RunPlan:
+    """As many epochs as fit at the recipe's width; where not even one does, the widest narrower network that
+    fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width; `elapsed_seconds()` is the time
+    the run has spent so far, measurements included."""
+    widths = [recipe_width] + [width for width in WIDTHS if width < recipe_width]
+    plan = None
+    for width in widths:
+        calibration = calibrate_at(width)
+        elapsed = elapsed_seconds()
+        plan = RunPlan(
+            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibration, budget_seconds, elapsed,
+            test_images,
+        )  # fmt: skip
+        spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
+        epochs = math.floor(spare / plan.epoch_seconds)
+        if epochs >= 1:
+            return RunPlan(**{**plan.__dict__, "epochs": epochs})
+    assert plan is not None
+    raise UsageError(
+        f"A time budget of {format_duration(budget_seconds)} is too short: one epoch at the narrowest width "
+        f"(x{plan.width_multiplier:g}) needs about {format_duration(plan.total_seconds)} on this machine.",
+        hint="Give a longer --time-budget, or a smaller --batch-size / data set.",
+    )
+
+
+def measure_plan(
+    settings: Settings,
+    stored: dict[str, Any] | None,
+    device: torch.device,
+    world_size: int,
+    say: Callable[[str], None],
+    elapsed_seconds: Callable[[], float],
+    images: tuple[int, int, int],
+) -> RunPlan:
+    """The plan of a run from speeds measured here: `images` are (train, per-epoch evaluation, test). A resumed
+    run (`stored`: its checkpoint's settings) keeps its numerics, and a resumed budget run the epochs and width
+    its last plan chose."""
+    train_images, val_images, test_images = images
+    train = settings.train
+    precision, channels_last = train.precision, train.channels_last
+    if stored is not None:  # the same numerics as the epochs before
+        precision = stored["train"]["precision"] if precision == "auto" else precision
+        channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
+
+    def calibrate_at(width: float) -> Calibration:
+        model = settings.model.model_copy(update={"width_multiplier": width})
+        result = measure_speed(model, settings.optim, train.batch_size, device, precision, channels_last)
+        say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
+        return result
+
+    steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
+    level, budget = tta_level(train), train.time_budget
+    if budget is not None and stored is None:
+        return fit_budget(
+            budget, elapsed_seconds, calibrate_at, settings.model.width_multiplier, steps, train.batch_size,
+            val_images, level, test_images,
+        )  # fmt: skip
+    epochs, width = train.epochs, settings.model.width_multiplier
+    if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
+        epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
+    calibration = calibrate_at(width)
+    return RunPlan(
+        epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed_seconds(),
+        test_images,
+    )  # fmt: skip
+
+
+class RemainingTime:
+    """Seconds left in a run: the plan's estimate until the run has measured better (its own batches and epochs)."""
+
+    def __init__(self, plan: RunPlan, epochs_done: int) -> None:
+        self.plan = plan
+        self.epochs_done = epochs_done
+        self.measured_epochs: list[
+            float
+        ] = []  # wall seconds of each epoch of this process, validation included
+        self.epoch_started = time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.epoch_started = time.perf_counter()
+
+    def _per_epoch(self) -> float:
+        if self.measured_epochs:
+            return sum(self.measured_epochs) / len(self.measured_epochs)
+        return self.plan.epoch_seconds
+
+    def during_epoch(self, batches_done: int) -> float:
+        steps = self.plan.steps_per_epoch
+        per_batch = (
+            (time.perf_counter() - self.epoch_started) / batches_done
+            if batches_done
+            else self.plan.train_seconds_per_epoch / steps
+        )
+        this_epoch = (steps - batches_done) * per_batch + self.plan.val_seconds
+        later_epochs = self.plan.epochs - self.epochs_done - 1
+        return this_epoch + later_epochs * self._per_epoch() + self.plan.final_seconds
+
+    def end_epoch(self) -> float:
+        self.measured_epochs.append(time.perf_counter() - self.epoch_started)
+        self.epochs_done += 1
+        return (self.plan.epochs - self.epochs_done) * self._per_epoch() + self.plan.final_seconds
+
+
+# Where a re-planned run aims to end, as a share of its budget: inside 90-100% with room for the estimate's error.
+REPLAN_TARGET_SHARE = 0.96
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """What one finished epoch measured, in seconds of wall clock."""
+
+    steps: int
+    train_seconds: float  # the optimiser steps
+    eval_seconds: float  # the per-epoch evaluation pass
+    total_seconds: float  # the whole epoch: steps, evaluation, checkpoint and logs
+
+
+@dataclass(frozen=True)
+class Replan:
+    plan: RunPlan
+    step_seconds: float  # measured: what the new plan assumes per step
+    images_per_second: float
+
+    def describe(self, before: RunPlan) -> str:
+        def length(plan: RunPlan) -> str:
+            steps = plan.last_epoch_steps
+            cut = f" (the last cut to {steps} step{'s' if steps != 1 else ''})" if steps else ""
+            return f"{plan.epochs} epochs{cut}"
+
+        return (
+            f"Re-planned: {length(self.plan)} instead of {length(before)}, this machine runs at "
+            f"{self.images_per_second:,.0f} img/s now; about {format_duration(self.plan.total_seconds)} in all "
+            f"(budget {format_duration(self.plan.budget_seconds or 0)})"
+        )
+
+
+def replan(
+    plan: RunPlan, elapsed_seconds: float, epochs_done: int, timings: list[EpochTiming], eval_images: int
+) -> Replan:
+    """The epochs left refit to what this run's own epochs measured, so that the run, final evaluation included,
+    ends near REPLAN_TARGET_SHARE of its budget. The latest epoch weighs most (a shared machine drifts); the last
+    epoch may be cut short (to as few as one step) rather than leave part of the budget unused."""
+    assert plan.budget_seconds is not None and timings
+    weights = [2.0**index for index in range(len(timings))][-3:]  # the last three epochs, newest double
+    recent = timings[-len(weights) :]
+    step = sum(w * t.train_seconds / max(t.steps, 1) for w, t in zip(weights, recent)) / sum(weights)
+    per_eval = sum(w * (t.total_seconds - t.train_seconds) for w, t in zip(weights, recent)) / sum(weights)
+    eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(
+        weights
+    )
+    final = plan.final_seconds_at(eval_rate)
+    available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
+    whole_epoch = plan.steps_per_epoch * step + per_eval
+    more = max(0, math.floor(available / whole_epoch))
+    spare_steps = math.floor((available - more * whole_epoch - per_eval) / step)
+    last_steps = 0
+    if spare_steps >= 1:  # even a few steps more train longer than stopping now; the budget is the user's
+        more, last_steps = more + 1, min(spare_steps, plan.steps_per_epoch)
+    last_steps = 0 if last_steps == plan.steps_per_epoch else last_steps
+    epochs = epochs_done + more
+    if more == 0:  # no time for another epoch: stop here, with the epochs done
+        last_steps = 0
+    cut = (plan.steps_per_epoch - last_steps) * step if last_steps else 0.0
+    refit = RunPlan(**{
+        **plan.__dict__, "epochs": epochs, "last_epoch_steps": last_steps, "elapsed_seconds": elapsed_seconds,
+        "remaining_seconds": more * whole_epoch - cut + final,
+    })  # fmt: skip
+    return Replan(refit, step, plan.batch_size / step)
+
+
+def fit_steps(
+    plan: RunPlan,
+    available_seconds: float,
+    epochs_begun: int,
+    steps_into_epoch: int,
+    pace: float,
+    per_eval: float,
+) -> RunPlan | None:
+    """During epoch `epochs_begun`, `steps_into_epoch` steps in: the most further steps that fit
+    `available_seconds` at `pace` seconds a step, each epoch end costing `per_eval`; the plan that trains them
+    (its epochs and its last epoch's steps), or None where not even the epoch in progress can go on."""
+    left_in_epoch = plan.steps_per_epoch - steps_into_epoch
+    best: tuple[int, int] | None = None  # (further steps, further epochs)
+    for extra_epochs in range(0, 1000):
+        room = available_seconds - (1 + extra_epochs) * per_eval
+        steps = min(math.floor(room / pace), left_in_epoch + extra_epochs * plan.steps_per_epoch)
+        if steps < 0 or (extra_epochs and steps <= left_in_epoch + (extra_epochs - 1) * plan.steps_per_epoch):
+            break  # another epoch's evaluation would leave no step for it
+        best = (steps, extra_epochs)
+    if best is None:
+        return None
+    steps, extra_epochs = best
+    last = steps_into_epoch + steps - extra_epochs * plan.steps_per_epoch
+    last = 0 if last >= plan.steps_per_epoch else last
+    return RunPlan(**{**plan.__dict__, "epochs": epochs_begun + extra_epochs, "last_epoch_steps": last})

@@ -1,0 +1,380 @@
+"""Measure how fast a model trains on this machine in each precision and memory layout, and remember the answer.
+
+Why measure instead of a rule: the project's 2-core CPUs differ. With AMX (Intel Sapphire Rapids) bf16 +
+channels_last trains airbench 2-3x faster than fp32; on AMD EPYC Zen 4 (AVX-512 with AVX512_BF16, no AMX) bf16 +
+channels_last was about 1.8x faster; on an AVX2-only CPU (AMD EPYC Zen 3) bf16 is emulated and 14-16x *slower*
+than fp32. No flag tells these apart reliably, so `precision: auto` and `channels_last: auto` time a few real
+steps of the actual model in each candidate and keep the fastest. The decision and the speeds are cached per
+machine, torch version, thread count, model, width, optimiser and batch size in the user's cache folder, so only the
+first run on a machine pays for the measurement (a few seconds).
+
+The candidates are compared on small steps (`PROBE_IMAGES`); the winner is then timed once more on steps of the run's
+own batch size (up to `BATCH_STEP_CAP` images), because per-image speed grows with the batch: on an AMD EPYC Zen 4,
+airbench at batch 2000 trained 25-35% faster per image than the 64-image probe showed, and plans built on the probe
+left a third of a time budget unused. These speeds drive the run's time estimate and `--time-budget`
+(budget/plan.py): a training step takes about `batch / batch_images_per_second + optimizer_seconds`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.config.settings import ModelSettings, OptimSettings
+from cifar_cli.files import write_text_atomically
+from cifar_cli.models import build_model
+from cifar_cli.runtime.device import Precision, describe_device, resolve_precision
+from cifar_cli.train.optim import build_optimizer
+
+CACHE_VERSION = 2  # 2: speeds at the run's batch size
+CACHE_FILE = "calibration.json"
+SCREEN_IMAGES = 8  # a first, tiny step per candidate: enough to spot a 10x slower one cheaply
+PROBE_IMAGES = 64  # images per timed step when comparing candidates
+BATCH_STEP_CAP = 1024  # the chosen candidate's steps at the run's batch size, at most this many images
+PROBE_SECONDS = 0.4  # each surviving candidate is timed for at least this long (seconds), at least 2 steps
+EVAL_PASSES = 3  # timed forward passes in eval mode
+SLOW_FACTOR = (
+    3.0  # a candidate whose screening step is this much slower than the best one's is not timed further
+)
+CALIBRATION_LR = 0.01  # the preset's optimiser at a small lr: a random start at full lr may diverge into NaNs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: the autocast precision and the memory format of activations."""
+
+    precision: str  # fp32, bf16 or fp16
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        return self.precision + (" + channels_last" if self.channels_last else "")
+
+
+@dataclass
+class Calibration:
+    """What was measured; `precision` and `channels_last` are the fastest candidate's."""
+
+    precision: str
+    channels_last: bool
+    train_images_per_second: dict[str, float]  # candidate label -> forward + backward images/s, small steps
+    eval_images_per_second: float  # forward only, eval mode, the chosen candidate
+    optimizer_seconds: float  # one optimiser step, independent of the batch size
+    measured_seconds: float  # wall clock the measurement took
+    # Forward + backward images/s of the chosen candidate on steps of the run's batch size (up to BATCH_STEP_CAP);
+    # None: estimates use the small steps' speed.
+    batch_images_per_second: float | None = None
+    batch_step_images: int = 0  # the size of those steps
+    key: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False  # True when read from the cache instead of measured now
+    # What real epochs of earlier runs with this key measured (learn_from_epoch): a running estimate that, once
+    # present, the plan uses instead of the probe's. Seconds per training step at the key's batch size, and
+    # images/s of the per-epoch evaluation.
+    learned_step_seconds: float | None = None
+    learned_eval_images_per_second: float | None = None
+    learned_epochs: int = 0
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.precision, self.channels_last)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.train_images_per_second[self.layout.label]
+
+    def step_seconds(self, batch_size: int) -> float:
+        """Estimated seconds of one training step (forward, backward, optimiser) at `batch_size`: what real epochs
+        measured where earlier runs have taught it, else the probe's estimate."""
+        if self.learned_step_seconds and batch_size == self.key.get("batch_size"):
+            return self.learned_step_seconds
+        return batch_size / (self.batch_images_per_second or self.images_per_second) + self.optimizer_seconds
+
+    @property
+    def eval_speed(self) -> float:
+        """Images/s of an evaluation pass: learned from real epochs where there are some, else the probe's."""
+        return self.learned_eval_images_per_second or self.eval_images_per_second
+
+    def summary(self, requested: str = "auto") -> str:
+        """E.g. `precision auto -> fp32 + channels_last: 130 img/s; bf16 + channels_last: 8 img/s`."""
+        speeds = sorted(self.train_images_per_second.items(), key=lambda item: -item[1])
+        listed = "; ".join(f"{label}: {rate:,.0f} img/s" for label, rate in speeds)
+        source = " (cached)" if self.cached else f" (measured in {self.measured_seconds:.1f} s)"
+        batch = (
+            f"; {self.batch_images_per_second:,.0f} img/s on steps of {self.batch_step_images}"
+            if self.batch_images_per_second
+            else ""
+        )
+        learned = (
+            f"; real epochs of earlier runs ({self.learned_epochs}): {self.learned_step_seconds:.3g} s per step"
+            if self.learned_epochs and self.learned_step_seconds
+            else ""
+        )
+        return f"precision {requested} -> {self.layout.label}. Train step speeds: {listed}{batch}{source}{learned}"
+
+
+def candidates(precision: str, channels_last: bool | str, device: torch.device) -> list[Layout]:
+    """What `auto` may choose from, fp32 first (the reference that is never pathologically slow).
+
+    GPUs keep the rule (bf16 where supported, else fp16; channels_last on): their mixed precision is never slower.
+    """
+    if device.type != "cpu" and precision == "auto":
+        precision = resolve_precision("auto", device).name
+    precisions = ["fp32", "bf16"] if precision == "auto" else [precision]
+    if channels_last == "auto":
+        layouts = [True] if device.type != "cpu" else [True, False]
+    else:
+        layouts = [bool(channels_last)]
+    return [Layout(p, cl) for p in precisions for cl in layouts]
+
+
+def cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/cifar`, else `~/.cache/cifar`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cifar"
+
+
+def machine_identity(device: torch.device) -> dict[str, Any]:
+    """What makes speeds on one machine differ from another's."""
+    return {
+        "device": describe_device(device),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # Set by hand to mimic another CPU kind (../DESIGN.md): then kernels dispatch differently.
+        "isa_caps": [os.environ.get("ONEDNN_MAX_CPU_ISA"), os.environ.get("ATEN_CPU_CAPABILITY")],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_speed(
+    model: ModelSettings,
+    optim: OptimSettings,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    use_cache: bool = True,
+) -> Calibration:
+    """The fastest of `candidates(...)` for this model on this machine, from the cache when it has the answer."""
+    layouts = candidates(precision, channels_last, device)
+    key = {
+        "version": CACHE_VERSION,
+        **machine_identity(device),
+        "model": model.name,
+        "width": model.width_multiplier,
+        "optimizer": optim.name,
+        "batch_size": batch_size,
+        "candidates": [layout.label for layout in layouts],
+    }
+    key_text = json.dumps(key, sort_keys=True)
+    cache = _read_cache() if use_cache else {}
+    if key_text in cache:
+        try:
+            cached = Calibration(**{**cache[key_text], "key": key, "cached": True})
+            if cached.layout.label in cached.train_images_per_second:
+                return cached
+        except (TypeError, AttributeError):
+            pass  # written by another version, or damaged: measure again
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        result = _measure(model, optim, device, layouts, min(batch_size, BATCH_STEP_CAP))
+    result.key = key
+    if use_cache:
+        _write_cache(key_text, result)
+    return result
+
+
+LEARN_WEIGHT = (
+    0.5  # of the newest epoch in the running estimate: a shared machine drifts, recent epochs say most
+)
+REPLACE_FACTOR = 2.0  # an estimate this far from a real epoch (either way) is replaced, not averaged
+
+
+def learn_from_epoch(calibration: Calibration, step_seconds: float, eval_images_per_second: float) -> None:
+    """Fold one real epoch's speed into the cached entry of `calibration`'s key, so that the next run's plan starts
+    from what real epochs measured; an estimate far from it (a probe taken while the machine was busy) is
+    replaced. Best effort, like the cache itself."""
+    if not calibration.key or step_seconds <= 0 or eval_images_per_second <= 0:
+        return
+    key_text = json.dumps(calibration.key, sort_keys=True)
+    cache = _read_cache()
+    entry = cache.get(key_text) or {
+        k: v for k, v in asdict(calibration).items() if k not in ("key", "cached")
+    }
+    for name, value in (
+        ("learned_step_seconds", step_seconds),
+        ("learned_eval_images_per_second", eval_images_per_second),
+    ):
+        entry[name] = _running(entry.get(name), value)
+    entry["learned_epochs"] = int(entry.get("learned_epochs") or 0) + 1
+    _write_entries({**cache, key_text: entry})
+
+
+def _running(old: float | None, new: float) -> float:
+    if not old or not 1 / REPLACE_FACTOR <= new / old <= REPLACE_FACTOR:
+        return new
+    return (1 - LEARN_WEIGHT) * old + LEARN_WEIGHT * new
+
+
+def forget_calibrations() -> int:
+    """Remove every cached calibration (`cifar bench --recalibrate`); returns how many there were."""
+    count = len(_read_cache())
+    (cache_dir() / CACHE_FILE).unlink(missing_ok=True)
+    return count
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, unreadable or damaged: measure again
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(key_text: str, result: Calibration) -> None:
+    entry = {k: v for k, v in asdict(result).items() if k not in ("key", "cached")}
+    _write_entries({**_read_cache(), key_text: entry})
+
+
+def _write_entries(entries: dict[str, Any]) -> None:
+    """Best effort: a read-only home costs a re-measurement next time, never a failed run."""
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(folder / CACHE_FILE, json.dumps(entries, indent=1))
+    except OSError:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Probe:
+    """A fresh model, its optimiser and a synthetic batch in one layout; times forward+backward and the step."""
+
+    def __init__(
+        self,
+        model: ModelSettings,
+        optim: OptimSettings,
+        device: torch.device,
+        layout: Layout,
+        images: int = PROBE_IMAGES,
+    ) -> None:
+        self.device, self.layout = device, layout
+        self.precision: Precision = resolve_precision(layout.precision, device)
+        memory_format = torch.channels_last if layout.channels_last else torch.contiguous_format
+        network = build_model(model.name, model.width_multiplier)
+        init = getattr(network, "init_from_data", None)
+        if init is not None:
+            init(torch.randn(256, 3, 32, 32))  # fp32, outside autocast, as training does
+        self.model = network.to(device, memory_format=memory_format).train()
+        dtype = self.precision.autocast_dtype or torch.float32
+        self.optimizer = build_optimizer(self.model, optim.model_copy(update={"lr": CALIBRATION_LR}), dtype)
+        self.images = torch.randn(images, 3, 32, 32, device=device).to(dtype)
+        self.images = self.images.contiguous(memory_format=memory_format)
+        self.labels = torch.randint(0, 10, (images,), device=device)
+
+    def step(self, images: int, optimizer_step: bool = False) -> tuple[float, float]:
+        """Seconds of forward + backward on `images` images, and of the optimiser step after it (0 without one:
+        its cost does not depend on the batch, and Muon's in emulated bf16 alone took 1.6 s on an AVX2 CPU)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        started = time.perf_counter()
+        with self.precision.autocast(self.device):
+            logits = self.model(self.images[:images])
+        nn.functional.cross_entropy(logits.float(), self.labels[:images]).backward()
+        _sync(self.device)
+        computed = time.perf_counter()
+        if not optimizer_step:
+            return computed - started, 0.0
+        self.optimizer.step()
+        _sync(self.device)
+        return computed - started, time.perf_counter() - computed
+
+    @torch.no_grad()
+    def eval_images_per_second(self) -> float:
+        """Forward passes in eval mode over all of the probe's images (the first untimed)."""
+        self.model.eval()
+        with self.precision.autocast(self.device):
+            self.model(self.images)
+        _sync(self.device)
+        started = time.perf_counter()
+        for _ in range(EVAL_PASSES):
+            with self.precision.autocast(self.device):
+                self.model(self.images)
+        _sync(self.device)
+        return EVAL_PASSES * len(self.images) / (time.perf_counter() - started)
+
+
+def _measure(
+    model: ModelSettings,
+    optim: OptimSettings,
+    device: torch.device,
+    layouts: list[Layout],
+    batch_images: int,
+) -> Calibration:
+    started = time.perf_counter()
+    rates: dict[str, float] = {}
+    timed: list[Layout] = []  # the candidates that passed the screening step
+    probes: dict[str, _Probe] = {}
+    best_screen = float("inf")
+    for layout in layouts:
+        probe = _Probe(model, optim, device, layout)
+        probe.step(SCREEN_IMAGES)  # warm-up: kernels chosen, memory allocated
+        screen, _ = probe.step(SCREEN_IMAGES)
+        if screen > SLOW_FACTOR * best_screen:
+            rates[layout.label] = SCREEN_IMAGES / screen  # clearly slower: not worth timing further
+            continue
+        best_screen = min(best_screen, screen)
+        rates[layout.label] = _timed_rate(probe)
+        probes[layout.label] = probe
+        timed.append(layout)
+    # A second round in reverse order, each candidate's best round kept: a burst of load from another process
+    # during one candidate's round (a shared machine) no longer decides the choice.
+    for layout in reversed(timed) if len(timed) > 1 else []:
+        rates[layout.label] = max(rates[layout.label], _timed_rate(probes[layout.label], warm=True))
+    chosen = max(timed, key=lambda layout: rates[layout.label])
+    probe = _Probe(model, optim, device, chosen, batch_images)
+    probe.step(batch_images, optimizer_step=True)  # warm-up at this size: memory, kernels
+    compute, optimizer_seconds = probe.step(batch_images, optimizer_step=True)
+    return Calibration(
+        precision=chosen.precision,
+        channels_last=chosen.channels_last,
+        train_images_per_second=rates,
+        eval_images_per_second=probe.eval_images_per_second(),
+        optimizer_seconds=optimizer_seconds,
+        measured_seconds=time.perf_counter() - started,
+        batch_images_per_second=batch_images / compute,
+        batch_step_images=batch_images,
+    )
+
+
+def _timed_rate(probe: _Probe, warm: bool = False) -> float:
+    """Forward + backward images/s over at least 2 steps and `PROBE_SECONDS` (first full-size step untimed unless
+    the probe is `warm`)."""
+    if not warm:
+        probe.step(PROBE_IMAGES)
+    compute, steps = 0.0, 0
+    while steps < 2 or compute < PROBE_SECONDS:
+        compute += probe.step(PROBE_IMAGES)[0]
+        steps += 1
+    return steps * PROBE_IMAGES / compute

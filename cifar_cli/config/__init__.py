@@ -1,0 +1,1 @@
+"""Settings: the pydantic models, `--set` parsing, YAML reading, durations, and the shipped presets."""

@@ -1,0 +1,1 @@
+"""The machine: devices and precision, distributed process groups, rank agreement, memory settings."""

@@ -1,0 +1,124 @@
+"""What identifies a run: the settings that change what it learns (its name is a hash of them), the differences that
+forbid a resume, the values logged to TensorBoard's HParams tab, and what made it (versions, commit)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cifar_cli import __version__
+from cifar_cli.config.settings import OFFICIAL_ARCHIVES, Settings
+
+# Train settings that do not change what a run learns (where and how fast it runs, how it is shown or evaluated at
+# the end), and its length: a run is identified by every other setting, so `--epochs 12` after an 8-epoch run
+# extends it, and changing anything else (lookahead, micro-batches, the validation split...) starts another run.
+NOT_RECIPE = {
+    "epochs", "eval_batch_size", "device", "channels_last", "compile", "deterministic", "tta", "run_name",
+    "resume", "num_threads", "keep_freed_memory",
+}  # fmt: skip
+
+
+def recipe_identity(plain: dict[str, Any]) -> dict[str, Any]:
+    """The settings that identify a run, as dotted keys, from `Settings.to_plain()` (or a checkpoint's copy)."""
+    sections = {name: plain.get(name, {}) for name in ("model", "optim", "scheduler")}
+    sections["train"] = {k: v for k, v in plain.get("train", {}).items() if k not in NOT_RECIPE}
+    sections["data"] = data_identity(plain.get("data", {}))
+    flat: dict[str, Any] = {}
+    _flatten(sections, "", flat)
+    return flat
+
+
+def data_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """Which images and how many are held out, not where they live: the archive's or the folder's checksum, plus
+    the data set and label set beyond CIFAR-10 (so CIFAR-10 runs keep their names)."""
+    dataset = data.get("dataset") or "cifar10"
+    official_md5 = OFFICIAL_ARCHIVES.get(dataset, ("", ""))[1]
+    identity: dict[str, Any] = {
+        "md5": (data.get("md5") or official_md5).lower(),
+        "val_size": data.get("val_size"),
+    }
+    if dataset == "cifar100":
+        identity.update(dataset=dataset, label_set=data.get("label_set", "fine"))
+    if dataset == "folder":  # md5: the folder's content checksum (`adopt_prepared`)
+        identity.update(dataset=dataset, image_size=data.get("image_size", 32))
+    return identity
+
+
+def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(item, f"{prefix}{key}.", into)
+    else:
+        into[prefix.rstrip(".")] = value
+
+
+def default_run_name(settings: Settings) -> str:
+    """Same recipe, same name: running the same command again resumes instead of starting a second run."""
+    identity = recipe_identity(settings.to_plain())
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    # A ladder run's rung is chosen later, from this machine's speeds: the same command, the same name.
+    if settings.rungs:
+        return f"ladder-{digest}"
+    return f"{settings.preset}-{settings.model.name}-{digest}"
+
+
+def recipe_differences(stored: dict[str, Any], current: Settings) -> list[tuple[str, Any, Any]]:
+    """(setting, in the run, asked for now) where a resume would mix two recipes. `auto` asks for nothing
+    specific (the run stored what it resolved to); keys an older checkpoint lacks are not held against it; a
+    time budget chose the width."""
+    before, now = recipe_identity(stored), recipe_identity(current.to_plain())
+    chosen_by_plan = {"model.width_multiplier"} if current.train.time_budget else set()
+    return [
+        (key, before[key], value)
+        for key, value in sorted(now.items())
+        if key in before and before[key] != value and value != "auto" and key not in chosen_by_plan
+    ]
+
+
+def hparams(settings: Settings) -> dict[str, Any]:
+    """Every setting that identifies the run (a sweep's varied ones included) and its length, for TensorBoard's
+    HParams tab; lists and nested values are written as text."""
+    identity = recipe_identity(settings.to_plain())
+    values = {
+        key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for key, value in identity.items()
+    }
+    return {**{k: v for k, v in values.items() if v is not None}, "train.epochs": settings.train.epochs}
+
+
+@functools.cache
+def provenance() -> dict[str, Any]:
+    """What made a checkpoint, a run's results or an export: this package's version, the git commit of the checkout
+    it runs from ("-dirty" when tracked files differ from it; None when installed from a wheel), torch, Python."""
+    import torch
+
+    return {
+        "cifar_cli": __version__,
+        "git_commit": _git_commit(Path(__file__).resolve().parents[2]),
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "python": platform.python_version(),
+    }
+
+
+def _git_commit(checkout: Path) -> str | None:
+    if not (checkout / ".git").exists():
+        return None
+    git = ["git", "-C", str(checkout)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):  # no git on this machine, or a stuck one
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changes.stdout.strip() else "")

@@ -1,0 +1,208 @@
+"""One epoch of a run: the optimiser steps over the training loader with live numbers, then each epoch's evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.budget.plan import RemainingTime
+from cifar_cli.config.settings import Settings
+from cifar_cli.data.spec import DataSpec
+from cifar_cli.errors import CifarError
+from cifar_cli.predict.evaluate import report_from_predictions
+from cifar_cli.predict.inference import predict
+from cifar_cli.predict.metrics import epoch_metrics
+from cifar_cli.runtime import distributed
+from cifar_cli.runtime.device import Precision
+from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.train.optim import scheduler_steps_per_batch
+from cifar_cli.train.setup import Loaders, Parts
+from cifar_cli.train.state import Progress
+from cifar_cli.train.step import forward_backward
+from cifar_cli.train.tracking import Reporter
+
+PROGRESS_UPDATES_PER_EPOCH = 50  # batch-bar refreshes; each one waits for the device
+
+
+class EpochRunner:
+    """Trains one epoch at a time and returns its record (the numbers of every process, the evaluation's)."""
+
+    def __init__(
+        self,
+        parts: Parts,
+        loaders: Loaders,
+        settings: Settings,
+        spec: DataSpec,
+        precision: Precision,
+        device: torch.device,
+        context: DistContext,
+        reporter: Reporter,
+        epoch_split: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.parts, self.loaders, self.settings, self.spec = parts, loaders, settings, spec
+        self.precision, self.device, self.context, self.reporter = precision, device, context, reporter
+        self.epoch_split = epoch_split  # "val", or "test" where the recipe holds nothing out (curves only)
+        self.clock = clock  # seconds; a test's fake clock can stand in
+
+    def run(
+        self,
+        progress: Progress,
+        remaining: RemainingTime,
+        steps: int | None = None,
+        deadline: float | None = None,
+        refit: Callable[[int], int | None] | None = None,
+    ) -> dict[str, Any]:
+        """Train and evaluate epoch `progress.epoch + 1`, `steps` steps of it (default: all); advances
+        `progress.global_step`. Past `deadline` (on `clock`), the epoch ends early, so that a run whose machine
+        slowed down still ends inside its time budget with a saved, evaluated model; `refit` may move the
+        epoch's end as it goes (see `_train`)."""
+        epoch = progress.epoch + 1
+        steps = min(steps or len(self.loaders.train), len(self.loaders.train))
+        self.reporter.start_epoch(epoch, self.settings.train.epochs, steps)
+        remaining.start_epoch()
+        started = self.clock()
+        train_stats, steps_done, steps = self._train(progress, remaining, steps, deadline, refit)
+        seconds = self.clock() - started
+        evaluated = predict(
+            self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0
+        )
+        report = report_from_predictions(evaluated, list(self.spec.class_names))
+        eval_seconds = self.clock() - started - seconds
+        images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
+        split = self.epoch_split
+        return {
+            "epoch": epoch,
+            **{f"train_{key}": value for key, value in train_stats.items()},
+            f"{split}_loss": evaluated.loss,
+            f"{split}_accuracy": report.accuracy,
+            f"{split}_precision": report.precision_macro,
+            f"{split}_recall": report.recall_macro,
+            f"{split}_f1": report.f1_macro,
+            "lr": self.parts.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "eval_seconds": eval_seconds,
+            "images_per_second": images_seen / max(seconds, 1e-9),
+            "step": progress.global_step,
+            "steps": steps_done,
+            **({"cut_short": True} if steps_done < steps else {}),
+        }
+
+    def _train(
+        self,
+        progress: Progress,
+        remaining: RemainingTime,
+        steps: int,
+        deadline: float | None,
+        refit: Callable[[int], int | None] | None,
+    ) -> tuple[dict[str, float], int, int]:
+        """The epoch's steps; `refit(steps done)` may move its end at each refresh point (a time budget).
+        Returns the statistics, the steps done and the steps the epoch was to have."""
+        parts, loader = self.parts, self.loaders.train
+        loader.set_epoch(progress.epoch)
+        if hasattr(parts.model, "whiten_bias_trainable"):
+            parts.model.whiten_bias_trainable = progress.epoch < self.settings.model.whiten_bias_epochs
+        if parts.freezer is not None:
+            parts.freezer.set_epoch(progress.epoch)
+        parts.train_model.train()
+        metrics = epoch_metrics(self.spec.num_classes, self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        steps_per_batch = scheduler_steps_per_batch(parts.scheduler)
+        refresh_every = max(1, steps // PROGRESS_UPDATES_PER_EPOCH)
+        started = time.perf_counter()
+        batch_index = 0
+        self._checked = (self.clock(), 0)  # (clock, batches) at the last deadline check
+        for batch_index, (images, targets) in enumerate(loader, start=1):
+            loss, logits = self._step(images, targets)
+            if steps_per_batch:
+                parts.scheduler.step()
+            progress.global_step += 1
+            if parts.lookahead is not None:
+                parts.lookahead.maybe_sync(parts.model, progress.global_step, parts.total_steps)
+            loss_sum += loss
+            predicted = logits.argmax(dim=1)
+            metrics.update(predicted, targets)
+            correct += (predicted == targets).sum()
+            if batch_index % refresh_every == 0 or batch_index == steps:
+                self._check_finite(loss_sum, progress.epoch + 1, batch_index)
+                self._report_batch(batch_index, loss_sum, correct, started, remaining)
+                if refit is not None and (new_steps := refit(batch_index)) is not None:
+                    steps = max(batch_index, min(new_steps, len(loader)))
+                if batch_index < steps and self._past(deadline, batch_index):
+                    break
+            if batch_index == steps:
+                break
+        totals = distributed.all_reduce_sum(
+            torch.stack([loss_sum, torch.tensor(float(batch_index), device=self.device)])
+        )
+        computed = {key: float(value) for key, value in metrics.compute().items()}
+        # The run's last epoch, planned or cut short by the clock, ends on the averaged weights (early stopping,
+        # decided after the evaluation, hands them back in the trainer).
+        if parts.lookahead is not None and (
+            progress.epoch + 1 == self.settings.train.epochs or batch_index < steps
+        ):
+            parts.lookahead.finish(parts.model)
+        return {"loss": float(totals[0] / totals[1]), **computed}, batch_index, steps
+
+    def _past(self, deadline: float | None, batches: int) -> bool:
+        """Whether the next batch would end past `deadline`, at the pace of the batches since the last check.
+        Every process stops at the same batch: rank 0's clock decides."""
+        if deadline is None:
+            return False
+        now, (then, batches_then) = self.clock(), self._checked
+        self._checked = (now, batches)
+        per_batch = (now - then) / max(batches - batches_then, 1)
+        return bool(distributed.broadcast_from_main(now + per_batch >= deadline))
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on the batch; returns its mean loss and the logits, detached."""
+        parts = self.parts
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss, logits = forward_backward(
+            parts.train_model, images, targets, parts.criterion, self.precision, parts.scaler,
+            self.settings.train.micro_batch_size,
+        )  # fmt: skip
+        if parts.freezer is not None:
+            parts.freezer.after_backward()
+        if self.settings.optim.grad_clip:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.model.parameters(), self.settings.optim.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        return loss, logits
+
+    @staticmethod
+    def _check_finite(loss_sum: torch.Tensor, epoch: int, batch_index: int) -> None:
+        if not math.isfinite(float(loss_sum)):
+            raise CifarError(
+                f"The loss became {float(loss_sum)} in epoch {epoch} by batch {batch_index}; training stopped.",
+                hint="Lower the learning rate (--lr), enable --set optim.grad_clip=1.0, or use --precision fp32.",
+            )
+
+    def _report_batch(
+        self,
+        done: int,
+        loss_sum: torch.Tensor,
+        correct: torch.Tensor,
+        started: float,
+        remaining: RemainingTime,
+    ) -> None:
+        """Live numbers of this process's batches so far (the epoch record holds the all-rank values)."""
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        batch_size = self.settings.train.batch_size
+        self.reporter.update_batch(
+            done,
+            {
+                "loss": float(loss_sum) / done,
+                "accuracy": float(correct) / (done * batch_size),
+                "lr": self.parts.optimizer.param_groups[0]["lr"],
+                "images_per_second": done * batch_size * self.context.world_size / elapsed,
+                "remaining_seconds": remaining.during_epoch(done),
+            },
+        )

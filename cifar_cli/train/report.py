@@ -1,0 +1,84 @@
+"""The end of a run: the last weights scored once on the test split, and what `train()` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar_cli.budget.plan import RunPlan
+from cifar_cli.config.settings import Settings
+from cifar_cli.data.loader import BatchLoader
+from cifar_cli.predict.evaluate import report_from_predictions
+from cifar_cli.predict.inference import predict, tta_level
+from cifar_cli.predict.metrics import ClassificationReport
+from cifar_cli.runtime.device import Precision, describe_device
+from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.train.setup import Loaders
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint_dir: Path
+    history: list[dict[str, Any]]
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from_epoch: int = 0
+    stopped_early: bool = False
+    plan: RunPlan | None = None
+
+
+def final_evaluation(
+    model: nn.Module,
+    loader: BatchLoader,
+    settings: Settings,
+    precision: Precision,
+    device: torch.device,
+    history: list[dict[str, Any]],
+) -> tuple[dict[str, Any], ClassificationReport]:
+    """The last weights on the test split (with TTA where the recipe has it), read once, after training: never used
+    to choose anything. Returns final_metrics.json's numbers (the caller adds the clock) and the full report."""
+    level = tta_level(settings.train)
+    predictions = predict(model, loader, precision, device, level)
+    report = report_from_predictions(predictions, list(loader.spec.class_names))
+    last_val = (
+        {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
+    )
+    final = {
+        "split": "test",
+        "accuracy": report.accuracy,
+        "f1": report.f1_macro,
+        "loss": predictions.loss,
+        **last_val,
+        "tta_level": level,
+        "epochs": len(history),
+        "train_seconds": sum(record["seconds"] for record in history),
+    }
+    return final, report
+
+
+def run_banner(run_name: str, settings: Settings, loaders: Loaders, epoch_split: str, device: torch.device,
+               precision: Precision, context: DistContext) -> str:  # fmt: skip
+    """The line a run starts with: what trains, where, in what precision, on how many images, for how long."""
+    train = settings.train
+    training, scored = len(loaders.train.labels), len(loaders.evaluation.labels)
+    held_out = (
+        f"{scored:,} held out for validation"
+        if epoch_split == "val"
+        else f"none held out (the {scored:,} test images are scored each epoch for the curves only)"
+    )
+    parts = [
+        f"run {run_name}",
+        f"model {settings.model.name}",
+        f"device {describe_device(device)}",
+        f"precision {precision.name}",
+        f"{training:,} training images, {held_out}",
+        f"batch {train.batch_size} x {len(loaders.train)} steps x {train.epochs} epochs",
+    ]
+    if context.enabled:
+        parts.append(f"{context.world_size} processes")
+    return "Training: " + ", ".join(parts)

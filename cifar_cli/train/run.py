@@ -1,0 +1,450 @@
+"""A training run from top to bottom: set up (train/setup.py), plan (budget/plan.py), train epoch by epoch
+(train/loop.py), checkpoint (train/state.py), and score the last weights once (train/report.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cifar_cli.budget.keeper import BudgetKeeper
+from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
+from cifar_cli.budget.plan import RemainingTime, RunPlan, measure_plan
+from cifar_cli.budget.probe import learn_from_epoch
+from cifar_cli.checkpoint import load_checkpoint
+from cifar_cli.config.settings import Settings, dump_yaml, resolve_val_size
+from cifar_cli.data import adopt_prepared, ensure_prepared
+from cifar_cli.data.prepare import read_manifest
+from cifar_cli.errors import CifarError, ExitCode, UsageError
+from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
+from cifar_cli.predict.inference import checkpoint_spec
+from cifar_cli.runtime import distributed, ranks
+from cifar_cli.runtime.device import Precision, resolve_precision, synchronised_clock
+from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.train import state as run_state
+from cifar_cli.train.finetune import check_fits, describe_start, read_source
+from cifar_cli.train.identity import default_run_name, hparams, provenance
+from cifar_cli.train.loop import EpochRunner
+from cifar_cli.train.optim import scheduler_steps_per_batch
+from cifar_cli.train.report import TrainResult, final_evaluation, run_banner
+from cifar_cli.train.setup import (
+    Loaders,
+    Parts,
+    Splits,
+    build_loaders,
+    build_parts,
+    data_spec,
+    load_splits,
+    seed_everything,
+    setup_device,
+)
+from cifar_cli.train.state import BEST_CHECKPOINT, LAST_CHECKPOINT, Progress
+from cifar_cli.train.tracking import NullReporter, Reporter, RunLogger
+
+FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
+PLAN_FILE = "plan.json"
+CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
+PATH_SETTINGS = (
+    ("data", "processed_dir"),
+    ("data", "raw_data_dir"),
+    ("log", "checkpoint_dir"),
+    ("log", "log_dir"),
+)
+
+
+class TrainingInterrupted(CifarError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+class Trainer:
+    """One training run: `run()` sets up, plans, trains epoch by epoch and reports; `dry_run()` only plans."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        reporter: Reporter | None = None,
+        context: DistContext | None = None,
+        confusion_figure: FigureMaker | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.clock = clock  # seconds; a test's fake clock can stand in
+        self.started = clock()  # a time budget counts from here
+        self.settings = settings.model_copy(deep=True)  # the plan fills in precision, layout, epochs, width
+        # Which data is prepared is part of the recipe.
+        self.settings.data = adopt_prepared(self.settings.data)
+        if self.settings.train.init_from is not None:
+            self.settings.train.init_from = self.settings.train.init_from.absolute()
+        for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
+            setattr(
+                getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute()
+            )
+        self.context = context or distributed.context_from_env()
+        self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
+        # The CLI passes plots' figure; the core draws nothing itself.
+        self.confusion_figure = confusion_figure
+        self.run_name = settings.train.run_name or default_run_name(self.settings)
+        self.run_dir = settings.log.log_dir / self.run_name
+        self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
+        self.progress = Progress()
+        # The epoch last.pth holds (an interrupt between an epoch and its save must not claim more), and the
+        # seconds the last epoch's checkpoints and logs took.
+        self.saved_epoch, self.save_seconds = 0, 0.0
+        self._last_state: dict[str, Any] | None = None
+        self._resuming: bool | None = None
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        if self.context.is_main:
+            # Fail now, not after the first epoch, when a folder cannot be written or the disk is full.
+            ensure_writable_folder(self.checkpoint_dir, probe=True)
+            ensure_writable_folder(self.run_dir, probe=True)
+        # One process owns a run: a second `cifar train` of the same run is refused with the owner's PID.
+        owned = [self.checkpoint_dir, self.run_dir] if self.context.is_main else []
+        with run_lock(owned, self.run_name):
+            seed_everything(self.settings.train.seed, self.settings.train.deterministic)
+            self.device = setup_device(self.settings.train, self.context)
+            try:
+                distributed.init_process_group(self.context, self.device)
+                return self._run()
+            finally:
+                distributed.destroy_process_group()
+
+    def _run(self) -> TrainResult:
+        resuming = self._should_resume()
+        if resuming and self.settings.rungs:  # a budget run resumes on the rung its plan chose
+            self._adopt_rung(self._last_checkpoint()["settings"].get("preset", self.settings.preset))
+        if resuming:
+            run_state.check_same_recipe(self._last_checkpoint()["settings"], self.settings, self.run_name)
+        # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
+        init_from = self.settings.train.init_from
+        self.source = None if resuming or init_from is None else read_source(init_from)
+        splits = ranks.on_every_rank(self._load_data)  # a node without the data stops every node, named
+        ranks.same_on_every_rank(ranks.manifest_fingerprint(read_manifest(self.settings.data.processed_dir)), "The prepared data",
+                                 self.settings.data.processed_dir)  # fmt: skip
+        if self.source is not None:
+            check_fits(self.source, self.settings.model, self.spec.class_names)
+        self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
+        self.loaders: Loaders = build_loaders(
+            splits, self.settings.train, self.spec, self.precision, self.device, self.context
+        )
+        started = synchronised_clock(self.device)
+        self.parts: Parts = build_parts(
+            self.settings,
+            self.spec,
+            self.loaders.train,
+            self.device,
+            self.precision,
+            self.context,
+            self.source,
+        )
+        if self.parts.started_from is not None:
+            self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
+        self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
+        if resuming:
+            self.progress = run_state.restore(self.parts, self._last_checkpoint())
+            self.saved_epoch = self.progress.epoch
+            self.reporter.message(
+                f"Resuming run {self.run_name} after epoch {self.progress.epoch} ({LAST_CHECKPOINT})."
+            )
+        resumed_from = self.progress.epoch
+        if self.context.is_main:
+            run_state.check_checkpoint_space(
+                self.checkpoint_dir, self.epoch_split == "val", self.parts, self.settings.optim.name
+            )
+        if resumed_from >= self.settings.train.epochs:
+            self.reporter.message(
+                f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
+                "Use --no-resume to train it again, or raise --epochs to extend it."
+            )
+            # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
+            return self._result({}, resumed_from, stopped_early=False)
+        if resuming and self._last_checkpoint().get("temperature"):
+            self.reporter.message(run_state.DROPPED_TEMPERATURE)
+        return self._train(resumed_from)
+
+    def _train(self, resumed_from: int) -> TrainResult:
+        # A resumed budget run trains the epochs its last plan chose; a fresh one keeps its budget as it goes.
+        budget = BudgetKeeper(self.run_plan, self.clock, self.started, resumed_from == 0,
+                              len(self.loaders.evaluation.labels))  # fmt: skip
+        logger = None
+        if self.context.is_main:
+            logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
+            write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
+        self.reporter.message(
+            run_banner(
+                self.run_name,
+                self.settings,
+                self.loaders,
+                self.epoch_split,
+                self.device,
+                self.precision,
+                self.context,
+            )
+        )
+        runner = EpochRunner(
+            self.parts, self.loaders, self.settings, self.spec, self.precision, self.device, self.context,
+            self.reporter, self.epoch_split, self.clock,
+        )  # fmt: skip
+        remaining = RemainingTime(self.run_plan, self.progress.epoch)
+        stopped_early = False
+        try:
+            while self.progress.epoch < self.settings.train.epochs and not stopped_early:
+                started = self.clock()
+                epoch = self.progress.epoch + 1
+
+                def refit(done: int, epoch: int = epoch, started: float = started) -> int | None:
+                    steps = budget.refit_during_epoch(
+                        epoch, done, started, self.progress.global_step, self.parts
+                    )
+                    # The loop, the display and lookahead follow the plan.
+                    self.settings.train.epochs = budget.plan.epochs
+                    return steps
+
+                record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
+                # The plan first, so that this epoch's checkpoint holds the epochs now planned; the epoch's time
+                # counts the previous epoch's checkpoint and logs in place of its own, still to come.
+                self._keep_budget(
+                    budget, record, self.clock() - started + self.save_seconds, remaining, logger
+                )
+                saving = self.clock()
+                stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
+                self.save_seconds = self.clock() - saving
+                self._teach_calibration(record)
+            final_metrics = self._finish(logger)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"Interrupted. {LAST_CHECKPOINT} holds epoch {self.saved_epoch} of run {self.run_name}.",
+                hint=f"Resume with: cifar train --run-name {self.run_name} (plus the same options as before).",
+            ) from None
+        finally:
+            self.reporter.close()
+            if logger is not None:
+                logger.close()
+        return self._result(final_metrics, resumed_from, stopped_early)
+
+    def _teach_calibration(self, record: dict[str, Any]) -> None:
+        """The epoch's real speed into the calibration cache, for the next run's plan (one process, no compile:
+        their speeds are another machine's, as far as the cache key can tell)."""
+        other_machine = self.context.enabled or self.settings.train.compile
+        if not self.context.is_main or other_machine or not record["steps"]:
+            return
+        eval_rate = len(self.loaders.evaluation.labels) / max(record["eval_seconds"], 1e-9)
+        learn_from_epoch(self.run_plan.calibration, record["seconds"] / record["steps"], eval_rate)
+
+    def _keep_budget(self, budget: BudgetKeeper, record: dict[str, Any], seconds: float, remaining: RemainingTime,
+                     logger: RunLogger | None) -> None:  # fmt: skip
+        """The epochs left refit to the measured speed (budget runs); the plan everything else reads follows."""
+        message = budget.after_epoch(record, seconds, record["epoch"], self.progress.global_step, self.parts)
+        if budget.plan is not self.run_plan:
+            self.run_plan = remaining.plan = budget.plan
+            self.settings.train.epochs = budget.plan.epochs
+            if logger is not None:
+                write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
+                logger.write_settings(dump_yaml(self.settings))
+        if message is not None:
+            self.reporter.message(message)
+
+    def _result(self, final_metrics: dict[str, Any], resumed_from: int, stopped_early: bool) -> TrainResult:
+        return TrainResult(
+            self.run_name, self.run_dir, self.checkpoint_dir, self.progress.history, final_metrics,
+            resumed_from, stopped_early, self.run_plan,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ data
+    def _load_data(self) -> Splits:
+        """Training images, the validation split held out of them (when the recipe has one) and the test split."""
+        ensure_prepared(self.settings.data, self.reporter.message)
+        trained = (
+            checkpoint_spec(self._last_checkpoint())
+            if self._should_resume()
+            else (self.source.spec if self.source is not None else None)
+        )  # the input statistics the weights were trained with
+        self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
+        splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
+        self.epoch_split = splits.epoch_split
+        return splits
+
+    def _resolve_val_size(self, train_images: int) -> int:
+        """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
+        stored = self._stored_settings()
+        val_size = (
+            stored["data"]["val_size"]
+            if stored is not None
+            else resolve_val_size(self.settings, train_images)
+        )
+        self.settings.data.val_size = val_size
+        return val_size
+
+    # ------------------------------------------------------------------------------------------ plan
+    def plan(self, train_images: int, val_images: int, test_images: int) -> RunPlan:
+        """Precision, memory layout, epochs and width of this run, from speeds measured on this machine (on rank 0,
+        shared with the others); a resumed run keeps what its checkpoint chose."""
+        chosen = self._measure_plan(train_images, val_images, test_images) if self.context.is_main else None
+        rung, plan = distributed.broadcast_from_main(chosen)
+        if rung != self.settings.preset:  # the other ranks follow rank 0's rung of the ladder
+            self._adopt_rung(rung)
+        train, model = self.settings.train, self.settings.model
+        train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
+        train.epochs, model.width_multiplier = plan.epochs, plan.width_multiplier
+        self.precision: Precision = resolve_precision(train.precision, self.device)
+        self.reporter.message(plan.describe())
+        return plan
+
+    def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> tuple[str, RunPlan]:
+        """(the preset trained, its plan): a budget run free to climb the ladder first chooses its rung."""
+        images, stored = (train_images, val_images, test_images), self._stored_settings()
+
+        def measure(settings: Settings) -> RunPlan:
+            return measure_plan(settings, stored, self.device, self.context.world_size, self.reporter.message,
+                                self._elapsed, images)  # fmt: skip
+
+        if not self.settings.rungs or stored is not None or self.settings.train.time_budget is None:
+            return self.settings.preset, measure(self.settings)
+        choice = choose_rung(self.settings.rungs, self.settings.train.time_budget, full_schedule(measure))
+        self.reporter.message(choice.describe())
+        self._adopt_rung(choice.preset)
+        return choice.preset, replace(measure(self.settings), ladder=choice.to_json())
+
+    def _adopt_rung(self, preset: str) -> None:
+        """Train the ladder's rung `preset`, with this run's data, folders and starting weights."""
+        self.settings = adopt_rung(self.settings, preset)
+        if hasattr(self, "spec"):  # the data is loaded: the statistics a model made for one input size needs
+            trained = self.source.spec if self.source is not None else None
+            self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
+
+    def _elapsed(self) -> float:
+        """Seconds since this run started (a time budget counts from there)."""
+        return self.clock() - self.started
+
+    def dry_run(self) -> RunPlan:
+        """The plan, without training or touching the data (counts from the manifest, else CIFAR-10's)."""
+        self.device = setup_device(self.settings.train, self.context)
+        manifest = read_manifest(self.settings.data.processed_dir) or {}
+        counts = manifest.get("counts", {})
+        train_images = counts.get("train", CIFAR10_SIZES[0])
+        test_images = counts.get("test", CIFAR10_SIZES[1])
+        val_size = resolve_val_size(self.settings, train_images)
+        return self.plan(train_images - val_size, val_size or test_images, test_images)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _should_resume(self) -> bool:
+        """Rank 0 decides, from its own disk, for every rank (other nodes may have no checkpoint folder)."""
+        if self._resuming is None:
+            self._resuming = ranks.decided_by_main(self._resume_here)
+        return self._resuming
+
+    def _resume_here(self) -> bool:
+        wanted = self.settings.train.resume
+        exists = (self.checkpoint_dir / LAST_CHECKPOINT).is_file()
+        if wanted and not exists:
+            raise UsageError(
+                f"--resume was given but {self.checkpoint_dir / LAST_CHECKPOINT} does not exist.",
+                hint="Check --run-name and --checkpoint-dir, or drop --resume.",
+            )
+        return exists and wanted is not False
+
+    def _stored_settings(self) -> dict[str, Any] | None:
+        """The settings saved in the run's last.pth, when this run will resume from it."""
+        return self._last_checkpoint()["settings"] if self._should_resume() else None
+
+    def _last_checkpoint(self) -> dict[str, Any]:
+        """last.pth of this run, read once (the plan needs its settings, the resume everything)."""
+        # Rank 0's file, sent to every rank (to the CPU first when there are several).
+        if self._last_state is None:
+            place = "cpu" if self.context.enabled else self.device
+            self._last_state = ranks.decided_by_main(
+                lambda: load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=place)
+            )
+        return self._last_state
+
+    # ------------------------------------------------------------------------------------------ each epoch
+    def _after_epoch(
+        self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime
+    ) -> bool:
+        """Bookkeeping after an epoch; returns True when early stopping says to stop."""
+        progress, parts = self.progress, self.parts
+        progress.epoch = record["epoch"]
+        progress.history.append(record)
+        stopping = self.settings.train.early_stopping
+        # A monitor on the test split is never read: without a validation split there is no val_* to monitor.
+        # Rank 0's value decides for every rank (best.pth, the plateau scheduler's lr, early stopping), so the
+        # processes of a DDP run can never disagree about when to stop.
+        monitored = distributed.broadcast_from_main(record.get(stopping.monitor))
+        best = progress.best_metric
+        improved = monitored is not None and (
+            best is None or (monitored > best if stopping.mode == "max" else monitored < best)
+        )
+        if improved:
+            progress.best_metric, progress.epochs_without_improvement = monitored, 0
+        elif monitored is not None:
+            progress.epochs_without_improvement += 1
+        if parts.scheduler is not None and not scheduler_steps_per_batch(parts.scheduler):
+            parts.scheduler.step(monitored)
+        stop = bool(stopping.patience) and progress.epochs_without_improvement >= stopping.patience
+        if stop and parts.lookahead is not None:  # the weights kept and scored at the end: the averaged ones
+            parts.lookahead.finish(parts.model)
+        if self.context.is_main:
+            self._save(LAST_CHECKPOINT)
+            if improved and self.epoch_split == "val":  # best.pth: only where a validation split chose it
+                self._save(BEST_CHECKPOINT)
+            logger.log_epoch(record, progress.history, progress.global_step)
+        self.reporter.end_epoch({**record, "remaining_seconds": remaining.end_epoch()})
+        distributed.barrier()
+        if stop:
+            self.reporter.message(
+                f"Early stopping: {stopping.monitor} has not improved for {stopping.patience} epochs "
+                f"(best {progress.best_metric:.4f})."
+            )
+        return stop
+
+    def _save(self, name: str) -> None:
+        state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
+        with sigint_deferred():
+            run_state.save_state(state, self.checkpoint_dir / name)
+            if name == LAST_CHECKPOINT:
+                self.saved_epoch = self.progress.epoch
+
+    # ------------------------------------------------------------------------------------------ the end
+    def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
+        """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
+        started = synchronised_clock(self.device)
+        final, report = final_evaluation(self.parts.model, self.loaders.test, self.settings, self.precision,
+                                         self.device, self.progress.history)  # fmt: skip
+        # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
+        # estimate of it: a time budget bounds the first.
+        final.update(
+            wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds, made_by=provenance()
+        )
+        # The span the CIFAR-10 speed record times (airbench94: model init with whitening, the training steps, the
+        # final TTA evaluation; no per-epoch evaluation), for `cifar bench --vs-record`. Seconds.
+        final_eval_seconds = synchronised_clock(self.device) - started
+        final.update(
+            init_seconds=self.init_seconds,
+            final_eval_seconds=final_eval_seconds,
+            record_span_seconds=self.init_seconds + final["train_seconds"] + final_eval_seconds,
+        )
+        if self.progress.history:
+            self.reporter.message(
+                f"Final {'TTA ' if final['tta_level'] else ''}test accuracy {report.accuracy:.2%} "
+                f"(macro F1 {report.f1_macro:.3f}); checkpoints in {self.checkpoint_dir}, logs in {self.run_dir}"
+            )
+        if logger is not None:
+            names = list(self.spec.class_names)
+            figure = self.confusion_figure(report.confusion_matrix, names) if self.confusion_figure else None
+            logger.log_final(hparams(self.settings), final, figure)
+        return final
+
+
+def train(
+    settings: Settings, reporter: Reporter | None = None, confusion_figure: FigureMaker | None = None
+) -> TrainResult:
+    """Train with `settings`; the one entry point that the CLI and Python users call. `confusion_figure(matrix,
+    class names)` makes the figure logged to TensorBoard at the end (the CLI passes a matplotlib one)."""
+    return Trainer(settings, reporter, confusion_figure=confusion_figure).run()
+
+
+def plan_run(settings: Settings, reporter: Reporter | None = None) -> RunPlan:
+    """What `train(settings)` would do and how long it would take here, measured but without training."""
+    return Trainer(settings, reporter).dry_run()

@@ -1,0 +1,209 @@
+"""What a run needs before its first step: the device, the data splits, the loaders, the model and its optimiser."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar_cli.config.settings import DataSettings, Settings, TrainSettings
+from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
+from cifar_cli.data.prepare import load_cache, read_spec
+from cifar_cli.data.spec import DataSpec
+from cifar_cli.errors import UsageError
+from cifar_cli.models import build_model, fixed_image_size
+from cifar_cli.runtime.device import Precision, resolve_device
+from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.runtime.memory import keep_freed_memory
+from cifar_cli.train.finetune import BodyFreezer, Source, load_weights
+from cifar_cli.train.lookahead import Lookahead
+from cifar_cli.train.optim import Scheduler, build_optimizer, build_scheduler
+
+WHITENING_SAMPLE = 5000  # training images used to estimate the whitening filters
+Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images N x 3 x H x W, int64 labels N
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def setup_device(train: TrainSettings, context: DistContext) -> torch.device:
+    """The device of this process (its own GPU under DDP), its CPU threads and allocator setting."""
+    device = resolve_device(train.device)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+        torch.cuda.set_device(device)
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    if train.keep_freed_memory:
+        keep_freed_memory(device.type)
+    return device
+
+
+def data_spec(data: DataSettings, model_name: str, trained: DataSpec | None = None) -> DataSpec:
+    """The prepared data's classes, size and statistics; a model made for one input size refuses others. A resumed
+    run keeps the statistics its weights were trained with (`trained`)."""
+    spec = read_spec(data.processed_dir)
+    if trained is not None:
+        spec = replace(spec, mean=trained.mean, std=trained.std)
+    fixed = fixed_image_size(model_name)
+    if fixed is not None and spec.image_size != fixed:
+        raise UsageError(
+            f"Model {model_name} takes {fixed} x {fixed} images; the data in {data.processed_dir} is "
+            f"{spec.image_size} x {spec.image_size}.",
+            hint=f"Choose a model that pools globally (airbench, resnet18), or prepare the data with "
+            f"--image-size {fixed}.",
+        )
+    return spec
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Training images, the split each epoch is evaluated on, and the test split read once at the end.
+
+    `epoch_split` is "val" where the recipe holds images out of training, else "test": then the test split is scored
+    each epoch for the curves only, and nothing (best.pth, early stopping, the plateau scheduler) reads it.
+    """
+
+    train: Split
+    evaluation: Split
+    test: Split
+    epoch_split: str
+
+
+def load_splits(data: DataSettings, val_size_for: Callable[[int], int], seed: int) -> Splits:
+    """The prepared cache split; `val_size_for(training images)` says how many to hold out for validation."""
+    cache = load_cache(data.processed_dir)
+    images, labels = cache["train_images"], cache["train_labels"]
+    val_size = val_size_for(len(labels))
+    test = (cache["test_images"], cache["test_labels"])
+    if not val_size:
+        return Splits((images, labels), test, test, "test")
+    if val_size >= len(labels):
+        raise UsageError(f"data.val_size={val_size} leaves no training images (the split has {len(labels)}).")
+    train_index, val_index = stratified_split(labels, val_size, seed)
+    return Splits(
+        (images[train_index], labels[train_index]), (images[val_index], labels[val_index]), test, "val"
+    )
+
+
+@dataclass(frozen=True)
+class Loaders:
+    train: BatchLoader  # augmented, this process's share under DDP
+    evaluation: BatchLoader  # each epoch's
+    test: (
+        BatchLoader  # the final evaluation's (the same loader where the epochs are scored on the test split)
+    )
+
+
+def build_loaders(
+    splits: Splits,
+    train: TrainSettings,
+    spec: DataSpec,
+    precision: Precision,
+    device: torch.device,
+    context: DistContext,
+) -> Loaders:
+    # Autocast would cast the inputs anyway; producing them in its dtype saves a conversion pass per batch.
+    input_dtype = precision.autocast_dtype or torch.float32
+    images, labels = splits.train
+    training = BatchLoader(
+        images.to(device), labels.to(device), train.batch_size, train=True, spec=spec,
+        augment=Augment(**train.augment.model_dump()), seed=train.seed, dtype=input_dtype,
+        channels_last=train.channels_last, rank=context.rank, world_size=context.world_size,
+        balanced=train.balanced_sampler,
+    )  # fmt: skip
+    if len(training) == 0:
+        raise UsageError("No training batches: the training split is smaller than one batch per process.")
+
+    def evaluation_loader(split: Split) -> BatchLoader:
+        return BatchLoader(
+            split[0].to(device), split[1].to(device), train.eval_batch_size, train=False, spec=spec,
+            dtype=input_dtype, channels_last=train.channels_last,
+        )  # fmt: skip
+
+    evaluation = evaluation_loader(splits.evaluation)
+    test = evaluation if splits.epoch_split == "test" else evaluation_loader(splits.test)
+    return Loaders(training, evaluation, test)
+
+
+@dataclass
+class Parts:
+    """The model and everything that steps it; a checkpoint holds the state of each."""
+
+    model: nn.Module  # the weights (saved, evaluated)
+    train_model: nn.Module  # what the steps call: the model, wrapped by DDP and torch.compile where asked
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler | None
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    lookahead: Lookahead | None
+    total_steps: int
+    started_from: dict[str, Any] | None = None  # the checkpoint a fine-tuning run started from (finetune.py)
+    freezer: BodyFreezer | None = None
+
+
+def build_parts(
+    settings: Settings,
+    spec: DataSpec,
+    loader: BatchLoader,
+    device: torch.device,
+    precision: Precision,
+    context: DistContext,
+    source: Source | None = None,
+) -> Parts:
+    """The model (initialised from `source`'s weights where a run fine-tunes), its optimiser and the rest."""
+    model = build_model(settings.model.name, settings.model.width_multiplier, spec.num_classes)
+    init_from_data = getattr(model, "init_from_data", None)
+    started_from = None
+    if source is not None:  # before the optimiser and lookahead copy anything
+        started_from = load_weights(model, source, spec.class_names)
+    elif init_from_data is not None:
+        sample = loader.images[: min(WHITENING_SAMPLE, len(loader.images))].cpu()
+        init_from_data(normalize(sample, torch.float32, False, spec))  # fp32, outside autocast
+    memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    # Muon's matrix products in the step's precision: bf16 only where it was chosen for being fast here.
+    optimizer = build_optimizer(model, settings.optim, precision.autocast_dtype or torch.float32)
+    scheduler = build_scheduler(
+        optimizer, settings.scheduler, settings.train.epochs, len(loader), settings.train.early_stopping.mode
+    )
+    train_model: nn.Module = model
+    if context.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        # A frozen whitening bias (airbench, after a few epochs) stops receiving gradients mid-run.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=hasattr(model, "whiten_bias_trainable")
+        )
+    if settings.train.compile:
+        train_model = torch.compile(train_model)
+    frozen_epochs = settings.train.freeze_epochs if settings.train.init_from is not None else 0
+    freezer = BodyFreezer(model, frozen_epochs, context.enabled) if frozen_epochs else None
+    return Parts(
+        model, train_model, optimizer, scheduler,
+        torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler),
+        nn.CrossEntropyLoss(weight=class_weights(settings.train, loader.labels, spec.num_classes),
+                            label_smoothing=settings.optim.label_smoothing),
+        Lookahead(model) if settings.train.lookahead else None,
+        settings.train.epochs * len(loader), started_from, freezer,
+    )  # fmt: skip
+
+
+def class_weights(train: TrainSettings, labels: torch.Tensor, classes: int) -> torch.Tensor | None:
+    """`auto`: each class weighted by the inverse of its share of the training split, scaled so that a balanced
+    split gets weight 1 everywhere (N / (classes x count)); a class with no images gets 0. None: unweighted."""
+    if train.class_weights == "none":
+        return None
+    counts = torch.bincount(labels.cpu(), minlength=classes).double()
+    weights = torch.where(counts > 0, len(labels) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float().to(labels.device)

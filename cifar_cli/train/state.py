@@ -1,0 +1,135 @@
+"""A run in progress as its checkpoints hold it: what is saved after each epoch, and how a resume puts it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_cli.checkpoint import (
+    FORMAT_VERSION,
+    capture_rng_states,
+    restore_rng_states,
+    save_checkpoint,
+)
+from cifar_cli.config.settings import Settings
+from cifar_cli.data.spec import DataSpec
+from cifar_cli.errors import UsageError
+from cifar_cli.files import require_free_space
+from cifar_cli.train.identity import provenance, recipe_differences
+from cifar_cli.train.optim import restore_scheduler
+from cifar_cli.train.setup import Parts
+
+LAST_CHECKPOINT = "last.pth"  # every epoch: what a resume continues from
+# Said when a run resumes from a checkpoint that `cifar calibrate` gave a temperature: the next save has none.
+DROPPED_TEMPERATURE = (
+    f"{LAST_CHECKPOINT} held a temperature from `cifar calibrate`; it is dropped, as the weights it was fitted to "
+    "change from here. Run `cifar calibrate` again once this run ends."
+)
+BEST_CHECKPOINT = (
+    "best.pth"  # the epoch with the best monitored validation value (only with a validation split)
+)
+
+
+@dataclass
+class Progress:
+    """How far a run has come: finished epochs, optimiser steps, their records, and the early-stopping count."""
+
+    epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    epochs_without_improvement: int = 0
+
+
+def checkpoint_state(
+    parts: Parts, progress: Progress, settings: Settings, spec: DataSpec, run_name: str
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_name": settings.model.name,
+        "model_state": parts.model.state_dict(),
+        "optimizer_state": parts.optimizer.state_dict(),
+        "scheduler_state": parts.scheduler.state_dict() if parts.scheduler is not None else None,
+        "scaler_state": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
+        "lookahead_state": parts.lookahead.state_dict() if parts.lookahead is not None else None,
+        "epoch": progress.epoch,
+        "global_step": progress.global_step,
+        "history": progress.history,
+        "best_metric": progress.best_metric,
+        "epochs_without_improvement": progress.epochs_without_improvement,
+        "rng": capture_rng_states(),
+        "settings": settings.to_plain(),
+        "class_names": list(spec.class_names),
+        "data_spec": spec.to_dict(),
+        "run_name": run_name,
+        "started_from": parts.started_from,
+        "made_by": provenance(),  # package version, git commit, torch, Python
+    }
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    save_checkpoint(
+        state,
+        path,
+        hint=f"The previous {path.name} is intact. Free disk space or choose another --checkpoint-dir, "
+        "then run the same command to resume.",
+    )
+
+
+def restore(parts: Parts, state: dict[str, Any]) -> Progress:
+    """Put a checkpoint's weights, optimiser, schedule, scaler, lookahead and random generators back."""
+    parts.model.load_state_dict(state["model_state"])
+    parts.optimizer.load_state_dict(state["optimizer_state"])
+    if parts.scheduler is not None and state.get("scheduler_state"):
+        restore_scheduler(parts.scheduler, state["scheduler_state"])
+    if state.get("scaler_state"):
+        parts.scaler.load_state_dict(state["scaler_state"])
+    if parts.lookahead is not None and state.get("lookahead_state"):
+        parts.lookahead.load_state_dict(state["lookahead_state"])
+    restore_rng_states(state["rng"])
+    parts.started_from = state.get("started_from")
+    epoch = state["epoch"]
+    return Progress(
+        epoch, state["global_step"], list(state["history"])[:epoch], state.get("best_metric"),
+        state.get("epochs_without_improvement", 0),
+    )  # fmt: skip
+
+
+def check_same_recipe(stored: dict[str, Any], settings: Settings, run_name: str) -> None:
+    """A resume continues the same recipe; another optimiser or model would fail deep inside torch."""
+    differences = recipe_differences(stored, settings)
+    if not differences:
+        return
+    shown = "\n".join(f"  {key}: {before!r} in the run, {now!r} now" for key, before, now in differences[:8])
+    more = f"\n  ... and {len(differences) - 8} more" if len(differences) > 8 else ""
+    raise UsageError(
+        f"Run {run_name!r} was trained with other settings; resuming it would mix two recipes:\n{shown}{more}",
+        hint="Start a new run with another --run-name (or drop --run-name to get one per recipe), "
+        "or --no-resume to train this one again from scratch.",
+    )
+
+
+def expected_checkpoint_bytes(model: torch.nn.Module, optimizer_name: str, lookahead: object | None) -> int:
+    """Size of a checkpoint once the optimiser has state: the model's tensors, one or two buffers per parameter
+    (momentum; Adam's two moments), the lookahead average, and 1 MB for history, settings and RNG states."""
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers_per_parameter = 2 if optimizer_name in ("adam", "adamw") else 1
+    average_bytes = state_bytes if lookahead is not None else 0
+    return state_bytes + buffers_per_parameter * parameter_bytes + average_bytes + 1_000_000
+
+
+def check_checkpoint_space(checkpoint_dir: Path, with_best: bool, parts: Parts, optimizer_name: str) -> None:
+    """Refuse before the first epoch when the checkpoints cannot fit: their size is known from the model."""
+    files = [LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if with_best else [])
+    missing = sum(not (checkpoint_dir / name).exists() for name in files)
+    needed = (missing + 1) * expected_checkpoint_bytes(parts.model, optimizer_name, parts.lookahead)
+    require_free_space(
+        checkpoint_dir,
+        needed,
+        f"checkpoints ({', '.join(files)} and one being written)",
+        hint="Free disk space or choose another --checkpoint-dir.",
+    )
