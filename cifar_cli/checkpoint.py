@@ -45,7 +45,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise UsageError(
-            f"{path} is not a readable checkpoint (truncated or not a torch file: {type(error).__name__}).",
+            f"{path} is not a readable checkpoint (truncated or not a torch file: {type(error).__name__})."
         ) from None
     _check_format(state, path)
     return state
@@ -74,11 +74,7 @@ def capture_rng_states() -> dict[str, Any]:
     numpy_state = np.random.get_state()
     states: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": [
-            numpy_state[0],
-            torch.from_numpy(numpy_state[1].astype(np.int64)),
-            *map(float, numpy_state[2:]),
-        ],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

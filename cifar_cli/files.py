@@ -76,11 +76,7 @@ def write_atomically(path: Path, payload: bytes, hint: str | None = None) -> Non
             os.fsync(handle.fileno())
         tmp.replace(path)
     except OSError as error:
-        why = (
-            f"{_blocking_file(path)} is a file, not a folder"
-            if _blocking_file(path)
-            else error.strerror or error
-        )
+        why = f"{_blocking_file(path)} is a file, not a folder" if _blocking_file(path) else error.strerror or error
         raise CifarError(f"Could not write {path}: {why}.", hint=hint) from None
     finally:
         with contextlib.suppress(OSError):  # e.g. no folder to remove it from: the error above says why
@@ -134,9 +130,7 @@ def sigint_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         if received:
-            signal.raise_signal(
-                signal.SIGINT
-            )  # now handled as before the block: KeyboardInterrupt by default
+            signal.raise_signal(signal.SIGINT)  # now handled as before the block: KeyboardInterrupt by default
 
 
 @contextlib.contextmanager

@@ -16,13 +16,7 @@ from cifar_cli.data import adopt_prepared
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
 from cifar_cli.train.identity import recipe_differences, recipe_identity
-from cifar_cli.train.tracking import (
-    FINAL_METRICS_FILE,
-    HISTORY_FILE,
-    PRUNED_FILE,
-    SETTINGS_FILE,
-    read_history,
-)
+from cifar_cli.train.tracking import FINAL_METRICS_FILE, HISTORY_FILE, PRUNED_FILE, SETTINGS_FILE, read_history
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
 SWEEPS_FOLDER = "sweeps"  # `cifar sweep` puts each sweep's trials in <log_dir>/sweeps/<sweep name>/<trial>/
@@ -39,12 +33,8 @@ class RunSummary:
     test_accuracy: float | None  # final_metrics.json: the last weights on the test split
     seconds: float  # training time, summed over the epochs
     state: str  # finished, running, interrupted, pruned (a sweep's pruner stopped it)
-    differing: dict[str, Any] = field(
-        default_factory=dict
-    )  # settings that differ between the runs of its group
-    sweep: str | None = (
-        None  # the sweep the run is a trial of (<log_dir>/sweeps/<sweep>/), None for plain runs
-    )
+    differing: dict[str, Any] = field(default_factory=dict)  # settings that differ between the runs of its group
+    sweep: str | None = None  # the sweep the run is a trial of (<log_dir>/sweeps/<sweep>/), None for plain runs
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,9 +55,7 @@ def list_runs(log_dir: Path, sort: str = "name") -> list[RunSummary]:
 
 
 def _group(parent: Path, sweep: str | None, sort: str) -> list[RunSummary]:
-    folders = sorted(
-        p for p in parent.iterdir() if (p / SETTINGS_FILE).is_file() or (p / HISTORY_FILE).is_file()
-    )
+    folders = sorted(p for p in parent.iterdir() if (p / SETTINGS_FILE).is_file() or (p / HISTORY_FILE).is_file())
     settings = {folder.name: _read_settings(folder) for folder in folders}
     identities = {name: recipe_identity(plain) for name, plain in settings.items()}
     varying = _varying_keys(list(identities.values()))
@@ -83,14 +71,10 @@ def recorded_differences(run_folder: Path, settings: Settings) -> list[tuple[str
     stored = _read_settings(run_folder)
     if not stored:
         return []
-    settings = settings.model_copy(
-        update={"data": adopt_prepared(settings.data)}
-    )  # as the run recorded its data
+    settings = settings.model_copy(update={"data": adopt_prepared(settings.data)})  # as the run recorded its data
     differences = recipe_differences(stored, settings)
     before, now = stored.get("train", {}), settings.train
-    length = (
-        "time_budget" if now.time_budget is not None or before.get("time_budget") is not None else "epochs"
-    )
+    length = "time_budget" if now.time_budget is not None or before.get("time_budget") is not None else "epochs"
     if before.get(length) != getattr(now, length):
         differences.append((f"train.{length}", before.get(length), getattr(now, length)))
     return differences

@@ -25,16 +25,12 @@ def main(archive: Path, out: Path) -> None:
     with tarfile.open(archive) as tar:
         for split, names in BATCHES.items():
             # The shared copy is trusted here; the tool itself reads archives with a restricted unpickler.
-            batches = [
-                pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="latin1") for n in names
-            ]
+            batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="latin1") for n in names]
             pixels = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             labels = [label for b in batches for label in b["labels"]]
             for name in NAMES:
                 (out / split / name).mkdir(parents=True, exist_ok=True)
-            jobs += [
-                (out / split / NAMES[label] / f"{i:05d}.jpg", pixels[i]) for i, label in enumerate(labels)
-            ]
+            jobs += [(out / split / NAMES[label] / f"{i:05d}.jpg", pixels[i]) for i, label in enumerate(labels)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda job: Image.fromarray(job[1]).save(job[0], quality=95, subsampling=0), jobs))
     print(f"{len(jobs)} files in {out}")

@@ -71,9 +71,7 @@ def make_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
     labels = [i % 10 for i in range(count)]
     rng.shuffle(labels)
-    base = np.array(
-        [[(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256] for c in range(10)], dtype=np.float64
-    )
+    base = np.array([[(c * 25) % 256, (c * 70) % 256, (255 - c * 25) % 256] for c in range(10)], dtype=np.float64)
     noise = rng.normal(0, 30, size=(count, 3, 32 * 32))
     data = np.clip(base[labels][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
     return data, labels
@@ -81,12 +79,7 @@ def make_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
 
 def batch_bytes(data: np.ndarray, labels: list[int], label: str) -> bytes:
     return py2_pickle(
-        {
-            b"batch_label": label.encode(),
-            b"labels": labels,
-            b"data": data,
-            b"filenames": [b"x.png"] * len(labels),
-        }
+        {b"batch_label": label.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}
     )
 
 
@@ -101,11 +94,7 @@ def build_archive(
     data, labels = make_images(test_count, seed=99)
     members["test_batch"] = batch_bytes(data, labels, "testing batch 1 of 1")
     members["batches.meta"] = py2_pickle(
-        {
-            b"label_names": [n.encode() for n in LABEL_NAMES],
-            b"num_cases_per_batch": per_batch,
-            b"num_vis": 3072,
-        }
+        {b"label_names": [n.encode() for n in LABEL_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072}
     )
     members["readme.html"] = b"<html>tiny test copy</html>"
     members.update(overrides or {})
@@ -178,9 +167,7 @@ def run_cli(*args: object, **options: Any) -> Result:
     result = CliRunner().invoke(app, [str(arg) for arg in args], **options)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         command = " ".join(str(arg) for arg in args)
-        raise AssertionError(
-            f"`cifar {command}` crashed: {result.exception!r}\n{result.output}"
-        ) from result.exception
+        raise AssertionError(f"`cifar {command}` crashed: {result.exception!r}\n{result.output}") from result.exception
     return result
 
 
@@ -225,9 +212,7 @@ def build_cifar100_archive(path: Path, train_count: int = 400, test_count: int =
         rng = np.random.default_rng(seed)
         fine = [index % 100 for index in range(count)]
         rng.shuffle(fine)
-        hues = np.array(
-            [[(c * 37) % 256, (c * 91) % 256, (c * 53) % 256] for c in range(100)], dtype=np.float64
-        )
+        hues = np.array([[(c * 37) % 256, (c * 91) % 256, (c * 53) % 256] for c in range(100)], dtype=np.float64)
         noise = rng.normal(0, 20, size=(count, 3, 32 * 32))
         data = np.clip(hues[fine][:, :, None] + noise, 0, 255).astype(np.uint8).reshape(count, 3072)
         members[name] = py2_pickle({
@@ -254,9 +239,7 @@ def write_image_tree(root: Path, classes: dict[str, int], size: tuple[int, int] 
     rng = np.random.default_rng(seed)
     for label, (name, count) in enumerate(classes.items()):
         (root / name).mkdir(parents=True, exist_ok=True)
-        colour = np.array(
-            [(label * 80) % 256, (label * 150) % 256, (255 - label * 60) % 256], dtype=np.float64
-        )
+        colour = np.array([(label * 80) % 256, (label * 150) % 256, (255 - label * 60) % 256], dtype=np.float64)
         for index in range(count):
             noise = rng.normal(0, 25, size=(size[1], size[0], 3))
             pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)

@@ -50,9 +50,7 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             body = state.payload[start:]
             self.send_response(206 if header else 200)
             if header:
-                self.send_header(
-                    "Content-Range", f"bytes {start}-{len(state.payload) - 1}/{len(state.payload)}"
-                )
+                self.send_header("Content-Range", f"bytes {start}-{len(state.payload) - 1}/{len(state.payload)}")
             declared = len(body) + {"long_length": 1000, "short_length": -1000}.get(state.mode, 0)
             self.send_header("Content-Length", str(declared))
             self.end_headers()

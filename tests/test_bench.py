@@ -32,9 +32,7 @@ def test_benchmark_measures_both_pipelines_and_every_precision(prepared_dir: Pat
     results = run_benchmark(options, DataSettings(processed_dir=prepared_dir))
     reference, ours = results["pipeline"]
     assert reference["ratio"] == 1.0
-    assert results["pipeline_speedup"] == pytest.approx(
-        ours["images_per_second"] / reference["images_per_second"]
-    )
+    assert results["pipeline_speedup"] == pytest.approx(ours["images_per_second"] / reference["images_per_second"])
     assert [row["name"].split(":")[0] for row in results["models"]] == ["seed-cnn"] * 4 + ["airbench"] * 4
     assert [row["name"].split(": ")[1] for row in results["models"][:4]] == [
         "fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last",
@@ -93,9 +91,7 @@ def _sleeper(seconds: float) -> tuple[Candidate, _SleepingStep]:
 
 def test_a_timed_window_runs_for_at_least_min_seconds() -> None:
     candidate, step = _sleeper(0.01)
-    images_per_second, data, compute = one_repeat(
-        candidate, BenchOptions(batches=2, warmup=1, min_seconds=0.2)
-    )
+    images_per_second, data, compute = one_repeat(candidate, BenchOptions(batches=2, warmup=1, min_seconds=0.2))
     timed = step.calls - 1  # after one warm-up step
     assert timed > 2  # more than `batches`: the window was stretched to min_seconds
     assert timed * (data + compute) >= 0.2
@@ -126,9 +122,7 @@ def test_bench_needs_the_png_folders(tmp_path: Path, prepared_dir: Path) -> None
 
 
 def test_fast_rows_time_the_preset_against_malloc_defaults_and_micro_batches(prepared_dir: Path) -> None:
-    fast = load_settings(
-        None, {"preset": "fast", "model": {"width_multiplier": 0.25}, "train": {"batch_size": 16}}
-    )
+    fast = load_settings(None, {"preset": "fast", "model": {"width_multiplier": 0.25}, "train": {"batch_size": 16}})
     data = DataSettings(processed_dir=prepared_dir)
     cpu = torch.device("cpu")
     rows = bench_fast_preset(BenchOptions(**QUICK), data, cpu, fast, micro_batch_size=8)
@@ -141,9 +135,7 @@ def test_fast_rows_time_the_preset_against_malloc_defaults_and_micro_batches(pre
         assert row.ratio == pytest.approx(row.images_per_second / preset.images_per_second)
         assert row.batch_size == 16
     # Chunks no smaller than the batch and the heap left to malloc: only the preset's row, nothing to compare with.
-    alone = bench_fast_preset(
-        BenchOptions(**QUICK, keep_freed_memory=False), data, cpu, fast, micro_batch_size=16
-    )
+    alone = bench_fast_preset(BenchOptions(**QUICK, keep_freed_memory=False), data, cpu, fast, micro_batch_size=16)
     assert alone.system_malloc is None and alone.micro_batches is None
     assert alone.preset.ratio is None and "malloc defaults" in alone.preset.name
     # The preset's own batch of 2000 is more than the tiny data set holds: a clear error, not an endless wait.

@@ -33,18 +33,14 @@ def _app_raising(error: BaseException) -> typer.Typer:
 def test_every_command_is_registered_behind_the_boundary() -> None:
     callbacks = [command.callback for command in app.registered_commands]
     callbacks += [
-        command.callback
-        for group in app.registered_groups
-        for command in group.typer_instance.registered_commands
+        command.callback for group in app.registered_groups for command in group.typer_instance.registered_commands
     ]
     assert len(callbacks) >= 12
     for callback in callbacks:
         assert getattr(callback, "__wrapped__", None) is not None, callback.__name__
 
 
-def test_an_unexpected_error_is_one_message_with_the_way_to_its_traceback(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_an_unexpected_error_is_one_message_with_the_way_to_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DEBUG_VARIABLE)
     result = CliRunner().invoke(_app_raising(ValueError("the widget is bent\nsecond line")), ["fail"])
     assert result.exit_code == ExitCode.ERROR and isinstance(result.exception, SystemExit)
@@ -103,9 +99,7 @@ def test_a_settings_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path)
     assert "is not UTF-8 text: byte 0xe9 on line 2" in text and "Save the file as UTF-8" in text
 
 
-def test_a_settings_file_that_cannot_be_read_is_named(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_settings_file_that_cannot_be_read_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Root reads a file of mode 000, so the refusal of the operating system is played here.
     config = tmp_path / "locked.yaml"
     config.write_text("train:\n  seed: 1\n")

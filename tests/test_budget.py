@@ -59,9 +59,7 @@ def test_a_run_refits_its_epochs_when_the_machine_changes_speed(
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
     assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET  # the fake clock's, start to final evaluation
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
-    assert (
-        plan["replans"][0]["epochs"] != plan["initial"]["epochs"]
-    )  # the probe's real milliseconds were wrong
+    assert plan["replans"][0]["epochs"] != plan["initial"]["epochs"]  # the probe's real milliseconds were wrong
     assert len(plan["replans"]) >= 2 and plan["epochs"] == len(trainer.progress.history)
     speeds = [replan_["measured_step_seconds"] for replan_ in plan["replans"]]
     assert speeds[0] == pytest.approx(0.5, rel=0.05) and speeds[-1] == pytest.approx(0.5 * factor, rel=0.2)
@@ -108,9 +106,7 @@ def assert_ends_on_the_average(checkpoint: Path) -> None:
     import torch
 
     state = torch.load(checkpoint, weights_only=True)
-    assert state["global_step"] % 5, (
-        "a sync every 5 steps would hand the average back anyway: pick other sizes"
-    )
+    assert state["global_step"] % 5, "a sync every 5 steps would hand the average back anyway: pick other sizes"
     for name, average in state["lookahead_state"].items():
         assert torch.equal(state["model_state"][name], average), name
 

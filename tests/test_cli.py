@@ -103,9 +103,7 @@ def test_download_prepare_train_evaluate_plot(tmp_path: Path, tiny_archive: Path
     assert "lr: 0.002" in stored and "seed: 3" in stored and "batch_size: 16" in stored
 
     checkpoint = tmp_path / "ck" / "cli" / "best.pth"
-    result = invoke(
-        "evaluate", str(checkpoint), "--json", str(tmp_path / "m.json"), "--device", "cpu", *processed
-    )
+    result = invoke("evaluate", str(checkpoint), "--json", str(tmp_path / "m.json"), "--device", "cpu", *processed)
     assert result.exit_code == 0 and "Confusion matrix" in result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_samples"] == 30 and metrics["split"] == "test"

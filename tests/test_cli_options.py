@@ -51,9 +51,7 @@ def _train(tmp_path: Path, prepared_dir: Path, name: str, *extra: object) -> Pat
     return tmp_path / "ck" / name / "last.pth"
 
 
-def test_evaluate_split_val_is_refused_for_a_run_that_held_none_out(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_evaluate_split_val_is_refused_for_a_run_that_held_none_out(tmp_path: Path, prepared_dir: Path) -> None:
     without = _train(tmp_path, prepared_dir, "no-val", "--val-size", "0", "--scheduler", "none")
     refused = invoke("evaluate", without, "--split", "val")
     assert refused.exit_code == 2 and "held out no validation split" in flat(refused.output)
@@ -79,9 +77,7 @@ def _sweep(tmp_path: Path, prepared_dir: Path, name: str, *extra: object):
                   "--checkpoint-dir", tmp_path / "ck", "--device", "cpu", *extra)  # fmt: skip
 
 
-def test_sweep_samples_draws_that_many_trials_of_the_grid(
-    tmp_path: Path, prepared_dir: Path, monkeypatch
-) -> None:
+def test_sweep_samples_draws_that_many_trials_of_the_grid(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
     for key, value in (("BATCH_SIZE", "16"), ("NUM_THREADS", "1"), ("PRECISION", "fp32")):
         monkeypatch.setenv(f"CIFAR_TRAIN__{key}", value)
     monkeypatch.setenv("CIFAR_LOG__PROGRESS", "none")

@@ -38,9 +38,7 @@ def _raw_with(archive: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(("label_set", "names"), [("fine", FINE_NAMES), ("coarse", COARSE_NAMES)])
-def test_cifar100_fine_and_coarse_labels(
-    tmp_path: Path, cifar100_archive: Path, label_set: str, names
-) -> None:
+def test_cifar100_fine_and_coarse_labels(tmp_path: Path, cifar100_archive: Path, label_set: str, names) -> None:
     raw = _raw_with(cifar100_archive, tmp_path)
     result = prepare_dataset(raw, tmp_path / "out", dataset="cifar100", label_set=label_set)
     manifest = read_manifest(tmp_path / "out")
@@ -55,9 +53,7 @@ def test_cifar100_fine_and_coarse_labels(
 
 
 def test_cifar100_statistics_come_from_the_training_images(tmp_path: Path, cifar100_archive: Path) -> None:
-    prepare_dataset(
-        _raw_with(cifar100_archive, tmp_path), tmp_path / "out", write_png=False, dataset="cifar100"
-    )
+    prepare_dataset(_raw_with(cifar100_archive, tmp_path), tmp_path / "out", write_png=False, dataset="cifar100")
     manifest = read_manifest(tmp_path / "out")
     pixels = load_cache(tmp_path / "out")["train_images"].numpy().astype(np.float64) / 255
     assert manifest["mean"] == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist(), abs=1e-5)
@@ -67,9 +63,7 @@ def test_cifar100_statistics_come_from_the_training_images(tmp_path: Path, cifar
 
 def test_a_cifar100_archive_named_as_cifar10_is_refused(tmp_path: Path, cifar100_archive: Path) -> None:
     raw = _raw_with(cifar100_archive, tmp_path)
-    (raw / "cifar-100-python.tar.gz").rename(
-        raw / "cifar-10-python.tar.gz"
-    )  # a CIFAR-100 file under the -10 name
+    (raw / "cifar-100-python.tar.gz").rename(raw / "cifar-10-python.tar.gz")  # a CIFAR-100 file under the -10 name
     with pytest.raises(UsageError, match="batches.meta|data_batch_1"):
         prepare_dataset(raw, tmp_path / "out")
 
@@ -192,9 +186,7 @@ def test_folder_pixels_survive_unchanged_at_32(tmp_path: Path) -> None:
         ("unknown_test_class", "class folders that .* lacks: z"),
     ],
 )
-def test_folder_bad_input_is_refused_and_nothing_is_written(
-    tmp_path: Path, damage: str, message: str
-) -> None:
+def test_folder_bad_input_is_refused_and_nothing_is_written(tmp_path: Path, damage: str, message: str) -> None:
     source = write_image_tree(tmp_path / "imgs", {"a": 4, "b": 4}, suffix=".jpg")
     bad = source / "b" / "001.jpg"
     if damage == "truncated":
@@ -249,17 +241,8 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     processed = tmp_path / "processed"
     result = invoke("prepare", "--from-folder", source, "--processed-dir", processed, "--image-size", "48",
                     "--test-fraction", "0.2")  # fmt: skip
-    assert result.exit_code == 0 and "72 train, 18 test images, 3 classes, 48 x 48" in result.output, (
-        result.output
-    )
-    paths = [
-        "--processed-dir",
-        processed,
-        "--checkpoint-dir",
-        tmp_path / "ck",
-        "--log-dir",
-        tmp_path / "runs",
-    ]
+    assert result.exit_code == 0 and "72 train, 18 test images, 3 classes, 48 x 48" in result.output, result.output
+    paths = ["--processed-dir", processed, "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs"]
     result = invoke("train", "--model", "seed-cnn", "--epochs", "1", "--device", "cpu", *paths)
     assert result.exit_code == 2 and "takes 32 x 32 images" in result.output, result.output
     # The head's lr is lowered from the preset's 1.66: three steps per epoch on 72 images diverge at full lr.
@@ -270,9 +253,7 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ck" / "fruit" / "last.pth"
     result = invoke("evaluate", checkpoint, "--device", "cpu", "--processed-dir", processed)
     assert result.exit_code == 0 and "Confusion matrix" in result.output, result.output
-    assert (
-        "accuracy 100.00%" in flat(result.output) and "plum" in result.output
-    )  # colours that tell the class
+    assert "accuracy 100.00%" in flat(result.output) and "plum" in result.output  # colours that tell the class
 
     plum = tmp_path / "plum.jpg"
     Image.open(source / "plum" / "000.jpg").save(plum)
@@ -288,22 +269,14 @@ def test_folder_cli_train_evaluate_predict(tmp_path: Path) -> None:
 
     contract = load_exported(exported).contract
     manifest = read_manifest(processed)
-    assert contract["input"]["shape"][1:] == [3, 48, 48] and contract["class_names"] == [
-        "apple",
-        "pear",
-        "plum",
-    ]
+    assert contract["input"]["shape"][1:] == [3, 48, 48] and contract["class_names"] == ["apple", "pear", "plum"]
     assert contract["normalisation"] == {"mean": manifest["mean"], "std": manifest["std"]}
     result = invoke("predict", exported, plum, "--json", "-")
-    assert result.exit_code == 0 and json.loads(result.output)["images"][0]["top"][0]["class"] == "plum", (
-        result.output
-    )
+    assert result.exit_code == 0 and json.loads(result.output)["images"][0]["top"][0]["class"] == "plum", result.output
 
     other = write_image_tree(tmp_path / "other", {"apple": 4, "kiwi": 4}, size=(48, 48))
     prepare_folder(other, tmp_path / "other_processed", image_size=48)
-    result = invoke(
-        "evaluate", checkpoint, "--device", "cpu", "--processed-dir", tmp_path / "other_processed"
-    )
+    result = invoke("evaluate", checkpoint, "--device", "cpu", "--processed-dir", tmp_path / "other_processed")
     assert result.exit_code == 2 and "trained on 3 classes" in result.output, result.output
 
 
@@ -320,9 +293,7 @@ def test_runs_on_different_data_get_different_names(tmp_path: Path, prepared_dir
     source_two = write_image_tree(tmp_path / "two", {"a": 3, "b": 3}, seed=5)
     prepare_folder(source_one, tmp_path / "p1", write_png=False)
     prepare_folder(source_two, tmp_path / "p2", write_png=False)
-    names = {
-        name(f"data.processed_dir={where}") for where in (prepared_dir, tmp_path / "p1", tmp_path / "p2")
-    }
+    names = {name(f"data.processed_dir={where}") for where in (prepared_dir, tmp_path / "p1", tmp_path / "p2")}
     assert len(names) == 3
     # CIFAR-10 runs keep the identity they had before data sets existed: the official checksum and the split.
     settings = load_settings(None, parse_set_options([f"data.processed_dir={prepared_dir}"]))

@@ -90,14 +90,10 @@ def test_cli_nproc_launches_torchrun_and_resumes(tmp_path: Path, prepared_dir: P
     run = [sys.executable, "-m", "cifar_cli", "train", "--nproc", "2", *args]
     first = subprocess.run(run, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (
-        "Launching: torch.distributed.run --standalone --nproc_per_node=2 -m cifar_cli train" in first.stdout
-    )
+    assert "Launching: torch.distributed.run --standalone --nproc_per_node=2 -m cifar_cli train" in first.stdout
     assert first.stdout.count("epoch   1 |") == 1  # only rank 0 reports
     assert "2 processes" in first.stdout
-    second = subprocess.run(
-        [*run, "--epochs", "2"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
-    )
+    second = subprocess.run([*run, "--epochs", "2"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Resuming run ddp-cli after epoch 1" in second.stdout
     history = json.loads((tmp_path / "runs" / "ddp-cli" / "history.json").read_text())
@@ -123,9 +119,7 @@ def test_airbench_early_stopping_is_decided_once_for_both_ranks(tmp_path: Path, 
     history = json.loads((tmp_path / "runs" / "ddp" / "history.json").read_text())
     losses = [record["val_loss"] for record in history]
     best, stop_after = losses[0], len(losses)
-    for epoch, loss in enumerate(
-        losses[1:], start=2
-    ):  # the rule (mode max), replayed from the recorded values
+    for epoch, loss in enumerate(losses[1:], start=2):  # the rule (mode max), replayed from the recorded values
         if loss <= best:
             stop_after = epoch
             break
@@ -179,9 +173,7 @@ def _start_nodes(tmp_path: Path, node_args: list[list[str]], **popen: object) ->
     ]
 
 
-def _two_nodes(
-    tmp_path: Path, node_args: list[list[str]], timeout: int = 300
-) -> list[subprocess.CompletedProcess]:
+def _two_nodes(tmp_path: Path, node_args: list[list[str]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Both nodes run to the end; their exit codes and merged output."""
     agents = _start_nodes(tmp_path, node_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -189,10 +181,7 @@ def _two_nodes(
     finally:
         for agent in agents:
             agent.kill()
-    return [
-        subprocess.CompletedProcess(agent.args, agent.returncode, out, "")
-        for agent, out in zip(agents, outputs)
-    ]
+    return [subprocess.CompletedProcess(agent.args, agent.returncode, out, "") for agent, out in zip(agents, outputs)]
 
 
 def _node_args(tmp_path: Path, node: int, processed: Path, *extra: str) -> list[str]:
@@ -202,15 +191,11 @@ def _node_args(tmp_path: Path, node: int, processed: Path, *extra: str) -> list[
             *extra]  # fmt: skip
 
 
-def test_two_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_two_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
     """Node 1 never has a checkpoint of its own: rank 0 decides to resume and sends it, so both continue from epoch
     1 (before, rank 1 started again from epoch 1 of 2 and died in its backward pass)."""
     for epochs in ("1", "2"):
-        done = _two_nodes(
-            tmp_path, [_node_args(tmp_path, node, prepared_dir, "--epochs", epochs) for node in (0, 1)]
-        )
+        done = _two_nodes(tmp_path, [_node_args(tmp_path, node, prepared_dir, "--epochs", epochs) for node in (0, 1)])
         assert [agent.returncode for agent in done] == [0, 0], done[0].stdout[-3000:] + done[1].stdout[-3000:]
     assert "Resuming run nodes after epoch 1" in done[0].stdout
     state = torch.load(tmp_path / "node0" / "ck" / "nodes" / "last.pth", weights_only=True)
@@ -218,18 +203,14 @@ def test_two_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(
     assert not (tmp_path / "node1" / "ck" / "nodes" / "last.pth").exists()
 
 
-def test_a_node_without_the_data_stops_both_nodes_with_one_message(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_a_node_without_the_data_stops_both_nodes_with_one_message(tmp_path: Path, prepared_dir: Path) -> None:
     missing = tmp_path / "not_prepared"
     nowhere = ["--set", f"data.urls=[{tmp_path / 'no_archive.tar.gz'}]", "--raw-dir", str(tmp_path / "raw1")]
     done = _two_nodes(tmp_path, [_node_args(tmp_path, 0, prepared_dir, "--epochs", "1"),
                                  _node_args(tmp_path, 1, missing, "--epochs", "1", *nowhere)], timeout=240)  # fmt: skip
     assert all(agent.returncode != 0 for agent in done)
     for agent in done:
-        assert "1 of 2 processes cannot start" in agent.stdout and "rank 1 on" in agent.stdout, agent.stdout[
-            -3000:
-        ]
+        assert "1 of 2 processes cannot start" in agent.stdout and "rank 1 on" in agent.stdout, agent.stdout[-3000:]
     assert not (tmp_path / "node0" / "ck" / "nodes" / "last.pth").exists()
 
 
@@ -261,9 +242,7 @@ def _thousand_images(tmp_path: Path) -> Path:
 
 def _wait_for_epoch(last: Path, epoch: int, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (
-        last.exists() and torch.load(last, weights_only=True)["epoch"] >= epoch
-    ):
+    while time.monotonic() < deadline and not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= epoch):
         time.sleep(0.1)
 
 
@@ -282,9 +261,7 @@ def test_a_node_killed_mid_run_stops_the_other_and_a_rerun_of_both_resumes(tmp_p
     last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
     try:
         _wait_for_epoch(last, 2)
-        _kill_all(
-            [agents[1].pid, *_descendants(agents[1].pid)]
-        )  # torchrun's workers run in sessions of their own
+        _kill_all([agents[1].pid, *_descendants(agents[1].pid)])  # torchrun's workers run in sessions of their own
         assert agents[0].wait(timeout=180) != 0  # failed in its next collective, and said so
     finally:
         _kill_all([pid for agent in agents for pid in (agent.pid, *_descendants(agent.pid))])
@@ -310,9 +287,7 @@ def test_an_elastic_restart_resumes_from_the_last_checkpoint(tmp_path: Path) -> 
     last = tmp_path / "node0" / "ck" / "nodes" / "last.pth"
     try:
         _wait_for_epoch(last, 2)
-        workers = [
-            pid for pid in _descendants(agent.pid) if "cifar_cli" in Path(f"/proc/{pid}/cmdline").read_text()
-        ]
+        workers = [pid for pid in _descendants(agent.pid) if "cifar_cli" in Path(f"/proc/{pid}/cmdline").read_text()]
         _kill_all([max(workers)])  # one of the two workers
         output = agent.communicate(timeout=300)[0]
     finally:

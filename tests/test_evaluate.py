@@ -47,9 +47,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: P
 def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
     from cifar_cli.config.settings import DataSettings
 
-    metrics = evaluate_checkpoint(
-        trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True
-    )
+    metrics = evaluate_checkpoint(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True)
     assert {
         "accuracy",
         "precision_macro",
@@ -116,9 +114,7 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, trained_checkpoint: Path) -
     assert not Path("pwned-by-checkpoint").exists()
 
 
-def test_weights_that_do_not_fit_the_model(
-    tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path
-) -> None:
+def test_weights_that_do_not_fit_the_model(tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path) -> None:
     from cifar_cli.config.settings import DataSettings
 
     state = load_checkpoint(trained_checkpoint)
@@ -140,9 +136,7 @@ def _png_of_zeros(path: Path, width: int, height: int) -> Path:
     row = b"\0" * (width + 1)  # filter byte + pixels
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
 
 

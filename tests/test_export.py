@@ -69,18 +69,14 @@ def test_fixed_batch_and_no_tta(trained: dict[str, Path], prepared_dir: Path, tm
         evaluate_checkpoint(result.path, data, tta=True)
 
 
-def test_predict_reads_an_exported_program(
-    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
-) -> None:
+def test_predict_reads_an_exported_program(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
     data = DataSettings(processed_dir=prepared_dir)
     program = export_checkpoint(trained["airbench"], data, "pt2", tmp_path / "a.pt2").path
     image = next((prepared_dir / "test").rglob("*.png"))
     [from_export] = predict_images(program, [image], top_k=3)
     [from_checkpoint] = predict_images(trained["airbench"], [image], top_k=3, device_name="cpu")
     assert [e["class"] for e in from_export["top"]] == [e["class"] for e in from_checkpoint["top"]]
-    assert from_export["top"][0]["probability"] == pytest.approx(
-        from_checkpoint["top"][0]["probability"], abs=1e-4
-    )
+    assert from_export["top"][0]["probability"] == pytest.approx(from_checkpoint["top"][0]["probability"], abs=1e-4)
 
 
 def test_a_disagreeing_export_is_deleted_and_refused(
@@ -104,9 +100,7 @@ def test_a_disagreeing_export_is_deleted_and_refused(
     assert load_exported(out).contract["class_names"] == CLASS_NAMES  # still the good one, whole
 
 
-def test_the_checkpoint_is_never_an_export_target(
-    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
-) -> None:
+def test_the_checkpoint_is_never_an_export_target(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
     """`cifar export ck/last.pth --out ck/last.pth` used to overwrite the checkpoint with ONNX bytes, then delete it
     when the check failed."""
     checkpoint = tmp_path / "one" / "last.pth"
@@ -114,14 +108,9 @@ def test_the_checkpoint_is_never_an_export_target(
     checkpoint.write_bytes(trained["seed-cnn"].read_bytes())
     original = checkpoint.read_bytes()
     for out in (checkpoint, tmp_path / "one" / "." / "last.pth", tmp_path / "other.pth"):
-        result = run_cli(
-            "export", checkpoint, "--format", "pt2", "--out", out, "--processed-dir", prepared_dir
-        )
+        result = run_cli("export", checkpoint, "--format", "pt2", "--out", out, "--processed-dir", prepared_dir)
         assert result.exit_code == 2 and "would overwrite" in flat(result.output), result.output
-    assert checkpoint.read_bytes() == original and sorted(p.name for p in tmp_path.rglob("*")) == [
-        "last.pth",
-        "one",
-    ]
+    assert checkpoint.read_bytes() == original and sorted(p.name for p in tmp_path.rglob("*")) == ["last.pth", "one"]
 
 
 def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
@@ -133,10 +122,7 @@ def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Pat
         "not a checkpoint": ([str(notes)], 2),
         "unknown format": ([str(trained["seed-cnn"]), "--format", "tflite"], 2),
         "bad batch": ([str(trained["seed-cnn"]), "--batch", "zero"], 2),
-        "unwritable output": (
-            [str(trained["seed-cnn"]), "--format", "pt2", "--out", str(blocker / "m.pt2")],
-            1,
-        ),
+        "unwritable output": ([str(trained["seed-cnn"]), "--format", "pt2", "--out", str(blocker / "m.pt2")], 1),
     }
     for case, (args, code) in cases.items():
         result = run_cli("export", *args, "--processed-dir", str(prepared_dir))
@@ -151,9 +137,7 @@ def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Pat
 def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     real = exported_module.importlib.util.find_spec
     monkeypatch.setattr(
-        exported_module.importlib.util,
-        "find_spec",
-        lambda name: None if name == "onnxruntime" else real(name),
+        exported_module.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
     )
     with pytest.raises(UsageError, match="needs onnxruntime") as raised:
         exported_module.require_onnx()
@@ -161,13 +145,9 @@ def test_missing_onnx_packages_are_named(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @needs_onnx
-def test_cli_export_prints_the_verification(
-    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
-) -> None:
+def test_cli_export_prints_the_verification(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.onnx"
-    result = run_cli(
-        *["export", str(trained["seed-cnn"]), "--out", str(out), "--processed-dir", str(prepared_dir)]
-    )
+    result = run_cli(*["export", str(trained["seed-cnn"]), "--out", str(out), "--processed-dir", str(prepared_dir)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "Verified against the checkpoint on 30 test images" in text and "top-1 agreement 100.00%" in text

@@ -52,9 +52,7 @@ LONG_RUN = 500
 
 
 def _start_and_wait_for_epoch(command: list[str], cwd: Path, last: Path, epoch: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        command, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen(command, env=ENV, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: _epoch_of(last) >= epoch or process.poll() is not None)
     assert process.poll() is None, process.communicate()[0]
     return process
@@ -73,9 +71,7 @@ def _resume_for_one_more_epoch(tmp_path: Path, prepared_dir: Path, last: Path) -
     return done, again.stdout
 
 
-def test_second_process_is_refused_then_ctrl_c_saves_and_a_rerun_resumes(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_second_process_is_refused_then_ctrl_c_saves_and_a_rerun_resumes(tmp_path: Path, prepared_dir: Path) -> None:
     last = tmp_path / "ck" / "owned" / "last.pth"
     command = _train_command(tmp_path, prepared_dir, LONG_RUN)
     first = _start_and_wait_for_epoch(command, tmp_path, last, 1)
@@ -94,9 +90,7 @@ def test_second_process_is_refused_then_ctrl_c_saves_and_a_rerun_resumes(
     _resume_for_one_more_epoch(tmp_path, prepared_dir, last)
 
 
-def test_kill_9_mid_training_leaves_no_stuck_lock_and_the_rerun_resumes(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_kill_9_mid_training_leaves_no_stuck_lock_and_the_rerun_resumes(tmp_path: Path, prepared_dir: Path) -> None:
     last = tmp_path / "ck" / "owned" / "last.pth"
     process = _start_and_wait_for_epoch(_train_command(tmp_path, prepared_dir, LONG_RUN), tmp_path, last, 2)
     os.kill(process.pid, signal.SIGKILL)  # in epoch 3 or later, or while saving a checkpoint
@@ -166,12 +160,8 @@ def _bad_archives(tmp_path: Path) -> dict[str, Path]:
     return {
         "empty archive": empty,
         "missing batch": _archive_with(tmp_path / "a", overrides={"data_batch_2": None}),
-        "wrong shape": _archive_with(
-            tmp_path / "b", overrides={"data_batch_1": py2_pickle({b"data": data[:, :100]})}
-        ),
-        "label out of range": _archive_with(
-            tmp_path / "c", overrides={"test_batch": batch_bytes(data, labels, "t")}
-        ),
+        "wrong shape": _archive_with(tmp_path / "b", overrides={"data_batch_1": py2_pickle({b"data": data[:, :100]})}),
+        "label out of range": _archive_with(tmp_path / "c", overrides={"test_batch": batch_bytes(data, labels, "t")}),
     }
 
 
@@ -226,9 +216,7 @@ def test_paths_that_do_not_exist_or_are_files(tmp_path: Path, args: list[str]) -
         (["download", "--md5", "not-hex"], "data.md5"),
     ],
 )
-def test_flags_with_wrong_values_exit_2(
-    args: list[str], named: str, tiny_checkpoint: Path, tmp_path: Path
-) -> None:
+def test_flags_with_wrong_values_exit_2(args: list[str], named: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Each refusal is reached by its own check: a real checkpoint and image where those are not the point."""
     from PIL import Image
 

@@ -78,9 +78,7 @@ def test_fine_tuning_another_data_set_makes_a_new_head_and_freezes_the_body(
     assert state["data_spec"]["mean"] == source["data_spec"]["mean"]
     state = run(3)
     changed = [
-        name
-        for name, tensor in body_parameters(source).items()
-        if not torch.equal(state["model_state"][name], tensor)
+        name for name, tensor in body_parameters(source).items() if not torch.equal(state["model_state"][name], tensor)
     ]
     assert changed, "the body never trained after the frozen epochs"
 
@@ -102,9 +100,7 @@ def test_checkpoints_that_do_not_fit_are_refused_before_training(
     common = ["--processed-dir", three_classes, "--device", "cpu", "--epochs", "1",
               "--checkpoint-dir", tmp_path / "ck", "--log-dir", tmp_path / "runs"]  # fmt: skip
     result = invoke("train", "--preset", "fast", "--init-from", source_checkpoint, *common)
-    assert result.exit_code == 2 and "holds model seed-cnn; this run trains model airbench" in flat(
-        result.output
-    )
+    assert result.exit_code == 2 and "holds model seed-cnn; this run trains model airbench" in flat(result.output)
     result = invoke("train", "--preset", "baseline", "--init-from", source_checkpoint,
                     "--set", "model.width_multiplier=0.5", *common)  # fmt: skip
     assert result.exit_code == 2 and "at width x1; this run trains width x0.5" in flat(result.output)
@@ -119,9 +115,7 @@ def test_checkpoints_that_do_not_fit_are_refused_before_training(
     assert "Train step speeds" not in result.output  # refused before the speed measurement
     for path in (tmp_path / "model.onnx", tmp_path / "missing.pth"):
         result = invoke("train", "--preset", "baseline", "--init-from", path, *common)
-        assert result.exit_code == 2 and (
-            "exported model" in result.output or "No checkpoint" in result.output
-        )
+        assert result.exit_code == 2 and ("exported model" in result.output or "No checkpoint" in result.output)
     result = invoke("train", "--preset", "baseline", "--freeze-epochs", "2", *common)
     assert result.exit_code == 2 and "train.freeze_epochs" in result.output
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").rglob("*.pth"))
@@ -164,9 +158,7 @@ def test_prepare_prints_class_counts_and_warns_above_five_to_one(tmp_path: Path)
     skewed = invoke("prepare", "--from-folder", tmp_path / "skewed", "--processed-dir", tmp_path / "p1",
                     "--test-fraction", "0.5", "--no-png")  # fmt: skip
     assert skewed.exit_code == 0, skewed.output
-    assert "Imbalanced train split: 0_common has 18 images, 1_rare 3 (6.0:1, above 5:1)" in flat(
-        skewed.output
-    )
+    assert "Imbalanced train split: 0_common has 18 images, 1_rare 3 (6.0:1, above 5:1)" in flat(skewed.output)
     assert "--class-weights auto" in flat(skewed.output)
     even = invoke("prepare", "--from-folder", tmp_path / "even", "--processed-dir", tmp_path / "p2",
                   "--test-fraction", "0.5", "--no-png")  # fmt: skip

@@ -103,9 +103,7 @@ def test_resuming_with_another_optimizer_names_the_differences(tmp_path: Path, p
         train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2", "optim.name=sgd"))
     assert "optim.name: 'adam' in the run, 'sgd' now" in raised.value.message
     assert "--run-name" in raised.value.hint
-    result = train(
-        tiny_settings(tmp_path, prepared_dir, "train.epochs=2", "optim.name=sgd", "train.resume=false")
-    )
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2", "optim.name=sgd", "train.resume=false"))
     assert result.resumed_from_epoch == 0  # --no-resume trains it again from scratch
 
 

@@ -16,11 +16,7 @@ from cifar_cli.sweep.grid import Trial, trial_settings
 from cifar_cli.train.run import plan_run, train
 from tests.test_plan import fake_calibration
 
-SPEEDS = {
-    "airbench": 1000.0,
-    "airbench-wide": 400.0,
-    "airbench-deep": 250.0,
-}  # train images/s of each network
+SPEEDS = {"airbench": 1000.0, "airbench-wide": 400.0, "airbench-deep": 250.0}  # train images/s of each network
 FLOPS = {"airbench": 1.0, "airbench-wide": 2.5, "airbench-deep": 4.0}  # per image, relative
 
 
@@ -49,10 +45,7 @@ def test_a_short_budget_stays_on_fast_without_measuring_the_larger_networks() ->
     # fast's 8 epochs: about 11 min here; balanced's 15 epochs, even at 1.6x fast's FLOP rate, about 28 min.
     assert _choose("20m")[:2] == ("fast", ["fast"])
     chosen, measured, why = _choose("5m")  # not even fast's whole schedule: fast, shortened
-    assert (chosen, measured) == (
-        "fast",
-        ["fast"],
-    ) and "the lowest: its 8-epoch schedule needs about 10 min" in why
+    assert (chosen, measured) == ("fast", ["fast"]) and "the lowest: its 8-epoch schedule needs about 10 min" in why
 
 
 def test_an_hour_buys_the_wider_network() -> None:
@@ -88,15 +81,11 @@ def test_only_a_budget_with_no_preset_model_or_source_named_climbs_the_ladder(na
 
 
 def test_every_rung_keeps_the_users_flags() -> None:
-    rungs = load_settings(
-        None, {"train": {"time_budget": "1h", "seed": 7}, "optim": {"label_smoothing": 0.1}}
-    ).rungs
+    rungs = load_settings(None, {"train": {"time_budget": "1h", "seed": 7}, "optim": {"label_smoothing": 0.1}}).rungs
     assert {name: s.model.name for name, s in rungs.items()} == {
         "fast": "airbench", "balanced": "airbench-wide", "accurate": "airbench-deep"
     }  # fmt: skip
-    assert {(s.train.seed, s.optim.label_smoothing, s.train.time_budget) for s in rungs.values()} == {
-        (7, 0.1, 3600)
-    }
+    assert {(s.train.seed, s.optim.label_smoothing, s.train.time_budget) for s in rungs.values()} == {(7, 0.1, 3600)}
 
 
 def test_a_sweeps_trials_with_a_budget_stay_on_one_recipe() -> None:
@@ -116,9 +105,7 @@ def _ladder_settings(tmp_path: Path, prepared: Path, budget: str, *extra: str) -
     return load_settings(None, parse_set_options(options))
 
 
-def test_a_ladder_run_trains_its_rung_and_the_same_command_resumes_on_it(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_a_ladder_run_trains_its_rung_and_the_same_command_resumes_on_it(tmp_path: Path, prepared_dir: Path) -> None:
     # --epochs sets every rung's schedule: one epoch of 90 images fits 20 s at any rung, so the top one is trained.
     settings = _ladder_settings(tmp_path, prepared_dir, "20s", "train.epochs=1")
     result = train(settings)
@@ -128,9 +115,7 @@ def test_a_ladder_run_trains_its_rung_and_the_same_command_resumes_on_it(
     assert (stored["preset"], stored["model"]["name"], stored["train"]["augment"]["cutout"]) == (
         "accurate", "airbench-deep", 12
     )  # fmt: skip
-    assert [e["preset"] for e in plan["ladder"]["rungs"]][0] == "fast" and plan["epochs"] == len(
-        result.history
-    )
+    assert [e["preset"] for e in plan["ladder"]["rungs"]][0] == "fast" and plan["epochs"] == len(result.history)
     again = train(settings)  # the same command: the same run, on the rung it chose, nothing left to train
     assert again.run_name == result.run_name and again.resumed_from_epoch == plan["epochs"]
 
@@ -145,9 +130,7 @@ def test_a_dry_run_names_the_rung_and_why(tmp_path: Path, prepared_dir: Path) ->
     plan = plan_run(_ladder_settings(tmp_path, prepared_dir, "1h"), Collect())  # type: ignore[arg-type]
     [line] = [m for m in messages if m.startswith("Rung ")]
     # 90 tiny images: every rung's whole schedule fits an hour, so the top one is trained, stretched.
-    assert line.startswith(
-        "Rung accurate (airbench-deep): its 40-epoch schedule fits the budget of 1 h 0 min"
-    )
+    assert line.startswith("Rung accurate (airbench-deep): its 40-epoch schedule fits the budget of 1 h 0 min")
     assert plan.ladder is not None and plan.ladder["rung"] == "accurate" and plan.epochs > 40
     [top] = [rung for rung in plan.ladder["rungs"] if rung["preset"] == "accurate"]
     assert plan.epoch_seconds == pytest.approx(top["epoch_seconds"])  # planned at the rung's own speed

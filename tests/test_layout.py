@@ -56,9 +56,7 @@ def test_importing_the_core_loads_neither_rich_nor_the_cli() -> None:
     code = ("import sys, cifar_cli.train.run, cifar_cli.predict.evaluate, cifar_cli.data.prepare; "
             "print([m for m in ('rich', 'typer', 'cifar_cli.cli', 'cifar_cli.ui.plots', 'cifar_cli.ui.display') "
             "if m in sys.modules])")  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -94,9 +92,7 @@ def test_flag_beats_set_beats_environment_beats_yaml(tmp_path: Path, monkeypatch
     config = tmp_path / "settings.yaml"
     config.write_text("optim:\n  lr: 0.1\n")
     monkeypatch.setenv("CIFAR_OPTIM__LR", "0.2")
-    assert (
-        resolve(config, ["optim.lr=0.3"], flag_settings(train, {"lr": 0.4, "epochs": None})).optim.lr == 0.4
-    )
+    assert resolve(config, ["optim.lr=0.3"], flag_settings(train, {"lr": 0.4, "epochs": None})).optim.lr == 0.4
     assert resolve(config, ["optim.lr=0.3"], flag_settings(train, {"lr": None})).optim.lr == 0.3
     assert resolve(config, [], {}).optim.lr == 0.2
     monkeypatch.delenv("CIFAR_OPTIM__LR")
@@ -201,7 +197,5 @@ def test_the_readme_map_matches_the_tree() -> None:
     top_level = {p.name for p in PACKAGE.glob("*.py")} - {"__init__.py", "__main__.py"}
     named_files = set(re.findall(r"`([\w/]+\.py)`", section)) - {"tests/test_layout.py"}
     assert top_level <= named_files
-    existing = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")} | {
-        p.name for p in PACKAGE.rglob("*.py")
-    }
+    existing = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")} | {p.name for p in PACKAGE.rglob("*.py")}
     assert named_files <= existing, named_files - existing

@@ -8,20 +8,13 @@ from cifar_cli.data.spec import CIFAR10_SPEC
 
 
 def images_and_labels(count: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
-    images = (
-        torch.arange(count * 3 * 32 * 32, dtype=torch.int64)
-        .remainder(256)
-        .to(torch.uint8)
-        .view(count, 3, 32, 32)
-    )
+    images = torch.arange(count * 3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).view(count, 3, 32, 32)
     return images, torch.arange(count) % 10
 
 
 def test_epochs_are_reproducible_and_differ_between_epochs() -> None:
     images, labels = images_and_labels()
-    loader = BatchLoader(
-        images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=Augment(True, 2, 4), seed=3
-    )
+    loader = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=Augment(True, 2, 4), seed=3)
     first = [batch for batch, _ in loader]
     again = [batch for batch, _ in loader]
     loader.set_epoch(1)
@@ -95,13 +88,7 @@ def test_translate_is_a_reflect_padded_crop() -> None:
 def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
     images, labels = images_and_labels(16)
     loader = BatchLoader(
-        images,
-        labels,
-        16,
-        train=True,
-        spec=CIFAR10_SPEC,
-        augment=Augment(flip=True, alternate_flip=True),
-        seed=2,
+        images, labels, 16, train=True, spec=CIFAR10_SPEC, augment=Augment(flip=True, alternate_flip=True), seed=2
     )
     epochs = []
     for epoch in range(3):
@@ -116,9 +103,7 @@ def test_alternate_flip_mirrors_each_image_every_other_epoch() -> None:
 
 
 def test_flip_and_translate_equal_a_reflect_padded_crop_of_the_mirrored_image() -> None:
-    images = torch.randint(
-        0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     flip = torch.arange(12) % 3 == 0
     result = augment_batch(images, Augment(flip=True, translate=2), torch.Generator().manual_seed(1), flip)
     for image, mirrored, shifted in zip(images, flip.tolist(), result):

@@ -54,9 +54,7 @@ def test_other_devices_keep_their_own_allocators() -> None:
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_cpu_training_keeps_freed_memory_unless_told_not_to(
-    monkeypatch: pytest.MonkeyPatch, keep: bool
-) -> None:
+def test_cpu_training_keeps_freed_memory_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
     calls: list[str] = []
     monkeypatch.setattr(setup, "keep_freed_memory", lambda device_type: calls.append(device_type) or True)
     settings = load_settings(None, {"train": {"device": "cpu", "keep_freed_memory": keep}})

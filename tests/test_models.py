@@ -33,15 +33,8 @@ def test_the_ladders_networks_grow_in_width_and_depth() -> None:
         name: [group.conv1.out_channels for group in build_model(name).groups]
         for name in ("airbench", "airbench-wide", "airbench-deep")
     }
-    assert widths == {
-        "airbench": [64, 256, 256],
-        "airbench-wide": [128, 384, 384],
-        "airbench-deep": [128, 384, 512],
-    }
-    assert [hasattr(build_model(n).groups[0], "conv3") for n in ("airbench-wide", "airbench-deep")] == [
-        False,
-        True,
-    ]
+    assert widths == {"airbench": [64, 256, 256], "airbench-wide": [128, 384, 384], "airbench-deep": [128, 384, 512]}
+    assert [hasattr(build_model(n).groups[0], "conv3") for n in ("airbench-wide", "airbench-deep")] == [False, True]
 
 
 def test_a_deep_group_adds_its_third_convolution_onto_its_first_activation() -> None:
@@ -61,9 +54,7 @@ def test_whitening_filters_whiten_the_patches() -> None:
     images = torch.cat([base, 0.8 * base + 0.2 * torch.randn_like(base), torch.randn(256, 1, 32, 32)], dim=1)
     model = AirbenchNet()
     model.init_from_data(images, eps=1e-6)
-    features = (
-        torch.nn.functional.conv2d(images, model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
-    )
+    features = torch.nn.functional.conv2d(images, model.whiten.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
     covariance = torch.cov(features.T)
     assert torch.allclose(covariance, torch.eye(12), atol=0.05)
     assert not model.whiten.weight.requires_grad

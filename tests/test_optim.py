@@ -15,9 +15,7 @@ def test_weights_and_biases_get_their_own_lr_and_decay() -> None:
     assert (weights["lr"], weights["weight_decay"]) == (1.5, 1e-3)
     assert (biases["lr"], biases["weight_decay"]) == (96.0, 2e-5)
     assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
-    frozen = {id(model.whiten.weight)} | {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
-    }
+    frozen = {id(model.whiten.weight)} | {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert not frozen & {id(p) for group in (weights, biases) for p in group["params"]}
 
 
@@ -56,11 +54,7 @@ def test_orthogonalize_flattens_the_singular_values() -> None:
     from cifar_cli.train.muon import orthogonalize
 
     torch.manual_seed(0)
-    matrix = (
-        torch.randn(32, 8)
-        @ torch.diag(torch.tensor([100.0, 30, 10, 3, 1, 0.3, 0.1, 0.03]))
-        @ torch.randn(8, 72)
-    )
+    matrix = torch.randn(32, 8) @ torch.diag(torch.tensor([100.0, 30, 10, 3, 1, 0.3, 0.1, 0.03])) @ torch.randn(8, 72)
     singular_values = torch.linalg.svdvals(orthogonalize(matrix, steps=5).float())[:8]
     assert singular_values.max() < 1.6 and singular_values[:4].min() > 0.3  # was a spread of 3,000x
 
@@ -70,9 +64,7 @@ def test_muon_groups_and_step() -> None:
 
     torch.manual_seed(0)
     model = build_model("airbench", 0.25)
-    settings = OptimSettings(
-        name="muon", lr=0.5, momentum=0.85, nesterov=True, muon_lr=0.2, muon_momentum=0.6
-    )
+    settings = OptimSettings(name="muon", lr=0.5, momentum=0.85, nesterov=True, muon_lr=0.2, muon_momentum=0.6)
     optimizer = build_optimizer(model, settings)
     assert isinstance(optimizer, MuonSGD)
     weights, biases, filters = optimizer.param_groups
@@ -111,10 +103,7 @@ def test_cpu_optimizers_use_fused_kernels_with_the_same_steps(name: str) -> None
     # The same groups over the twin's parameters, with torch's per-tensor implementation.
     twin_of = {id(p): q for p, q in zip(model.parameters(), twin.parameters())}
     plain = type(fused)(
-        [
-            {**group, "params": [twin_of[id(p)] for p in group["params"]], "fused": False}
-            for group in fused.param_groups
-        ]
+        [{**group, "params": [twin_of[id(p)] for p in group["params"]], "fused": False} for group in fused.param_groups]
     )
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
     for net, optimizer in ((model, fused), (twin, plain)):

@@ -58,9 +58,7 @@ def test_time_left_follows_the_run_once_it_has_measured() -> None:
     plan = RunPlan(4, 1.0, 2000, 25, 10_000, 0, fake_calibration(100.0))
     remaining = RemainingTime(plan, epochs_done=1)
     before = remaining.during_epoch(0)
-    assert before == pytest.approx(
-        plan.train_seconds_per_epoch + plan.val_seconds + 2 * plan.epoch_seconds + 13
-    )
+    assert before == pytest.approx(plan.train_seconds_per_epoch + plan.val_seconds + 2 * plan.epoch_seconds + 13)
     remaining.epoch_started -= 100.0  # pretend the first 5 batches took 100 s: 20 s per batch, not 20.5
     assert remaining.during_epoch(5) == pytest.approx(20 * 20 + 10 + 2 * plan.epoch_seconds + 13, rel=1e-3)
     remaining.epoch_started -= 400.0

@@ -53,9 +53,7 @@ def test_predictions_figure_marks_exactly_the_mistakes() -> None:
     from cifar_cli.ui.plots import predictions_figure
 
     targets, predicted = [0, 1, 2, 3], [0, 5, 2, 7]
-    figure = predictions_figure(
-        np.zeros((4, 3, 32, 32), np.uint8), targets, predicted, [f"c{i}" for i in range(10)]
-    )
+    figure = predictions_figure(np.zeros((4, 3, 32, 32), np.uint8), targets, predicted, [f"c{i}" for i in range(10)])
     red = [axis.title.get_color() == "red" for axis in figure.axes[:4]]
     assert red == [False, True, False, True]
 
@@ -80,9 +78,7 @@ def test_plots_of_a_trained_run(tmp_path: Path, prepared_dir: Path) -> None:
     assert evaluation.metrics["tta"] is True
     for target in (result.run_dir, None, result.checkpoint_dir / "last.pth"):
         out = tmp_path / f"plots-{'x' if target is None else target.name}"
-        written = write_run_plots(
-            target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, "cpu"
-        )
+        written = write_run_plots(target, out, settings.log.log_dir, settings.log.checkpoint_dir, settings.data, "cpu")
         assert [p.name for p in written] == EXPECTED
         for path in written:
             _check_png(path)
@@ -113,9 +109,7 @@ def test_clear_errors_without_history(tmp_path: Path, prepared_dir: Path) -> Non
         write_run_plots(None, None, tmp_path / "runs", tmp_path / "checkpoints", settings.data)
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(UsageError, match="has no history.json"):
-        write_run_plots(
-            tmp_path / "empty-run", None, tmp_path / "runs", tmp_path / "checkpoints", settings.data
-        )
+        write_run_plots(tmp_path / "empty-run", None, tmp_path / "runs", tmp_path / "checkpoints", settings.data)
 
 
 def test_mistakes_are_the_most_confidently_wrong_and_the_figure_names_them() -> None:
@@ -138,9 +132,7 @@ def test_gradcam_finds_the_evidence() -> None:
     from cifar_cli.data.spec import CIFAR10_SPEC
     from cifar_cli.predict.gradcam import gradcam
 
-    model = nn.Sequential(
-        nn.Conv2d(3, 1, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 1, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
         model[3].weight.copy_(torch.tensor([[1.0], [-1.0]]))

@@ -25,10 +25,7 @@ def invoke(*args: object):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
     folder = tmp_path_factory.mktemp("trained")
-    return (
-        train(tiny_settings(folder, prepared_dir, "train.epochs=2", "train.tta=true")).checkpoint_dir
-        / "last.pth"
-    )
+    return train(tiny_settings(folder, prepared_dir, "train.epochs=2", "train.tta=true")).checkpoint_dir / "last.pth"
 
 
 def test_a_folder_in_batches_writes_csv_and_json_that_agree_with_evaluate(
@@ -46,21 +43,13 @@ def test_a_folder_in_batches_writes_csv_and_json_that_agree_with_evaluate(
     assert "Skipped 1 unreadable file" in result.output and "damaged.png" in result.output
     with open(tmp_path / "p.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 30 and list(rows[0]) == [
-        "path",
-        "class_1",
-        "probability_1",
-        "class_2",
-        "probability_2",
-    ]
+    assert len(rows) == 30 and list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2"]
     result = invoke("evaluate", checkpoint, "--predictions", tmp_path / "e.csv", "--device", "cpu",
                     "--processed-dir", prepared_dir)  # fmt: skip
     assert result.exit_code == 0, result.output
     with open(tmp_path / "e.csv", newline="") as handle:
         evaluated = {int(row["index"]): row for row in csv.DictReader(handle)}
-    evaluation = run_evaluation(
-        checkpoint, DataSettings(processed_dir=prepared_dir), "test", device_name="cpu"
-    )
+    evaluation = run_evaluation(checkpoint, DataSettings(processed_dir=prepared_dir), "test", device_name="cpu")
     assert len(evaluated) == 30 and [row["predicted"] for row in evaluated.values()] == [
         evaluation.metrics["class_names"][i] for i in evaluation.predicted.tolist()
     ]
@@ -112,6 +101,4 @@ def test_ties_go_to_the_lower_class_as_evaluate_decides_them() -> None:
     probabilities = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.0, 0.2, 0.4]])
     rows = top_classes([Path("a.png"), Path("b.png")], probabilities, ["w", "x", "y", "z"], 3)
     assert [[t["class"] for t in row["top"]] for row in rows] == [["x", "y", "z"], ["w", "z", "y"]]
-    assert [row["top"][0]["class"] for row in rows] == [
-        ["w", "x", "y", "z"][i] for i in probabilities.argmax(1)
-    ]
+    assert [row["top"][0]["class"] for row in rows] == [["w", "x", "y", "z"][i] for i in probabilities.argmax(1)]

@@ -72,13 +72,7 @@ def _tar_with(path: Path, member: tarfile.TarInfo, payload: bytes = b"") -> Path
     return path
 
 
-@pytest.mark.parametrize(
-    "member",
-    [
-        tarfile.TarInfo("../escaped.txt"),
-        tarfile.TarInfo("/tmp/absolute-escape.txt"),
-    ],
-)
+@pytest.mark.parametrize("member", [tarfile.TarInfo("../escaped.txt"), tarfile.TarInfo("/tmp/absolute-escape.txt")])
 def test_path_traversal_is_refused(tmp_path: Path, member: tarfile.TarInfo) -> None:
     member.size = 4
     archive_path = _tar_with(tmp_path / "evil.tar.gz", member, b"evil")

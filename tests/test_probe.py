@@ -58,9 +58,7 @@ def test_auto_picks_the_fastest_layout_and_never_one_slower_than_fp32(fake_speed
     result = measure_speed(SEED_CNN, ADAM, 128, CPU, use_cache=False)
     assert result.layout == expected
     assert result.images_per_second >= max(speeds["fp32"], speeds["fp32 + channels_last"])
-    assert result.precision == (
-        "bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32"
-    )
+    assert result.precision == ("bf16" if speeds["bf16 + channels_last"] > speeds["fp32 + channels_last"] else "fp32")
     assert "precision auto -> " + expected.label in result.summary()
     # The winner is timed again on steps of the run's batch (warm-up + one timed), the estimate's speed.
     assert calls.count((expected.label, 128)) == 2
@@ -79,9 +77,7 @@ def test_a_much_slower_candidate_costs_one_tiny_step(fake_speeds) -> None:
 def test_explicit_precision_and_layout_are_kept(fake_speeds) -> None:
     fake_speeds(AMX_XEON)
     assert measure_speed(SEED_CNN, ADAM, 128, CPU, "fp32", use_cache=False).layout == Layout("fp32", True)
-    assert measure_speed(SEED_CNN, ADAM, 128, CPU, "bf16", False, use_cache=False).layout == Layout(
-        "bf16", False
-    )
+    assert measure_speed(SEED_CNN, ADAM, 128, CPU, "bf16", False, use_cache=False).layout == Layout("bf16", False)
 
 
 def test_gpus_keep_the_rule_and_time_only_it() -> None:
@@ -191,9 +187,7 @@ def test_calibration_leaves_the_random_state_alone() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_real_epochs_teach_the_cache_what_the_probe_got_wrong(
-    fake_speeds, monkeypatch, tmp_path: Path
-) -> None:
+def test_real_epochs_teach_the_cache_what_the_probe_got_wrong(fake_speeds, monkeypatch, tmp_path: Path) -> None:
     """A probe taken on a busy machine (here: a third of the speed) is replaced by the first real epoch, later
     epochs are averaged in, and the next run's plan starts from them."""
     from cifar_cli.budget.plan import RunPlan
@@ -211,9 +205,7 @@ def test_real_epochs_teach_the_cache_what_the_probe_got_wrong(
     assert again.step_seconds(256) != pytest.approx(0.6)  # another batch size: the probe's estimate
     assert "real epochs of earlier runs (2)" in again.summary()
     plan = RunPlan(8, 1.0, 128, 100, 5000, 0, again)
-    assert plan.train_seconds_per_epoch == pytest.approx(60.0) and plan.val_seconds == pytest.approx(
-        5000 / 1500
-    )
+    assert plan.train_seconds_per_epoch == pytest.approx(60.0) and plan.val_seconds == pytest.approx(5000 / 1500)
 
 
 def test_a_training_run_teaches_its_calibration(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:

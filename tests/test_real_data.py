@@ -20,12 +20,10 @@ def real_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
     paths = {"raw": root / "raw", "processed": root / "processed"}
     download = run_cli(
-        *["download", "--url", SHARED_ARCHIVE.as_uri(), "--md5", SHARED_MD5, "--raw-dir", str(paths["raw"])],
+        *["download", "--url", SHARED_ARCHIVE.as_uri(), "--md5", SHARED_MD5, "--raw-dir", str(paths["raw"])]
     )
     assert download.exit_code == 0, download.output
-    prepare = run_cli(
-        *["prepare", "--raw-dir", str(paths["raw"]), "--processed-dir", str(paths["processed"])]
-    )
+    prepare = run_cli(*["prepare", "--raw-dir", str(paths["raw"]), "--processed-dir", str(paths["processed"])])
     assert prepare.exit_code == 0, prepare.output
     return paths
 

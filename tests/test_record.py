@@ -97,9 +97,7 @@ def test_the_record_reads_the_same_images_as_cifar_train(prepared_dir: Path, tmp
 
 def test_summaries_are_mean_and_sample_std() -> None:
     summary = summarise([0.90, 0.91, 0.92])
-    assert (
-        summary["n"] == 3 and summary["mean"] == pytest.approx(0.91) and summary["std"] == pytest.approx(0.01)
-    )
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(0.91) and summary["std"] == pytest.approx(0.01)
     assert summarise([2.0])["std"] == 0.0
 
 
@@ -113,12 +111,8 @@ def test_on_a_cpu_it_refuses_before_running_anything(tmp_path: Path) -> None:
 
 
 def test_a_recorded_result_renders_on_any_machine(tmp_path: Path) -> None:
-    record = ProgramResult(
-        "airbench94_muon", "python airbench94_muon.py", [0.9081, 0.9093], [1.40, 1.39], 44.2, 30.0
-    )
-    ours = ProgramResult(
-        "cifar train --preset fast", "cifar train", [0.9070, 0.9090], [2.80, 2.60], 20.0, 50.0
-    )
+    record = ProgramResult("airbench94_muon", "python airbench94_muon.py", [0.9081, 0.9093], [1.40, 1.39], 44.2, 30.0)
+    ours = ProgramResult("cifar train --preset fast", "cifar train", [0.9070, 0.9090], [2.80, 2.60], 20.0, 50.0)
     document = side_by_side(record, ours, {"gpu": "NVIDIA H200", "torch": "2.11.0"})
     assert document["time_ratio"] == pytest.approx(2.7 / 1.395)
     path = tmp_path / "vs.json"

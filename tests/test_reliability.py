@@ -59,9 +59,7 @@ def small_disk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
             usage, where = real(path), Path(path).resolve()
             if where != folder.resolve() and folder.resolve() not in where.parents:
                 return usage
-            used = sum(
-                f.stat().st_size for f in folder.rglob("*") if f.is_file()
-            )  # as a tmpfs of `size` counts
+            used = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())  # as a tmpfs of `size` counts
             return usage._replace(free=max(0, min(usage.free, size - used)))
 
         monkeypatch.setattr(files.shutil, "disk_usage", reported)
@@ -84,9 +82,7 @@ def _one_screen(output: str) -> None:
     assert len(output.splitlines()) < 15, output
 
 
-def test_prepare_onto_a_full_disk_refuses_before_writing(
-    tmp_path: Path, tiny_archive: Path, small_disk
-) -> None:
+def test_prepare_onto_a_full_disk_refuses_before_writing(tmp_path: Path, tiny_archive: Path, small_disk) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     shutil.copy(tiny_archive, raw / tiny_archive.name)
@@ -109,9 +105,7 @@ def test_extracting_onto_a_full_disk_leaves_nothing(tmp_path: Path, tiny_archive
         assert sorted(p.name for p in disk.iterdir()) == [tiny_archive.name]
 
 
-def test_download_onto_a_full_disk_refuses_before_copying(
-    tmp_path: Path, tiny_archive: Path, small_disk
-) -> None:
+def test_download_onto_a_full_disk_refuses_before_copying(tmp_path: Path, tiny_archive: Path, small_disk) -> None:
     with small_disk(tmp_path / "disk", 16 * 1024) as disk:
         result = run_cli("download", "--url", str(tiny_archive), "--raw-dir", str(disk))
         assert result.exit_code == 1, result.output
@@ -135,9 +129,7 @@ def test_training_refuses_before_the_first_epoch_when_checkpoints_cannot_fit(
 def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with contextlib.contextmanager(_mount_tmpfs)(
-        tmp_path / "disk", 256 * 1024
-    ) as disk:  # the kernel's ENOSPC
+    with contextlib.contextmanager(_mount_tmpfs)(tmp_path / "disk", 256 * 1024) as disk:  # the kernel's ENOSPC
         path = disk / "last.pth"
         save_checkpoint({"epoch": 1, "weights": torch.arange(10)}, path)
         # The free-space check would refuse first; switch it off so the kernel's own ENOSPC is what happens.
@@ -205,10 +197,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [
-        ("a: &a [*a]\n", "refers to the node that contains it"),
-        ("x: " + "[" * 3000 + "]" * 3000, "nested too deeply"),
-    ],
+    [("a: &a [*a]\n", "refers to the node that contains it"), ("x: " + "[" * 3000 + "]" * 3000, "nested too deeply")],
 )
 def test_self_referencing_and_deep_yaml_is_refused(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
@@ -225,9 +214,7 @@ def test_yaml_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize(
-    "content", ["{not json", '{"epoch": 1}', '[{"epoch": "one", "lr": 0.1}]', "\xff\xfe"]
-)
+@pytest.mark.parametrize("content", ["{not json", '{"epoch": 1}', '[{"epoch": "one", "lr": 0.1}]', "\xff\xfe"])
 def test_damaged_history_is_a_clear_error_naming_the_file(tmp_path: Path, content: str) -> None:
     run = tmp_path / "runs" / "damaged"
     run.mkdir(parents=True)

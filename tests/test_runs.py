@@ -15,9 +15,7 @@ from tests.conftest import run_cli, tiny_settings
 
 def test_runs_lists_states_and_the_settings_that_differ(tmp_path: Path, prepared_dir: Path) -> None:
     for lr in ("0.001", "0.003"):
-        train(
-            tiny_settings(tmp_path, prepared_dir, f"optim.lr={lr}", "train.epochs=1", "train.run_name=null")
-        )
+        train(tiny_settings(tmp_path, prepared_dir, f"optim.lr={lr}", "train.epochs=1", "train.run_name=null"))
     log_dir = tmp_path / "runs"
     first, second = sorted(log_dir.iterdir())
     interrupted = log_dir / "interrupted"

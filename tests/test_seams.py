@@ -38,9 +38,7 @@ def trained_elsewhere(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.Mo
     return project / "checkpoints" / "elsewhere" / "last.pth"
 
 
-def test_commands_on_a_checkpoint_find_its_data_without_path_flags(
-    trained_elsewhere: Path, tmp_path: Path
-) -> None:
+def test_commands_on_a_checkpoint_find_its_data_without_path_flags(trained_elsewhere: Path, tmp_path: Path) -> None:
     other = Path.cwd()
     evaluated = invoke("evaluate", str(trained_elsewhere), "--json", str(tmp_path / "m.json"))
     assert evaluated.exit_code == 0, evaluated.output
@@ -75,9 +73,7 @@ def test_the_banner_says_what_the_run_holds_out(tmp_path: Path, prepared_dir: Pa
               "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
     held = flat(invoke("train", *common, "--run-name", "held", "--val-size", "20").output)
     assert "80 training images, 20 held out for validation" in held
-    none = flat(
-        invoke("train", *common, "--run-name", "none", "--val-size", "0", "--scheduler", "none").output
-    )
+    none = flat(invoke("train", *common, "--run-name", "none", "--val-size", "0", "--scheduler", "none").output)
     assert "100 training images, none held out (the 30 test images are scored each epoch" in none
     assert "for validation" not in none
 

@@ -26,9 +26,7 @@ def test_micro_batches_are_set_and_must_be_positive() -> None:
     assert [row[0] for row in error.value.rows] == ["train.micro_batch_size"]
 
 
-def test_precedence_flags_over_env_over_yaml_over_preset(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_precedence_flags_over_env_over_yaml_over_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "custom.yaml"
     config.write_text("optim:\n  lr: 0.5\n  momentum: 0.7\ntrain:\n  seed: 3\n  epochs: 4\n")
     monkeypatch.setenv("CIFAR_OPTIM__LR", "0.25")
@@ -57,9 +55,7 @@ def test_preset_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_set_options_are_typed_yaml_scalars() -> None:
-    nested = parse_set_options(
-        ["optim.lr=0.1", "train.augment.flip=false", "model.name=resnet18", "data.urls=[a, b]"]
-    )
+    nested = parse_set_options(["optim.lr=0.1", "train.augment.flip=false", "model.name=resnet18", "data.urls=[a, b]"])
     assert nested == {
         "optim": {"lr": 0.1},
         "train": {"augment": {"flip": False}},

@@ -80,16 +80,12 @@ def test_a_killed_workers_trial_is_resumed_by_the_next_and_a_hopeless_one_pruned
         (2, "PRUNED", "t001_lr1e-09_seed0"),
     ], states
     history = json.loads((runs / first.name / "history.json").read_text())
-    assert [record["epoch"] for record in history] == list(
-        range(1, 13)
-    )  # every epoch once, across both workers
+    assert [record["epoch"] for record in history] == list(range(1, 13))  # every epoch once, across both workers
     pruned = json.loads((runs / "t001_lr1e-09_seed0" / "pruned.json").read_text())
     assert pruned["epoch"] == 1
 
     document = json.loads((runs / "sweep.json").read_text())
-    assert document["chosen"] == {"optim.lr": 0.003} and [r["trials"] for r in document["recipes"]] == [
-        first.name
-    ]
+    assert document["chosen"] == {"optim.lr": 0.003} and [r["trials"] for r in document["recipes"]] == [first.name]
     assert document["recipes"][0]["val_accuracy_mean"] == pytest.approx(history[-1]["val_accuracy"])
     assert [row["run"] for row in document["pruned"]] == ["t001_lr1e-09_seed0"]
     assert (runs / "sweep.csv").read_text().count("\n") == 2 and (runs / "sweep.png").stat().st_size > 10_000
@@ -107,9 +103,7 @@ def _two_workers_run_each_grid_point_once(tmp_path: Path, prepared_dir: Path, st
     args = _args(tmp_path, prepared_dir, storage, "0.004,0.002,0.001", 3)
     workers = [_worker(args, tmp_path / f"{name}.log") for name in "ab"]
     for worker in workers:
-        assert worker.wait(timeout=300) == 0, (tmp_path / "a.log").read_text() + (
-            tmp_path / "b.log"
-        ).read_text()
+        assert worker.wait(timeout=300) == 0, (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
     trials = _trials(storage)
     assert sorted(t.user_attrs["run"] for t in trials) == [
         "t000_lr0.004_seed0", "t001_lr0.002_seed0", "t002_lr0.001_seed0"
@@ -190,9 +184,7 @@ def test_a_dead_workers_trial_is_queued_again_once_with_its_reports() -> None:
     trial.set_user_attr("run", "t000_lr0.01_seed0")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    trial.set_user_attr(
-        studies.WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid, "beat": time.time()}
-    )
+    trial.set_user_attr(studies.WORKER_ATTR, {"host": socket.gethostname(), "pid": dead.pid, "beat": time.time()})
     alive = study.ask(distributions)
     alive.set_user_attr(studies.WORKER_ATTR, studies.worker_record())
 
@@ -295,14 +287,10 @@ def test_a_grid_worker_stops_when_the_grid_is_handed_out_even_after_an_error() -
     plan = studies.StudyPlan(dimensions, {"train.seed": 0}, trials=2, timeout=50)
     done = studies.run_worker(study, plan, train, lambda _text: None, clock=lambda: next(ticks))
     assert trained == [0.2] and done == {"finished": 1, "pruned": 0, "taken over": 0}
-    assert (
-        len(study.get_trials()) == 3
-    )  # the lost one, the trained one, the one that found the grid handed out
+    assert len(study.get_trials()) == 3  # the lost one, the trained one, the one that found the grid handed out
 
 
-def test_ctrl_c_queues_the_trial_again_and_the_same_command_resumes_it(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_ctrl_c_queues_the_trial_again_and_the_same_command_resumes_it(tmp_path: Path, prepared_dir: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = _args(tmp_path, prepared_dir, storage, "0.003,0.002", 15)
     run = tmp_path / "ck" / "sweeps" / "lr" / "t000_lr0.003_seed0"

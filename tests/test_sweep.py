@@ -42,9 +42,7 @@ def test_grid_times_seeds_and_seeded_random_draws() -> None:
     assert grid[0].name == "t000_lr0.1_momentum0.8_seed0" and grid[0].varied == ("optim.lr", "optim.momentum")
     drawn = plan_trials(axes, [0], samples=4, seed=7)
     assert len(drawn) == 4 and drawn == plan_trials(axes, [0], samples=4, seed=7)
-    assert {tuple(t.values.items()) for t in drawn} <= {
-        tuple(t.values.items()) for t in plan_trials(axes, [0], None)
-    }
+    assert {tuple(t.values.items()) for t in drawn} <= {tuple(t.values.items()) for t in plan_trials(axes, [0], None)}
 
 
 def _sweep(tmp_path: Path, prepared_dir: Path, *extra: str) -> list[str]:
@@ -142,10 +140,7 @@ def test_a_rerun_with_another_recipe_is_refused_not_answered_with_old_trials(
     assert len(before) == 2
     same = run_cli(*args)
     assert same.exit_code == 0 and same.output.count("finished before, skipped") == 2
-    for changed, setting in (
-        (["--epochs", "2"], "train.epochs"),
-        (["--set", "optim.momentum=0.5"], "optim.momentum"),
-    ):
+    for changed, setting in ((["--epochs", "2"], "train.epochs"), (["--set", "optim.momentum=0.5"], "optim.momentum")):
         if changed[0] == "--epochs":
             longer = list(args)
             longer[longer.index("--epochs") + 1] = "2"
@@ -201,9 +196,7 @@ def test_jobs_run_trials_at_once_with_the_cores_split(tmp_path: Path, prepared_d
 
     slots = [sweeps.Slot(1), sweeps.Slot(1)]
     statuses = sweeps.run_parallel(trials, built, folder, slots, watch, poll_seconds=0.2)
-    assert [status.state for status in statuses] == ["finished", "finished"], [
-        s.log.read_text() for s in statuses
-    ]
+    assert [status.state for status in statuses] == ["finished", "finished"], [s.log.read_text() for s in statuses]
     assert max(seen_together) == 2
     for trial in trials:
         stored = (folder / trial.name / "settings.yaml").read_text()
@@ -212,9 +205,7 @@ def test_jobs_run_trials_at_once_with_the_cores_split(tmp_path: Path, prepared_d
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-9", "kill-9 of a background sweep"])
-def test_parallel_sweep_stops_its_trials_with_checkpoints(
-    tmp_path: Path, prepared_dir: Path, how: str
-) -> None:
+def test_parallel_sweep_stops_its_trials_with_checkpoints(tmp_path: Path, prepared_dir: Path, how: str) -> None:
     """Ctrl-C (SIGINT to the sweep): every trial saves and stops, exit 130. kill -9 of the sweep: its trials get
     SIGINT from the kernel (parent-death signal), save and stop instead of running on unowned, also when the sweep
     was started in the background (`cifar sweep ... &` ignores SIGINT, and its trials must not inherit that)."""
@@ -243,9 +234,7 @@ def test_parallel_sweep_stops_its_trials_with_checkpoints(
 
     names = ["t000_lr0.001_seed0", "t001_lr0.003_seed0"]
     while min(epochs(name) for name in names) < 2:
-        assert sweep.poll() is None and time.monotonic() < deadline, (
-            sweep.stdout.read() if sweep.poll() else "slow"
-        )
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read() if sweep.poll() else "slow"
         time.sleep(0.2)
     owners = [int((folder / name / ".lock").read_text().split()[1]) for name in names]
     sweep.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)

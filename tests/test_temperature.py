@@ -25,9 +25,7 @@ def test_ece_of_known_cases() -> None:
     # |1 - 0.6| for one quarter.
     probabilities = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
     targets = torch.tensor([0, 0, 1, 1])
-    assert expected_calibration_error(probabilities, targets) == pytest.approx(
-        0.75 * (0.9 - 2 / 3) + 0.25 * 0.4
-    )
+    assert expected_calibration_error(probabilities, targets) == pytest.approx(0.75 * (0.9 - 2 / 3) + 0.25 * 0.4)
     bins = [row for row in reliability_bins(probabilities, targets) if row["count"]]
     assert [(row["count"], row["accuracy"]) for row in bins] == [(1, 1.0), (3, pytest.approx(2 / 3))]
     confident_and_right = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -42,9 +40,7 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels() -> None
         assert fit_temperature(logits, targets) == pytest.approx(true_temperature, rel=0.05)
         overconfident = torch.softmax(logits, 1)
         scaled = torch.softmax(logits / fit_temperature(logits, targets), 1)
-        assert expected_calibration_error(scaled, targets) < expected_calibration_error(
-            overconfident, targets
-        )
+        assert expected_calibration_error(scaled, targets) < expected_calibration_error(overconfident, targets)
 
 
 def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
@@ -52,9 +48,7 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
 ) -> None:
     checkpoint = train(tiny_settings(tmp_path, prepared_dir, "data.val_size=20")).checkpoint_dir / "last.pth"
     image = next((prepared_dir / "test").rglob("*.png"))
-    before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)[
-        "images"
-    ][0]["top"]
+    before = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)["images"][0]["top"]
     invoke("evaluate", checkpoint, "--json", tmp_path / "plain.json", "--device", "cpu")
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert plain["temperature"] is None and "ece_calibrated" not in plain and 0 <= plain["ece"] <= 1
@@ -62,17 +56,11 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "cal.json").read_text())
     stored = load_checkpoint(checkpoint)["temperature"]
-    assert (
-        stored["value"] == figures["temperature"] and stored["fitted_on"] == "val" and stored["images"] == 20
-    )
-    assert (
-        figures["val_nll_after"] <= figures["val_nll_before"] + 1e-9
-    )  # the fit can only lower what it minimised
+    assert stored["value"] == figures["temperature"] and stored["fitted_on"] == "val" and stored["images"] == 20
+    assert figures["val_nll_after"] <= figures["val_nll_before"] + 1e-9  # the fit can only lower what it minimised
     temperature = stored["value"]
     # predict divides the logits by it: log-probability differences shrink by exactly the temperature.
-    after = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)["images"][
-        0
-    ]["top"]
+    after = json.loads(invoke("predict", checkpoint, image, "--json", "-", "--top-k", "10").output)["images"][0]["top"]
     assert [t["class"] for t in after] == [t["class"] for t in before]
 
     def gap(top: list[dict]) -> float:
@@ -91,16 +79,12 @@ def test_calibrate_stores_a_temperature_that_evaluate_predict_and_export_use(
     assert load_exported(tmp_path / "model.pt2").contract["temperature"]["value"] == temperature
     refused = invoke("predict", tmp_path / "model.pt2", image, "--explain", tmp_path / "why")
     assert refused.exit_code == 2 and "Grad-CAM needs the model's layers" in flat(refused.output)
-    exported = json.loads(
-        invoke("predict", tmp_path / "model.pt2", image, "--json", "-", "--top-k", "10").output
-    )
+    exported = json.loads(invoke("predict", tmp_path / "model.pt2", image, "--json", "-", "--top-k", "10").output)
     assert gap(exported["images"][0]["top"]) == pytest.approx(gap(after), rel=1e-3)
 
 
 def test_a_run_without_a_validation_split_is_told_how_to_get_one(tmp_path: Path, prepared_dir: Path) -> None:
-    settings = tiny_settings(
-        tmp_path, prepared_dir, "data.val_size=0", "scheduler.name=none", "train.epochs=1"
-    )
+    settings = tiny_settings(tmp_path, prepared_dir, "data.val_size=0", "scheduler.name=none", "train.epochs=1")
     checkpoint = train(settings).checkpoint_dir / "last.pth"
     result = invoke("calibrate", checkpoint, "--device", "cpu")
     assert result.exit_code == 2 and "held out no validation split" in flat(result.output)
@@ -130,9 +114,7 @@ def test_calibrate_waits_for_a_running_training_and_a_resume_says_it_drops_the_t
     finally:
         training.kill()
     assert refused.exit_code == 2, refused.output
-    assert f"in use by process {training.pid}" in flat(refused.output) and "Calibrate once" in flat(
-        refused.output
-    )
+    assert f"in use by process {training.pid}" in flat(refused.output) and "Calibrate once" in flat(refused.output)
     assert "temperature" not in load_checkpoint(last)
     assert invoke("calibrate", last, "--device", "cpu").exit_code == 0
     done = load_checkpoint(last)["epoch"]

@@ -74,9 +74,7 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
         ("resnet18", ("train.augment.cutout=4",)),
     ],
 )
-def test_resume_gives_identical_weights(
-    tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple
-) -> None:
+def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple) -> None:
     extra = ("model.width_multiplier=0.25", "train.precision=fp32", "train.epochs=3", *extra)
     straight = train(tiny_settings(tmp_path / "a", prepared_dir, *extra, preset=preset))
     resumed = _interrupted_then_resumed(tmp_path / "b", prepared_dir, *extra, preset=preset)
@@ -127,9 +125,7 @@ def test_early_stopping(tmp_path: Path, prepared_dir: Path) -> None:
     assert result.history[1]["val_loss"] == result.history[0]["val_loss"]
 
 
-def test_crash_during_save_leaves_previous_checkpoint(
-    tmp_path: Path, prepared_dir: Path, monkeypatch
-) -> None:
+def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
     result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=1"))
     last = result.checkpoint_dir / "last.pth"
     before = last.read_bytes()
@@ -196,9 +192,7 @@ def test_same_recipe_same_run_name(tmp_path: Path, prepared_dir: Path) -> None:
     assert default_run_name(a).startswith("baseline-seed-cnn-")
 
 
-def test_an_early_stopped_run_ends_on_lookahead_s_averaged_weights(
-    tmp_path: Path, prepared_dir: Path
-) -> None:
+def test_an_early_stopped_run_ends_on_lookahead_s_averaged_weights(tmp_path: Path, prepared_dir: Path) -> None:
     """Early stopping ends the run before its planned last epoch: the weights kept are still the averaged ones."""
     from tests.test_budget import assert_ends_on_the_average
 
@@ -240,16 +234,11 @@ def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prep
     made_by = load_checkpoint(result.checkpoint_dir / "last.pth")["made_by"]
     assert made_by["cifar_cli"] == __version__ and made_by["torch"] == torch.__version__
     assert made_by["python"] == platform.python_version()
-    if (
-        repo / ".git"
-    ).exists() and head.returncode == 0:  # run from a checkout: its commit, "-dirty" if edited
+    if (repo / ".git").exists() and head.returncode == 0:  # run from a checkout: its commit, "-dirty" if edited
         assert made_by["git_commit"].removesuffix("-dirty") == head.stdout.strip()
     final = json.loads((result.run_dir / "final_metrics.json").read_text())
     assert final["made_by"] == made_by
     exported = export_checkpoint(
-        result.checkpoint_dir / "last.pth",
-        DataSettings(processed_dir=prepared_dir),
-        "pt2",
-        tmp_path / "m.pt2",
+        result.checkpoint_dir / "last.pth", DataSettings(processed_dir=prepared_dir), "pt2", tmp_path / "m.pt2"
     )
     assert exported.contract["made_by"] == made_by and exported.contract["checkpoint_made_by"] == made_by

@@ -47,19 +47,13 @@ def run_benchmark(
     ensure_prepared(data, say)
     manifest = read_manifest(data.processed_dir) or {}
     if not manifest.get("png"):
-        raise UsageError(
-            "The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png."
-        )
+        raise UsageError("The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png.")
     if options.model not in available_models():
-        raise UsageError(
-            f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}."
-        )
+        raise UsageError(f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
     say("Ceiling: large matrix multiplies in fp32 and bf16")
     ceiling = machine_ceiling(device)
     decisions = [
-        measure_speed(
-            ModelSettings(name=options.model), OptimSettings(name="adam"), options.batch_size, device
-        )
+        measure_speed(ModelSettings(name=options.model), OptimSettings(name="adam"), options.batch_size, device)
     ]
     say(f"{options.model}, batch {options.batch_size}: {decisions[0].summary()}")
     say(f"Pipeline: {options.model}, batch {options.batch_size}, on {describe_device(device)}")
@@ -129,8 +123,10 @@ def recalibrate(model: str, batch_size: int, device_name: str, include_fast: boo
         raise UsageError(f"Unknown model {model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
     device = resolve_device(device_name)
     lines = [f"Forgot {forget_calibrations()} cached calibration(s)."]
-    lines.append(f"{model}, adam, batch {batch_size}: " + measure_speed(
-        ModelSettings(name=model), OptimSettings(name="adam"), batch_size, device).summary())  # fmt: skip
+    lines.append(
+        f"{model}, adam, batch {batch_size}: "
+        + measure_speed(ModelSettings(name=model), OptimSettings(name="adam"), batch_size, device).summary()
+    )
     if include_fast:
         fast = load_settings(None, {"preset": "fast"})
         measured = measure_speed(fast.model, fast.optim, fast.train.batch_size, device)

@@ -90,13 +90,7 @@ class Stepper:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         forward_backward(
-            self.model,
-            images,
-            labels,
-            nn.functional.cross_entropy,
-            self.precision,
-            self.scaler,
-            self.micro_batch_size,
+            self.model, images, labels, nn.functional.cross_entropy, self.precision, self.scaler, self.micro_batch_size
         )
         self.scaler.step(self.optimizer)
         self.scaler.update()

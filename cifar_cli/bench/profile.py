@@ -29,8 +29,9 @@ def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, An
     ensure_prepared(data)
     fast = load_settings(None, {"preset": "fast"})
     choice = measure_speed(fast.model, fast.optim, fast.train.batch_size, device)
-    job = FastJob(fast, data, str(device), None, options.keep_freed_memory, options, choice.precision,
-                   choice.channels_last)  # fmt: skip
+    job = FastJob(
+        fast, data, str(device), None, options.keep_freed_memory, options, choice.precision, choice.channels_last
+    )
     candidate = fast_candidate(job, device)
     batches = on_device(candidate.batches(), device)
     for _ in range(2):

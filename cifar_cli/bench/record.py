@@ -51,15 +51,15 @@ def find_anchors(explicit: Path | None = None, search_from: tuple[Path, ...] = (
         if (folder / RECORD_SCRIPT).is_file():
             return folder
     where = ", ".join(str(c) for c in candidates[:3]) + (" ..." if len(candidates) > 3 else "")
-    raise UsageError(f"The speed record ({RECORD_SCRIPT}) is not in {where or 'any folder'}.",
-                     hint=HOW_TO_GET)  # fmt: skip
+    raise UsageError(f"The speed record ({RECORD_SCRIPT}) is not in {where or 'any folder'}.", hint=HOW_TO_GET)
 
 
 def record_copy(source: str, runs: int) -> str:
     """The record's text with its 200 timed runs cut to `runs`: the only change made to it."""
     if source.count(RECORD_RUNS_LINE) != 1:
-        raise UsageError(f"{RECORD_SCRIPT} is not the expected version: '{RECORD_RUNS_LINE}' was not found once.",
-                         hint=HOW_TO_GET)  # fmt: skip
+        raise UsageError(
+            f"{RECORD_SCRIPT} is not the expected version: '{RECORD_RUNS_LINE}' was not found once.", hint=HOW_TO_GET
+        )
     return source.replace(RECORD_RUNS_LINE, f"for run in range({runs})")
 
 
@@ -105,11 +105,15 @@ class ProgramResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name, "command": self.command, "accuracies": self.accuracies,
-            "span_seconds": self.span_seconds, "warmup_seconds": self.warmup_seconds,
-            "wall_seconds": self.wall_seconds, "accuracy": summarise(self.accuracies),
+            "name": self.name,
+            "command": self.command,
+            "accuracies": self.accuracies,
+            "span_seconds": self.span_seconds,
+            "warmup_seconds": self.warmup_seconds,
+            "wall_seconds": self.wall_seconds,
+            "accuracy": summarise(self.accuracies),
             "span": summarise(self.span_seconds),
-        }  # fmt: skip
+        }
 
 
 def write_record_data(processed_dir: Path, workdir: Path) -> None:
@@ -125,9 +129,7 @@ def write_record_data(processed_dir: Path, workdir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         images = cache[f"{split}_images"].permute(0, 2, 3, 1).contiguous()
-        torch.save(
-            {"images": images, "labels": cache[f"{split}_labels"], "classes": names}, folder / f"{split}.pt"
-        )
+        torch.save({"images": images, "labels": cache[f"{split}_labels"], "classes": names}, folder / f"{split}.pt")
 
 
 def run_record(
@@ -142,26 +144,44 @@ def run_record(
     wall = time.perf_counter() - started
     timed, warmup = parse_record_output(output)
     if len(timed) != runs or warmup is None:
-        raise UsageError(
-            f"The record printed {len(timed)} of {runs} runs; its output ends:\n{output[-1500:]}"
-        )
+        raise UsageError(f"The record printed {len(timed)} of {runs} runs; its output ends:\n{output[-1500:]}")
     return ProgramResult(
-        "airbench94_muon", f"python {RECORD_SCRIPT} (200 -> {runs} runs)",
-        [r["accuracy"] for r in timed], [r["seconds"] for r in timed], warmup["seconds"], wall,
-    )  # fmt: skip
+        "airbench94_muon",
+        f"python {RECORD_SCRIPT} (200 -> {runs} runs)",
+        [r["accuracy"] for r in timed],
+        [r["seconds"] for r in timed],
+        warmup["seconds"],
+        wall,
+    )
 
 
-def run_ours(
-    seeds: list[int], train_args: list[str], workdir: Path, say: Callable[[str], None]
-) -> ProgramResult:
+def run_ours(seeds: list[int], train_args: list[str], workdir: Path, say: Callable[[str], None]) -> ProgramResult:
     """`cifar train --preset fast --device cuda` once untimed (warm-up), then once per seed; each a new process."""
     accuracies, spans, wall, warmup = [], [], 0.0, 0.0
     for seed in [WARMUP_SEED, *seeds]:
         name = f"vs-record-seed{seed}"
-        command = [sys.executable, "-m", "cifar_cli", "train", "--preset", "fast", "--device", "cuda",
-                   "--seed", str(seed), "--run-name", name, "--no-resume", "--progress", "plain",
-                   "--log-dir", str(workdir / "runs"), "--checkpoint-dir", str(workdir / "checkpoints"),
-                   *train_args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "cifar_cli",
+            "train",
+            "--preset",
+            "fast",
+            "--device",
+            "cuda",
+            "--seed",
+            str(seed),
+            "--run-name",
+            name,
+            "--no-resume",
+            "--progress",
+            "plain",
+            "--log-dir",
+            str(workdir / "runs"),
+            "--checkpoint-dir",
+            str(workdir / "checkpoints"),
+            *train_args,
+        ]
         started = time.perf_counter()
         _run(command, workdir, say)
         seconds = time.perf_counter() - started
@@ -172,15 +192,14 @@ def run_ours(
         wall += seconds
         accuracies.append(final["accuracy"])
         spans.append(final["record_span_seconds"])
-    return ProgramResult("cifar train --preset fast", "cifar train --preset fast --device cuda --seed S",
-                         accuracies, spans, warmup, wall)  # fmt: skip
+    return ProgramResult(
+        "cifar train --preset fast", "cifar train --preset fast --device cuda --seed S", accuracies, spans, warmup, wall
+    )
 
 
 def _run(command: list[str], cwd: Path, say: Callable[[str], None]) -> str:
     say("$ " + " ".join(command))
-    done = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
         raise UsageError(
             f"{' '.join(command[:4])} ... failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-1500:]}"
@@ -202,19 +221,11 @@ def read_side_by_side(path: Path) -> dict[str, Any]:
             document[side]["accuracy"]["mean"], document[side]["span"]["mean"]  # noqa: B018 - presence
         return document
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UsageError(
-            f"{path} is not a `cifar bench --vs-record --json` result ({type(error).__name__})."
-        ) from None
+        raise UsageError(f"{path} is not a `cifar bench --vs-record --json` result ({type(error).__name__}).") from None
 
 
 def compare_with_record(
-    anchors: Path,
-    data: Any,
-    device_name: str,
-    runs: int,
-    seeds: list[int],
-    workdir: Path,
-    say: Callable[[str], None],
+    anchors: Path, data: Any, device_name: str, runs: int, seeds: list[int], workdir: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Both programs on this machine's GPU, the record first, on the same prepared data (`data`, DataSettings)."""
     import torch
@@ -223,8 +234,10 @@ def compare_with_record(
     from cifar_cli.runtime.device import resolve_device
 
     if resolve_device(device_name).type != "cuda":
-        raise UsageError("--vs-record needs a CUDA GPU: the record runs only there.",
-                         hint="Run it on a GPU machine; --from-json FILE shows a recorded result anywhere.")  # fmt: skip
+        raise UsageError(
+            "--vs-record needs a CUDA GPU: the record runs only there.",
+            hint="Run it on a GPU machine; --from-json FILE shows a recorded result anywhere.",
+        )
     ensure_prepared(data, say)
     record = run_record(anchors, data.processed_dir, runs, workdir / "record", say)
     ours = run_ours(seeds, ["--processed-dir", str(data.processed_dir.absolute())], workdir / "ours", say)

@@ -52,11 +52,7 @@ def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> An
     )
     dataset = datasets.ImageFolder(str(processed_dir / "train"), transform=transform)
     return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        num_workers=workers,
-        drop_last=True,
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True
     )
 
 
@@ -104,9 +100,7 @@ def bench_pipeline(
     ours = Candidate(
         f"in-memory on {device.type}, {choice.layout.label}",
         lambda: forever(ours_loader),
-        Stepper(
-            _fresh_model(options.model, device, choice.channels_last, num_classes=classes), mixed, device
-        ),
+        Stepper(_fresh_model(options.model, device, choice.channels_last, num_classes=classes), mixed, device),
         options.batch_size,
         mixed.name,
         flops,
@@ -144,9 +138,7 @@ def bench_models(options: BenchOptions, device: torch.device) -> list[Measuremen
         candidates = [
             Candidate(
                 f"{name}: {label}",
-                _synthetic(
-                    options.batch_size, device, precision.autocast_dtype or torch.float32, channels_last
-                ),
+                _synthetic(options.batch_size, device, precision.autocast_dtype or torch.float32, channels_last),
                 Stepper(_fresh_model(name, device, channels_last), precision, device),
                 options.batch_size,
                 precision.name,
@@ -197,9 +189,7 @@ def fast_candidate(job: FastJob, device: torch.device) -> Candidate:
         channels_last=job.channels_last,
     )
     classes = read_spec(job.data.processed_dir).num_classes
-    model = _fresh_model(
-        job.fast.model.name, device, job.channels_last, job.fast.model.width_multiplier, classes
-    )
+    model = _fresh_model(job.fast.model.name, device, job.channels_last, job.fast.model.width_multiplier, classes)
     # The preset's optimiser and parameter groups at a small lr: from a random start the full lr could
     # diverge, and NaN/denormal arithmetic would distort the timing.
     optimizer = build_optimizer(
@@ -263,14 +253,7 @@ def bench_fast_preset(
             f" {choice.layout.label}{malloc}"
         )
         job = FastJob(
-            fast,
-            data,
-            str(device),
-            micro_batch_size,
-            keep_memory,
-            options,
-            choice.precision,
-            choice.channels_last,
+            fast, data, str(device), micro_batch_size, keep_memory, options, choice.precision, choice.channels_last
         )
         return _IsolatedCandidate(name, train.batch_size, job, choice.precision, flops)
 

@@ -51,9 +51,7 @@ def bench_export_runtimes(
     return {"device": "cpu", "model": f"{model_name}, TTA level 2", "rows": rows}
 
 
-def _latency_and_throughput(
-    run: Callable[[torch.Tensor], torch.Tensor], options: BenchOptions
-) -> dict[str, float]:
+def _latency_and_throughput(run: Callable[[torch.Tensor], torch.Tensor], options: BenchOptions) -> dict[str, float]:
     single, batch = torch.rand(1, 3, 32, 32), torch.rand(EXPORT_BATCH, 3, 32, 32)
     with torch.no_grad():
         for _ in range(max(options.warmup, 3)):
@@ -68,7 +66,4 @@ def _latency_and_throughput(
             run(batch)
             images += EXPORT_BATCH
         seconds = time.perf_counter() - started
-    return {
-        "latency_ms_batch_1": statistics.median(latencies) * 1000,
-        "images_per_second_batch_256": images / seconds,
-    }
+    return {"latency_ms_batch_1": statistics.median(latencies) * 1000, "images_per_second_batch_256": images / seconds}

@@ -55,9 +55,7 @@ def _matmul_rate(size: int, dtype: torch.dtype, device: torch.device) -> float:
 def _conv_rate(dtype: torch.dtype, device: torch.device) -> float:
     batch, channels, side = CONV_SHAPE
     layout = torch.channels_last
-    images = (
-        torch.randn(batch, channels, side, side, device=device).to(dtype).contiguous(memory_format=layout)
-    )
+    images = torch.randn(batch, channels, side, side, device=device).to(dtype).contiguous(memory_format=layout)
     weight = torch.randn(channels, channels, 3, 3, device=device).to(dtype).contiguous(memory_format=layout)
     flops = 2 * batch * side * side * channels * channels * 9
     return _rate(lambda: nn.functional.conv2d(images, weight, padding=1), flops, device)

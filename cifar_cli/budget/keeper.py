@@ -9,13 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cifar_cli.budget.plan import (
-    REPLAN_TARGET_SHARE,
-    EpochTiming,
-    RunPlan,
-    fit_steps,
-    replan,
-)
+from cifar_cli.budget.plan import REPLAN_TARGET_SHARE, EpochTiming, RunPlan, fit_steps, replan
 from cifar_cli.runtime import distributed
 from cifar_cli.train.optim import stretch_schedule
 from cifar_cli.train.setup import Parts
@@ -40,10 +34,7 @@ class BudgetKeeper:
         self.eval_images = eval_images  # scored after each epoch: their timing gives the evaluation's speed
         self.timings: list[EpochTiming] = []
         self.replans: list[dict[str, Any]] = []
-        self._pace_epoch, self._pace_marks = (
-            0,
-            [(0.0, 0)],
-        )  # (clock, steps done) at this epoch's last refreshes
+        self._pace_epoch, self._pace_marks = (0, [(0.0, 0)])  # (clock, steps done) at this epoch's last refreshes
 
     def steps(self, epoch: int) -> int:
         return self.plan.steps_in_epoch(epoch)
@@ -59,17 +50,14 @@ class BudgetKeeper:
     def _measured_final_seconds(self) -> float:
         return self.plan.final_seconds_at(self.eval_images / max(self.timings[-1].eval_seconds, 1e-6))
 
-    def after_epoch(self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int,
-                    parts: Parts) -> str | None:  # fmt: skip
+    def after_epoch(
+        self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int, parts: Parts
+    ) -> str | None:
         """Record the epoch's timing; where the budget is kept, refit the epochs left and return the message."""
-        self.timings.append(
-            EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds)
-        )
+        self.timings.append(EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds))
         if record.get("cut_short"):
             return self._stopped(record, epochs_done)
-        if (
-            not self.replanning or epochs_done >= self.plan.epochs
-        ):  # none left to refit: the run ends as planned
+        if not self.replanning or epochs_done >= self.plan.epochs:  # none left to refit: the run ends as planned
             return None
         # Rank 0's clock decides for every process of a DDP run: all train the same steps and schedule.
         refit = distributed.broadcast_from_main(
@@ -82,16 +70,23 @@ class BudgetKeeper:
             return None
         self.plan = after
         parts.total_steps = after.total_steps
-        self.replans.append({
-            "after_epoch": epochs_done, "elapsed_seconds": after.elapsed_seconds, "epochs": after.epochs,
-            "last_epoch_steps": after.last_epoch_steps or after.steps_per_epoch, "total_steps": after.total_steps,
-            "measured_step_seconds": refit.step_seconds, "images_per_second": refit.images_per_second,
-            "estimated_total_seconds": after.total_seconds,
-        })  # fmt: skip
+        self.replans.append(
+            {
+                "after_epoch": epochs_done,
+                "elapsed_seconds": after.elapsed_seconds,
+                "epochs": after.epochs,
+                "last_epoch_steps": after.last_epoch_steps or after.steps_per_epoch,
+                "total_steps": after.total_steps,
+                "measured_step_seconds": refit.step_seconds,
+                "images_per_second": refit.images_per_second,
+                "estimated_total_seconds": after.total_seconds,
+            }
+        )
         return refit.describe(before) if changed else None
 
-    def refit_during_epoch(self, epoch: int, steps_done: int, epoch_started: float, global_step: int,
-                           parts: Parts) -> int | None:  # fmt: skip
+    def refit_during_epoch(
+        self, epoch: int, steps_done: int, epoch_started: float, global_step: int, parts: Parts
+    ) -> int | None:
         """At a refresh point of epoch `epoch`: the steps left refit to this epoch's own pace (a machine that got
         faster or slower since the last epoch ended), the schedule stretched to match; returns the epoch's new
         step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again."""
@@ -109,9 +104,7 @@ class BudgetKeeper:
         per_eval = (last.total_seconds - last.train_seconds) * speed_change
         final = self._measured_final_seconds() * speed_change
         available = self.started + self.plan.budget_seconds * REPLAN_TARGET_SHARE - now - final
-        refit = distributed.broadcast_from_main(
-            fit_steps(self.plan, available, epoch, steps_done, pace, per_eval)
-        )
+        refit = distributed.broadcast_from_main(fit_steps(self.plan, available, epoch, steps_done, pace, per_eval))
         if refit is None or abs(refit.total_steps - self.plan.total_steps) < MIN_REFIT_STEPS:
             return None
         if not stretch_schedule(parts.scheduler, global_step, refit.total_steps):
@@ -119,17 +112,30 @@ class BudgetKeeper:
             return None
         self.plan = refit
         parts.total_steps = refit.total_steps
-        self.replans.append({"during_epoch": epoch, "at_step": steps_done, "epochs": refit.epochs,
-                             "last_epoch_steps": refit.last_epoch_steps or refit.steps_per_epoch,
-                             "total_steps": refit.total_steps, "measured_step_seconds": pace,
-                             "elapsed_seconds": now - self.started})  # fmt: skip
+        self.replans.append(
+            {
+                "during_epoch": epoch,
+                "at_step": steps_done,
+                "epochs": refit.epochs,
+                "last_epoch_steps": refit.last_epoch_steps or refit.steps_per_epoch,
+                "total_steps": refit.total_steps,
+                "measured_step_seconds": pace,
+                "elapsed_seconds": now - self.started,
+            }
+        )
         return refit.steps_in_epoch(epoch) if epoch == refit.epochs else refit.steps_per_epoch
 
     def _stopped(self, record: dict[str, Any], epochs_done: int) -> str:
         """The deadline ended the epoch in progress: the run ends here, as recorded in plan.json."""
         self.plan = replace(self.plan, epochs=epochs_done, last_epoch_steps=0, remaining_seconds=None)
-        self.replans.append({"after_epoch": epochs_done, "cut_short_at_step": record["steps"],
-                             "elapsed_seconds": self.clock() - self.started, "epochs": epochs_done})  # fmt: skip
+        self.replans.append(
+            {
+                "after_epoch": epochs_done,
+                "cut_short_at_step": record["steps"],
+                "elapsed_seconds": self.clock() - self.started,
+                "epochs": epochs_done,
+            }
+        )
         return (
             f"Time budget: epoch {epochs_done} stopped after {record['steps']} steps to leave the final evaluation "
             "its time; the run ends with the weights it has."

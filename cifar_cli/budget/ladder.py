@@ -118,9 +118,7 @@ def adopt_rung(current: Settings, preset: str) -> Settings:
 
 def _estimate(name: str, settings: Settings, plan: RunPlan, measured: bool, limit: float) -> RungEstimate:
     seconds, epochs = plan.total_seconds, settings.train.epochs
-    return RungEstimate(
-        name, settings.model.name, epochs, plan.epoch_seconds, seconds, measured, seconds <= limit
-    )
+    return RungEstimate(name, settings.model.name, epochs, plan.epoch_seconds, seconds, measured, seconds <= limit)
 
 
 def _guessed_epoch_seconds(

@@ -58,9 +58,7 @@ class RunPlan:
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Steps of epoch `epoch` (1-based): the last one may be cut short to fit the budget."""
-        return (
-            self.last_epoch_steps if epoch == self.epochs and self.last_epoch_steps else self.steps_per_epoch
-        )
+        return self.last_epoch_steps if epoch == self.epochs and self.last_epoch_steps else self.steps_per_epoch
 
     @property
     def train_seconds_per_epoch(self) -> float:
@@ -139,9 +137,17 @@ def fit_budget(
         calibration = calibrate_at(width)
         elapsed = elapsed_seconds()
         plan = RunPlan(
-            1, width, batch_size, steps_per_epoch, val_images, tta_level, calibration, budget_seconds, elapsed,
+            1,
+            width,
+            batch_size,
+            steps_per_epoch,
+            val_images,
+            tta_level,
+            calibration,
+            budget_seconds,
+            elapsed,
             test_images,
-        )  # fmt: skip
+        )
         spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
         epochs = math.floor(spare / plan.epoch_seconds)
         if epochs >= 1:
@@ -183,17 +189,23 @@ def measure_plan(
     level, budget = tta_level(train), train.time_budget
     if budget is not None and stored is None:
         return fit_budget(
-            budget, elapsed_seconds, calibrate_at, settings.model.width_multiplier, steps, train.batch_size,
-            val_images, level, test_images,
-        )  # fmt: skip
+            budget,
+            elapsed_seconds,
+            calibrate_at,
+            settings.model.width_multiplier,
+            steps,
+            train.batch_size,
+            val_images,
+            level,
+            test_images,
+        )
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
         epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
     calibration = calibrate_at(width)
     return RunPlan(
-        epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed_seconds(),
-        test_images,
-    )  # fmt: skip
+        epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed_seconds(), test_images
+    )
 
 
 class RemainingTime:
@@ -202,9 +214,7 @@ class RemainingTime:
     def __init__(self, plan: RunPlan, epochs_done: int) -> None:
         self.plan = plan
         self.epochs_done = epochs_done
-        self.measured_epochs: list[
-            float
-        ] = []  # wall seconds of each epoch of this process, validation included
+        self.measured_epochs: list[float] = []  # wall seconds of each epoch of this process, validation included
         self.epoch_started = time.perf_counter()
 
     def start_epoch(self) -> None:
@@ -276,9 +286,7 @@ def replan(
     recent = timings[-len(weights) :]
     step = sum(w * t.train_seconds / max(t.steps, 1) for w, t in zip(weights, recent)) / sum(weights)
     per_eval = sum(w * (t.total_seconds - t.train_seconds) for w, t in zip(weights, recent)) / sum(weights)
-    eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(
-        weights
-    )
+    eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(weights)
     final = plan.final_seconds_at(eval_rate)
     available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
     whole_epoch = plan.steps_per_epoch * step + per_eval
@@ -292,20 +300,20 @@ def replan(
     if more == 0:  # no time for another epoch: stop here, with the epochs done
         last_steps = 0
     cut = (plan.steps_per_epoch - last_steps) * step if last_steps else 0.0
-    refit = RunPlan(**{
-        **plan.__dict__, "epochs": epochs, "last_epoch_steps": last_steps, "elapsed_seconds": elapsed_seconds,
-        "remaining_seconds": more * whole_epoch - cut + final,
-    })  # fmt: skip
+    refit = RunPlan(
+        **{
+            **plan.__dict__,
+            "epochs": epochs,
+            "last_epoch_steps": last_steps,
+            "elapsed_seconds": elapsed_seconds,
+            "remaining_seconds": more * whole_epoch - cut + final,
+        }
+    )
     return Replan(refit, step, plan.batch_size / step)
 
 
 def fit_steps(
-    plan: RunPlan,
-    available_seconds: float,
-    epochs_begun: int,
-    steps_into_epoch: int,
-    pace: float,
-    per_eval: float,
+    plan: RunPlan, available_seconds: float, epochs_begun: int, steps_into_epoch: int, pace: float, per_eval: float
 ) -> RunPlan | None:
     """During epoch `epochs_begun`, `steps_into_epoch` steps in: the most further steps that fit
     `available_seconds` at `pace` seconds a step, each epoch end costing `per_eval`; the plan that trains them

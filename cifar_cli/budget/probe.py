@@ -41,9 +41,7 @@ PROBE_IMAGES = 64  # images per timed step when comparing candidates
 BATCH_STEP_CAP = 1024  # the chosen candidate's steps at the run's batch size, at most this many images
 PROBE_SECONDS = 0.4  # each surviving candidate is timed for at least this long (seconds), at least 2 steps
 EVAL_PASSES = 3  # timed forward passes in eval mode
-SLOW_FACTOR = (
-    3.0  # a candidate whose screening step is this much slower than the best one's is not timed further
-)
+SLOW_FACTOR = 3.0  # a candidate whose screening step is this much slower than the best one's is not timed further
 CALIBRATION_LR = 0.01  # the preset's optimiser at a small lr: a random start at full lr may diverge into NaNs
 
 
@@ -201,9 +199,7 @@ def measure_speed(
     return result
 
 
-LEARN_WEIGHT = (
-    0.5  # of the newest epoch in the running estimate: a shared machine drifts, recent epochs say most
-)
+LEARN_WEIGHT = 0.5  # of the newest epoch in the running estimate: a shared machine drifts, recent epochs say most
 REPLACE_FACTOR = 2.0  # an estimate this far from a real epoch (either way) is replaced, not averaged
 
 
@@ -215,9 +211,7 @@ def learn_from_epoch(calibration: Calibration, step_seconds: float, eval_images_
         return
     key_text = json.dumps(calibration.key, sort_keys=True)
     cache = _read_cache()
-    entry = cache.get(key_text) or {
-        k: v for k, v in asdict(calibration).items() if k not in ("key", "cached")
-    }
+    entry = cache.get(key_text) or {k: v for k, v in asdict(calibration).items() if k not in ("key", "cached")}
     for name, value in (
         ("learned_step_seconds", step_seconds),
         ("learned_eval_images_per_second", eval_images_per_second),
@@ -326,11 +320,7 @@ class _Probe:
 
 
 def _measure(
-    model: ModelSettings,
-    optim: OptimSettings,
-    device: torch.device,
-    layouts: list[Layout],
-    batch_images: int,
+    model: ModelSettings, optim: OptimSettings, device: torch.device, layouts: list[Layout], batch_images: int
 ) -> Calibration:
     started = time.perf_counter()
     rates: dict[str, float] = {}

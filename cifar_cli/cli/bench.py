@@ -26,33 +26,24 @@ from cifar_cli.cli.common import (
 def bench(
     model: Annotated[str, typer.Option("--model", help="Model for the pipeline comparison.")] = "seed-cnn",
     models: Annotated[
-        list[str] | None,
-        typer.Option("--models", help="Models for the precision table (default: all; repeatable)."),
+        list[str] | None, typer.Option("--models", help="Models for the precision table (default: all; repeatable).")
     ] = None,
     device: DeviceOption = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Timed batches per repeat.")] = 10,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Repeats; medians are reported.")] = 3,
     min_seconds: Annotated[
-        float,
-        typer.Option("--min-seconds", min=0.0, help="Each timed window runs at least this long (seconds)."),
+        float, typer.Option("--min-seconds", min=0.0, help="Each timed window runs at least this long (seconds).")
     ] = 1.0,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Batch size of the pipeline and model rows.")
     ] = 128,
-    fast: Annotated[
-        bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")
-    ] = True,
+    fast: Annotated[bool, typer.Option("--fast/--no-fast", help="Also time the fast preset's real step.")] = True,
     profile: Annotated[
-        bool,
-        typer.Option(
-            "--profile", help="Only profile the fast preset's step: time per operator, utilisation."
-        ),
+        bool, typer.Option("--profile", help="Only profile the fast preset's step: time per operator, utilisation.")
     ] = False,
     export: Annotated[
         bool,
-        typer.Option(
-            "--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."
-        ),
+        typer.Option("--export", help="Only inference on the CPU: eager vs .pt2 vs ONNX Runtime, batch 1 and 256."),
     ] = False,
     recalibrate: Annotated[
         bool,
@@ -73,17 +64,12 @@ def bench(
     runs: Annotated[int, typer.Option("--runs", min=1, help="--vs-record: timed runs of each program.")] = 5,
     anchors: Annotated[
         Path | None,
-        typer.Option(
-            "--anchors", help="--vs-record: folder with airbench94_muon.py (default: ../shared/anchors)."
-        ),
+        typer.Option("--anchors", help="--vs-record: folder with airbench94_muon.py (default: ../shared/anchors)."),
     ] = None,
     from_json: Annotated[
-        Path | None,
-        typer.Option("--from-json", help="--vs-record: show a recorded --json result, run nothing."),
+        Path | None, typer.Option("--from-json", help="--vs-record: show a recorded --json result, run nothing.")
     ] = None,
-    json_file: Annotated[
-        Path | None, typer.Option("--json", help="Write the results to this JSON file.")
-    ] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Write the results to this JSON file.")] = None,
     raw_dir: RawDirOption = None,
     processed_dir: ProcessedDirOption = None,
     config: ConfigOption = None,
@@ -154,8 +140,9 @@ def _vs_record(settings: Any, runs: int, anchors: Path | None, from_json: Path |
 def print_vs_record(document: dict[str, Any]) -> None:
     """One row per program: timed runs, final TTA accuracy, the record's span, its warm-up and the whole wall."""
     machine = document["machine"]
-    table = Table(title=f"Side by side on {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}",
-                  title_justify="left")  # fmt: skip
+    table = Table(
+        title=f"Side by side on {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}", title_justify="left"
+    )
     table.add_column("program", overflow="fold", ratio=1)
     for header in ("runs", "TTA accuracy", "span s", "warm-up s", "wall s"):
         table.add_column(header, justify="right", no_wrap=True)
@@ -163,10 +150,13 @@ def print_vs_record(document: dict[str, Any]) -> None:
         result = document[side]
         accuracy, span = result["accuracy"], result["span"]
         table.add_row(
-            result["name"], str(accuracy["n"]), f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}",
-            f"{span['mean']:.2f} ({span['min']:.2f}-{span['max']:.2f})", f"{result['warmup_seconds']:.0f}",
+            result["name"],
+            str(accuracy["n"]),
+            f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}",
+            f"{span['mean']:.2f} ({span['min']:.2f}-{span['max']:.2f})",
+            f"{result['warmup_seconds']:.0f}",
             f"{result['wall_seconds']:.0f}",
-        )  # fmt: skip
+        )
     console.print(table)
     console.print(
         f"fast takes {document['time_ratio']:.2f}x the record's seconds over the same span (model init with "
@@ -186,16 +176,9 @@ def print_bench(results: dict[str, Any]) -> None:
         console.print(
             f"{decision['model']}, {decision['optimizer']}, batch {decision['batch_size']}: {decision['summary']}"
         )
-    sections = [
-        ("Input pipeline (same model, Adam)", results["pipeline"]),
-        ("Train step by model", results["models"]),
-    ]
+    sections = [("Input pipeline (same model, Adam)", results["pipeline"]), ("Train step by model", results["models"])]
     if results["fast_preset"]:
-        fast_rows = [
-            results["fast_preset"],
-            results["fast_preset_system_malloc"],
-            results["fast_preset_micro_batches"],
-        ]
+        fast_rows = [results["fast_preset"], results["fast_preset_system_malloc"], results["fast_preset_micro_batches"]]
         sections.append(("fast preset step", [row for row in fast_rows if row]))
     for title, rows in sections:
         console.print(speed_table(title, rows))
@@ -231,19 +214,14 @@ def speed_table(title: str, rows: list[dict[str, Any]]) -> Table:
 
 def print_export_runtimes(results: dict[str, Any]) -> None:
     table = Table(
-        "runtime",
-        "latency, batch 1",
-        "images/s, batch 256",
-        title=f"Inference on the CPU: {results['model']}",
+        "runtime", "latency, batch 1", "images/s, batch 256", title=f"Inference on the CPU: {results['model']}"
     )
     for row in results["rows"]:
         if "skipped" in row:
             table.add_row(row["runtime"], row["skipped"], "")
         else:
             table.add_row(
-                row["runtime"],
-                f"{row['latency_ms_batch_1']:.2f} ms",
-                f"{row['images_per_second_batch_256']:,.0f}",
+                row["runtime"], f"{row['latency_ms_batch_1']:.2f} ms", f"{row['images_per_second_batch_256']:,.0f}"
             )
     console.print(table)
 
@@ -259,7 +237,5 @@ def print_profile(results: dict[str, Any]) -> None:
     for header in ("calls per step", "self s per step", "share"):
         table.add_column(header, justify="right", no_wrap=True)
     for row in results["operators"]:
-        table.add_row(
-            row["name"], str(row["calls"]), f"{row['self_seconds_per_step']:.3f}", f"{row['share']:.1%}"
-        )
+        table.add_row(row["name"], str(row["calls"]), f"{row['self_seconds_per_step']:.3f}", f"{row['share']:.1%}")
     console.print(table)

@@ -122,9 +122,7 @@ def _panel(message: str, hint: str | None) -> Panel:
 
 
 def _settings_table(error: SettingsError) -> Table:
-    table = Table(
-        "setting", "problem", "given", title=error.message, title_justify="left", border_style="red"
-    )
+    table = Table("setting", "problem", "given", title=error.message, title_justify="left", border_style="red")
     for row in error.rows:
         table.add_row(*row)
     return table

@@ -24,12 +24,8 @@ from cifar_cli.cli.common import (
 
 
 def calibrate(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint of a run that held out a validation split.")
-    ],
-    json_file: Annotated[
-        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
-    ] = None,
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint of a run that held out a validation split.")],
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
     device: DeviceOption = None,
     raw_dir: CheckpointRawDirOption = None,
     processed_dir: CheckpointProcessedDirOption = None,
@@ -46,14 +42,11 @@ def calibrate(
 
     data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
     figures = calibrate_checkpoint(checkpoint, data, settings.train.device, say=error_console.print)
-    table = Table("test split", "before", "after", title=f"Temperature {figures['temperature']:.3f}",
-                  title_justify="left")  # fmt: skip
-    table.add_row(
-        "calibration error (ECE)", f"{figures['test_ece_before']:.2%}", f"{figures['test_ece_after']:.2%}"
+    table = Table(
+        "test split", "before", "after", title=f"Temperature {figures['temperature']:.3f}", title_justify="left"
     )
-    table.add_row(
-        "negative log-likelihood", f"{figures['test_nll_before']:.4f}", f"{figures['test_nll_after']:.4f}"
-    )
+    table.add_row("calibration error (ECE)", f"{figures['test_ece_before']:.2%}", f"{figures['test_ece_after']:.2%}")
+    table.add_row("negative log-likelihood", f"{figures['test_nll_before']:.4f}", f"{figures['test_nll_after']:.4f}")
     console.print(table)
     console.print(
         f"Stored in {checkpoint}: `cifar predict` and `cifar export` use it (accuracy unchanged, "

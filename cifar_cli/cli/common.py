@@ -61,18 +61,13 @@ class Sets:
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config",
-        "-c",
-        help="YAML settings file (default: ./settings.yaml when present).",
-        rich_help_panel=RUN,
+        "--config", "-c", help="YAML settings file (default: ./settings.yaml when present).", rich_help_panel=RUN
     ),
 ]
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--set",
-        help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).",
-        rich_help_panel=RUN,
+        "--set", help="Any setting as dotted.key=value, e.g. optim.momentum=0.85 (repeatable).", rich_help_panel=RUN
     ),
 ]
 DatasetOption = Annotated[
@@ -102,9 +97,7 @@ ProcessedDirOption = Annotated[
 # Commands that read a checkpoint use the data it was trained on unless a path is given.
 CheckpointRawDirOption = Annotated[
     Path | None,
-    typer.Option(
-        "--raw-dir", help="Where the archive is (default: the checkpoint's own).", rich_help_panel=PATHS
-    ),
+    typer.Option("--raw-dir", help="Where the archive is (default: the checkpoint's own).", rich_help_panel=PATHS),
     Sets("data.raw_data_dir"),
 ]
 CheckpointProcessedDirOption = Annotated[
@@ -144,9 +137,7 @@ def flag_settings(command: Callable[..., Any], arguments: dict[str, Any]) -> dic
     return given
 
 
-def resolve(
-    config: Path | None, set_options: list[str] | None, flags: dict[str, Any] | None = None
-) -> Settings:
+def resolve(config: Path | None, set_options: list[str] | None, flags: dict[str, Any] | None = None) -> Settings:
     """Settings from every source; flags beat `--set`, which beats environment, YAML, preset and defaults."""
     overrides = parse_set_options(set_options or [])
     for key, value in (flags or {}).items():

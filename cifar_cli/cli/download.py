@@ -7,14 +7,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from cifar_cli.cli.common import (
     ConfigOption,
@@ -44,9 +37,7 @@ def download(
         Sets("data.md5"),
     ] = None,
     raw_dir: RawDirOption = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Download again even if a valid archive is present.")
-    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if a valid archive is present.")] = False,
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:

@@ -31,25 +31,19 @@ WORST_CLASSES = 10
 
 def evaluate(
     checkpoint: Annotated[
-        Path,
-        typer.Argument(help="A checkpoint written by `cifar train` (best.pth or last.pth), or an export."),
+        Path, typer.Argument(help="A checkpoint written by `cifar train` (best.pth or last.pth), or an export.")
     ],
     split: Annotated[str, typer.Option("--split", help="test, train or val.")] = "test",
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation (default: as trained).")
     ] = None,
     device: DeviceOption = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, help="Images per inference batch.")
-    ] = 1000,
-    json_file: Annotated[
-        Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")
-    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
     predictions_file: Annotated[
         Path | None,
         typer.Option(
-            "--predictions",
-            help="Also write each image's index, true class, prediction and probability (CSV).",
+            "--predictions", help="Also write each image's index, true class, prediction and probability (CSV)."
         ),
     ] = None,
     raw_dir: CheckpointRawDirOption = None,
@@ -111,24 +105,20 @@ def print_metrics(metrics: dict[str, Any]) -> None:
         summary.add_row(key.replace("_", " "), f"{metrics[key]:.2%}")
     summary.add_row("calibration error (ECE)", f"{metrics['ece']:.2%}")
     if metrics.get("temperature"):
-        summary.add_row(
-            f"ECE at temperature {metrics['temperature']:.3f}", f"{metrics['ece_calibrated']:.2%}"
-        )
+        summary.add_row(f"ECE at temperature {metrics['temperature']:.3f}", f"{metrics['ece_calibrated']:.2%}")
     console.print(summary)
     names = metrics["class_names"]
     many = len(names) > TABLE_CLASSES
-    rows = sorted(metrics["per_class"].items(), key=lambda item: item[1]["f1"])[:WORST_CLASSES] if many else (
-        metrics["per_class"].items()
-    )  # fmt: skip
+    rows = (
+        sorted(metrics["per_class"].items(), key=lambda item: item[1]["f1"])[:WORST_CLASSES]
+        if many
+        else (metrics["per_class"].items())
+    )
     title = f"The {WORST_CLASSES} classes with the lowest F1 (of {len(names)})" if many else "Per class"
     per_class = Table("class", "precision", "recall", "F1", "support", title=title, title_justify="left")
     for name, values in rows:
         per_class.add_row(
-            name,
-            f"{values['precision']:.2%}",
-            f"{values['recall']:.2%}",
-            f"{values['f1']:.2%}",
-            str(values["support"]),
+            name, f"{values['precision']:.2%}", f"{values['recall']:.2%}", f"{values['f1']:.2%}", str(values["support"])
         )
     console.print(per_class)
     console.print(most_confused_table(metrics) if many else confusion_table(metrics))

@@ -26,9 +26,7 @@ def export_model(
     fmt: Annotated[
         str, typer.Option("--format", help="onnx (ONNX Runtime, everywhere) or pt2 (torch.export).")
     ] = "onnx",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="File to write (default: the checkpoint's name).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="File to write (default: the checkpoint's name).")] = None,
     batch: Annotated[
         str, typer.Option("--batch", help="dynamic (any batch size) or a fixed batch size N.")
     ] = "dynamic",
@@ -36,9 +34,7 @@ def export_model(
         bool | None,
         typer.Option("--tta/--no-tta", help="Test-time augmentation inside the graph (default: as trained)."),
     ] = None,
-    opset: Annotated[
-        int | None, typer.Option("--opset", min=18, help="ONNX opset (default: torch's).")
-    ] = None,
+    opset: Annotated[int | None, typer.Option("--opset", min=18, help="ONNX opset (default: torch's).")] = None,
     raw_dir: CheckpointRawDirOption = None,
     processed_dir: CheckpointProcessedDirOption = None,
     config: ConfigOption = None,
@@ -54,9 +50,8 @@ def export_model(
 
     data = checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags))
     result = export_checkpoint(
-        checkpoint, data, fmt, out, None if batch == "dynamic" else int(batch), tta, opset,
-        say=error_console.print,
-    )  # fmt: skip
+        checkpoint, data, fmt, out, None if batch == "dynamic" else int(batch), tta, opset, say=error_console.print
+    )
     size = result.contract["input"]["shape"][-1]
     console.print(
         f"Wrote {result.path} ({result.size_bytes / 1e6:.1f} MB). Verified against the checkpoint on "

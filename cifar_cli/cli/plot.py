@@ -25,12 +25,9 @@ from cifar_cli.cli.common import (
 
 def plot(
     target: Annotated[
-        Path | None,
-        typer.Argument(help="A run folder (log_dir/<run>) or a checkpoint; default: the latest run."),
+        Path | None, typer.Argument(help="A run folder (log_dir/<run>) or a checkpoint; default: the latest run.")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for the PNG files (default: <run>/plots).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the PNG files (default: <run>/plots).")] = None,
     device: DeviceOption = None,
     log_dir: LogDirOption = None,
     checkpoint_dir: CheckpointDirOption = None,

@@ -23,9 +23,7 @@ def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `cifar train`, or an export.")],
     paths: Annotated[
         list[Path],
-        typer.Argument(
-            help="Image files of any size (resized as in training), or folders (searched recursively)."
-        ),
+        typer.Argument(help="Image files of any size (resized as in training), or folders (searched recursively)."),
     ],
     top_k: Annotated[
         int, typer.Option("--top-k", min=1, help="Classes to show per image (at most the model's classes).")
@@ -36,15 +34,12 @@ def predict(
     json_file: Annotated[
         Path | None,
         typer.Option(
-            "--json",
-            help="Write the results as JSON to this file ('-': print them): {images: [...], skipped: [...]}.",
+            "--json", help="Write the results as JSON to this file ('-': print them): {images: [...], skipped: [...]}."
         ),
     ] = None,
     explain: Annotated[
         Path | None,
-        typer.Option(
-            "--explain", help="Write a Grad-CAM overlay per image into this folder (checkpoints only)."
-        ),
+        typer.Option("--explain", help="Write a Grad-CAM overlay per image into this folder (checkpoints only)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 256,
     device: DeviceOption = None,
@@ -58,8 +53,7 @@ def predict(
     classifier = load_classifier(checkpoint, device_name)
     if top_k > len(classifier.class_names):
         raise SettingsError(
-            "Bad option.",
-            [("--top-k", f"at most the model's {len(classifier.class_names)} classes", str(top_k))],
+            "Bad option.", [("--top-k", f"at most the model's {len(classifier.class_names)} classes", str(top_k))]
         )
     on_batch = explainer(classifier, explain, checkpoint) if explain is not None else None
     with file_progress(len(files)) as on_progress:
@@ -101,9 +95,7 @@ def explainer(classifier: Any, folder: Path, checkpoint: Path) -> Any:
         heat = gradcam(classifier.loaded.model, images, classifier.loaded.spec, top)
         for index, path in enumerate(batch_paths):
             name = unique_name(path.stem, used)
-            caption = (
-                f"{classifier.class_names[int(top[index])]} {float(probabilities[index, top[index]]):.0%}"
-            )
+            caption = f"{classifier.class_names[int(top[index])]} {float(probabilities[index, top[index]]):.0%}"
             write_overlay(folder / f"{name}.png", images[index], heat[index], caption)
 
     return on_batch
@@ -124,9 +116,14 @@ def file_progress(total: int) -> Any:
     import contextlib
 
     progress = Progress(
-        TextColumn("[bold]Classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=error_console, transient=True, disable=not error_console.is_terminal,
-    )  # fmt: skip
+        TextColumn("[bold]Classifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=error_console,
+        transient=True,
+        disable=not error_console.is_terminal,
+    )
 
     @contextlib.contextmanager
     def running() -> Any:
@@ -144,18 +141,14 @@ def report_skipped(skipped: list[tuple[str, str]]) -> None:
     for _path, why in skipped[:SKIPPED_SHOWN]:
         error_console.print(f"  {why}", style="yellow", soft_wrap=True)
     if len(skipped) > SKIPPED_SHOWN:
-        error_console.print(
-            f"  ... and {len(skipped) - SKIPPED_SHOWN:,} more (all listed in --json)", style="yellow"
-        )
+        error_console.print(f"  ... and {len(skipped) - SKIPPED_SHOWN:,} more (all listed in --json)", style="yellow")
 
 
 def csv_text(rows: list[dict[str, Any]], top_k: int) -> str:
     """One row per image: path, then class and probability of each rank."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(
-        ["path", *[f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "probability")]]
-    )
+    writer.writerow(["path", *[f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "probability")]])
     for row in rows:
         writer.writerow(
             [row["image"], *[value for t in row["top"] for value in (t["class"], f"{t['probability']:.6f}")]]
@@ -169,12 +162,8 @@ def json_document(result: Any) -> dict[str, Any]:
 
 def results_table(rows: list[dict[str, Any]], top_k: int) -> Table:
     more = len(rows) - TABLE_ROWS
-    caption = (
-        f"... and {more:,} more images: write them all with --csv FILE or --json FILE" if more > 0 else None
-    )
-    table = Table(
-        "image", *[f"#{rank}" for rank in range(1, top_k + 1)], caption=caption, caption_justify="left"
-    )
+    caption = f"... and {more:,} more images: write them all with --csv FILE or --json FILE" if more > 0 else None
+    table = Table("image", *[f"#{rank}" for rank in range(1, top_k + 1)], caption=caption, caption_justify="left")
     for row in rows[:TABLE_ROWS]:
         table.add_row(row["image"], *[f"{t['class']} {t['probability']:.1%}" for t in row["top"]])
     return table

@@ -41,23 +41,17 @@ def prepare(
     ] = None,
     test_fraction: Annotated[
         float | None,
-        typer.Option(
-            "--test-fraction", help="Folder without test/: share of each class held out (default 0.2)."
-        ),
+        typer.Option("--test-fraction", help="Folder without test/: share of each class held out (default 0.2)."),
         Sets("data.test_fraction"),
     ] = None,
     image_size: Annotated[
         int | None,
-        typer.Option(
-            "--image-size", help="Folder images are resized to this square size in pixels (default 32)."
-        ),
+        typer.Option("--image-size", help="Folder images are resized to this square size in pixels (default 32)."),
         Sets("data.image_size"),
     ] = None,
     skip_bad_images: Annotated[
         bool | None,
-        typer.Option(
-            "--skip-bad-images", help="Skip unreadable images (counted) instead of stopping at the first."
-        ),
+        typer.Option("--skip-bad-images", help="Skip unreadable images (counted) instead of stopping at the first."),
         Sets("data.skip_bad_images"),
     ] = None,
     raw_dir: RawDirOption = None,

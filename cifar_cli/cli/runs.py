@@ -9,24 +9,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cifar_cli.cli.common import (
-    ConfigOption,
-    LogDirOption,
-    SetOption,
-    console,
-    flag_settings,
-    percent,
-    resolve,
-)
+from cifar_cli.cli.common import ConfigOption, LogDirOption, SetOption, console, flag_settings, percent, resolve
 from cifar_cli.config.durations import format_duration
 
-STATE_COLOURS = {
-    "running": "cyan",
-    "finished": "green",
-    "failed": "red",
-    "interrupted": "yellow",
-    "pruned": "magenta",
-}
+STATE_COLOURS = {"running": "cyan", "finished": "green", "failed": "red", "interrupted": "yellow", "pruned": "magenta"}
 
 
 def runs(
@@ -75,10 +61,13 @@ def runs_table(found: list[Any], title: str) -> Table:
         if differing:
             name.append("\n" + differing, style="dim")
         table.add_row(
-            name, f"{run.epochs_done}/{run.epochs_planned or '?'}", percent(run.val_accuracy),
-            percent(run.test_accuracy), format_duration(run.seconds),
+            name,
+            f"{run.epochs_done}/{run.epochs_planned or '?'}",
+            percent(run.val_accuracy),
+            percent(run.test_accuracy),
+            format_duration(run.seconds),
             Text(run.state, style=STATE_COLOURS.get(run.state, "")),
-        )  # fmt: skip
+        )
     return table
 
 

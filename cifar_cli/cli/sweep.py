@@ -36,8 +36,7 @@ def sweep(
     ] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of every recipe, e.g. 0,1,2.")] = "0",
     samples: Annotated[
-        int | None,
-        typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all."),
+        int | None, typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all.")
     ] = None,
     name: Annotated[
         str | None,
@@ -47,15 +46,11 @@ def sweep(
             help="Sweep folder name, and the study's name with --storage (default: the varied keys).",
         ),
     ] = None,
-    preset: Annotated[
-        str | None, typer.Option("--preset", help="The recipe swept around."), Sets("preset")
-    ] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="The recipe swept around."), Sets("preset")] = None,
     model: Annotated[str | None, typer.Option("--model"), Sets("model.name")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs"), Sets("train.epochs")] = None,
     time_budget: Annotated[
-        str | None,
-        typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."),
-        Sets("train.time_budget"),
+        str | None, typer.Option("--time-budget", help="Each trial's budget, e.g. 3m."), Sets("train.time_budget")
     ] = None,
     storage: Annotated[
         str | None,
@@ -68,15 +63,12 @@ def sweep(
     ] = None,
     trials: Annotated[
         int | None,
-        typer.Option(
-            "--trials", min=1, help="Trials in the whole study (with --storage; default: the grid)."
-        ),
+        typer.Option("--trials", min=1, help="Trials in the whole study (with --storage; default: the grid)."),
     ] = None,
     sampler: Annotated[
         str | None,
         typer.Option(
-            "--sampler",
-            help="With --storage: grid (every point), random (seeded draws) or tpe (model-based).",
+            "--sampler", help="With --storage: grid (every point), random (seeded draws) or tpe (model-based)."
         ),
     ] = None,
     pruner: Annotated[
@@ -88,8 +80,7 @@ def sweep(
         ),
     ] = None,
     timeout: Annotated[
-        str | None,
-        typer.Option("--timeout", help="With --storage: start no new trial after this long, e.g. 30m."),
+        str | None, typer.Option("--timeout", help="With --storage: start no new trial after this long, e.g. 30m.")
     ] = None,
     jobs: Annotated[
         int,
@@ -128,8 +119,15 @@ def sweep(
     if storage is not None:
         from cifar_cli.cli.sweep_study import run_study
 
-        options = {"storage": storage, "trials": trials, "sampler": sampler, "pruner": pruner,
-                   "timeout": timeout, "samples": samples, "jobs": jobs}  # fmt: skip
+        options = {
+            "storage": storage,
+            "trials": trials,
+            "sampler": sampler,
+            "pruner": pruner,
+            "timeout": timeout,
+            "samples": samples,
+            "jobs": jobs,
+        }
         run_study(axes or [], seed_list, options, base, fixed, config, sweep_name)
         return
     from cifar_cli.cli.sweep_study import check_local_options
@@ -137,14 +135,10 @@ def sweep(
     check_local_options(trials, sampler, pruner, timeout)
     trials = sweeps.plan_trials(parsed, seed_list, samples)
     val_images = sweeps.validation_images(base)
-    built = sweeps.check_all(
-        trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images)
-    )
+    built = sweeps.check_all(trials, lambda t: sweeps.trial_settings(t, config, fixed, sweep_name, val_images))
     folder = sweeps.sweep_folder(base, sweep_name)
     sweeps.check_earlier_trials(trials, built, folder)  # a rerun reuses trials only for the same question
-    console.print(
-        f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images."
-    )
+    console.print(f"Sweep {sweep_name}: {len(trials)} trials in {folder}, ranked on {val_images:,} validation images.")
 
     def train_one(settings: Settings) -> None:
         run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
@@ -152,12 +146,7 @@ def sweep(
     if jobs == 1:
         try:
             summaries = sweeps.run_trials(
-                trials,
-                built,
-                folder,
-                train_one,
-                console.print,
-                lambda rows: console.print(trial_table(rows)),
+                trials, built, folder, train_one, console.print, lambda rows: console.print(trial_table(rows))
             )
         except TrainingInterrupted as error:
             raise TrainingInterrupted(
@@ -177,8 +166,11 @@ def sweep(
 def _check_choices(sampler: str | None, pruner: str | None) -> None:
     from cifar_cli.sweep.space import PRUNERS, SAMPLERS
 
-    rows = [(flag, f"one of {', '.join(choices)}", value) for flag, value, choices in
-            (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS)) if value not in (None, *choices)]  # fmt: skip
+    rows = [
+        (flag, f"one of {', '.join(choices)}", value)
+        for flag, value, choices in (("--sampler", sampler, SAMPLERS), ("--pruner", pruner, PRUNERS))
+        if value not in (None, *choices)
+    ]
     if rows:
         raise SettingsError("Bad option.", rows)
 
@@ -193,8 +185,9 @@ def parallel_sweep(
     gpus = sum(slot.gpu is not None for slot in slots)
     console.print(
         f"{len(slots)} trials at a time, {slots[0].threads} CPU threads each"
-        + (f", one GPU each ({gpus} GPUs)" if gpus else "") + f"; trial output in {folder / sweeps.TRIALS_FOLDER}."
-    )  # fmt: skip
+        + (f", one GPU each ({gpus} GPUs)" if gpus else "")
+        + f"; trial output in {folder / sweeps.TRIALS_FOLDER}."
+    )
     with Live(console=console, auto_refresh=False, transient=False) as live:
 
         def show(rows: list[Any]) -> None:
@@ -213,9 +206,7 @@ def parallel_sweep(
     failed = [status for status in statuses if status.state == "failed"]
     if failed:
         raise CifarError(
-            f"{len(failed)} trial(s) failed: "
-            + ", ".join(f"{s.trial.name} (log {s.log})" for s in failed)
-            + ".",
+            f"{len(failed)} trial(s) failed: " + ", ".join(f"{s.trial.name} (log {s.log})" for s in failed) + ".",
             hint="Read the logs; the same command again retries them and skips finished trials.",
         )
     return sweeps.summaries_of(folder)

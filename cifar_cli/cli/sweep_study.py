@@ -13,12 +13,13 @@ from cifar_cli.config.settings import Settings
 from cifar_cli.errors import ExitCode, SettingsError, UsageError
 
 
-def check_local_options(
-    trials: int | None, sampler: str | None, pruner: str | None, timeout: str | None
-) -> None:
+def check_local_options(trials: int | None, sampler: str | None, pruner: str | None, timeout: str | None) -> None:
     """Options that only a shared study reads are refused without --storage, not silently ignored."""
-    given = [flag for flag, value in (("--trials", trials), ("--sampler", sampler), ("--pruner", pruner),
-                                      ("--timeout", timeout)) if value is not None]  # fmt: skip
+    given = [
+        flag
+        for flag, value in (("--trials", trials), ("--sampler", sampler), ("--pruner", pruner), ("--timeout", timeout))
+        if value is not None
+    ]
     if given:
         raise UsageError(
             f"{', '.join(given)} need --storage.",
@@ -27,9 +28,14 @@ def check_local_options(
 
 
 def run_study(
-    axes: list[str], seeds: list[int], options: dict[str, Any], base: Settings, build_fixed: dict[str, Any],
-    config: Path | None, sweep_name: str,
-) -> None:  # fmt: skip
+    axes: list[str],
+    seeds: list[int],
+    options: dict[str, Any],
+    base: Settings,
+    build_fixed: dict[str, Any],
+    config: Path | None,
+    sweep_name: str,
+) -> None:
     """One worker: trials until the study has its count, then the whole study ranked into sweep.csv/json/png."""
     from cifar_cli.cli.sweep_tables import print_sweep
     from cifar_cli.config.durations import parse_duration
@@ -46,9 +52,7 @@ def run_study(
     dimensions = [space.parse_dimension(axis) for axis in axes]
     varied = [d for d in dimensions if len(d.values) > 1]
     if not varied:
-        raise UsageError(
-            "Nothing to draw.", hint="Give at least one --set key=v1,v2 (or range/log) to sweep."
-        )
+        raise UsageError("Nothing to draw.", hint="Give at least one --set key=v1,v2 (or range/log) to sweep.")
     fixed = {d.key: d.values[0] for d in dimensions if len(d.values) == 1} | {"train.seed": seeds[0]}
     grid = space.grid_points(varied)
     count = _trial_count(options["trials"], sampler, len(grid))
@@ -59,19 +63,20 @@ def run_study(
 
     # Every bad value in one table before any trial: the grid, or each range's two ends.
     corners = (
-        grid
-        if sampler == "grid"
-        else [{d.key: d.values[0] for d in varied}, {d.key: d.values[-1] for d in varied}]
+        grid if sampler == "grid" else [{d.key: d.values[0] for d in varied}, {d.key: d.values[-1] for d in varied}]
     )
     checked = sweeps.check_all(
         [sweeps.Trial(i, {**c, **fixed}, tuple(c), f"check{i}") for i, c in enumerate(corners)], build
     )
     storage = space.open_storage(options["storage"])
     study = studies.open_study(
-        storage, sweep_name, space.make_sampler(sampler, grid, seeds[0]),
-        space.make_pruner(pruner, base.train.epochs), space.space_text(varied),
+        storage,
+        sweep_name,
+        space.make_sampler(sampler, grid, seeds[0]),
+        space.make_pruner(pruner, base.train.epochs),
+        space.space_text(varied),
         studies.study_recipe(checked[0], [d.key for d in varied]),
-    )  # fmt: skip
+    )
     folder = sweeps.sweep_folder(base, sweep_name)
     console.print(
         f"Study {sweep_name} in {_redacted(options['storage'])}: {count} trials, {sampler} sampler, pruner {pruner}, "
@@ -84,9 +89,7 @@ def run_study(
         reporter = EpochHook(make_reporter(settings.log.progress, console), on_epoch)
         run_training(settings, reporter, confusion_matrix_figure)
 
-    plan = studies.StudyPlan(
-        varied, fixed, count, parse_duration(options["timeout"]) if options["timeout"] else None
-    )
+    plan = studies.StudyPlan(varied, fixed, count, parse_duration(options["timeout"]) if options["timeout"] else None)
     try:
         done = studies.run_worker(study, plan, studies.trial_runner(build, train), console.print)
     except Exception as error:
@@ -99,9 +102,7 @@ def run_study(
                 hint="The trial is queued again: this command (or any worker of the study) resumes it.",
             ) from None
         raise
-    _write_results(
-        sweeps, studies, study, folder, [d.key for d in varied], save_figure, sweep_figure, print_sweep
-    )
+    _write_results(sweeps, studies, study, folder, [d.key for d in varied], save_figure, sweep_figure, print_sweep)
     running = sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
     console.print(
         f"This worker: {done['finished']} finished, {done['pruned']} pruned, {done['taken over']} taken over from "
@@ -109,8 +110,9 @@ def run_study(
     )
 
 
-def _write_results(sweeps: Any, studies: Any, study: Any, folder: Path, keys: list[str], save: Any,
-                   sweep_figure: Any, print_sweep: Any) -> None:  # fmt: skip
+def _write_results(
+    sweeps: Any, studies: Any, study: Any, folder: Path, keys: list[str], save: Any, sweep_figure: Any, print_sweep: Any
+) -> None:
     trials, summaries, pruned = studies.study_results(study)
     ranked = sweeps.rank(trials, summaries)
     sweeps.write_results(folder, ranked, {"study": study.study_name, "pruned": pruned})
@@ -143,9 +145,7 @@ def _trial_count(trials: int | None, sampler: str, grid_size: int) -> int:
             )
         return trials or grid_size
     if trials is None:
-        raise SettingsError(
-            "How many trials?", [("--trials", f"a number of draws for --sampler {sampler}", "missing")]
-        )
+        raise SettingsError("How many trials?", [("--trials", f"a number of draws for --sampler {sampler}", "missing")])
     return trials
 
 

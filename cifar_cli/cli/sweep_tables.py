@@ -23,20 +23,18 @@ def trial_table(rows: list[Any]) -> Table:
     table.add_column("test", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     for row in rows:
-        values = " ".join(
-            f"{key.split('.')[-1]}={row.trial.values[key]}" for key in (*row.trial.varied, "train.seed")
-        )
-        epochs = (
-            f"{row.epochs_done}/{row.epochs_planned}" if row.epochs_planned else str(row.epochs_done or "")
-        )
+        values = " ".join(f"{key.split('.')[-1]}={row.trial.values[key]}" for key in (*row.trial.varied, "train.seed"))
+        epochs = f"{row.epochs_done}/{row.epochs_planned}" if row.epochs_planned else str(row.epochs_done or "")
         name = Text(row.trial.name)
         name.append("\n" + values, style="dim")
         table.add_row(
-            name, Text(row.state, style=STATE_COLOURS.get(row.state, "")), epochs,
+            name,
+            Text(row.state, style=STATE_COLOURS.get(row.state, "")),
+            epochs,
             f"{row.val_accuracy:.2%}" if row.val_accuracy is not None else "",
             f"{row.test_accuracy:.2%}" if row.test_accuracy is not None else "",
             format_duration(row.seconds) if row.seconds else "",
-        )  # fmt: skip
+        )
     return table
 
 
@@ -49,9 +47,11 @@ def print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> No
     for place, recipe in enumerate(ranked, start=1):
         spread = f" ± {recipe.val_std:.2%}" if recipe.val_std is not None else ""
         table.add_row(
-            str(place), " ".join(f"{k}={_short(v)}" for k, v in recipe.values.items()) or "(fixed)",
-            f"{recipe.val_mean:.2%}{spread}" if recipe.val_mean is not None else "not finished", str(len(recipe.trials)),
-        )  # fmt: skip
+            str(place),
+            " ".join(f"{k}={_short(v)}" for k, v in recipe.values.items()) or "(fixed)",
+            f"{recipe.val_mean:.2%}{spread}" if recipe.val_mean is not None else "not finished",
+            str(len(recipe.trials)),
+        )
     console.print(table)
     test = document["chosen_test_accuracy_mean"]
     if document["chosen"] is not None and test is not None:

@@ -60,9 +60,7 @@ def train(
         Sets("model.name"),
     ] = None,
     epochs: Annotated[
-        int | None,
-        typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE),
-        Sets("train.epochs"),
+        int | None, typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE), Sets("train.epochs")
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -102,9 +100,7 @@ def train(
     scheduler: Annotated[
         str | None,
         typer.Option(
-            "--scheduler",
-            help=f"One of: {', '.join(choices(SchedulerSettings, 'name'))}.",
-            rich_help_panel=RECIPE,
+            "--scheduler", help=f"One of: {', '.join(choices(SchedulerSettings, 'name'))}.", rich_help_panel=RECIPE
         ),
         Sets("scheduler.name"),
     ] = None,
@@ -125,9 +121,7 @@ def train(
     precision: Annotated[
         str | None,
         typer.Option(
-            "--precision",
-            help=f"One of: {', '.join(choices(TrainSettings, 'precision'))}.",
-            rich_help_panel=RUN,
+            "--precision", help=f"One of: {', '.join(choices(TrainSettings, 'precision'))}.", rich_help_panel=RUN
         ),
         Sets("train.precision"),
     ] = None,
@@ -146,9 +140,7 @@ def train(
     resume: Annotated[
         bool | None,
         typer.Option(
-            "--resume/--no-resume",
-            help="Continue from last.pth (default: when it exists).",
-            rich_help_panel=RUN,
+            "--resume/--no-resume", help="Continue from last.pth (default: when it exists).", rich_help_panel=RUN
         ),
         Sets("train.resume"),
     ] = None,
@@ -164,9 +156,7 @@ def train(
     ] = None,
     progress: Annotated[
         str | None,
-        typer.Option(
-            "--progress", help=f"One of: {', '.join(choices(LogSettings, 'progress'))}.", rich_help_panel=RUN
-        ),
+        typer.Option("--progress", help=f"One of: {', '.join(choices(LogSettings, 'progress'))}.", rich_help_panel=RUN),
         Sets("log.progress"),
     ] = None,
     nproc: Annotated[
@@ -187,8 +177,7 @@ def train(
         Path | None,
         typer.Option(
             "--init-from",
-            help="Fine-tune: start from this checkpoint's weights (same model; a new head where the classes "
-            "differ).",
+            help="Fine-tune: start from this checkpoint's weights (same model; a new head where the classes differ).",
             rich_help_panel=RECIPE,
         ),
         Sets("train.init_from"),
@@ -196,9 +185,7 @@ def train(
     freeze_epochs: Annotated[
         int | None,
         typer.Option(
-            "--freeze-epochs",
-            help="With --init-from: epochs that train the head only.",
-            rich_help_panel=RECIPE,
+            "--freeze-epochs", help="With --init-from: epochs that train the head only.", rich_help_panel=RECIPE
         ),
         Sets("train.freeze_epochs"),
     ] = None,

@@ -30,9 +30,7 @@ def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
     for part in parents:
         child = target.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SettingsError(
-                "Conflicting settings.", [(dotted_key, "parent is not a section", str(child))]
-            )
+            raise SettingsError("Conflicting settings.", [(dotted_key, "parent is not a section", str(child))])
         target = child
     target[leaf] = value
 

@@ -29,10 +29,7 @@ OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
 # The official archive of each downloadable data set: (URL, MD5). `folder` data comes from `data.folder` instead.
 OFFICIAL_ARCHIVES = {
     "cifar10": (OFFICIAL_URL, OFFICIAL_MD5),
-    "cifar100": (
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85",
-    ),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
 }
 DEFAULT_CONFIG_FILE = Path("settings.yaml")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -42,9 +39,12 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # whole schedule fits the budget on this machine (budget/ladder.py), its epochs stretched to fill the budget.
 LADDER = ("fast", "balanced", "accurate")
 MODEL_RECIPES = {
-    "seed-cnn": "baseline", "resnet18": "resnet18", "airbench": "fast", "airbench-wide": "balanced",
+    "seed-cnn": "baseline",
+    "resnet18": "resnet18",
+    "airbench": "fast",
+    "airbench-wide": "balanced",
     "airbench-deep": "accurate",
-}  # fmt: skip
+}
 
 
 class _Section(BaseModel):
@@ -57,23 +57,14 @@ class DataSettings(_Section):
     # cifar10, cifar100 (the official archives) or folder (an ImageFolder tree at `folder`, see `cifar prepare`).
     # None: whatever is prepared in processed_dir, else cifar10.
     dataset: Literal["cifar10", "cifar100", "folder"] | None = None
-    label_set: Literal["fine", "coarse"] = Field(
-        "fine", description="cifar100 only: 100 fine or 20 coarse classes"
-    )
-    folder: Path | None = Field(
-        None, description="folder data only: DIR/<class>/* or DIR/{train,test}/<class>/*"
-    )
+    label_set: Literal["fine", "coarse"] = Field("fine", description="cifar100 only: 100 fine or 20 coarse classes")
+    folder: Path | None = Field(None, description="folder data only: DIR/<class>/* or DIR/{train,test}/<class>/*")
     test_fraction: float = Field(
-        0.2,
-        gt=0,
-        lt=1,
-        description="folder data without a test/ tree: the share held out (stratified, seeded)",
+        0.2, gt=0, lt=1, description="folder data without a test/ tree: the share held out (stratified, seeded)"
     )
     # Side of the square images the models see, in pixels (folder data is resized to it; archives are 32).
     image_size: int = Field(32, ge=16, le=256)
-    skip_bad_images: bool = Field(
-        False, description="folder data: skip unreadable images (counted) instead of failing"
-    )
+    skip_bad_images: bool = Field(False, description="folder data: skip unreadable images (counted) instead of failing")
     raw_data_dir: Path = Path("./data_raw")
     processed_dir: Path = Path("./my_cifar_data")
     # Mirrors tried in order: http(s)://, file:// or a plain path. None: the data set's official archive.
@@ -159,14 +150,7 @@ class SchedulerSettings(_Section):
 
 
 MonitoredMetric = Literal[
-    "val_accuracy",
-    "val_loss",
-    "val_f1",
-    "val_precision",
-    "val_recall",
-    "train_accuracy",
-    "train_loss",
-    "train_f1",
+    "val_accuracy", "val_loss", "val_f1", "val_precision", "val_recall", "train_accuracy", "train_loss", "train_f1"
 ]
 
 
@@ -204,8 +188,7 @@ class TrainSettings(_Section):
     # Threads for CPU training; 0 lets torch choose (one per core).
     num_threads: int = Field(0, ge=0)
     keep_freed_memory: bool = Field(
-        True,
-        description="CPU runs on Linux: malloc reuses freed memory instead of unmapping it (runtime/memory.py)",
+        True, description="CPU runs on Linux: malloc reuses freed memory instead of unmapping it (runtime/memory.py)"
     )
     # Fine-tuning (train/finetune.py): the weights of a trained checkpoint to start from (a new head where its
     # classes differ from the data's), and the first epochs that train only the head.
@@ -320,23 +303,31 @@ def check_recipe(settings: Settings) -> Settings:
         uses = "the plateau scheduler" if settings.scheduler.name == "plateau" else "early stopping"
         raise SettingsError(
             "This recipe needs a validation split.",
-            [("data.val_size", f"{uses} reads {settings.train.early_stopping.monitor}: 0 would read the test split",
-              "0")],
+            [
+                (
+                    "data.val_size",
+                    f"{uses} reads {settings.train.early_stopping.monitor}: 0 would read the test split",
+                    "0",
+                )
+            ],
             hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
-        )  # fmt: skip
+        )
     train = settings.train
     if train.freeze_epochs and train.init_from is None:
         raise SettingsError(
             "Nothing to freeze.",
-            [("train.freeze_epochs", "needs train.init_from (--init-from): only loaded weights are frozen",
-              str(train.freeze_epochs))],
-        )  # fmt: skip
+            [
+                (
+                    "train.freeze_epochs",
+                    "needs train.init_from (--init-from): only loaded weights are frozen",
+                    str(train.freeze_epochs),
+                )
+            ],
+        )
     return settings
 
 
-_file_layers: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "_file_layers", default=None
-)
+_file_layers: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("_file_layers", default=None)
 
 
 class _DictSource(PydanticBaseSettingsSource):
@@ -363,10 +354,7 @@ def available_presets() -> list[str]:
 
 def read_preset(name: str) -> dict[str, Any]:
     if name not in available_presets():
-        raise SettingsError(
-            "Unknown preset.",
-            [("preset", f"must be one of: {', '.join(available_presets())}", name)],
-        )
+        raise SettingsError("Unknown preset.", [("preset", f"must be one of: {', '.join(available_presets())}", name)])
     text = (resources.files("cifar_cli.config") / "presets" / f"{name}.yaml").read_text()
     return parse_yaml(text, f"preset {name}")
 
@@ -384,9 +372,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     return settings
 
 
-def _settings_with_preset(
-    preset_name: str | None, overrides: dict[str, Any], yaml_data: dict[str, Any]
-) -> Settings:
+def _settings_with_preset(preset_name: str | None, overrides: dict[str, Any], yaml_data: dict[str, Any]) -> Settings:
     """The settings with this preset under the YAML, environment and flags (None: the default preset)."""
     preset_name = preset_name or str(Settings.model_fields["preset"].default)
     token = _file_layers.set(deep_merge(read_preset(preset_name), yaml_data))

@@ -46,25 +46,24 @@ def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None)
     if data.dataset == "folder":
         if data.folder is None:
             raise UsageError(
-                "data.dataset is folder but no folder is given.",
-                hint="Run `cifar prepare --from-folder DIR`.",
+                "data.dataset is folder but no folder is given.", hint="Run `cifar prepare --from-folder DIR`."
             )
         return prepare_folder(
-            data.folder, data.processed_dir, data.write_png, on_progress, data.image_size, data.test_fraction,
+            data.folder,
+            data.processed_dir,
+            data.write_png,
+            on_progress,
+            data.image_size,
+            data.test_fraction,
             data.skip_bad_images,
-        )  # fmt: skip
+        )
     if data.image_size != 32:
         raise UsageError(
             f"data.image_size={data.image_size}: the CIFAR archives hold 32 x 32 images.",
             hint="Leave --image-size at 32, or prepare a folder of larger images with --from-folder.",
         )
     return prepare_dataset(
-        data.raw_data_dir,
-        data.processed_dir,
-        data.write_png,
-        on_progress,
-        data.archive_dataset(),
-        data.label_set,
+        data.raw_data_dir, data.processed_dir, data.write_png, on_progress, data.archive_dataset(), data.label_set
     )
 
 

@@ -75,9 +75,7 @@ def safe_unpickle(payload: bytes, origin: str) -> dict[str, object]:
     except UnsafePickleError:
         raise
     except Exception as error:  # a corrupt pickle can raise almost anything
-        raise CifarError(
-            f"{origin} is not a readable CIFAR batch ({type(error).__name__}: {error})."
-        ) from None
+        raise CifarError(f"{origin} is not a readable CIFAR batch ({type(error).__name__}: {error}).") from None
     if not isinstance(data, dict):
         raise CifarError(f"{origin} holds a {type(data).__name__}, not the dict a CIFAR batch holds.")
     return {_text(key): value for key, value in data.items()}
@@ -103,9 +101,16 @@ class ArchiveLayout:
 
 
 CIFAR10_LAYOUT = ArchiveLayout(
-    "cifar-10-python.tar.gz", BATCH_FOLDER, tuple(TRAIN_BATCHES), (TEST_BATCH,), META_FILE, "label_names", "labels",
-    NUM_CLASSES, "CIFAR-10",
-)  # fmt: skip
+    "cifar-10-python.tar.gz",
+    BATCH_FOLDER,
+    tuple(TRAIN_BATCHES),
+    (TEST_BATCH,),
+    META_FILE,
+    "label_names",
+    "labels",
+    NUM_CLASSES,
+    "CIFAR-10",
+)
 
 
 def archive_layout(dataset: str, label_set: str = "fine") -> ArchiveLayout:
@@ -113,9 +118,16 @@ def archive_layout(dataset: str, label_set: str = "fine") -> ArchiveLayout:
     if dataset == "cifar10":
         return CIFAR10_LAYOUT
     return ArchiveLayout(
-        "cifar-100-python.tar.gz", "cifar-100-python", ("train",), ("test",), "meta", f"{label_set}_label_names",
-        f"{label_set}_labels", 100 if label_set == "fine" else 20, "CIFAR-100",
-    )  # fmt: skip
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        ("train",),
+        ("test",),
+        "meta",
+        f"{label_set}_label_names",
+        f"{label_set}_labels",
+        100 if label_set == "fine" else 20,
+        "CIFAR-100",
+    )
 
 
 @dataclass(frozen=True)
@@ -142,9 +154,11 @@ def safe_extract(archive: Path, target: Path, folder: str = BATCH_FOLDER) -> Pat
             for member in members:
                 _check_member(member, staging)
             require_free_space(
-                root, sum(member.size for member in members), f"the extracted {archive.name}",
+                root,
+                sum(member.size for member in members),
+                f"the extracted {archive.name}",
                 hint="Free disk space or choose another --raw-dir.",
-            )  # fmt: skip
+            )
             tar.extractall(staging, members=members, filter="data")
         _swap_in(staging / folder, root / folder)
     except OSError as error:
@@ -206,8 +220,7 @@ def read_split(
 def _read(path: Path) -> bytes:
     if not path.is_file():
         raise UsageError(
-            f"The archive has no {path.name} (expected {path}).",
-            hint="The archive is incomplete; download it again.",
+            f"The archive has no {path.name} (expected {path}).", hint="The archive is incomplete; download it again."
         )
     return path.read_bytes()
 

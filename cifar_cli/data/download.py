@@ -21,9 +21,7 @@ from cifar_cli.errors import CifarError
 from cifar_cli.files import ensure_writable_folder, require_free_space
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
-ARCHIVE_BYTES = (
-    170_498_071  # the official CIFAR-10 archive: the space a download needs when a server won't say
-)
+ARCHIVE_BYTES = 170_498_071  # the official CIFAR-10 archive: the space a download needs when a server won't say
 MAX_ARCHIVE_BYTES = 256_000_000  # well past it: a mirror that sends more is refused (an endless stream)
 CHUNK_BYTES = 1 << 20
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -73,9 +71,7 @@ def download_archive(
     for url in urls:
         part = target.with_name(target.name + ".part")
         try:
-            _fetch_with_retries(
-                url, part, _Limits(timeout, retries, backoff_seconds, max_bytes), on_progress, say
-            )
+            _fetch_with_retries(url, part, _Limits(timeout, retries, backoff_seconds, max_bytes), on_progress, say)
             _verify(part, expected, url)
         except CifarError as error:
             failures.append(f"{url}: {error.message}")
@@ -105,11 +101,7 @@ class _Limits:
 
 
 def _fetch_with_retries(
-    url: str,
-    part: Path,
-    limits: _Limits,
-    on_progress: ProgressCallback | None,
-    say: Callable[[str], None],
+    url: str, part: Path, limits: _Limits, on_progress: ProgressCallback | None, say: Callable[[str], None]
 ) -> None:
     local = _local_path(url)
     if local is not None:
@@ -124,16 +116,12 @@ def _fetch_with_retries(
         except OSError as error:
             if error.errno in DISK_FULL:
                 part.unlink(missing_ok=True)
-                raise CifarError(
-                    f"could not write {part}: {error.strerror}; the partial file was deleted"
-                ) from None
+                raise CifarError(f"could not write {part}: {error.strerror}; the partial file was deleted") from None
             reason = getattr(error, "reason", None) or error
             if attempt == limits.retries:
                 raise CifarError(f"gave up after {limits.retries + 1} attempts ({reason})") from None
             delay = limits.backoff_seconds * 2**attempt
-            say(
-                f"Attempt {attempt + 1} failed ({reason}); retrying in {delay:.1f} s, resuming where it stopped."
-            )
+            say(f"Attempt {attempt + 1} failed ({reason}); retrying in {delay:.1f} s, resuming where it stopped.")
             time.sleep(delay)
 
 
@@ -205,9 +193,11 @@ def _fetch_http(url: str, part: Path, limits: _Limits, on_progress: ProgressCall
         total = start + int(length) if length is not None else None
         _check_size(total or 0, limits.max_bytes)
         require_free_space(
-            part.parent, (total or ARCHIVE_BYTES) - start, "the download",
+            part.parent,
+            (total or ARCHIVE_BYTES) - start,
+            "the download",
             hint="Free disk space or choose another --raw-dir.",
-        )  # fmt: skip
+        )
         _stream(response, part, start, total, limits.max_bytes, "ab" if resumed else "wb", on_progress)
 
 

@@ -82,9 +82,7 @@ def _scan_split_layout(root: Path) -> FolderScan:
         )
     files = {
         "train": [ImageFile(path, label) for label, name in enumerate(names) for path in train_classes[name]],
-        "test": [
-            ImageFile(path, label) for label, name in enumerate(names) for path in test_classes.get(name, [])
-        ],
+        "test": [ImageFile(path, label) for label, name in enumerate(names) for path in test_classes.get(name, [])],
     }
     if not files["test"]:
         raise UsageError(f"{root / 'test'} holds no images.", hint="Put test images in DIR/test/<class>/.")
@@ -178,9 +176,7 @@ def _keep_nonempty(classes: dict[str, list[Path]]) -> tuple[list[str], list[str]
     return names, empty
 
 
-def _hold_out(
-    labelled: list[list[ImageFile]], test_fraction: float
-) -> tuple[list[ImageFile], list[ImageFile]]:
+def _hold_out(labelled: list[list[ImageFile]], test_fraction: float) -> tuple[list[ImageFile], list[ImageFile]]:
     """Per class, a seeded random `test_fraction` (rounded, at least one where the class has two images)."""
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     train: list[ImageFile] = []
@@ -217,8 +213,7 @@ def read_images(
         except ImageError as error:
             if not skip_bad:
                 raise ImageError(
-                    error.message,
-                    hint="Fix or remove it, or pass --skip-bad-images to leave unreadable images out.",
+                    error.message, hint="Fix or remove it, or pass --skip-bad-images to leave unreadable images out."
                 ) from None
             bad.append(str(source.relative_to(root)))
 

@@ -45,11 +45,7 @@ def decode_image(source: Path | bytes, size: int = 32, name: str | None = None) 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"Refused image {label}: {error}") from None
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-    ) as error:  # SyntaxError: some of Pillow's parsers on bad headers
+    except (OSError, ValueError, SyntaxError) as error:  # SyntaxError: some of Pillow's parsers on bad headers
         raise ImageError(f"Cannot read image {label}: {error or type(error).__name__}") from None
 
 

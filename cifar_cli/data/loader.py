@@ -29,9 +29,7 @@ def _mean_and_std(
     return mean, std
 
 
-def normalize(
-    images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool, spec: DataSpec
-) -> torch.Tensor:
+def normalize(images_uint8: torch.Tensor, dtype: torch.dtype, channels_last: bool, spec: DataSpec) -> torch.Tensor:
     """uint8 N x 3 x H x W -> floats normalised with the data set's own statistics, in `dtype`, optionally in
     channels_last memory layout."""
     mean, std = _mean_and_std(images_uint8.device, spec.mean, spec.std)
@@ -129,9 +127,7 @@ class BatchLoader:
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         # Training drops the ragged last batch (BatchNorm dislikes tiny batches) unless it would drop everything.
-        self.drop_last = (
-            (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
-        )
+        self.drop_last = (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
         self.epoch = 0
         self.balanced = balanced  # training order: each class drawn equally often, with replacement
         # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
@@ -162,18 +158,12 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
-        generator = torch.Generator(device="cpu").manual_seed(
-            self.seed * 7_919 + self.epoch * 31 + self.rank + 1
-        )
+        generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
         for batch_index in range(len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images = self.images[index]
             if self.train:
-                flip = (
-                    self.even_epoch_flip[index] ^ bool(self.epoch % 2)
-                    if self.augment.alternate_flip
-                    else None
-                )
+                flip = self.even_epoch_flip[index] ^ bool(self.epoch % 2) if self.augment.alternate_flip else None
                 images = augment_batch(images, self.augment, generator, flip)
             yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
 
@@ -197,9 +187,7 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     """Indices (train, val) with `val_size` validation images spread evenly over the classes, seeded."""
     generator = torch.Generator().manual_seed(seed)
     classes = labels.unique()
-    per_class = [
-        val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))
-    ]
+    per_class = [val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))]
     val_parts = []
     for cls, count in zip(classes.tolist(), per_class):
         members = (labels == cls).nonzero().flatten()

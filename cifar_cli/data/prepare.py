@@ -51,10 +51,7 @@ ProgressCallback = Callable[[str, int, int], None]
 def class_folders(class_names: list[str] | tuple[str, ...]) -> list[str]:
     """ "<label>_<name>" with the label zero-padded so that folders sort in label order ("0_plane", "07_bed")."""
     digits = len(str(len(class_names) - 1))
-    return [
-        f"{label:0{digits}d}_{re.sub(r'[^0-9A-Za-z._-]+', '_', name)}"
-        for label, name in enumerate(class_names)
-    ]
+    return [f"{label:0{digits}d}_{re.sub(r'[^0-9A-Za-z._-]+', '_', name)}" for label, name in enumerate(class_names)]
 
 
 CLASS_FOLDERS = class_folders(CLASS_NAMES)
@@ -115,9 +112,12 @@ def prepare_dataset(
     }
     names = CLASS_NAMES if dataset == "cifar10" else archive_names
     prepared = _Prepared(
-        splits, _spec(splits, names, 32, dataset), str(archive_path), source_md5,
+        splits,
+        _spec(splits, names, 32, dataset),
+        str(archive_path),
+        source_md5,
         {"label_set": label_set, "archive_class_names": archive_names},
-    )  # fmt: skip
+    )
     return _write_prepared(processed_dir, prepared, write_png, on_progress)
 
 
@@ -137,12 +137,7 @@ def prepare_folder(
         raise UsageError(f"--processed-dir {processed_dir} is inside the source folder {scan.root}.")
     ensure_writable_folder(processed_dir)
     listing = _listing_fingerprint(scan)
-    wanted = {
-        "dataset": "folder",
-        "listing": listing,
-        "image_size": image_size,
-        "skip_bad_images": skip_bad_images,
-    }
+    wanted = {"dataset": "folder", "listing": listing, "image_size": image_size, "skip_bad_images": skip_bad_images}
     if scan.layout == "single":
         wanted["test_fraction"] = test_fraction
     existing = read_manifest(processed_dir)
@@ -151,11 +146,20 @@ def prepare_folder(
 
     splits, digest, skipped = _read_splits(scan, image_size, skip_bad_images, on_progress)
     prepared = _Prepared(
-        splits, _spec(splits, scan.class_names, image_size, "folder"), str(scan.root), digest,
-        {**wanted, "layout": scan.layout, "split_seed": folder.SPLIT_SEED, "ignored_files": scan.ignored_files,
-         "skipped_images": skipped, "empty_classes": scan.empty_classes},
+        splits,
+        _spec(splits, scan.class_names, image_size, "folder"),
+        str(scan.root),
+        digest,
+        {
+            **wanted,
+            "layout": scan.layout,
+            "split_seed": folder.SPLIT_SEED,
+            "ignored_files": scan.ignored_files,
+            "skipped_images": skipped,
+            "empty_classes": scan.empty_classes,
+        },
         _folder_notes(scan, skipped),
-    )  # fmt: skip
+    )
     _refuse_empty_training_classes(prepared)
     return _write_prepared(processed_dir, prepared, write_png, on_progress)
 
@@ -185,9 +189,7 @@ def _listing_fingerprint(scan: folder.FolderScan) -> str:
     for split, files in scan.files.items():
         for item in files:
             info = item.path.stat()
-            digest.update(
-                f"{split}\0{item.path}\0{item.label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode()
-            )
+            digest.update(f"{split}\0{item.path}\0{item.label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -218,9 +220,7 @@ def _write_prepared(
 ) -> PrepareResult:
     splits = prepared.splits
     require_free_space(processed_dir, _required_bytes(splits, write_png), "the prepared data", SPACE_HINT)
-    (processed_dir / MANIFEST_FILE).unlink(
-        missing_ok=True
-    )  # until the new one is written, nothing is prepared
+    (processed_dir / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, nothing is prepared
     _write_cache(processed_dir / CACHE_FILE, splits)
     folders = class_folders(prepared.spec.class_names)
     if write_png:
@@ -234,13 +234,13 @@ def _write_prepared(
                 ) from None
     manifest = _manifest(prepared, folders, write_png)
     write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(manifest, indent=2))
-    return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes,
-                         manifest["per_class"])  # fmt: skip
+    return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes, manifest["per_class"])
 
 
 def _already(processed_dir: Path, manifest: dict) -> PrepareResult:
-    return PrepareResult(processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest),
-                         per_class=manifest.get("per_class", {}))  # fmt: skip
+    return PrepareResult(
+        processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest), per_class=manifest.get("per_class", {})
+    )
 
 
 def read_manifest(processed_dir: Path) -> dict | None:
@@ -335,17 +335,13 @@ def load_cache(processed_dir: Path) -> dict[str, torch.Tensor]:
     """The tensor cache as uint8 images and int64 labels; a clear error when it is missing or damaged."""
     path = processed_dir / CACHE_FILE
     if not path.is_file():
-        raise UsageError(
-            f"No prepared data at {path}.", hint="Run `cifar prepare` (or pass --processed-dir)."
-        )
+        raise UsageError(f"No prepared data at {path}.", hint="Run `cifar prepare` (or pass --processed-dir).")
     try:
         # Memory-mapped: the processes of one machine (--nproc, torchrun) share one copy in the page cache
         # instead of reading one each; tensors indexed out of it (a validation split) are private copies.
         tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types for damaged files
-        raise CifarError(
-            f"{path} is damaged ({type(error).__name__}).", hint="Run `cifar prepare` again."
-        ) from None
+        raise CifarError(f"{path} is damaged ({type(error).__name__}).", hint="Run `cifar prepare` again.") from None
     expected = {"train_images", "train_labels", "test_images", "test_labels"}
     if not isinstance(tensors, dict) or not expected <= set(tensors):
         raise CifarError(f"{path} is not a cifar tensor cache.", hint="Run `cifar prepare` again.")

@@ -113,9 +113,7 @@ def export_checkpoint(
         result = _verify(candidate, checkpoint_logits, exported_logits, labels, contract, out.name)
         candidate.replace(out)
     except OSError as error:
-        raise CifarError(
-            f"Could not write {out}: {error.strerror or error}.", hint="Choose another --out."
-        ) from None
+        raise CifarError(f"Could not write {out}: {error.strerror or error}.", hint="Choose another --out.") from None
     finally:
         candidate.unlink(missing_ok=True)
     return replace(result, path=out)
@@ -135,12 +133,25 @@ def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: floa
     spec, size = loaded.spec, loaded.spec.image_size
     return {
         "format": fmt,
-        "input": {"name": INPUT_NAME, "shape": [batch or "N", 3, size, size], "dtype": "float32",
-                  "layout": "NCHW, RGB", "range": [0.0, 1.0], "meaning": "uint8 pixels / 255"},
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [batch or "N", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "range": [0.0, 1.0],
+            "meaning": "uint8 pixels / 255",
+        },
         "normalisation_inside": True,
-        "output": {"name": OUTPUT_NAME, "shape": [batch or "N", spec.num_classes], "meaning": "logits" + (
-            "; softmax(logits / temperature.value) are the calibrated probabilities"
-            if loaded.state.get("temperature") else "")},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": [batch or "N", spec.num_classes],
+            "meaning": "logits"
+            + (
+                "; softmax(logits / temperature.value) are the calibrated probabilities"
+                if loaded.state.get("temperature")
+                else ""
+            ),
+        },
         "temperature": loaded.state.get("temperature"),  # `cifar calibrate`'s, fitted on the validation split
         "tta_level": tta,
         "class_names": list(spec.class_names),
@@ -154,7 +165,7 @@ def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: floa
         "data": loaded.data_settings.model_dump(mode="json"),  # where `cifar evaluate` finds its test images
         "made_by": provenance(),  # of this export; the checkpoint's own below
         "checkpoint_made_by": loaded.state.get("made_by"),
-    }  # fmt: skip
+    }
 
 
 def _dynamic_shapes(batch: int | None) -> dict[str, Any] | None:
@@ -172,9 +183,15 @@ def onnx_bytes(
     classifier: nn.Module, example: torch.Tensor, batch: int | None, opset: int | None, contract: dict
 ) -> bytes:
     program = torch.onnx.export(
-        classifier, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(batch), opset_version=opset,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
-    )  # fmt: skip
+        classifier,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=_dynamic_shapes(batch),
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        verbose=False,
+    )
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(contract)
@@ -199,7 +216,13 @@ def _verify(
             f"{RELATIVE_TOLERANCE:g}), top-1 agreement {agreement:.2%}. It was not kept (a file already at that path is unchanged)."
         )
     return ExportResult(
-        path, path.stat().st_size, min(VERIFY_IMAGES, len(labels)), difference, relative, agreement,
+        path,
+        path.stat().st_size,
+        min(VERIFY_IMAGES, len(labels)),
+        difference,
+        relative,
+        agreement,
         _accuracy(actual, labels),
-        contract["checkpoint_test_accuracy"], contract,
-    )  # fmt: skip
+        contract["checkpoint_test_accuracy"],
+        contract,
+    )

@@ -31,9 +31,7 @@ class ResNet18(nn.Module):
     def __init__(self, width_multiplier: float = 1.0, num_classes: int = 10) -> None:
         super().__init__()
         widths = [max(1, round(w * width_multiplier)) for w in (64, 128, 256, 512)]
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, in_channels = [], widths[0]
         for index, width in enumerate(widths):
             stride = 1 if index == 0 else 2

@@ -10,9 +10,7 @@ from cifar_cli.models.registry import register_model
 def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
     # Pooling before the ReLU computes the same function as the seed's conv, ReLU, pool (max and ReLU commute),
     # with the ReLU and its backward on a quarter of the values. Parameter names are unchanged.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True)
-    )
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(inplace=True))
 
 
 @register_model("seed-cnn", image_size=32)  # the flattening layer is sized for 4 x 4 maps of a 32 x 32 input

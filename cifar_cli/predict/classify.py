@@ -67,8 +67,9 @@ def load_classifier(checkpoint: Path, device_name: str = "auto") -> Classifier:
         with precision.autocast(device):
             return tta_logits(loaded.model, batch, level).float().cpu()
 
-    return Classifier(list(loaded.spec.class_names), loaded.spec.image_size, stored_temperature(loaded.state),
-                      run_model, loaded)  # fmt: skip
+    return Classifier(
+        list(loaded.spec.class_names), loaded.spec.image_size, stored_temperature(loaded.state), run_model, loaded
+    )
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -78,9 +79,10 @@ def collect_images(paths: list[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-            )  # fmt: skip
+            )
             if not found:
                 raise UsageError(
                     f"{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}, searched recursively)."
@@ -123,8 +125,9 @@ def classify_files(
     return result
 
 
-def top_classes(paths: list[Path], probabilities: torch.Tensor, class_names: list[str],
-                top_k: int) -> list[dict[str, Any]]:  # fmt: skip
+def top_classes(
+    paths: list[Path], probabilities: torch.Tensor, class_names: list[str], top_k: int
+) -> list[dict[str, Any]]:
     # A stable sort, so that exact ties (bf16 logits have them) go to the lower class index, as argmax (and so
     # `cifar evaluate`) decides them; topk's order among ties is unspecified.
     values, indices = probabilities.sort(dim=1, descending=True, stable=True)
@@ -132,7 +135,7 @@ def top_classes(paths: list[Path], probabilities: torch.Tensor, class_names: lis
     return [
         {"image": str(path), "top": [{"class": class_names[i], "probability": float(p)} for p, i in zip(row, order)]}
         for path, row, order in zip(paths, values[:, :count].tolist(), indices[:, :count].tolist())
-    ]  # fmt: skip
+    ]
 
 
 def _decoded_batches(
@@ -153,8 +156,6 @@ def _decoded_batches(
             good = [(path, image) for path, image in zip(chunk, decoded) if isinstance(image, torch.Tensor)]
             skipped = [(str(path), why) for path, why in zip(chunk, decoded) if isinstance(why, str)]
             images = (
-                torch.stack([image for _, image in good])
-                if good
-                else torch.empty(0, 3, size, size, dtype=torch.uint8)
+                torch.stack([image for _, image in good]) if good else torch.empty(0, 3, size, size, dtype=torch.uint8)
             )
             yield [path for path, _ in good], images, skipped

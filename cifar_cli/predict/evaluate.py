@@ -18,13 +18,7 @@ from cifar_cli.data.prepare import load_cache
 from cifar_cli.errors import UsageError
 from cifar_cli.predict.classify import load_classifier, stored_temperature, top_classes
 from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
-from cifar_cli.predict.inference import (
-    Predictions,
-    check_same_classes,
-    load_model,
-    predict,
-    tta_level,
-)
+from cifar_cli.predict.inference import Predictions, check_same_classes, load_model, predict, tta_level
 from cifar_cli.predict.metrics import ClassificationReport, classification_report, expected_calibration_error
 from cifar_cli.runtime.device import resolve_device, resolve_precision
 from cifar_cli.runtime.memory import keep_freed_memory
@@ -47,9 +41,7 @@ def report_from_predictions(predictions: Predictions, class_names: list[str]) ->
     return classification_report(predictions.predicted, predictions.targets, class_names)
 
 
-def split_tensors(
-    data: DataSettings, split: str, val_size: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(data: DataSettings, split: str, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images and labels of `split`; `val` is the part of train that the run held out, `train` the rest."""
     if split == "val" and not val_size:
         raise UsageError(
@@ -94,9 +86,7 @@ def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature
     return {"ece": ece, "temperature": temperature, "ece_calibrated": scaled}
 
 
-def evaluate_checkpoint(
-    checkpoint: Path, data: DataSettings, split: str = "test", **options: Any
-) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: Path, data: DataSettings, split: str = "test", **options: Any) -> dict[str, Any]:
     """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes (`run_evaluation`'s
     options: tta, device_name, batch_size, say, keep_memory)."""
     return run_evaluation(checkpoint, data, split, **options).metrics
@@ -147,13 +137,9 @@ def run_evaluation(
         model=loaded.state["model_name"],
         epoch=loaded.state["epoch"],
         class_names=class_names,
-        **calibration_metrics(
-            predictions.logits, predictions.targets, temperature := stored_temperature(loaded.state)
-        ),
+        **calibration_metrics(predictions.logits, predictions.targets, temperature := stored_temperature(loaded.state)),
     )
-    return Evaluation(
-        metrics, images, predictions.targets, predictions.predicted, predictions.logits, temperature
-    )
+    return Evaluation(metrics, images, predictions.targets, predictions.predicted, predictions.logits, temperature)
 
 
 def _evaluate_exported(
@@ -169,10 +155,16 @@ def _evaluate_exported(
     predictions = Predictions(logits, labels, float(nn.functional.cross_entropy(logits, labels)))
     report = report_from_predictions(predictions, contract["class_names"])
     metrics = report_to_json(
-        report, checkpoint=str(path), split=split, tta=bool(contract["tta_level"]), loss=predictions.loss,
-        model=contract["model"], epoch=contract["epoch"], class_names=contract["class_names"],
+        report,
+        checkpoint=str(path),
+        split=split,
+        tta=bool(contract["tta_level"]),
+        loss=predictions.loss,
+        model=contract["model"],
+        epoch=contract["epoch"],
+        class_names=contract["class_names"],
         **calibration_metrics(logits, labels, temperature := stored_temperature(contract)),
-    )  # fmt: skip
+    )
     return Evaluation(metrics, images, labels, predictions.predicted, logits, temperature)
 
 

@@ -36,9 +36,7 @@ def load_exported(path: Path) -> Exported:
     except (CifarError, KeyboardInterrupt):
         raise
     except Exception as error:  # each runtime raises its own types for a damaged file
-        raise UsageError(
-            f"{path} is not a readable {path.suffix[1:]} export ({type(error).__name__})."
-        ) from None
+        raise UsageError(f"{path} is not a readable {path.suffix[1:]} export ({type(error).__name__}).") from None
 
 
 def _load_onnx(path: Path) -> Exported:

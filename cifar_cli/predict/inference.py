@@ -49,11 +49,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tens
 
 
 def _memory_format(images: torch.Tensor) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if images.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
+    return torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 @dataclass(frozen=True)
@@ -126,8 +122,9 @@ def checkpoint_spec(state: dict[str, Any]) -> DataSpec:
     return DataSpec.from_dict(stored)
 
 
-def check_same_classes(model_classes: list[str] | tuple[str, ...], model_size: int, data: DataSettings,
-                       origin: Path) -> None:  # fmt: skip
+def check_same_classes(
+    model_classes: list[str] | tuple[str, ...], model_size: int, data: DataSettings, origin: Path
+) -> None:
     """A model scores only data with its own classes, in its own order, at its own size: anything else is refused."""
     prepared = read_spec(data.processed_dir)
     if list(prepared.class_names) != list(model_classes):

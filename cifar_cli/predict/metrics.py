@@ -46,9 +46,7 @@ def classification_report(
 ) -> ClassificationReport:
     predictions, targets = predictions.cpu(), targets.cpu()
     classes = len(class_names)
-    overall = {
-        name: float(value) for name, value in epoch_metrics(classes).forward(predictions, targets).items()
-    }
+    overall = {name: float(value) for name, value in epoch_metrics(classes).forward(predictions, targets).items()}
     per_class_metrics = {
         "precision": MulticlassPrecision(classes, average="none")(predictions, targets),
         "recall": MulticlassRecall(classes, average="none")(predictions, targets),
@@ -74,9 +72,7 @@ def classification_report(
     )
 
 
-def most_confused(
-    confusion: list[list[int]], class_names: list[str], count: int = 10
-) -> list[tuple[str, str, int]]:
+def most_confused(confusion: list[list[int]], class_names: list[str], count: int = 10) -> list[tuple[str, str, int]]:
     """The `count` largest off-diagonal cells as (true class, predicted class, images), largest first; ties in
     label order. For many classes this says more than the whole matrix."""
     cells = [
@@ -104,16 +100,18 @@ def reliability_bins(
     right = torch.bincount(index, weights=correct, minlength=bins)
     sure = torch.bincount(index, weights=confidence.double(), minlength=bins)
     return [
-        {"lower": b / bins, "upper": (b + 1) / bins, "count": int(counts[b]),
-         "accuracy": float(right[b] / counts[b]) if counts[b] else 0.0,
-         "confidence": float(sure[b] / counts[b]) if counts[b] else 0.0}
+        {
+            "lower": b / bins,
+            "upper": (b + 1) / bins,
+            "count": int(counts[b]),
+            "accuracy": float(right[b] / counts[b]) if counts[b] else 0.0,
+            "confidence": float(sure[b] / counts[b]) if counts[b] else 0.0,
+        }
         for b in range(bins)
-    ]  # fmt: skip
+    ]
 
 
-def expected_calibration_error(
-    probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS
-) -> float:
+def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Mean |accuracy - confidence| over the bins, weighted by the share of images in each (0: perfectly
     calibrated)."""
     rows = reliability_bins(probabilities, targets, bins)

@@ -25,9 +25,7 @@ from cifar_cli.predict.metrics import expected_calibration_error
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 FEW_IMAGES = 1_000  # validation images below which a fitted temperature is noisy
-LOCK_HINT = (
-    "Calibrate once the training has finished: its next checkpoint would be written over the temperature."
-)
+LOCK_HINT = "Calibrate once the training has finished: its next checkpoint would be written over the temperature."
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
@@ -52,26 +50,21 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def calibrate_checkpoint(
-    checkpoint: Path,
-    data: DataSettings,
-    device_name: str = "auto",
-    say: Callable[[str], None] = lambda _t: None,
+    checkpoint: Path, data: DataSettings, device_name: str = "auto", say: Callable[[str], None] = lambda _t: None
 ) -> dict[str, Any]:
     """Fit the temperature of `checkpoint` on its run's validation split and store it in the file (rewritten
     atomically); returns the temperature with the test split's ECE and NLL before and after."""
     if checkpoint.suffix in EXPORTED_SUFFIXES:
         raise UsageError(
             f"{checkpoint} is an export: calibrate the checkpoint, then export it again (the temperature goes into "
-            "the export's contract).",
+            "the export's contract)."
         )
     # The run's own lock: a training still running would write its next epoch over the temperature.
     with run_lock([checkpoint.parent], checkpoint.parent.name, hint=LOCK_HINT):
         return _calibrate(checkpoint, data, device_name, say)
 
 
-def _calibrate(
-    checkpoint: Path, data: DataSettings, device_name: str, say: Callable[[str], None]
-) -> dict[str, Any]:
+def _calibrate(checkpoint: Path, data: DataSettings, device_name: str, say: Callable[[str], None]) -> dict[str, Any]:
     stored = load_checkpoint(checkpoint)
     val_size = stored["settings"]["data"].get("val_size")
     if not val_size:

@@ -39,9 +39,7 @@ def resolve_device(name: str) -> torch.device:
             )
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)."
-            )
+            raise UsageError(f"Device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
         return device
     if name == "mps" and not _mps_available():
         raise UsageError("Device 'mps' was requested but Apple's MPS backend is not available here.")
@@ -84,9 +82,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "bf16":
         return Precision("bf16", torch.bfloat16, False)
     if device.type == "cpu":
-        raise UsageError(
-            "fp16 autocast is not supported for training on the CPU.", hint="Use --precision bf16."
-        )
+        raise UsageError("fp16 autocast is not supported for training on the CPU.", hint="Use --precision bf16.")
     return Precision("fp16", torch.float16, device.type == "cuda")
 
 

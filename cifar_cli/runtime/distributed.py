@@ -40,9 +40,12 @@ def init_process_group(context: DistContext, device: torch.device) -> None:
         return
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                            store=dist.PrefixStore(f"cifar/attempt-{attempt}", store), rank=rank,
-                            world_size=world_size)  # fmt: skip
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        store=dist.PrefixStore(f"cifar/attempt-{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def destroy_process_group() -> None:

@@ -25,11 +25,7 @@ def parse_axis(assignment: str) -> tuple[str, list[Any]]:
     if match := RANGE.match(text):
         return key, range_values(key, text, match.group(1), match.group(2), match.group(3) or "1")
     if match := LOG.match(text):
-        low, high, count = (
-            float(_decimal(match.group(1))),
-            float(_decimal(match.group(2))),
-            int(match.group(3)),
-        )
+        low, high, count = (float(_decimal(match.group(1))), float(_decimal(match.group(2))), int(match.group(3)))
         if low <= 0 or high <= 0 or count < 2:
             raise SettingsError("Bad log range.", [(key, "log(a, b, n) needs a, b > 0 and n >= 2", text)])
         ratio = (high / low) ** (1 / (count - 1))

@@ -28,13 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_cli.config.settings import (
-    Settings,
-    dump_yaml,
-    held_out_images,
-    load_settings,
-    set_dotted,
-)
+from cifar_cli.config.settings import Settings, dump_yaml, held_out_images, load_settings, set_dotted
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import DEBUG_VARIABLE, ExitCode, SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
@@ -49,9 +43,7 @@ class Trial:
     name: str  # run folder name
 
 
-def plan_trials(
-    axes: list[tuple[str, list[Any]]], seeds: list[int], samples: int | None, seed: int = 0
-) -> list[Trial]:
+def plan_trials(axes: list[tuple[str, list[Any]]], seeds: list[int], samples: int | None, seed: int = 0) -> list[Trial]:
     """The Cartesian product of the axes, each with every seed; or `samples` seeded random draws from it."""
     keys = [key for key, _ in axes]
     varied = tuple(key for key, values in axes if len(values) > 1)
@@ -62,9 +54,7 @@ def plan_trials(
     for combo in grid:
         for run_seed in seeds:
             values = {**combo, "train.seed": run_seed}
-            trials.append(
-                Trial(len(trials), values, varied, f"t{len(trials):03d}_{trial_label(values, varied)}"[:120])
-            )
+            trials.append(Trial(len(trials), values, varied, f"t{len(trials):03d}_{trial_label(values, varied)}"[:120]))
     return trials
 
 
@@ -147,18 +137,18 @@ def rank(trials: list[Trial], summaries: dict[str, Any]) -> list[RecipeResult]:
     results = []
     for key, members in groups.items():
         done = [
-            summaries[t.name]
-            for t in members
-            if t.name in summaries and summaries[t.name].val_accuracy is not None
+            summaries[t.name] for t in members if t.name in summaries and summaries[t.name].val_accuracy is not None
         ]
         vals = [s.val_accuracy for s in done]
         results.append(
             RecipeResult(
-                json.loads(key), [t.name for t in members],
-                statistics.mean(vals) if vals else None, statistics.stdev(vals) if len(vals) > 1 else None,
+                json.loads(key),
+                [t.name for t in members],
+                statistics.mean(vals) if vals else None,
+                statistics.stdev(vals) if len(vals) > 1 else None,
                 [s.test_accuracy for s in done if s.test_accuracy is not None],
             )
-        )  # fmt: skip
+        )
     return sorted(results, key=lambda r: (r.val_mean is None, -(r.val_mean or 0.0)))
 
 
@@ -166,19 +156,26 @@ def write_results(folder: Path, ranked: list[RecipeResult], extra: dict[str, Any
     """sweep.json (everything, plus `extra`: a shared study's name and pruned trials) and sweep.csv (one row per
     recipe), written atomically."""
     rows = [
-        {**r.values, "val_accuracy_mean": r.val_mean, "val_accuracy_std": r.val_std, "seeds": len(r.trials),
-         "trials": " ".join(r.trials)}
+        {
+            **r.values,
+            "val_accuracy_mean": r.val_mean,
+            "val_accuracy_std": r.val_std,
+            "seeds": len(r.trials),
+            "trials": " ".join(r.trials),
+        }
         for r in ranked
-    ]  # fmt: skip
+    ]
     chosen = ranked[0] if ranked and ranked[0].val_mean is not None else None
     document = {
         "ranked_by": "validation accuracy (mean over seeds)",
         "recipes": rows,
         "chosen": chosen.values if chosen else None,
         # Reported once, for the recipe chosen on validation; it chose nothing.
-        "chosen_test_accuracy_mean": statistics.mean(chosen.test_accuracies) if chosen and chosen.test_accuracies else None,
+        "chosen_test_accuracy_mean": statistics.mean(chosen.test_accuracies)
+        if chosen and chosen.test_accuracies
+        else None,
         **(extra or {}),
-    }  # fmt: skip
+    }
     write_text_atomically(folder / "sweep.json", json.dumps(document, indent=2))
     buffer = io.StringIO()
     if rows:
@@ -215,9 +212,7 @@ def run_trials(
     statuses = [TrialStatus(trial, "skipped" if trial.name in finished else "queued") for trial in trials]
     for status, settings in zip(statuses, built):
         if status.state == "skipped":
-            say(
-                f"Trial {status.trial.index + 1}/{len(trials)} {status.trial.name}: finished before, skipped."
-            )
+            say(f"Trial {status.trial.index + 1}/{len(trials)} {status.trial.name}: finished before, skipped.")
             continue
         status.state = "running"
         _refresh(statuses, folder)
@@ -354,9 +349,12 @@ def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> 
     with status.log.open("ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "cifar_cli", "train", "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
             preexec_fn=_stop_with_parent,
-        )  # fmt: skip
+        )
 
 
 def _stop_with_parent() -> None:
@@ -395,8 +393,4 @@ def _refresh(statuses: list[TrialStatus], folder: Path) -> None:
         if run is None:
             continue
         status.epochs_done, status.epochs_planned = run.epochs_done, run.epochs_planned
-        status.val_accuracy, status.test_accuracy, status.seconds = (
-            run.val_accuracy,
-            run.test_accuracy,
-            run.seconds,
-        )
+        status.val_accuracy, status.test_accuracy, status.seconds = (run.val_accuracy, run.test_accuracy, run.seconds)

@@ -39,9 +39,7 @@ class Dimension:
         if self.low is None:
             return trial.suggest_categorical(self.key, list(self.values))
         if all(isinstance(v, int) for v in (self.low, self.high, self.step or 1)):
-            return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
-            )
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
 
@@ -126,9 +124,7 @@ def make_pruner(kind: str, epochs: int) -> Any:
     if kind == "halving":
         return pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=PRUNE_REDUCTION)
     if kind == "hyperband":
-        return pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(epochs, 1), reduction_factor=PRUNE_REDUCTION
-        )
+        return pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=PRUNE_REDUCTION)
     return pruners.NopPruner()
 
 
@@ -196,8 +192,6 @@ def describe_dimension(dimension: Dimension, sampler: str) -> str:
     if sampler == "grid" or dimension.low is None:
         return f"{dimension.key} in {list(dimension.values)}"
     scale = (
-        "log-uniform"
-        if dimension.log
-        else ("in steps of " + f"{dimension.step:g}" if dimension.step else "uniform")
+        "log-uniform" if dimension.log else ("in steps of " + f"{dimension.step:g}" if dimension.step else "uniform")
     )
     return f"{dimension.key} {scale} from {dimension.low:g} to {dimension.high:g}"

@@ -29,9 +29,7 @@ from cifar_cli.sweep.space import FIRST_ATTR, Dimension, GridExhausted, fresh_in
 from cifar_cli.train.tracking import PRUNED_FILE
 
 HEARTBEAT_SECONDS = 20.0  # how often a running trial says it is alive
-STALE_SECONDS = (
-    300.0  # a trial on another host silent this long is taken as dead (clocks agree within seconds)
-)
+STALE_SECONDS = 300.0  # a trial on another host silent this long is taken as dead (clocks agree within seconds)
 WORKER_ATTR = "cifar:worker"  # user attribute of a running trial: host, pid, last heartbeat (Unix seconds)
 SPACE_ATTR = "cifar:space"  # study user attribute: the search space it was created with
 RECIPE_ATTR = "cifar:recipe"  # study user attribute: the fixed settings its trials share (study_recipe)
@@ -89,10 +87,14 @@ def queue_retry(study: Any, trial: Any) -> None:
     system_attrs = {**trial.system_attrs, FIRST_ATTR: trial.system_attrs.get(FIRST_ATTR, trial.number)}
     study.add_trial(
         optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs=user_attrs, system_attrs=system_attrs, intermediate_values=trial.intermediate_values,
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+            intermediate_values=trial.intermediate_values,
         )
-    )  # fmt: skip
+    )
 
 
 @contextmanager
@@ -134,15 +136,15 @@ def open_study(storage: Any, name: str, sampler: Any, pruner: Any, space: str, r
     """The study `name` (made when new); a worker whose search space or fixed recipe differs from the study's is
     refused, so that every trial of a study answers the same question."""
     optuna = require_optuna()
-    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
-                                pruner=pruner, load_if_exists=True)  # fmt: skip
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+    )
     stored = study.user_attrs.get(SPACE_ATTR)
     if stored is None:
         study.set_user_attr(SPACE_ATTR, space)
     elif stored != space:
         raise SettingsError(
-            f"Study {name!r} was created with another search space.",
-            [("--set", f"the study's: {stored}", space)],
+            f"Study {name!r} was created with another search space.", [("--set", f"the study's: {stored}", space)]
         )
     stored_recipe = study.user_attrs.get(RECIPE_ATTR)
     if stored_recipe is None:
@@ -207,9 +209,7 @@ def frozen(study: Any, trial: Any) -> Any:
     return study._storage.get_trial(trial._trial_id)
 
 
-def _run_one(
-    study: Any, trial: Any, plan: StudyPlan, train_trial: Callable, say: Callable[[str], None]
-) -> str:
+def _run_one(study: Any, trial: Any, plan: StudyPlan, train_trial: Callable, say: Callable[[str], None]) -> str:
     from cifar_cli.train.run import TrainingInterrupted
 
     optuna = require_optuna()
@@ -279,8 +279,12 @@ def trial_runner(
         summary = next(run for run in list_runs(folder) if run.name == trial.name)
         if summary.val_accuracy is None:
             raise UsageError(f"Trial {trial.name} has no validation accuracy to rank it by.")
-        return {"val_accuracy": summary.val_accuracy, "test_accuracy": summary.test_accuracy,
-                "seconds": summary.seconds, "epochs": summary.epochs_done}  # fmt: skip
+        return {
+            "val_accuracy": summary.val_accuracy,
+            "test_accuracy": summary.test_accuracy,
+            "seconds": summary.seconds,
+            "epochs": summary.epochs_done,
+        }
 
     return run
 
@@ -305,6 +309,7 @@ def study_results(study: Any) -> tuple[list[Trial], dict[str, Any], list[dict[st
             )
         elif record.state == state.PRUNED:
             epochs = max(record.intermediate_values, default=0)
-            pruned.append({"run": name, **record.params, "epochs": epochs,
-                           "val_accuracy": record.intermediate_values.get(epochs)})  # fmt: skip
+            pruned.append(
+                {"run": name, **record.params, "epochs": epochs, "val_accuracy": record.intermediate_values.get(epochs)}
+            )
     return sorted(trials, key=lambda t: t.index), summaries, pruned

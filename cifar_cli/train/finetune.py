@@ -57,8 +57,7 @@ def read_source(path: Path) -> Source:
         )
     state = load_checkpoint(path, map_location="cpu")
     model = state.get("settings", {}).get("model", {})
-    return Source(path, state, state["model_name"], float(model.get("width_multiplier", 1.0)),
-                  checkpoint_spec(state))  # fmt: skip
+    return Source(path, state, state["model_name"], float(model.get("width_multiplier", 1.0)), checkpoint_spec(state))
 
 
 def check_fits(source: Source, model: ModelSettings, class_names: list[str] | tuple[str, ...]) -> None:
@@ -87,18 +86,14 @@ def head_name(model: nn.Module) -> str:
     return linear[-1]
 
 
-def load_weights(
-    model: nn.Module, source: Source, class_names: list[str] | tuple[str, ...]
-) -> dict[str, Any]:
+def load_weights(model: nn.Module, source: Source, class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Load `source` into `model` (a new head where the classes differ); returns the record of what was loaded."""
     loadable = _loadable(model, source, class_names)
     model.load_state_dict(loadable, strict=False)
     return source.record("loaded" if len(loadable) == len(model.state_dict()) else "new")
 
 
-def _loadable(
-    model: nn.Module, source: Source, class_names: list[str] | tuple[str, ...]
-) -> dict[str, torch.Tensor]:
+def _loadable(model: nn.Module, source: Source, class_names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of `source` that `model` takes: all, or all but the head's where the classes differ. Any other
     missing, extra or differently shaped tensor is an error that names them."""
     head = head_name(model)
@@ -106,9 +101,7 @@ def _loadable(
     own = model.state_dict()
     same_classes = list(source.spec.class_names) == list(class_names)
     replaced = set() if same_classes else {key for key in own if key.startswith(head + ".")}
-    problems = [
-        _mismatch(key, incoming.get(key), tensor) for key, tensor in own.items() if key not in replaced
-    ]
+    problems = [_mismatch(key, incoming.get(key), tensor) for key, tensor in own.items() if key not in replaced]
     problems = [problem for problem in problems if problem]
     problems += [f"{key}: not in this model" for key in sorted(set(incoming) - set(own) - replaced)]
     if problems:
@@ -145,9 +138,7 @@ class BodyFreezer:
 
     def __init__(self, model: nn.Module, epochs: int, distributed: bool) -> None:
         head = head_name(model) + "."
-        self.body = [
-            p for name, p in model.named_parameters() if not name.startswith(head) and p.requires_grad
-        ]
+        self.body = [p for name, p in model.named_parameters() if not name.startswith(head) and p.requires_grad]
         self.epochs, self.distributed = epochs, distributed
         self.frozen = False
 

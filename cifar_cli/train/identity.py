@@ -18,9 +18,18 @@ from cifar_cli.config.settings import OFFICIAL_ARCHIVES, Settings
 # the end), and its length: a run is identified by every other setting, so `--epochs 12` after an 8-epoch run
 # extends it, and changing anything else (lookahead, micro-batches, the validation split...) starts another run.
 NOT_RECIPE = {
-    "epochs", "eval_batch_size", "device", "channels_last", "compile", "deterministic", "tta", "run_name",
-    "resume", "num_threads", "keep_freed_memory",
-}  # fmt: skip
+    "epochs",
+    "eval_batch_size",
+    "device",
+    "channels_last",
+    "compile",
+    "deterministic",
+    "tta",
+    "run_name",
+    "resume",
+    "num_threads",
+    "keep_freed_memory",
+}
 
 
 def recipe_identity(plain: dict[str, Any]) -> dict[str, Any]:
@@ -38,10 +47,7 @@ def data_identity(data: dict[str, Any]) -> dict[str, Any]:
     the data set and label set beyond CIFAR-10 (so CIFAR-10 runs keep their names)."""
     dataset = data.get("dataset") or "cifar10"
     official_md5 = OFFICIAL_ARCHIVES.get(dataset, ("", ""))[1]
-    identity: dict[str, Any] = {
-        "md5": (data.get("md5") or official_md5).lower(),
-        "val_size": data.get("val_size"),
-    }
+    identity: dict[str, Any] = {"md5": (data.get("md5") or official_md5).lower(), "val_size": data.get("val_size")}
     if dataset == "cifar100":
         identity.update(dataset=dataset, label_set=data.get("label_set", "fine"))
     if dataset == "folder":  # md5: the folder's content checksum (`adopt_prepared`)
@@ -112,10 +118,7 @@ def _git_commit(checkout: Path) -> str | None:
     try:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         changes = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError):  # no git on this machine, or a stuck one
         return None

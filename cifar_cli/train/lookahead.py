@@ -14,9 +14,7 @@ MAX_DECAY = 0.95**SYNC_EVERY  # averaging strength at the end of training
 class Lookahead:
     def __init__(self, model: nn.Module) -> None:
         self.average = {
-            name: tensor.detach().clone()
-            for name, tensor in model.state_dict().items()
-            if tensor.is_floating_point()
+            name: tensor.detach().clone() for name, tensor in model.state_dict().items() if tensor.is_floating_point()
         }
 
     @staticmethod

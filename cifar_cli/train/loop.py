@@ -69,9 +69,7 @@ class EpochRunner:
         started = self.clock()
         train_stats, steps_done, steps = self._train(progress, remaining, steps, deadline, refit)
         seconds = self.clock() - started
-        evaluated = predict(
-            self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0
-        )
+        evaluated = predict(self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0)
         report = report_from_predictions(evaluated, list(self.spec.class_names))
         eval_seconds = self.clock() - started - seconds
         images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
@@ -144,9 +142,7 @@ class EpochRunner:
         computed = {key: float(value) for key, value in metrics.compute().items()}
         # The run's last epoch, planned or cut short by the clock, ends on the averaged weights (early stopping,
         # decided after the evaluation, hands them back in the trainer).
-        if parts.lookahead is not None and (
-            progress.epoch + 1 == self.settings.train.epochs or batch_index < steps
-        ):
+        if parts.lookahead is not None and (progress.epoch + 1 == self.settings.train.epochs or batch_index < steps):
             parts.lookahead.finish(parts.model)
         return {"loss": float(totals[0] / totals[1]), **computed}, batch_index, steps
 
@@ -165,9 +161,14 @@ class EpochRunner:
         parts = self.parts
         parts.optimizer.zero_grad(set_to_none=True)
         loss, logits = forward_backward(
-            parts.train_model, images, targets, parts.criterion, self.precision, parts.scaler,
+            parts.train_model,
+            images,
+            targets,
+            parts.criterion,
+            self.precision,
+            parts.scaler,
             self.settings.train.micro_batch_size,
-        )  # fmt: skip
+        )
         if parts.freezer is not None:
             parts.freezer.after_backward()
         if self.settings.optim.grad_clip:
@@ -186,12 +187,7 @@ class EpochRunner:
             )
 
     def _report_batch(
-        self,
-        done: int,
-        loss_sum: torch.Tensor,
-        correct: torch.Tensor,
-        started: float,
-        remaining: RemainingTime,
+        self, done: int, loss_sum: torch.Tensor, correct: torch.Tensor, started: float, remaining: RemainingTime
     ) -> None:
         """Live numbers of this process's batches so far (the epoch record holds the all-rank values)."""
         elapsed = max(time.perf_counter() - started, 1e-9)

@@ -44,8 +44,9 @@ class MuonSGD(torch.optim.Optimizer):
         nesterov: bool = True,
         matmul_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        super().__init__(groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0,
-                                  "use_muon": False})  # fmt: skip
+        super().__init__(
+            groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "weight_decay": 0.0, "use_muon": False}
+        )
         self.matmul_dtype = matmul_dtype  # of the orthogonalisation; not in the state dict (a speed choice)
 
     @torch.no_grad()
@@ -58,9 +59,9 @@ class MuonSGD(torch.optim.Optimizer):
                 if group["use_muon"]:
                     # Keep the filter bank's norm at sqrt(out_channels), then step orthogonally.
                     parameter.mul_(len(parameter) ** 0.5 / parameter.norm().clamp_min(1e-12))
-                    direction = orthogonalize(
-                        direction.reshape(len(direction), -1), dtype=self.matmul_dtype
-                    ).view_as(parameter)
+                    direction = orthogonalize(direction.reshape(len(direction), -1), dtype=self.matmul_dtype).view_as(
+                        parameter
+                    )
                 parameter.add_(direction, alpha=-group["lr"])
 
     def _momentum_direction(self, parameter: torch.Tensor, group: dict) -> torch.Tensor:

@@ -32,21 +32,13 @@ def build_optimizer(
             weights.append(parameter)
     groups = [
         {"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay},
-        {
-            "params": biases,
-            "lr": settings.lr * settings.bias_lr_scale,
-            "weight_decay": settings.bias_weight_decay,
-        },
+        {"params": biases, "lr": settings.lr * settings.bias_lr_scale, "weight_decay": settings.bias_weight_decay},
         {"params": filters, "lr": settings.muon_lr, "momentum": settings.muon_momentum, "use_muon": True},
     ]
     groups = [group for group in groups if group["params"]]
     if settings.name == "muon":
         return MuonSGD(
-            groups,
-            lr=settings.lr,
-            momentum=settings.momentum,
-            nesterov=settings.nesterov,
-            matmul_dtype=muon_dtype,
+            groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.nesterov, matmul_dtype=muon_dtype
         )
     fused = use_fused_kernels(model)
     if settings.name == "sgd":
@@ -95,9 +87,7 @@ def build_scheduler(
     total_steps = max(1, epochs * steps_per_epoch)
     warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
     if settings.name == "plateau":
-        return ReduceLROnPlateau(
-            optimizer, mode=monitor_mode, factor=settings.factor, patience=settings.patience
-        )
+        return ReduceLROnPlateau(optimizer, mode=monitor_mode, factor=settings.factor, patience=settings.patience)
     if settings.name == "onecycle":
         max_lrs = [group["lr"] for group in optimizer.param_groups]
         pct_start = warmup_steps / total_steps if warmup_steps else 0.25
@@ -113,9 +103,7 @@ def restore_scheduler(scheduler: Scheduler, state: dict) -> None:
     state = dict(state)
     if "lr_lambdas" in state:  # keep the length built from the settings; take a re-plan's anchor, if any
         state["lr_lambdas"] = [
-            {key: saved[key] for key in _StepSchedule.ANCHOR if key in saved}
-            if isinstance(saved, dict)
-            else None
+            {key: saved[key] for key in _StepSchedule.ANCHOR if key in saved} if isinstance(saved, dict) else None
             for saved in state["lr_lambdas"]
         ]
     if isinstance(scheduler, OneCycleLR):

@@ -45,9 +45,7 @@ def final_evaluation(
     level = tta_level(settings.train)
     predictions = predict(model, loader, precision, device, level)
     report = report_from_predictions(predictions, list(loader.spec.class_names))
-    last_val = (
-        {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
-    )
+    last_val = {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
     final = {
         "split": "test",
         "accuracy": report.accuracy,
@@ -61,8 +59,15 @@ def final_evaluation(
     return final, report
 
 
-def run_banner(run_name: str, settings: Settings, loaders: Loaders, epoch_split: str, device: torch.device,
-               precision: Precision, context: DistContext) -> str:  # fmt: skip
+def run_banner(
+    run_name: str,
+    settings: Settings,
+    loaders: Loaders,
+    epoch_split: str,
+    device: torch.device,
+    precision: Precision,
+    context: DistContext,
+) -> str:
     """The line a run starts with: what trains, where, in what precision, on how many images, for how long."""
     train = settings.train
     training, scored = len(loaders.train.labels), len(loaders.evaluation.labels)

@@ -46,12 +46,7 @@ from cifar_cli.train.tracking import NullReporter, Reporter, RunLogger
 FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 PLAN_FILE = "plan.json"
 CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
-PATH_SETTINGS = (
-    ("data", "processed_dir"),
-    ("data", "raw_data_dir"),
-    ("log", "checkpoint_dir"),
-    ("log", "log_dir"),
-)
+PATH_SETTINGS = (("data", "processed_dir"), ("data", "raw_data_dir"), ("log", "checkpoint_dir"), ("log", "log_dir"))
 
 
 class TrainingInterrupted(CifarError):
@@ -77,9 +72,7 @@ class Trainer:
         if self.settings.train.init_from is not None:
             self.settings.train.init_from = self.settings.train.init_from.absolute()
         for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
-            setattr(
-                getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute()
-            )
+            setattr(getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute())
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
         # The CLI passes plots' figure; the core draws nothing itself.
@@ -121,8 +114,11 @@ class Trainer:
         init_from = self.settings.train.init_from
         self.source = None if resuming or init_from is None else read_source(init_from)
         splits = ranks.on_every_rank(self._load_data)  # a node without the data stops every node, named
-        ranks.same_on_every_rank(ranks.manifest_fingerprint(read_manifest(self.settings.data.processed_dir)), "The prepared data",
-                                 self.settings.data.processed_dir)  # fmt: skip
+        ranks.same_on_every_rank(
+            ranks.manifest_fingerprint(read_manifest(self.settings.data.processed_dir)),
+            "The prepared data",
+            self.settings.data.processed_dir,
+        )
         if self.source is not None:
             check_fits(self.source, self.settings.model, self.spec.class_names)
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
@@ -131,13 +127,7 @@ class Trainer:
         )
         started = synchronised_clock(self.device)
         self.parts: Parts = build_parts(
-            self.settings,
-            self.spec,
-            self.loaders.train,
-            self.device,
-            self.precision,
-            self.context,
-            self.source,
+            self.settings, self.spec, self.loaders.train, self.device, self.precision, self.context, self.source
         )
         if self.parts.started_from is not None:
             self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
@@ -166,27 +156,30 @@ class Trainer:
 
     def _train(self, resumed_from: int) -> TrainResult:
         # A resumed budget run trains the epochs its last plan chose; a fresh one keeps its budget as it goes.
-        budget = BudgetKeeper(self.run_plan, self.clock, self.started, resumed_from == 0,
-                              len(self.loaders.evaluation.labels))  # fmt: skip
+        budget = BudgetKeeper(
+            self.run_plan, self.clock, self.started, resumed_from == 0, len(self.loaders.evaluation.labels)
+        )
         logger = None
         if self.context.is_main:
             logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
             write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
         self.reporter.message(
             run_banner(
-                self.run_name,
-                self.settings,
-                self.loaders,
-                self.epoch_split,
-                self.device,
-                self.precision,
-                self.context,
+                self.run_name, self.settings, self.loaders, self.epoch_split, self.device, self.precision, self.context
             )
         )
         runner = EpochRunner(
-            self.parts, self.loaders, self.settings, self.spec, self.precision, self.device, self.context,
-            self.reporter, self.epoch_split, self.clock,
-        )  # fmt: skip
+            self.parts,
+            self.loaders,
+            self.settings,
+            self.spec,
+            self.precision,
+            self.device,
+            self.context,
+            self.reporter,
+            self.epoch_split,
+            self.clock,
+        )
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
@@ -195,9 +188,7 @@ class Trainer:
                 epoch = self.progress.epoch + 1
 
                 def refit(done: int, epoch: int = epoch, started: float = started) -> int | None:
-                    steps = budget.refit_during_epoch(
-                        epoch, done, started, self.progress.global_step, self.parts
-                    )
+                    steps = budget.refit_during_epoch(epoch, done, started, self.progress.global_step, self.parts)
                     # The loop, the display and lookahead follow the plan.
                     self.settings.train.epochs = budget.plan.epochs
                     return steps
@@ -205,9 +196,7 @@ class Trainer:
                 record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
                 # The plan first, so that this epoch's checkpoint holds the epochs now planned; the epoch's time
                 # counts the previous epoch's checkpoint and logs in place of its own, still to come.
-                self._keep_budget(
-                    budget, record, self.clock() - started + self.save_seconds, remaining, logger
-                )
+                self._keep_budget(budget, record, self.clock() - started + self.save_seconds, remaining, logger)
                 saving = self.clock()
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self.save_seconds = self.clock() - saving
@@ -233,8 +222,14 @@ class Trainer:
         eval_rate = len(self.loaders.evaluation.labels) / max(record["eval_seconds"], 1e-9)
         learn_from_epoch(self.run_plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
-    def _keep_budget(self, budget: BudgetKeeper, record: dict[str, Any], seconds: float, remaining: RemainingTime,
-                     logger: RunLogger | None) -> None:  # fmt: skip
+    def _keep_budget(
+        self,
+        budget: BudgetKeeper,
+        record: dict[str, Any],
+        seconds: float,
+        remaining: RemainingTime,
+        logger: RunLogger | None,
+    ) -> None:
         """The epochs left refit to the measured speed (budget runs); the plan everything else reads follows."""
         message = budget.after_epoch(record, seconds, record["epoch"], self.progress.global_step, self.parts)
         if budget.plan is not self.run_plan:
@@ -248,9 +243,15 @@ class Trainer:
 
     def _result(self, final_metrics: dict[str, Any], resumed_from: int, stopped_early: bool) -> TrainResult:
         return TrainResult(
-            self.run_name, self.run_dir, self.checkpoint_dir, self.progress.history, final_metrics,
-            resumed_from, stopped_early, self.run_plan,
-        )  # fmt: skip
+            self.run_name,
+            self.run_dir,
+            self.checkpoint_dir,
+            self.progress.history,
+            final_metrics,
+            resumed_from,
+            stopped_early,
+            self.run_plan,
+        )
 
     # ------------------------------------------------------------------------------------------ data
     def _load_data(self) -> Splits:
@@ -269,11 +270,7 @@ class Trainer:
     def _resolve_val_size(self, train_images: int) -> int:
         """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
         stored = self._stored_settings()
-        val_size = (
-            stored["data"]["val_size"]
-            if stored is not None
-            else resolve_val_size(self.settings, train_images)
-        )
+        val_size = stored["data"]["val_size"] if stored is not None else resolve_val_size(self.settings, train_images)
         self.settings.data.val_size = val_size
         return val_size
 
@@ -297,8 +294,9 @@ class Trainer:
         images, stored = (train_images, val_images, test_images), self._stored_settings()
 
         def measure(settings: Settings) -> RunPlan:
-            return measure_plan(settings, stored, self.device, self.context.world_size, self.reporter.message,
-                                self._elapsed, images)  # fmt: skip
+            return measure_plan(
+                settings, stored, self.device, self.context.world_size, self.reporter.message, self._elapsed, images
+            )
 
         if not self.settings.rungs or stored is not None or self.settings.train.time_budget is None:
             return self.settings.preset, measure(self.settings)
@@ -360,9 +358,7 @@ class Trainer:
         return self._last_state
 
     # ------------------------------------------------------------------------------------------ each epoch
-    def _after_epoch(
-        self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime
-    ) -> bool:
+    def _after_epoch(self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime) -> bool:
         """Bookkeeping after an epoch; returns True when early stopping says to stop."""
         progress, parts = self.progress, self.parts
         progress.epoch = record["epoch"]
@@ -410,13 +406,12 @@ class Trainer:
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
         """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
         started = synchronised_clock(self.device)
-        final, report = final_evaluation(self.parts.model, self.loaders.test, self.settings, self.precision,
-                                         self.device, self.progress.history)  # fmt: skip
+        final, report = final_evaluation(
+            self.parts.model, self.loaders.test, self.settings, self.precision, self.device, self.progress.history
+        )
         # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
         # estimate of it: a time budget bounds the first.
-        final.update(
-            wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds, made_by=provenance()
-        )
+        final.update(wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds, made_by=provenance())
         # The span the CIFAR-10 speed record times (airbench94: model init with whitening, the training steps, the
         # final TTA evaluation; no per-epoch evaluation), for `cifar bench --vs-record`. Seconds.
         final_eval_seconds = synchronised_clock(self.device) - started

@@ -92,18 +92,14 @@ def load_splits(data: DataSettings, val_size_for: Callable[[int], int], seed: in
     if val_size >= len(labels):
         raise UsageError(f"data.val_size={val_size} leaves no training images (the split has {len(labels)}).")
     train_index, val_index = stratified_split(labels, val_size, seed)
-    return Splits(
-        (images[train_index], labels[train_index]), (images[val_index], labels[val_index]), test, "val"
-    )
+    return Splits((images[train_index], labels[train_index]), (images[val_index], labels[val_index]), test, "val")
 
 
 @dataclass(frozen=True)
 class Loaders:
     train: BatchLoader  # augmented, this process's share under DDP
     evaluation: BatchLoader  # each epoch's
-    test: (
-        BatchLoader  # the final evaluation's (the same loader where the epochs are scored on the test split)
-    )
+    test: BatchLoader  # the final evaluation's (the same loader where the epochs are scored on the test split)
 
 
 def build_loaders(
@@ -118,19 +114,32 @@ def build_loaders(
     input_dtype = precision.autocast_dtype or torch.float32
     images, labels = splits.train
     training = BatchLoader(
-        images.to(device), labels.to(device), train.batch_size, train=True, spec=spec,
-        augment=Augment(**train.augment.model_dump()), seed=train.seed, dtype=input_dtype,
-        channels_last=train.channels_last, rank=context.rank, world_size=context.world_size,
+        images.to(device),
+        labels.to(device),
+        train.batch_size,
+        train=True,
+        spec=spec,
+        augment=Augment(**train.augment.model_dump()),
+        seed=train.seed,
+        dtype=input_dtype,
+        channels_last=train.channels_last,
+        rank=context.rank,
+        world_size=context.world_size,
         balanced=train.balanced_sampler,
-    )  # fmt: skip
+    )
     if len(training) == 0:
         raise UsageError("No training batches: the training split is smaller than one batch per process.")
 
     def evaluation_loader(split: Split) -> BatchLoader:
         return BatchLoader(
-            split[0].to(device), split[1].to(device), train.eval_batch_size, train=False, spec=spec,
-            dtype=input_dtype, channels_last=train.channels_last,
-        )  # fmt: skip
+            split[0].to(device),
+            split[1].to(device),
+            train.eval_batch_size,
+            train=False,
+            spec=spec,
+            dtype=input_dtype,
+            channels_last=train.channels_last,
+        )
 
     evaluation = evaluation_loader(splits.evaluation)
     test = evaluation if splits.epoch_split == "test" else evaluation_loader(splits.test)
@@ -190,13 +199,20 @@ def build_parts(
     frozen_epochs = settings.train.freeze_epochs if settings.train.init_from is not None else 0
     freezer = BodyFreezer(model, frozen_epochs, context.enabled) if frozen_epochs else None
     return Parts(
-        model, train_model, optimizer, scheduler,
+        model,
+        train_model,
+        optimizer,
+        scheduler,
         torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler),
-        nn.CrossEntropyLoss(weight=class_weights(settings.train, loader.labels, spec.num_classes),
-                            label_smoothing=settings.optim.label_smoothing),
+        nn.CrossEntropyLoss(
+            weight=class_weights(settings.train, loader.labels, spec.num_classes),
+            label_smoothing=settings.optim.label_smoothing,
+        ),
         Lookahead(model) if settings.train.lookahead else None,
-        settings.train.epochs * len(loader), started_from, freezer,
-    )  # fmt: skip
+        settings.train.epochs * len(loader),
+        started_from,
+        freezer,
+    )
 
 
 def class_weights(train: TrainSettings, labels: torch.Tensor, classes: int) -> torch.Tensor | None:

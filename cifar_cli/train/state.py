@@ -8,12 +8,7 @@ from typing import Any
 
 import torch
 
-from cifar_cli.checkpoint import (
-    FORMAT_VERSION,
-    capture_rng_states,
-    restore_rng_states,
-    save_checkpoint,
-)
+from cifar_cli.checkpoint import FORMAT_VERSION, capture_rng_states, restore_rng_states, save_checkpoint
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
@@ -28,9 +23,7 @@ DROPPED_TEMPERATURE = (
     f"{LAST_CHECKPOINT} held a temperature from `cifar calibrate`; it is dropped, as the weights it was fitted to "
     "change from here. Run `cifar calibrate` again once this run ends."
 )
-BEST_CHECKPOINT = (
-    "best.pth"  # the epoch with the best monitored validation value (only with a validation split)
-)
+BEST_CHECKPOINT = "best.pth"  # the epoch with the best monitored validation value (only with a validation split)
 
 
 @dataclass
@@ -93,9 +86,12 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
     parts.started_from = state.get("started_from")
     epoch = state["epoch"]
     return Progress(
-        epoch, state["global_step"], list(state["history"])[:epoch], state.get("best_metric"),
+        epoch,
+        state["global_step"],
+        list(state["history"])[:epoch],
+        state.get("best_metric"),
         state.get("epochs_without_improvement", 0),
-    )  # fmt: skip
+    )
 
 
 def check_same_recipe(stored: dict[str, Any], settings: Settings, run_name: str) -> None:

@@ -86,11 +86,7 @@ def epoch_summary(record: dict[str, Any]) -> str:
                 f"acc {record[f'{split}_accuracy']:.2%}",
                 f"f1 {record[f'{split}_f1']:.3f}",
             ]
-    parts += [
-        f"lr {record['lr']:.3g}",
-        f"{record['images_per_second']:,.0f} img/s",
-        f"{record['seconds']:.1f} s",
-    ]
+    parts += [f"lr {record['lr']:.3g}", f"{record['images_per_second']:,.0f} img/s", f"{record['seconds']:.1f} s"]
     if record.get("remaining_seconds") is not None:
         parts.append(f"about {format_duration(record['remaining_seconds'])} left")
     return " | ".join(parts)
@@ -124,9 +120,7 @@ class RunLogger:
         self.writer.add_scalar("lr/step", record["lr"], step)
         self.writer.flush()
 
-    def log_final(
-        self, hparams: dict[str, Any], metrics: dict[str, Any], confusion_figure: Any | None
-    ) -> None:
+    def log_final(self, hparams: dict[str, Any], metrics: dict[str, Any], confusion_figure: Any | None) -> None:
         write_text_atomically(self.run_dir / FINAL_METRICS_FILE, json.dumps(metrics, indent=2))
         if self.writer is None:
             return
@@ -176,7 +170,5 @@ DAMAGED_HINT = "The run's checkpoint holds the same history: `cifar plot CHECKPO
 
 def _is_epoch_record(record: object) -> bool:
     return (
-        isinstance(record, dict)
-        and isinstance(record.get("epoch"), int)
-        and isinstance(record.get("lr"), (int, float))
+        isinstance(record, dict) and isinstance(record.get("epoch"), int) and isinstance(record.get("lr"), (int, float))
     )

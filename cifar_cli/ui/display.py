@@ -6,13 +6,7 @@ import os
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cifar_cli.config.durations import format_duration
 from cifar_cli.train.tracking import NullReporter, Reporter, epoch_summary
@@ -57,9 +51,7 @@ class RichReporter(PlainReporter):
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
         if self.epoch_task is None:
             self.progress.start()
-            self.epoch_task = self.progress.add_task(
-                "epochs", total=epochs, completed=epoch - 1, stats="", left=""
-            )
+            self.epoch_task = self.progress.add_task("epochs", total=epochs, completed=epoch - 1, stats="", left="")
             self.batch_task = self.progress.add_task("batches", total=batches, stats="", left="")
         self.progress.update(self.epoch_task, completed=epoch - 1, total=epochs)
         self.progress.reset(self.batch_task, total=batches, description=f"epoch {epoch}", stats="", left="")

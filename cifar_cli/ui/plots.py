@@ -46,12 +46,7 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure:
             axis.legend()
     lr_axis = axes.flat[3]
     lr_axis.plot(
-        epochs,
-        [record["lr"] for record in history],
-        "-o",
-        markersize=3,
-        color="tab:purple",
-        label="lr (end of epoch)",
+        epochs, [record["lr"] for record in history], "-o", markersize=3, color="tab:purple", label="lr (end of epoch)"
     )
     lr_axis.set(title="learning rate", xlabel="epoch", ylabel="learning rate")
     lr_axis.grid(alpha=0.3)
@@ -78,8 +73,14 @@ def confusion_matrix_figure(matrix: list[list[int]], class_names: list[str]) -> 
     figure.colorbar(image, ax=axis, label="fraction of the true class", shrink=0.8)
     ticks = range(classes)
     label_size = 9 if classes <= ANNOTATED_CLASSES else 5
-    axis.set_xticks(ticks, class_names, rotation=45 if classes <= ANNOTATED_CLASSES else 90, ha="right",
-                    fontsize=label_size, rotation_mode="anchor")  # fmt: skip
+    axis.set_xticks(
+        ticks,
+        class_names,
+        rotation=45 if classes <= ANNOTATED_CLASSES else 90,
+        ha="right",
+        fontsize=label_size,
+        rotation_mode="anchor",
+    )
     axis.set_yticks(ticks, class_names, fontsize=label_size)
     axis.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix")
     if classes <= ANNOTATED_CLASSES:
@@ -102,8 +103,9 @@ def per_class_figure(per_class: dict[str, dict[str, float]]) -> Figure:
     axis = figure.subplots()
     axis.bar(positions - 0.2, recall, width=0.4, label="accuracy (recall)")
     axis.bar(positions + 0.2, f1, width=0.4, label="F1")
-    axis.set_xticks(positions, names, rotation=90 if many else 30, ha="center" if many else "right",
-                    fontsize=6 if many else 10)  # fmt: skip
+    axis.set_xticks(
+        positions, names, rotation=90 if many else 30, ha="center" if many else "right", fontsize=6 if many else 10
+    )
     axis.set(ylim=(0, 1), ylabel="fraction", title="Per-class accuracy and F1", xlim=(-0.6, len(names) - 0.4))
     axis.grid(axis="y", alpha=0.3)
     axis.legend(loc="lower right")
@@ -123,9 +125,7 @@ def predictions_figure(
     for axis, image, target, guess in zip(axes, images, targets, predicted):
         wrong = target != guess
         axis.imshow(image.transpose(1, 2, 0), interpolation="nearest")
-        axis.set_title(
-            f"{class_names[target]}\n→ {class_names[guess]}", fontsize=8, color="red" if wrong else "black"
-        )
+        axis.set_title(f"{class_names[target]}\n→ {class_names[guess]}", fontsize=8, color="red" if wrong else "black")
         axis.set_xticks([])
         axis.set_yticks([])
         for spine in axis.spines.values():
@@ -153,15 +153,10 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
     from cifar_cli.train.tracking import HISTORY_FILE, read_history
 
     if target is None:
-        runs = (
-            sorted(log_dir.glob(f"*/{HISTORY_FILE}"), key=lambda p: p.stat().st_mtime)
-            if log_dir.is_dir()
-            else []
-        )
+        runs = sorted(log_dir.glob(f"*/{HISTORY_FILE}"), key=lambda p: p.stat().st_mtime) if log_dir.is_dir() else []
         if not runs:
             raise UsageError(
-                f"No runs with a history in {log_dir}.",
-                hint="Train first, or pass a run folder or checkpoint.",
+                f"No runs with a history in {log_dir}.", hint="Train first, or pass a run folder or checkpoint."
             )
         target = runs[-1].parent
     if target.is_file():
@@ -174,16 +169,13 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
     history = read_history(target)
     if not history:
         raise UsageError(
-            f"{target} has no {HISTORY_FILE}.",
-            hint="Pass a run folder made by `cifar train` (log_dir/<run>).",
+            f"{target} has no {HISTORY_FILE}.", hint="Pass a run folder made by `cifar train` (log_dir/<run>)."
         )
     recorded = _recorded_settings(target)
     # The run's own folders first (it may have been trained with --checkpoint-dir / --processed-dir), then the
     # ones given now. last.pth: the final weights, which the run's reported accuracy is about.
     folders = [Path(recorded.get("log", {}).get("checkpoint_dir", checkpoint_dir)), checkpoint_dir]
-    checkpoint = next(
-        (f / target.name / "last.pth" for f in folders if (f / target.name / "last.pth").is_file()), None
-    )
+    checkpoint = next((f / target.name / "last.pth" for f in folders if (f / target.name / "last.pth").is_file()), None)
     return PlotSources(target, checkpoint, history)
 
 
@@ -225,8 +217,7 @@ def write_run_plots(
     metrics = evaluation.metrics
     written.append(
         save_figure(
-            confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]),
-            out / "confusion_matrix.png",
+            confusion_matrix_figure(metrics["confusion_matrix"], metrics["class_names"]), out / "confusion_matrix.png"
         )
     )
     written.append(save_figure(per_class_figure(metrics["per_class"]), out / "per_class.png"))
@@ -271,8 +262,11 @@ def sweep_figure(recipes: list[dict[str, Any]], keys: list[str]) -> Figure:
     figure = Figure(figsize=(4.5 * len(keys), 3.6))
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     for axis, key in zip(axes, keys):
-        points = [(r.get(key, i), r["val_accuracy_mean"], r["val_accuracy_std"] or 0.0)
-                  for i, r in enumerate(recipes) if r["val_accuracy_mean"] is not None]  # fmt: skip
+        points = [
+            (r.get(key, i), r["val_accuracy_mean"], r["val_accuracy_std"] or 0.0)
+            for i, r in enumerate(recipes)
+            if r["val_accuracy_mean"] is not None
+        ]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
         xs = [x if numeric else str(x) for x, _, _ in points]
         axis.errorbar(xs, [y for _, y, _ in points], yerr=[e for _, _, e in points], fmt="o", capsize=3)

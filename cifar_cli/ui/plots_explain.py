@@ -43,8 +43,11 @@ def mistakes_figure(evaluation: Evaluation, columns: int = 8) -> Figure:
     for axis, i in zip(axes, index.tolist()):
         guess = int(evaluation.predicted[i])
         axis.imshow(evaluation.images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        axis.set_title(f"true {names[int(evaluation.targets[i])]}\n→ {names[guess]} {float(probabilities[i, guess]):.0%}",
-                       fontsize=8, color="red")  # fmt: skip
+        axis.set_title(
+            f"true {names[int(evaluation.targets[i])]}\n→ {names[guess]} {float(probabilities[i, guess]):.0%}",
+            fontsize=8,
+            color="red",
+        )
     title = "The most confidently wrong test images" if len(index) else "No test image is misclassified"
     figure.suptitle(f"{title} (true class → prediction, probability)")
     figure.tight_layout()
@@ -65,16 +68,17 @@ def gradcam_figure(evaluation: Evaluation, loaded: LoadedModel) -> Figure:
         wrong = int(evaluation.predicted[i]) != int(evaluation.targets[i])
         picture = images[column].permute(1, 2, 0).numpy()
         axes[0, column].imshow(picture, interpolation="nearest")
-        axes[0, column].set_title(f"{names[int(evaluation.targets[i])]}\n→ {names[int(evaluation.predicted[i])]}",
-                                  fontsize=8, color="red" if wrong else "black")  # fmt: skip
+        axes[0, column].set_title(
+            f"{names[int(evaluation.targets[i])]}\n→ {names[int(evaluation.predicted[i])]}",
+            fontsize=8,
+            color="red" if wrong else "black",
+        )
         axes[1, column].imshow(picture, interpolation="nearest")
         axes[1, column].imshow(heat[column].numpy(), cmap="jet", alpha=0.45, interpolation="bilinear")
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle(
-        "Grad-CAM of the predicted class (last convolution): confident right, then confident wrong"
-    )
+    figure.suptitle("Grad-CAM of the predicted class (last convolution): confident right, then confident wrong")
     figure.tight_layout()
     return figure
 
@@ -94,11 +98,23 @@ def reliability_figure(evaluation: Evaluation) -> Figure:
         ece = expected_calibration_error(probabilities, evaluation.targets)
         shown = [row for row in bins if row["count"]]
         share = width / len(curves)  # the bins' bars side by side, one per curve
-        axis.bar([row["lower"] + offset * share for row in shown], [row["accuracy"] for row in shown], width=share,
-                 align="edge", color=colour, alpha=0.75, label=f"{label} (ECE {ece:.2%})")  # fmt: skip
+        axis.bar(
+            [row["lower"] + offset * share for row in shown],
+            [row["accuracy"] for row in shown],
+            width=share,
+            align="edge",
+            color=colour,
+            alpha=0.75,
+            label=f"{label} (ECE {ece:.2%})",
+        )
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy",
-             title=f"Reliability on the test split ({len(evaluation.targets):,} images, {ECE_BINS} bins)")  # fmt: skip
+    axis.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        title=f"Reliability on the test split ({len(evaluation.targets):,} images, {ECE_BINS} bins)",
+    )
     axis.grid(alpha=0.3)
     axis.legend(loc="upper left")
     figure.tight_layout()
