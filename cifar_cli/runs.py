@@ -56,7 +56,7 @@ def list_runs(log_dir: Path, sort: str = "name") -> list[RunSummary]:
 
 def _group(parent: Path, sweep: str | None, sort: str) -> list[RunSummary]:
     folders = sorted(p for p in parent.iterdir() if (p / SETTINGS_FILE).is_file() or (p / HISTORY_FILE).is_file())
-    settings = {folder.name: _read_settings(folder) for folder in folders}
+    settings = {folder.name: read_run_settings(folder) for folder in folders}
     identities = {name: recipe_identity(plain) for name, plain in settings.items()}
     varying = _varying_keys(list(identities.values()))
     runs = [_summary(folder, settings[folder.name], identities[folder.name], varying) for folder in folders]
@@ -68,7 +68,7 @@ def _group(parent: Path, sweep: str | None, sort: str) -> list[RunSummary]:
 def recorded_differences(run_folder: Path, settings: Settings) -> list[tuple[str, Any, Any]]:
     """(setting, as the run in `run_folder` recorded it, as `settings` ask now) for what makes a run's result: its
     recipe and its length (the epochs, or the time budget that chose them). Empty where no run was recorded."""
-    stored = _read_settings(run_folder)
+    stored = read_run_settings(run_folder)
     if not stored:
         return []
     settings = settings.model_copy(update={"data": adopt_prepared(settings.data)})  # as the run recorded its data
@@ -80,7 +80,8 @@ def recorded_differences(run_folder: Path, settings: Settings) -> list[tuple[str
     return differences
 
 
-def _read_settings(folder: Path) -> dict[str, Any]:
+def read_run_settings(folder: Path) -> dict[str, Any]:
+    """The resolved settings a run folder records ({} where it records none); a damaged file is a UsageError."""
     try:
         plain = yaml.safe_load((folder / SETTINGS_FILE).read_text())
     except FileNotFoundError:

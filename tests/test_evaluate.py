@@ -9,12 +9,18 @@ import torch
 
 from cifar_cli.checkpoint import load_checkpoint
 from cifar_cli.errors import UsageError
-from cifar_cli.predict.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.predict.classify import classify_files, load_classifier
+from cifar_cli.predict.evaluate import run_evaluation
 from cifar_cli.predict.metrics import classification_report
 from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
 
 NAMES = [f"c{i}" for i in range(10)]
+
+
+def predict_images(checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict]:
+    """What `cifar predict` computes for these files: top-k classes with probabilities."""
+    return classify_files(load_classifier(checkpoint, device_name), paths, top_k).rows
 
 
 def test_metrics_match_a_hand_computation() -> None:
@@ -47,7 +53,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: P
 def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
     from cifar_cli.config.settings import DataSettings
 
-    metrics = evaluate_checkpoint(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True)
+    metrics = run_evaluation(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True).metrics
     assert {
         "accuracy",
         "precision_macro",
@@ -121,7 +127,7 @@ def test_weights_that_do_not_fit_the_model(tmp_path: Path, trained_checkpoint: P
     state["settings"]["model"]["width_multiplier"] = 0.5
     path = _save(state, tmp_path / "mismatch.pth")
     with pytest.raises(UsageError, match="do not fit"):
-        evaluate_checkpoint(path, DataSettings(processed_dir=prepared_dir))
+        run_evaluation(path, DataSettings(processed_dir=prepared_dir))
 
 
 def _png_of_zeros(path: Path, width: int, height: int) -> Path:

@@ -13,7 +13,8 @@ from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.export import writer as export_module
 from cifar_cli.export.writer import export_checkpoint
 from cifar_cli.predict import exported_model as exported_module
-from cifar_cli.predict.evaluate import evaluate_checkpoint, predict_images
+from cifar_cli.predict.classify import classify_files, load_classifier
+from cifar_cli.predict.evaluate import run_evaluation
 from cifar_cli.predict.exported_model import load_exported
 from cifar_cli.train.run import train
 from tests.conftest import flat, run_cli, tiny_settings
@@ -22,6 +23,11 @@ HAS_ONNX = all(importlib.util.find_spec(name) for name in exported_module.ONNX_P
 needs_onnx = pytest.mark.skipif(
     not HAS_ONNX, reason="the [export] extra (onnx, onnxscript, onnxruntime) is not installed"
 )
+
+
+def predict_images(checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto") -> list[dict]:
+    """What `cifar predict` computes for these files: top-k classes with probabilities."""
+    return classify_files(load_classifier(checkpoint, device_name), paths, top_k).rows
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +57,8 @@ def test_every_model_exports_and_matches_its_checkpoint(
     assert contract["model"] == model and contract["tta_level"] == 2 and contract["normalisation_inside"]
     assert contract["input"]["range"] == [0.0, 1.0] and len(contract["class_names"]) == 10
     # evaluate reads the export with its own runtime and agrees with the checkpoint (TTA as trained)
-    exported = evaluate_checkpoint(result.path, data, device_name="cpu")
-    original = evaluate_checkpoint(trained[model], data, device_name="cpu")
+    exported = run_evaluation(result.path, data, device_name="cpu").metrics
+    original = run_evaluation(trained[model], data, device_name="cpu").metrics
     assert exported["accuracy"] == pytest.approx(original["accuracy"], abs=1 / 30 + 1e-9)
     assert exported["num_samples"] == 30 and exported["tta"] is True
 
@@ -63,10 +69,10 @@ def test_fixed_batch_and_no_tta(trained: dict[str, Path], prepared_dir: Path, tm
     result = export_checkpoint(trained["seed-cnn"], data, "onnx", tmp_path / "b8.onnx", batch=8, tta=False)
     contract = result.contract
     assert contract["input"]["shape"] == [8, 3, 32, 32] and contract["tta_level"] == 0
-    metrics = evaluate_checkpoint(result.path, data)  # 30 test images in batches of 8, the last one padded
+    metrics = run_evaluation(result.path, data).metrics  # 30 test images in batches of 8, the last one padded
     assert metrics["num_samples"] == 30 and metrics["tta"] is False
     with pytest.raises(UsageError, match="fixed inside this exported model"):
-        evaluate_checkpoint(result.path, data, tta=True)
+        run_evaluation(result.path, data, tta=True)
 
 
 def test_predict_reads_an_exported_program(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 from cifar_cli.data import archive
-from cifar_cli.data.prepare import CLASS_FOLDERS, load_cache, prepare_dataset
+from cifar_cli.data.prepare import CLASS_NAMES, class_folders, load_cache, prepare_dataset
 from cifar_cli.errors import CifarError, UsageError
 from tests.conftest import batch_bytes, build_archive, make_images, py2_pickle
+
+CLASS_FOLDERS = class_folders(CLASS_NAMES)
 
 
 def raw_folder(tmp_path: Path, **archive_options) -> Path:

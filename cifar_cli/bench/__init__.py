@@ -33,7 +33,7 @@ from cifar_cli.config.settings import DataSettings, ModelSettings, OptimSettings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import UsageError
-from cifar_cli.models import available_models
+from cifar_cli.models import require_model
 from cifar_cli.runtime.device import describe_device, resolve_device
 from cifar_cli.runtime.memory import keep_freed_memory
 
@@ -48,8 +48,7 @@ def run_benchmark(
     manifest = read_manifest(data.processed_dir) or {}
     if not manifest.get("png"):
         raise UsageError("The seed-style pipeline needs the PNG folders.", hint="Run `cifar prepare` without --no-png.")
-    if options.model not in available_models():
-        raise UsageError(f"Unknown model {options.model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+    require_model(options.model)
     say("Ceiling: large matrix multiplies in fp32 and bf16")
     ceiling = machine_ceiling(device)
     decisions = [
@@ -119,8 +118,7 @@ def recalibrate(model: str, batch_size: int, device_name: str, include_fast: boo
     row) and the fast preset as `cifar train` runs it. Returns what to print."""
     from cifar_cli.budget.probe import forget_calibrations
 
-    if model not in available_models():
-        raise UsageError(f"Unknown model {model!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+    require_model(model)
     device = resolve_device(device_name)
     lines = [f"Forgot {forget_calibrations()} cached calibration(s)."]
     lines.append(

@@ -31,7 +31,7 @@ from cifar_cli.config.settings import DataSettings, Settings, load_settings
 from cifar_cli.data.loader import Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.errors import UsageError
-from cifar_cli.models import available_models, build_model
+from cifar_cli.models import available_models, build_model_for_measuring
 from cifar_cli.runtime.device import resolve_precision
 from cifar_cli.runtime.memory import keep_freed_memory, keep_freed_memory_supported
 from cifar_cli.train.optim import build_optimizer
@@ -61,10 +61,7 @@ def _fresh_model(
 ) -> nn.Module:
     """Synthetic benchmarks keep CIFAR-10's ten classes; those on prepared data take the data's count."""
     torch.manual_seed(0)
-    model = build_model(name, width, num_classes)
-    init = getattr(model, "init_from_data", None)
-    if init is not None:
-        init(torch.randn(512, 3, 32, 32))
+    model = build_model_for_measuring(name, width, num_classes, images=512)
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifar_cli.models import build_model
+from cifar_cli.models import build_model_for_measuring
+from cifar_cli.runtime.device import synchronise
 
 MATMUL_SIZE = 2048  # a square matrix multiply this large runs at the kernel library's best rate
 CONV_SHAPE = (64, 256, 16)  # batch, channels in and out, height = width: 9.7 GFLOP per 3x3 convolution
@@ -29,20 +30,15 @@ MIN_SECONDS = 0.5  # each rate is timed over at least this long (seconds)
 EMULATED = 0.5  # a precision whose small multiply runs under half fp32's rate is not timed at full size
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rate(operation: Callable[[], torch.Tensor], flops: float, device: torch.device) -> float:
     """FLOP/s of repeated `operation`s of `flops` each, the first untimed."""
     operation()
-    _sync(device)
+    synchronise(device)
     started, count = time.perf_counter(), 0
     while count < 2 or time.perf_counter() - started < MIN_SECONDS:
         operation()
         count += 1
-        _sync(device)
+        synchronise(device)
     return flops * count / (time.perf_counter() - started)
 
 
@@ -79,10 +75,7 @@ def machine_ceiling(device: torch.device) -> dict[str, float]:
 def train_step_flops_per_image(name: str, width_multiplier: float = 1.0, batch: int = 8) -> float:
     """Forward + backward FLOPs of one image through the model (counted on the CPU in fp32 on a small batch; the
     count does not depend on the precision or the device)."""
-    model = build_model(name, width_multiplier)
-    init = getattr(model, "init_from_data", None)
-    if init is not None:
-        init(torch.randn(64, 3, 32, 32))
+    model = build_model_for_measuring(name, width_multiplier, images=64)
     images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     counter = FlopCounterMode(display=False)
     with counter:

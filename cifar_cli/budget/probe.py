@@ -30,8 +30,8 @@ from torch import nn
 
 from cifar_cli.config.settings import ModelSettings, OptimSettings
 from cifar_cli.files import write_text_atomically
-from cifar_cli.models import build_model
-from cifar_cli.runtime.device import Precision, describe_device, resolve_precision
+from cifar_cli.models import build_model_for_measuring
+from cifar_cli.runtime.device import Precision, describe_device, resolve_precision, synchronise
 from cifar_cli.train.optim import build_optimizer
 
 CACHE_VERSION = 2  # 2: speeds at the run's batch size
@@ -257,11 +257,6 @@ def _write_entries(entries: dict[str, Any]) -> None:
         pass
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Probe:
     """A fresh model, its optimiser and a synthetic batch in one layout; times forward+backward and the step."""
 
@@ -276,10 +271,7 @@ class _Probe:
         self.device, self.layout = device, layout
         self.precision: Precision = resolve_precision(layout.precision, device)
         memory_format = torch.channels_last if layout.channels_last else torch.contiguous_format
-        network = build_model(model.name, model.width_multiplier)
-        init = getattr(network, "init_from_data", None)
-        if init is not None:
-            init(torch.randn(256, 3, 32, 32))  # fp32, outside autocast, as training does
+        network = build_model_for_measuring(model.name, model.width_multiplier)
         self.model = network.to(device, memory_format=memory_format).train()
         dtype = self.precision.autocast_dtype or torch.float32
         self.optimizer = build_optimizer(self.model, optim.model_copy(update={"lr": CALIBRATION_LR}), dtype)
@@ -291,17 +283,17 @@ class _Probe:
         """Seconds of forward + backward on `images` images, and of the optimiser step after it (0 without one:
         its cost does not depend on the batch, and Muon's in emulated bf16 alone took 1.6 s on an AVX2 CPU)."""
         self.optimizer.zero_grad(set_to_none=True)
-        _sync(self.device)
+        synchronise(self.device)
         started = time.perf_counter()
         with self.precision.autocast(self.device):
             logits = self.model(self.images[:images])
         nn.functional.cross_entropy(logits.float(), self.labels[:images]).backward()
-        _sync(self.device)
+        synchronise(self.device)
         computed = time.perf_counter()
         if not optimizer_step:
             return computed - started, 0.0
         self.optimizer.step()
-        _sync(self.device)
+        synchronise(self.device)
         return computed - started, time.perf_counter() - computed
 
     @torch.no_grad()
@@ -310,12 +302,12 @@ class _Probe:
         self.model.eval()
         with self.precision.autocast(self.device):
             self.model(self.images)
-        _sync(self.device)
+        synchronise(self.device)
         started = time.perf_counter()
         for _ in range(EVAL_PASSES):
             with self.precision.autocast(self.device):
                 self.model(self.images)
-        _sync(self.device)
+        synchronise(self.device)
         return EVAL_PASSES * len(self.images) / (time.perf_counter() - started)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +19,7 @@ from cifar_cli.cli.common import (
     flag_settings,
     resolve,
 )
-from cifar_cli.cli.sweep_tables import print_sweep, trial_table
+from cifar_cli.cli.sweep_tables import publish_results, trial_table
 from cifar_cli.config.settings import Settings, set_dotted
 from cifar_cli.errors import CifarError, SettingsError
 
@@ -104,7 +103,7 @@ def sweep(
     from cifar_cli.train.run import TrainingInterrupted
     from cifar_cli.train.run import train as run_training
     from cifar_cli.ui.display import make_reporter
-    from cifar_cli.ui.plots import confusion_matrix_figure, save_figure, sweep_figure
+    from cifar_cli.ui.plots import confusion_matrix_figure
 
     fixed: dict[str, Any] = {}
     for key, value in flag_settings(sweep, locals()).items():
@@ -155,12 +154,7 @@ def sweep(
             ) from None
     else:
         summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
-    ranked = sweeps.rank(trials, summaries)
-    sweeps.write_results(folder, ranked)
-    varied = [key for key, values in parsed if len(values) > 1]
-    document = json.loads((folder / "sweep.json").read_text())
-    save_figure(sweep_figure(document["recipes"], varied), folder / "sweep.png")
-    print_sweep(ranked, document, folder)
+    publish_results(trials, summaries, folder, [key for key, values in parsed if len(values) > 1])
 
 
 def _check_choices(sampler: str | None, pruner: str | None) -> None:

@@ -3,7 +3,6 @@ share; the core is `cifar_cli/sweep/study.py`."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ def run_study(
     sweep_name: str,
 ) -> None:
     """One worker: trials until the study has its count, then the whole study ranked into sweep.csv/json/png."""
-    from cifar_cli.cli.sweep_tables import print_sweep
     from cifar_cli.config.durations import parse_duration
     from cifar_cli.sweep import grid as sweeps
     from cifar_cli.sweep import space
@@ -45,7 +43,7 @@ def run_study(
     from cifar_cli.train.run import train as run_training
     from cifar_cli.train.tracking import EpochHook
     from cifar_cli.ui.display import make_reporter
-    from cifar_cli.ui.plots import confusion_matrix_figure, save_figure, sweep_figure
+    from cifar_cli.ui.plots import confusion_matrix_figure
 
     sampler, pruner = options["sampler"] or "grid", options["pruner"] or "none"
     _refuse_local_only(seeds, options)
@@ -102,7 +100,7 @@ def run_study(
                 hint="The trial is queued again: this command (or any worker of the study) resumes it.",
             ) from None
         raise
-    _write_results(sweeps, studies, study, folder, [d.key for d in varied], save_figure, sweep_figure, print_sweep)
+    _write_results(studies, study, folder, [d.key for d in varied])
     running = sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
     console.print(
         f"This worker: {done['finished']} finished, {done['pruned']} pruned, {done['taken over']} taken over from "
@@ -110,15 +108,12 @@ def run_study(
     )
 
 
-def _write_results(
-    sweeps: Any, studies: Any, study: Any, folder: Path, keys: list[str], save: Any, sweep_figure: Any, print_sweep: Any
-) -> None:
+def _write_results(studies: Any, study: Any, folder: Path, keys: list[str]) -> None:
+    """The whole study (every worker's trials, read from the storage) ranked, written, drawn and printed."""
+    from cifar_cli.cli.sweep_tables import publish_results
+
     trials, summaries, pruned = studies.study_results(study)
-    ranked = sweeps.rank(trials, summaries)
-    sweeps.write_results(folder, ranked, {"study": study.study_name, "pruned": pruned})
-    document = json.loads((folder / "sweep.json").read_text())
-    save(sweep_figure(document["recipes"], keys), folder / "sweep.png")
-    print_sweep(ranked, document, folder)
+    publish_results(trials, summaries, folder, keys, {"study": study.study_name, "pruned": pruned})
     if pruned:
         named = ", ".join(f"{row['run']} (epoch {row['epochs']})" for row in pruned[:3])
         more = f" and {len(pruned) - 3} more" if len(pruned) > 3 else ""

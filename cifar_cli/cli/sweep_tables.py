@@ -38,6 +38,20 @@ def trial_table(rows: list[Any]) -> Table:
     return table
 
 
+def publish_results(
+    trials: list[Any], summaries: dict[str, Any], folder: Path, varied: list[str], extra: dict[str, Any] | None = None
+) -> None:
+    """Rank the trials, write sweep.json / sweep.csv and sweep.png into `folder`, and print the ranking: the end of a
+    local sweep and of a shared study's worker alike."""
+    from cifar_cli.sweep.grid import rank, write_results
+    from cifar_cli.ui.plots import save_figure, sweep_figure
+
+    ranked = rank(trials, summaries)
+    document = write_results(folder, ranked, extra)
+    save_figure(sweep_figure(document["recipes"], varied), folder / "sweep.png")
+    print_sweep(ranked, document, folder)
+
+
 def print_sweep(ranked: list[Any], document: dict[str, Any], folder: Path) -> None:
     table = Table(title="Ranked on validation accuracy", title_justify="left")
     table.add_column("rank", justify="right", no_wrap=True)

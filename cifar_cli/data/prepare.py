@@ -54,9 +54,6 @@ def class_folders(class_names: list[str] | tuple[str, ...]) -> list[str]:
     return [f"{label:0{digits}d}_{re.sub(r'[^0-9A-Za-z._-]+', '_', name)}" for label, name in enumerate(class_names)]
 
 
-CLASS_FOLDERS = class_folders(CLASS_NAMES)
-
-
 @dataclass(frozen=True)
 class PrepareResult:
     processed_dir: Path

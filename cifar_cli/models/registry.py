@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from cifar_cli.errors import UsageError
@@ -33,7 +34,24 @@ def fixed_image_size(name: str) -> int | None:
     return _FIXED_IMAGE_SIZE.get(name)
 
 
-def build_model(name: str, width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+def require_model(name: str) -> None:
+    """Refuse a model name that no module registered, naming the ones that are."""
     if name not in _REGISTRY:
         raise UsageError(f"Unknown model {name!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+
+
+def build_model(name: str, width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+    require_model(name)
     return _REGISTRY[name](width_multiplier, num_classes)
+
+
+def build_model_for_measuring(
+    name: str, width_multiplier: float = 1.0, num_classes: int = 10, images: int = 256
+) -> nn.Module:
+    """A model for speed and FLOP measurements, never for training: its data-dependent start (airbench's whitening)
+    taken from `images` random images, in fp32 outside autocast as training takes it from real ones."""
+    model = build_model(name, width_multiplier, num_classes)
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        init(torch.randn(images, 3, 32, 32))
+    return model

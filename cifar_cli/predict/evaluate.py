@@ -12,11 +12,10 @@ from torch import nn
 
 from cifar_cli.config.settings import DataSettings
 from cifar_cli.data import ensure_prepared
-from cifar_cli.data.images import load_image
 from cifar_cli.data.loader import BatchLoader, stratified_split
 from cifar_cli.data.prepare import load_cache
 from cifar_cli.errors import UsageError
-from cifar_cli.predict.classify import load_classifier, stored_temperature, top_classes
+from cifar_cli.predict.classify import stored_temperature
 from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
 from cifar_cli.predict.inference import Predictions, check_same_classes, load_model, predict, tta_level
 from cifar_cli.predict.metrics import ClassificationReport, classification_report, expected_calibration_error
@@ -84,12 +83,6 @@ def calibration_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature
         return {"ece": ece, "temperature": None}
     scaled = expected_calibration_error(torch.softmax(logits.double() / temperature, dim=1), targets)
     return {"ece": ece, "temperature": temperature, "ece_calibrated": scaled}
-
-
-def evaluate_checkpoint(checkpoint: Path, data: DataSettings, split: str = "test", **options: Any) -> dict[str, Any]:
-    """Metrics of a checkpoint on a split, as the JSON document `cifar evaluate --json` writes (`run_evaluation`'s
-    options: tta, device_name, batch_size, say, keep_memory)."""
-    return run_evaluation(checkpoint, data, split, **options).metrics
 
 
 def run_evaluation(
@@ -174,13 +167,3 @@ def _check_tta(tta: bool | None, contract: dict[str, Any]) -> None:
             f"Test-time augmentation is fixed inside this exported model (level {contract['tta_level']}).",
             hint="Drop --tta/--no-tta, or export again with the one you want.",
         )
-
-
-def predict_images(
-    checkpoint: Path, paths: list[Path], top_k: int = 3, device_name: str = "auto"
-) -> list[dict[str, Any]]:
-    """Top-k classes with probabilities for each image file (a checkpoint, or an exported .onnx / .pt2); an
-    unreadable file raises (`predict/classify.py` skips them instead)."""
-    classifier = load_classifier(checkpoint, device_name)
-    images = torch.stack([load_image(path, classifier.image_size) for path in paths])
-    return top_classes(paths, classifier.probabilities(images), classifier.class_names, top_k)

@@ -92,11 +92,16 @@ def describe_device(device: torch.device) -> str:
     return str(device)
 
 
-def synchronised_clock(device: torch.device) -> float:
-    """time.perf_counter() once the device has finished its queued work: the difference of two readings times the
-    work in between, as CUDA events around the same span would (seconds)."""
+def synchronise(device: torch.device) -> None:
+    """Wait until the device has finished its queued work (a CPU runs each operation as it is called)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def synchronised_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished its queued work: the difference of two readings times the
+    work in between, as CUDA events around the same span would (seconds)."""
+    synchronise(device)
     return time.perf_counter()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -70,3 +71,9 @@ def exact_step(first: int | float, second: int | float) -> int | float:
     """second - first without binary noise (0.8 - 0.7 is 0.1, not 0.10000000000000009)."""
     step = Decimal(str(second)) - Decimal(str(first))
     return int(step) if isinstance(first, int) and isinstance(second, int) else float(step)
+
+
+def cartesian(axes: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Every combination of the axes' values, as {key: value} dicts, in grid order (the last axis varies fastest)."""
+    keys = [key for key, _ in axes]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, values in axes))]

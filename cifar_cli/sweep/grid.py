@@ -13,7 +13,6 @@ import copy
 import csv
 import ctypes
 import io
-import itertools
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import DEBUG_VARIABLE, ExitCode, SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
 from cifar_cli.runs import SWEEPS_FOLDER, list_runs, recorded_differences
+from cifar_cli.sweep.axes import cartesian
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ class Trial:
 
 def plan_trials(axes: list[tuple[str, list[Any]]], seeds: list[int], samples: int | None, seed: int = 0) -> list[Trial]:
     """The Cartesian product of the axes, each with every seed; or `samples` seeded random draws from it."""
-    keys = [key for key, _ in axes]
     varied = tuple(key for key, values in axes if len(values) > 1)
-    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, values in axes))]
+    grid = cartesian(axes)
     if samples is not None:
         grid = random.Random(seed).sample(grid, min(samples, len(grid)))
     trials = []
@@ -152,9 +151,9 @@ def rank(trials: list[Trial], summaries: dict[str, Any]) -> list[RecipeResult]:
     return sorted(results, key=lambda r: (r.val_mean is None, -(r.val_mean or 0.0)))
 
 
-def write_results(folder: Path, ranked: list[RecipeResult], extra: dict[str, Any] | None = None) -> None:
+def write_results(folder: Path, ranked: list[RecipeResult], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """sweep.json (everything, plus `extra`: a shared study's name and pruned trials) and sweep.csv (one row per
-    recipe), written atomically."""
+    recipe), written atomically; returns the document."""
     rows = [
         {
             **r.values,
@@ -183,6 +182,7 @@ def write_results(folder: Path, ranked: list[RecipeResult], extra: dict[str, Any
         writer.writeheader()
         writer.writerows(rows)
     write_text_atomically(folder / "sweep.csv", buffer.getvalue())
+    return document
 
 
 def sweep_folder(settings: Settings, name: str) -> Path:

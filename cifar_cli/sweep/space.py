@@ -4,7 +4,6 @@ the samplers (a grid in the local backend's order, seeded random draws, TPE), th
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import random
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli.errors import UsageError
-from cifar_cli.sweep.axes import LOG, RANGE, exact_step, parse_axis
+from cifar_cli.sweep.axes import LOG, RANGE, cartesian, exact_step, parse_axis
 
 OPEN_ATTEMPTS = 4  # tries to open a database storage (several workers may be creating its tables)
 SAMPLERS = ("grid", "random", "tpe")
@@ -184,8 +183,7 @@ class GridExhausted(Exception):
 
 
 def grid_points(dimensions: list[Dimension]) -> list[dict[str, Any]]:
-    keys = [d.key for d in dimensions]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(d.values for d in dimensions))]
+    return cartesian([(d.key, d.values) for d in dimensions])
 
 
 def describe_dimension(dimension: Dimension, sampler: str) -> str:

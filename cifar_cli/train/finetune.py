@@ -20,6 +20,7 @@ from cifar_cli.config.settings import ModelSettings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model
+from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES
 from cifar_cli.predict.inference import checkpoint_spec
 
 SHOWN_PROBLEMS = 4  # mismatched weights named in an error; the rest are counted
@@ -50,7 +51,7 @@ class Source:
 
 def read_source(path: Path) -> Source:
     """A checkpoint written by `cifar train`; an export has no training state to start from and is refused."""
-    if path.suffix in (".onnx", ".pt2"):
+    if path.suffix in EXPORTED_SUFFIXES:
         raise UsageError(
             f"{path} is an exported model: training starts from a checkpoint.",
             hint="Pass the run's last.pth or best.pth (in checkpoint_dir/<run>/).",

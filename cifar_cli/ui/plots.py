@@ -180,16 +180,14 @@ def find_sources(target: Path | None, log_dir: Path, checkpoint_dir: Path) -> Pl
 
 
 def _recorded_settings(run_dir: Path) -> dict[str, Any]:
-    """The settings a run folder records (tracking.SETTINGS_FILE); {} when absent or unreadable."""
-    import yaml
-
-    from cifar_cli.train.tracking import SETTINGS_FILE
+    """The settings a run folder records; {} when absent or unreadable (the plots then use their defaults)."""
+    from cifar_cli.errors import UsageError
+    from cifar_cli.runs import read_run_settings
 
     try:
-        recorded = yaml.safe_load((run_dir / SETTINGS_FILE).read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return read_run_settings(run_dir)
+    except UsageError:
         return {}
-    return recorded if isinstance(recorded, dict) else {}
 
 
 def write_run_plots(
