@@ -20,7 +20,6 @@ from cifar_cli.config.durations import format_duration
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.errors import UsageError
-from cifar_cli.predict.inference import tta_level
 
 # Narrower networks tried, in order, when one epoch at the recipe's width does not fit the budget.
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25)
@@ -186,7 +185,7 @@ def measure_plan(
         return result
 
     steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
-    level, budget = tta_level(train), train.time_budget
+    level, budget = train.tta_level(), train.time_budget
     if budget is not None and stored is None:
         return fit_budget(
             budget,
@@ -289,16 +288,10 @@ def replan(
     eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(weights)
     final = plan.final_seconds_at(eval_rate)
     available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
-    whole_epoch = plan.steps_per_epoch * step + per_eval
-    more = max(0, math.floor(available / whole_epoch))
-    spare_steps = math.floor((available - more * whole_epoch - per_eval) / step)
-    last_steps = 0
-    if spare_steps >= 1:  # even a few steps more train longer than stopping now; the budget is the user's
-        more, last_steps = more + 1, min(spare_steps, plan.steps_per_epoch)
-    last_steps = 0 if last_steps == plan.steps_per_epoch else last_steps
-    epochs = epochs_done + more
-    if more == 0:  # no time for another epoch: stop here, with the epochs done
-        last_steps = 0
+    # The epoch just ended is evaluated already: fit_steps charges an evaluation for the epoch in progress.
+    fit = fit_steps(plan, available + per_eval, epochs_done, plan.steps_per_epoch, step, per_eval)
+    epochs, last_steps = (fit.epochs, fit.last_epoch_steps) if fit is not None else (epochs_done, 0)
+    more, whole_epoch = epochs - epochs_done, plan.steps_per_epoch * step + per_eval
     cut = (plan.steps_per_epoch - last_steps) * step if last_steps else 0.0
     refit = RunPlan(
         **{
@@ -318,17 +311,27 @@ def fit_steps(
     """During epoch `epochs_begun`, `steps_into_epoch` steps in: the most further steps that fit
     `available_seconds` at `pace` seconds a step, each epoch end costing `per_eval`; the plan that trains them
     (its epochs and its last epoch's steps), or None where not even the epoch in progress can go on."""
-    left_in_epoch = plan.steps_per_epoch - steps_into_epoch
-    best: tuple[int, int] | None = None  # (further steps, further epochs)
-    for extra_epochs in range(0, 1000):
+    per_epoch, left_in_epoch = plan.steps_per_epoch, plan.steps_per_epoch - steps_into_epoch
+
+    def further_steps(extra_epochs: int) -> int:
         room = available_seconds - (1 + extra_epochs) * per_eval
-        steps = min(math.floor(room / pace), left_in_epoch + extra_epochs * plan.steps_per_epoch)
-        if steps < 0 or (extra_epochs and steps <= left_in_epoch + (extra_epochs - 1) * plan.steps_per_epoch):
-            break  # another epoch's evaluation would leave no step for it
-        best = (steps, extra_epochs)
-    if best is None:
+        return min(math.floor(room / pace), left_in_epoch + extra_epochs * per_epoch)
+
+    def fits(extra_epochs: int) -> bool:  # true up to some count, false after: each epoch adds an evaluation
+        if extra_epochs == 0:
+            return further_steps(0) >= 0
+        return further_steps(extra_epochs) > left_in_epoch + (extra_epochs - 1) * per_epoch  # a step for it
+
+    if not fits(0):
         return None
-    steps, extra_epochs = best
+    # Closed form of the last count that fits, then checked against `fits` (floating point may be one off).
+    estimate = (available_seconds - per_eval - pace * (left_in_epoch - per_epoch + 1)) / (per_eval + pace * per_epoch)
+    extra_epochs = max(0, math.floor(estimate))
+    while extra_epochs > 0 and not fits(extra_epochs):
+        extra_epochs -= 1
+    while fits(extra_epochs + 1):
+        extra_epochs += 1
+    steps = further_steps(extra_epochs)
     last = steps_into_epoch + steps - extra_epochs * plan.steps_per_epoch
     last = 0 if last >= plan.steps_per_epoch else last
     return RunPlan(**{**plan.__dict__, "epochs": epochs_begun + extra_epochs, "last_epoch_steps": last})

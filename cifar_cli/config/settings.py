@@ -201,6 +201,13 @@ class TrainSettings(_Section):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 
+    def tta_level(self, enabled: bool | None = None) -> int:
+        """0 without TTA (`enabled` overrides `tta`); flips (1); flips and one-pixel shifts (2) for models trained
+        with translation."""
+        if not (self.tta if enabled is None else enabled):
+            return 0
+        return 2 if self.augment.translate else 1
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:

@@ -34,7 +34,7 @@ from cifar_cli.predict.exported_model import (
     require_onnx,
     run_batches,
 )
-from cifar_cli.predict.inference import check_same_classes, load_model, tta_level, tta_logits
+from cifar_cli.predict.inference import check_same_classes, load_model, tta_logits
 from cifar_cli.train.identity import provenance
 
 FORMATS = ("onnx", "pt2")
@@ -90,7 +90,7 @@ def export_checkpoint(
     _refuse_checkpoint_as_out(checkpoint, out, fmt)
     loaded = load_model(checkpoint, torch.device("cpu"))
     model = loaded.model.float().to(memory_format=torch.contiguous_format).eval()
-    classifier = PixelClassifier(model, tta_level(loaded.train_settings, tta), loaded.spec).eval()
+    classifier = PixelClassifier(model, loaded.train_settings.tta_level(tta), loaded.spec).eval()
     ensure_prepared(data, say)
     check_same_classes(loaded.spec.class_names, loaded.spec.image_size, data, checkpoint)
     cache = load_cache(data.processed_dir)

@@ -19,7 +19,7 @@ from cifar_cli.data.images import ImageError, load_image
 from cifar_cli.data.loader import normalize
 from cifar_cli.errors import UsageError
 from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
-from cifar_cli.predict.inference import LoadedModel, load_model, tta_level, tta_logits
+from cifar_cli.predict.inference import LoadedModel, load_model, tta_logits
 from cifar_cli.runtime.device import resolve_device, resolve_precision
 
 ProgressCallback = Callable[[int, int], None]  # (files done, total)
@@ -58,7 +58,7 @@ def load_classifier(checkpoint: Path, device_name: str = "auto") -> Classifier:
     device = resolve_device(device_name)
     loaded = load_model(checkpoint, device)
     precision = resolve_precision(loaded.train_settings.precision, device)
-    level = tta_level(loaded.train_settings)
+    level = loaded.train_settings.tta_level()
 
     @torch.no_grad()
     def run_model(images: torch.Tensor) -> torch.Tensor:

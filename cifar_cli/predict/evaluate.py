@@ -17,8 +17,8 @@ from cifar_cli.data.prepare import load_cache
 from cifar_cli.errors import UsageError
 from cifar_cli.predict.classify import stored_temperature
 from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
-from cifar_cli.predict.inference import Predictions, check_same_classes, load_model, predict, tta_level
-from cifar_cli.predict.metrics import ClassificationReport, classification_report, expected_calibration_error
+from cifar_cli.predict.inference import Predictions, check_same_classes, load_model, predict
+from cifar_cli.predict.metrics import ClassificationReport, expected_calibration_error, report_from_predictions
 from cifar_cli.runtime.device import resolve_device, resolve_precision
 from cifar_cli.runtime.memory import keep_freed_memory
 
@@ -34,10 +34,6 @@ def report_to_json(report: ClassificationReport, **extra: Any) -> dict[str, Any]
         "num_samples": report.num_samples,
         **extra,
     }
-
-
-def report_from_predictions(predictions: Predictions, class_names: list[str]) -> ClassificationReport:
-    return classification_report(predictions.predicted, predictions.targets, class_names)
 
 
 def split_tensors(data: DataSettings, split: str, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +113,7 @@ def run_evaluation(
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=loaded.train_settings.channels_last,
     )
-    level = tta_level(loaded.train_settings, tta)
+    level = loaded.train_settings.tta_level(tta)
     predictions = predict(loaded.model, loader, precision, device, tta_level=level)
     class_names = list(loaded.spec.class_names)
     report = report_from_predictions(predictions, class_names)

@@ -22,13 +22,6 @@ from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, load_exported
 from cifar_cli.runtime.device import Precision
 
 
-def tta_level(train: TrainSettings, enabled: bool | None = None) -> int:
-    """0 without TTA; flips (1); flips and one-pixel shifts (2) for models that were trained with translation."""
-    if not (train.tta if enabled is None else enabled):
-        return 0
-    return 2 if train.augment.translate else 1
-
-
 def tta_logits(model: nn.Module, images: torch.Tensor, level: int) -> torch.Tensor:
     """Level 0: plain; 1: average with the mirror image; 2: also one-pixel shifts (for models trained with translate).
 

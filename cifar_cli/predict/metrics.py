@@ -4,6 +4,7 @@ the calibration of the probabilities (expected calibration error, reliability bi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchmetrics import MetricCollection
@@ -117,3 +118,8 @@ def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tenso
     rows = reliability_bins(probabilities, targets, bins)
     total = sum(row["count"] for row in rows)
     return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in rows) / max(total, 1)
+
+
+def report_from_predictions(predictions: Any, class_names: list[str]) -> ClassificationReport:
+    """The classification report of `predict`'s output (predicted and true classes)."""
+    return classification_report(predictions.predicted, predictions.targets, class_names)

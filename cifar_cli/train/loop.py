@@ -14,9 +14,8 @@ from cifar_cli.budget.plan import RemainingTime
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import CifarError
-from cifar_cli.predict.evaluate import report_from_predictions
 from cifar_cli.predict.inference import predict
-from cifar_cli.predict.metrics import epoch_metrics
+from cifar_cli.predict.metrics import epoch_metrics, report_from_predictions
 from cifar_cli.runtime import distributed
 from cifar_cli.runtime.device import Precision
 from cifar_cli.runtime.distributed import DistContext

@@ -12,9 +12,8 @@ from torch import nn
 from cifar_cli.budget.plan import RunPlan
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import BatchLoader
-from cifar_cli.predict.evaluate import report_from_predictions
-from cifar_cli.predict.inference import predict, tta_level
-from cifar_cli.predict.metrics import ClassificationReport
+from cifar_cli.predict.inference import predict
+from cifar_cli.predict.metrics import ClassificationReport, report_from_predictions
 from cifar_cli.runtime.device import Precision, describe_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train.setup import Loaders
@@ -42,7 +41,7 @@ def final_evaluation(
 ) -> tuple[dict[str, Any], ClassificationReport]:
     """The last weights on the test split (with TTA where the recipe has it), read once, after training: never used
     to choose anything. Returns final_metrics.json's numbers (the caller adds the clock) and the full report."""
-    level = tta_level(settings.train)
+    level = settings.train.tta_level()
     predictions = predict(model, loader, precision, device, level)
     report = report_from_predictions(predictions, list(loader.spec.class_names))
     last_val = {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
