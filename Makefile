@@ -8,6 +8,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DOWNLOAD_ARGS ?=
 # The first command a new user runs must end: 15 minutes of training on any machine (budget/plan.py).
 TRAIN_ARGS ?= --time-budget 15m
+# Test processes side by side (pytest-xdist): one test alone keeps about one core busy; 0 runs them in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint docs bench clean
 
@@ -26,7 +28,7 @@ run: install
 	$(BIN)/cifar train $(TRAIN_ARGS)
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .
