@@ -1,18 +1,11 @@
 """Measure how fast a model trains on this machine in each precision and memory layout, and remember the answer.
 
-Why measure instead of a rule: the project's 2-core CPUs differ. With AMX (Intel Sapphire Rapids) bf16 +
-channels_last trains airbench 2-3x faster than fp32; on AMD EPYC Zen 4 (AVX-512 with AVX512_BF16, no AMX) bf16 +
-channels_last was about 1.8x faster; on an AVX2-only CPU (AMD EPYC Zen 3) bf16 is emulated and 14-16x *slower*
-than fp32. No flag tells these apart reliably, so `precision: auto` and `channels_last: auto` time a few real
-steps of the actual model in each candidate and keep the fastest. The decision and the speeds are cached per
-machine, torch version, thread count, model, width, optimiser and batch size in the user's cache folder, so only the
-first run on a machine pays for the measurement (a few seconds).
-
-The candidates are compared on small steps (`PROBE_IMAGES`); the winner is then timed once more on steps of the run's
-own batch size (up to `BATCH_STEP_CAP` images), because per-image speed grows with the batch: on an AMD EPYC Zen 4,
-airbench at batch 2000 trained 25-35% faster per image than the 64-image probe showed, and plans built on the probe
-left a third of a time budget unused. These speeds drive the run's time estimate and `--time-budget`
-(budget/plan.py): a training step takes about `batch / batch_images_per_second + optimizer_seconds`.
+Why measure instead of a rule: CPUs differ (bf16 is 2-3x faster than fp32 with AMX and 14-16x slower on an AVX2-only
+CPU; docs/performance.md, "Measurements behind the code"). `precision: auto` and `channels_last: auto` time a few
+real steps of the actual model in each candidate on small steps (`PROBE_IMAGES`), keep the fastest, then time it on
+steps of the run's own batch size (up to `BATCH_STEP_CAP`: per-image speed grows with the batch). The answer is cached
+per machine, torch version, threads, model, width, optimiser and batch size in the user's cache folder, and drives
+the run's time estimate (budget/plan.py): a step takes about `batch / batch_images_per_second + optimizer_seconds`.
 """
 
 from __future__ import annotations

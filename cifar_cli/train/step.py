@@ -1,11 +1,9 @@
 """Forward and backward over one batch, whole or in micro-batches, shared by `cifar train` and `cifar bench`.
 
-Micro-batches: the batch goes through the network in chunks and their gradients add up before the single optimiser
-step, which so sees the gradient of the whole batch's mean loss. BatchNorm normalises each chunk with that chunk's
-statistics ("ghost" batch norm). What for: a batch larger than the device's memory holds at once (activation memory
-scales with the chunk, not the batch). On these CPUs chunks of 500 were also 1.18x faster per image than the whole
-2000-image batch while malloc handed freed memory back to the OS; with freed memory kept (runtime/memory.py, the
-default) four `cifar bench` runs timed them at 0.93x, 0.95x, 1.18x and 0.94x: no reliable gain, so whole batches.
+Micro-batches: the batch goes through the network in chunks whose gradients add up before the single optimiser step
+(the gradient of the whole batch's mean loss; BatchNorm normalises each chunk with its own statistics). What for: a
+batch larger than the device's memory holds at once. Not faster on our CPUs (docs/performance.md, "Measurements
+behind the code"), so whole batches by default.
 """
 
 from __future__ import annotations
