@@ -183,6 +183,8 @@ class Trainer:
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
+            # One epoch, in order: its steps and evaluation (loop.py, which may refit its length to the budget as it
+            # goes), the budget re-planned, checkpoints and logs written, this machine's speed learned.
             while self.progress.epoch < self.settings.train.epochs and not stopped_early:
                 started = self.clock()
                 epoch = self.progress.epoch + 1
