@@ -4,6 +4,7 @@ speed changes mid-run, a schedule that follows without a jump, a deadline inside
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ from cifar_cli.config.settings import SchedulerSettings
 from cifar_cli.train.loop import EpochRunner
 from cifar_cli.train.optim import _StepSchedule
 from cifar_cli.train.run import Trainer
+from cifar_cli.train.tracking import NullReporter
 from tests.conftest import tiny_settings
 
 BUDGET = 100.0  # fake seconds
+MESSAGES: dict[Path, Messages] = {}  # what each test's run said, by its folder
 
 
 class FakeClock:
@@ -28,6 +31,16 @@ class FakeClock:
     def __call__(self) -> float:
         self.now += 0.001
         return self.now
+
+
+class Messages(NullReporter):
+    """A reporter that keeps what the run says."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
 
 
 def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int,
@@ -46,7 +59,7 @@ def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # what the fake clock teaches stays here
     settings = tiny_settings(tmp_path, prepared_dir, f"train.time_budget={BUDGET}", "scheduler.name=linear",
                              "scheduler.final_lr_factor=0.0", "train.epochs=1", *extra)  # fmt: skip
-    trainer = Trainer(settings, clock=clock)
+    trainer = Trainer(settings, reporter=MESSAGES.setdefault(tmp_path, Messages()), clock=clock)
     trainer.run()
     return trainer, rates, clock
 
@@ -56,6 +69,10 @@ def test_a_run_refits_its_epochs_when_the_machine_changes_speed(
     tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch, slow_down_after: int, factor: float
 ) -> None:
     trainer, rates, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after, factor)
+    # A re-plan is said when the number of epochs changes, not for a last epoch a few steps longer or shorter.
+    said = [line for line in MESSAGES[tmp_path].said if line.startswith("Re-planned")]
+    changes = [re.match(r"Re-planned: (\d+) epochs?.* instead of (\d+) epochs?", line).groups() for line in said]
+    assert changes and all(new != old for new, old in changes), said
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
     assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET  # the fake clock's, start to final evaluation
     plan = json.loads((trainer.run_dir / "plan.json").read_text())

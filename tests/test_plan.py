@@ -30,11 +30,25 @@ def test_plan_estimates_from_the_measured_speeds() -> None:
     assert "8 epochs x 25 steps of 2000" in plan.describe()
 
 
-def test_a_budget_picks_the_epochs_that_fit() -> None:
+def test_a_budget_picks_the_epochs_that_fit_and_cuts_the_last_to_fill_it() -> None:
     plan = fit_budget(3600, lambda: 5.0, lambda width: fake_calibration(100.0), 1.0, 25, 2000, 10_000, 2)
     assert plan.width_multiplier == 1.0
-    assert plan.epochs == int((3600 * PLAN_SHARE - 5 - 63) // 523.5)  # 6
-    assert plan.total_seconds <= 3600 * PLAN_SHARE < plan.total_seconds + plan.epoch_seconds
+    # 3600 x 0.92 - 5 s spent - 63 s final evaluation = 3,244 s: 6 epochs of 523.5 s, then 103 s, of which the 7th
+    # epoch's evaluation and writes take 11 s: 4 steps of 20.5 s.
+    assert (plan.epochs, plan.last_epoch_steps, plan.total_steps) == (7, 4, 6 * 25 + 4)
+    step = 2000 / 100 + 0.5
+    assert plan.total_seconds <= 3600 * PLAN_SHARE < plan.total_seconds + step
+    assert "Plan: 7 epochs x 25 steps of 2000 (the last cut to 4 steps)" in plan.describe()
+
+
+def test_a_budget_of_two_epochs_less_a_bit_plans_one_and_most_of_another() -> None:
+    """The issue's case: a 4-minute budget where an epoch takes about 2 minutes plans 1.x epochs, not 1 (which left a
+    third of the budget unused)."""
+    plan = fit_budget(240, lambda: 10.0, lambda width: fake_calibration(500.0), 1.0, 25, 2000, 10_000, 2)
+    assert plan.epochs == 2 and 0 < plan.last_epoch_steps < 25
+    assert 0.9 * 240 * PLAN_SHARE < plan.total_seconds <= 240 * PLAN_SHARE
+    one = RunPlan(1, 1.0, 2000, 25, 10_000, 2, fake_calibration(500.0), 240, 10.0)
+    assert "Plan: 1 epoch x 25 steps" in one.describe()  # no "1 epochs"
 
 
 def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:

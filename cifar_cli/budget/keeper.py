@@ -82,7 +82,8 @@ class BudgetKeeper:
                 "estimated_total_seconds": after.total_seconds,
             }
         )
-        return refit.describe(before) if changed else None
+        # Said when the number of epochs changes; a last epoch a few steps longer or shorter is plan.json's business.
+        return refit.describe(before) if after.epochs != before.epochs else None
 
     def refit_during_epoch(
         self, epoch: int, steps_done: int, epoch_started: float, global_step: int, parts: Parts

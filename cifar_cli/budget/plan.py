@@ -21,6 +21,12 @@ from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import training_steps_per_epoch
 from cifar_cli.errors import UsageError
 
+
+def count(number: int, noun: str) -> str:
+    """`1 epoch`, `7 epochs`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 # Narrower networks tried, in order, when one epoch at the recipe's width does not fit the budget.
 WIDTHS = (1.0, 0.75, 0.5, 0.375, 0.25)
 # Share of the budget the plan fills; the rest absorbs the estimate's error and the process start (imports, about
@@ -84,12 +90,22 @@ class RunPlan:
     def total_seconds(self) -> float:
         if self.remaining_seconds is not None:
             return self.elapsed_seconds + self.remaining_seconds
-        return self.elapsed_seconds + self.epochs * self.epoch_seconds + self.final_seconds
+        cut = (self.steps_per_epoch - self.last_epoch_steps) * self.calibration.step_seconds(self.batch_size)
+        return (
+            self.elapsed_seconds
+            + self.epochs * self.epoch_seconds
+            - (cut if self.last_epoch_steps else 0.0)
+            + (self.final_seconds)
+        )
+
+    def _cut(self) -> str:
+        steps = self.last_epoch_steps
+        return f" (the last cut to {count(steps, 'step')})" if steps else ""
 
     def describe(self) -> str:
         budget = f" (budget {format_duration(self.budget_seconds)})" if self.budget_seconds else ""
         return (
-            f"Plan: {self.epochs} epochs x {self.steps_per_epoch} steps of {self.batch_size}, width x"
+            f"Plan: {count(self.epochs, 'epoch')} x {self.steps_per_epoch} steps of {self.batch_size}{self._cut()}, width x"
             f"{self.width_multiplier:g}, {self.calibration.layout.label}: about "
             f"{format_duration(self.epoch_seconds)} per epoch, "
             f"{format_duration(self.total_seconds)} in all on this machine{budget}"
@@ -148,15 +164,28 @@ def fit_budget(
             test_images,
         )
         spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
-        epochs = math.floor(spare / plan.epoch_seconds)
-        if epochs >= 1:
-            return RunPlan(**{**plan.__dict__, "epochs": epochs})
+        fitted = _fill(plan, spare)
+        if fitted is not None:
+            return fitted
     assert plan is not None
     raise UsageError(
         f"A time budget of {format_duration(budget_seconds)} is too short: one epoch at the narrowest width "
         f"(x{plan.width_multiplier:g}) needs about {format_duration(plan.total_seconds)} on this machine.",
         hint="Give a longer --time-budget, or a smaller --batch-size / data set.",
     )
+
+
+def _fill(plan: RunPlan, spare_seconds: float) -> RunPlan | None:
+    """The most steps of `plan`'s width that fit `spare_seconds`, each epoch paying its evaluation and writes: whole
+    epochs and a last one cut short where that still trains more (fit_steps, as every re-plan). None where not even
+    one whole epoch fits (a narrower network is tried instead)."""
+    per_epoch = plan.val_seconds + EPOCH_OVERHEAD_SECONDS
+    pace = plan.calibration.step_seconds(plan.batch_size)
+    # Planned before epoch 1, as if an epoch 0 had just ended: fit_steps charges the epoch in progress its evaluation.
+    fitted = fit_steps(plan, spare_seconds + per_epoch, 0, plan.steps_per_epoch, pace, per_epoch)
+    if fitted is None or fitted.total_steps < plan.steps_per_epoch:
+        return None
+    return fitted
 
 
 def measure_plan(
@@ -263,9 +292,7 @@ class Replan:
 
     def describe(self, before: RunPlan) -> str:
         def length(plan: RunPlan) -> str:
-            steps = plan.last_epoch_steps
-            cut = f" (the last cut to {steps} step{'s' if steps != 1 else ''})" if steps else ""
-            return f"{plan.epochs} epochs{cut}"
+            return count(plan.epochs, "epoch") + plan._cut()
 
         return (
             f"Re-planned: {length(self.plan)} instead of {length(before)}, this machine runs at "
