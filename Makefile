@@ -28,7 +28,7 @@ run: install
 	$(BIN)/cifar train $(TRAIN_ARGS)
 
 test: install
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .
