@@ -39,7 +39,7 @@ def evaluate(
     ] = None,
     device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file; - prints only them, as JSON.")] = None,
     predictions_file: Annotated[
         Path | None,
         typer.Option(
@@ -71,8 +71,11 @@ def evaluate(
         keep_memory=settings.train.keep_freed_memory,
     )
     metrics = evaluation.metrics
-    print_metrics(metrics)
-    if json_file:
+    if json_file is not None and str(json_file) == "-":  # the document alone on stdout, as `predict --json -`
+        console.print_json(json.dumps(metrics))
+    else:
+        print_metrics(metrics)
+    if json_file is not None and str(json_file) != "-":
         write_text_atomically(json_file, json.dumps(metrics, indent=2))
         console.print(f"Metrics written to {json_file}")
     if predictions_file:

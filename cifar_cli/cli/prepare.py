@@ -1,4 +1,4 @@
-"""`cifar prepare`: an archive or an image folder into PNG folders and the tensor cache."""
+"""`cifar prepare`: an archive, an image folder or a CSV list into PNG folders and the tensor cache."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from cifar_cli.cli.common import (
     flag_settings,
     resolve,
 )
+from cifar_cli.errors import UsageError
 
 
 def prepare(
@@ -38,6 +39,20 @@ def prepare(
             "DIR/test/<class>/... (sets --dataset folder).",
         ),
         Sets("data.folder"),
+    ] = None,
+    from_csv: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-csv",
+            help="Prepare the images a CSV lists: columns path,label and optionally split (train/test); paths "
+            "relative to the CSV's folder (or --root) or absolute (sets --dataset folder).",
+        ),
+        Sets("data.csv_file"),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="--from-csv: the folder relative paths start from (default: the CSV's)."),
+        Sets("data.csv_root"),
     ] = None,
     test_fraction: Annotated[
         float | None,
@@ -64,11 +79,14 @@ def prepare(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    """Extract the archive safely (or read an image folder) and write PNG-per-class folders plus a tensor cache."""
+    """Extract the archive safely (or read an image folder or a CSV list) and write PNG-per-class folders plus a
+    tensor cache."""
     from cifar_cli.data import prepare_for
 
     flags = flag_settings(prepare, locals())
-    if from_folder is not None:
+    if from_folder is not None and from_csv is not None:
+        raise UsageError("Give --from-folder or --from-csv, not both.")
+    if from_folder is not None or from_csv is not None:
         flags["data.dataset"] = "folder"
     data = resolve(config, set_options, flags).data
     with count_progress() as on_progress:

@@ -59,6 +59,10 @@ class DataSettings(_Section):
     dataset: Literal["cifar10", "cifar100", "folder"] | None = None
     label_set: Literal["fine", "coarse"] = Field("fine", description="cifar100 only: 100 fine or 20 coarse classes")
     folder: Path | None = Field(None, description="folder data only: DIR/<class>/* or DIR/{train,test}/<class>/*")
+    # Or a CSV list of labelled images (columns path, label and optionally split; data/csv_list.py), with paths
+    # relative to `csv_root` (default: the CSV's folder) or absolute.
+    csv_file: Path | None = Field(None, description="folder data from a CSV: path,label[,split] rows")
+    csv_root: Path | None = Field(None, description="csv_file: the folder its relative paths start from")
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="folder data without a test/ tree: the share held out (stratified, seeded)"
     )

@@ -11,6 +11,7 @@ from cifar_cli.data.prepare import (
     CACHE_FILE,
     PrepareResult,
     ProgressCallback,
+    prepare_csv,
     prepare_dataset,
     prepare_folder,
     read_manifest,
@@ -42,11 +43,24 @@ def download_for(
 
 
 def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None) -> PrepareResult:
-    """`cifar prepare` for the settings: the folder at `data.folder`, or the data set's downloaded archive."""
+    """`cifar prepare` for the settings: the CSV list at `data.csv_file`, the folder at `data.folder`, or the data
+    set's downloaded archive."""
     if data.dataset == "folder":
+        if data.csv_file is not None:
+            return prepare_csv(
+                data.csv_file,
+                data.processed_dir,
+                data.write_png,
+                on_progress,
+                data.image_size,
+                data.test_fraction,
+                data.skip_bad_images,
+                data.csv_root,
+            )
         if data.folder is None:
             raise UsageError(
-                "data.dataset is folder but no folder is given.", hint="Run `cifar prepare --from-folder DIR`."
+                "data.dataset is folder but no folder (or CSV list) is given.",
+                hint="Run `cifar prepare --from-folder DIR` or `cifar prepare --from-csv FILE`.",
             )
         return prepare_folder(
             data.folder,
@@ -77,7 +91,7 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
         return
     with folders_removed_on_failure(data.processed_dir, data.raw_data_dir):
         ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after
-        if data.dataset != "folder" or data.folder is None:
+        if data.dataset != "folder" or (data.folder is None and data.csv_file is None):
             say(f"No prepared data in {data.processed_dir}: downloading and preparing it first.")
             result = download_for(data, on_message=say)
             say(f"Archive ready: {result.path}")

@@ -22,6 +22,8 @@ from cifar_cli.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 SPLIT_FOLDERS = ("train", "test")
+# Layouts whose test split is held out here (a seeded, stratified share of each class).
+HELD_OUT_LAYOUTS = ("single", "csv")
 SPLIT_SEED = 0  # the held-out test split of a single tree is the same on every machine and every run
 # Decoding threads: Pillow releases the GIL while it decodes and resizes, so threads use every core; a few more
 # than the cores hide file-system waits.
@@ -40,10 +42,13 @@ class FolderScan:
     """What a tree holds: class names (label order) and the image files of each split."""
 
     root: Path
-    layout: str  # "single" (the test split is held out here) or "split" (train/ and test/ trees)
+    # "single" (the test split is held out here) or "split" (train/ and test/ trees); a CSV list: "csv" (held out
+    # here) or "csv-split" (a split column)
+    layout: str
     class_names: list[str]
     files: dict[str, list[ImageFile]]
-    ignored_files: int = 0  # files that are not images (by suffix), hidden files, files outside class folders
+    # Files that are not images (by suffix), hidden files, files outside class folders; a CSV's missing files.
+    ignored_files: int = 0
     empty_classes: list[str] = field(default_factory=list)
 
 
@@ -66,7 +71,7 @@ def scan_folder(root: Path, test_fraction: float) -> FolderScan:
     classes, ignored = _class_files(root, root)
     names, empty = _keep_nonempty(classes)
     labelled = [[ImageFile(path, label) for path in classes[name]] for label, name in enumerate(names)]
-    train, test = _hold_out(labelled, test_fraction)
+    train, test = hold_out(labelled, test_fraction)
     return FolderScan(root, "single", names, {"train": train, "test": test}, ignored, empty)
 
 
@@ -99,7 +104,7 @@ def _class_files(tree: Path, root: Path) -> tuple[dict[str, list[Path]], int]:
         images, skipped = _image_files(folder, root)
         classes[folder.name] = images
         ignored += skipped
-    _refuse_colliding(list(classes))
+    refuse_colliding(list(classes))
     return classes, ignored
 
 
@@ -151,7 +156,7 @@ def class_key(name: str) -> str:
     return re.sub(r"[\s_\-]+", "_", name.strip()).casefold()
 
 
-def _refuse_colliding(names: list[str]) -> None:
+def refuse_colliding(names: list[str]) -> None:
     by_key: dict[str, list[str]] = {}
     for name in names:
         by_key.setdefault(class_key(name), []).append(name)
@@ -176,7 +181,7 @@ def _keep_nonempty(classes: dict[str, list[Path]]) -> tuple[list[str], list[str]
     return names, empty
 
 
-def _hold_out(labelled: list[list[ImageFile]], test_fraction: float) -> tuple[list[ImageFile], list[ImageFile]]:
+def hold_out(labelled: list[list[ImageFile]], test_fraction: float) -> tuple[list[ImageFile], list[ImageFile]]:
     """Per class, a seeded random `test_fraction` (rounded, at least one where the class has two images)."""
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     train: list[ImageFile] = []
@@ -188,6 +193,19 @@ def _hold_out(labelled: list[list[ImageFile]], test_fraction: float) -> tuple[li
         train += [f for i, f in enumerate(files) if i not in test_index]
         test += [f for i, f in enumerate(files) if i in test_index]
     return train, test
+
+
+def _read_file(path: Path) -> bytes:
+    """The file's bytes; a file that cannot be read (gone, no permission) is an unreadable image, named."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ImageError(f"Cannot read {path}: {error.strerror or error}.") from None
+
+
+def shown_path(path: Path, root: Path) -> str:
+    """`path` relative to `root` where it lies below it (a folder's files; most of a CSV's), else absolute."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def read_images(
@@ -206,16 +224,16 @@ def read_images(
 
     def read_one(index: int) -> None:
         source = files[index].path
-        payload = source.read_bytes()
-        digests[index] = hashlib.md5(payload).hexdigest()
         try:
+            payload = _read_file(source)
+            digests[index] = hashlib.md5(payload).hexdigest()
             pixels[index] = decode_image(payload, image_size, str(source))
         except ImageError as error:
             if not skip_bad:
                 raise ImageError(
                     error.message, hint="Fix or remove it, or pass --skip-bad-images to leave unreadable images out."
                 ) from None
-            bad.append(str(source.relative_to(root)))
+            bad.append(shown_path(source, root))
 
     pool = ThreadPoolExecutor(max_workers=READ_THREADS)
     try:
@@ -225,10 +243,10 @@ def read_images(
     finally:  # after the first bad image, the queued files are not read
         pool.shutdown(wait=True, cancel_futures=True)
     skipped = set(bad)
-    kept = [i for i, f in enumerate(files) if str(f.path.relative_to(root)) not in skipped]
+    kept = [i for i, f in enumerate(files) if shown_path(f.path, root) not in skipped]
     digest = hashlib.md5()
     for index in kept:
-        digest.update(f"{files[index].path.relative_to(root)}\0{digests[index]}\n".encode())
+        digest.update(f"{shown_path(files[index].path, root)}\0{digests[index]}\n".encode())
     images = torch.from_numpy(pixels[kept]).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([files[i].label for i in kept], dtype=torch.int64)
     return ReadImages(images, labels, digest.hexdigest(), sorted(bad))

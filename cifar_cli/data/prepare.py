@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifar_cli.data import archive, folder
+from cifar_cli.data import archive, csv_list, folder
 from cifar_cli.data.download import md5_of
 from cifar_cli.data.spec import CIFAR10_CLASS_NAMES, DataSpec, channel_statistics
 from cifar_cli.errors import CifarError, UsageError
@@ -132,10 +132,37 @@ def prepare_folder(
     scan = folder.scan_folder(source, test_fraction)
     if scan.root == processed_dir.resolve() or scan.root in processed_dir.resolve().parents:
         raise UsageError(f"--processed-dir {processed_dir} is inside the source folder {scan.root}.")
+    return _prepare_scan(scan, processed_dir, write_png, on_progress, image_size, test_fraction, skip_bad_images)
+
+
+def prepare_csv(
+    csv_file: Path,
+    processed_dir: Path,
+    write_png: bool = True,
+    on_progress: ProgressCallback | None = None,
+    image_size: int = 32,
+    test_fraction: float = 0.2,
+    skip_bad_images: bool = False,
+    root: Path | None = None,
+) -> PrepareResult:
+    """A CSV list of images and labels (data/csv_list.py) -> the same cache as an image folder."""
+    scan = csv_list.scan_csv(csv_file, test_fraction, root, skip_missing=skip_bad_images)
+    return _prepare_scan(scan, processed_dir, write_png, on_progress, image_size, test_fraction, skip_bad_images)
+
+
+def _prepare_scan(
+    scan: folder.FolderScan,
+    processed_dir: Path,
+    write_png: bool,
+    on_progress: ProgressCallback | None,
+    image_size: int,
+    test_fraction: float,
+    skip_bad_images: bool,
+) -> PrepareResult:
     ensure_writable_folder(processed_dir)
     listing = _listing_fingerprint(scan)
     wanted = {"dataset": "folder", "listing": listing, "image_size": image_size, "skip_bad_images": skip_bad_images}
-    if scan.layout == "single":
+    if scan.layout in folder.HELD_OUT_LAYOUTS:
         wanted["test_fraction"] = test_fraction
     existing = read_manifest(processed_dir)
     if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
@@ -194,7 +221,9 @@ def _folder_notes(scan: folder.FolderScan, skipped: list[str]) -> list[str]:
     notes = []
     if scan.empty_classes:
         notes.append(f"Skipped class folders without images: {', '.join(scan.empty_classes)}.")
-    if scan.ignored_files:
+    if scan.ignored_files and scan.layout.startswith("csv"):
+        notes.append(f"Skipped {scan.ignored_files:,} rows whose files do not exist (--skip-bad-images).")
+    elif scan.ignored_files:
         notes.append(f"Ignored {scan.ignored_files:,} files that are not images (or are hidden).")
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
