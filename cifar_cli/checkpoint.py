@@ -20,6 +20,12 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = {"format_version", "model_name", "model_state", "settings", "epoch", "history"}
 
 
+def kept_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stands for: the moving average where the run kept one (train.ema), else the
+    trained weights. What evaluate, predict, export, calibrate and fine-tuning load."""
+    return state.get("ema_state") or state["model_state"]
+
+
 def save_checkpoint(state: dict[str, Any], path: Path, hint: str | None = None) -> None:
     """Written atomically (files.write_atomically): a crash or kill -9 at any moment leaves the previous file or
     the new one, never a torn file; a failure raises a CifarError and leaves no temporary file."""

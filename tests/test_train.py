@@ -72,6 +72,8 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
         ("fast", ("train.lookahead=true", "train.augment.alternate_flip=true", "model.whiten_bias_epochs=1")),
         ("fast-sgd", ()),
         ("resnet18", ("train.augment.cutout=4",)),
+        # The moving average and the mixing draws continue where they stopped.
+        ("fast", ("train.ema.half_life_steps=3", "train.augment.mixup=0.4", "train.augment.cutmix=1.0")),
     ],
 )
 def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple) -> None:
@@ -81,8 +83,9 @@ def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, pres
     assert resumed.resumed_from_epoch == 1
     a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
     b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
-    for key, tensor in a["model_state"].items():
-        assert torch.equal(tensor, b["model_state"][key]), key
+    for weights in ("model_state", "ema_state"):
+        for key, tensor in (a[weights] or {}).items():
+            assert torch.equal(tensor, b[weights][key]), (weights, key)
     assert [r["epoch"] for r in b["history"]] == [1, 2, 3]
     assert a["history"][2]["train_loss"] == b["history"][2]["train_loss"]
 

@@ -181,7 +181,7 @@ def fast_candidate(job: FastJob, device: torch.device) -> Candidate:
         train.batch_size,
         train=True,
         spec=read_spec(job.data.processed_dir),
-        augment=Augment(**train.augment.model_dump()),
+        augment=Augment(**train.augment.pixel_augment()),
         dtype=precision.autocast_dtype or torch.float32,
         channels_last=job.channels_last,
     )

@@ -39,7 +39,10 @@ def evaluate(
     ] = None,
     device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
-    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file; - prints only them, as JSON.")] = None,
+    json_file: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the metrics to this JSON file; - prints only them, as JSON."),
+    ] = None,
     predictions_file: Annotated[
         Path | None,
         typer.Option(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -108,6 +108,15 @@ class AugmentSettings(_Section):
     # Flip each image on every other epoch (seeded start) instead of by coin toss: each epoch sees the mirror of the
     # last one, which airbench found worth about a tenth more epochs.
     alternate_flip: bool = False
+    # Mixing whole batches (train/mixing.py): the alpha of each one's Beta(alpha, alpha) draw; 0 turns it off.
+    mixup: float = Field(0.0, ge=0, description="mixup's alpha (pixels and labels blended); 0 turns it off")
+    cutmix: float = Field(0.0, ge=0, description="cutmix's alpha (a box of another image pasted in); 0: off")
+    mix_probability: float = Field(1.0, ge=0, le=1, description="share of batches mixed")
+    cutmix_share: float = Field(0.5, ge=0, le=1, description="with both on: share of mixed batches cut, not blended")
+
+    def pixel_augment(self) -> dict[str, Any]:
+        """The per-image augmentations the loader applies (data/loader.py's Augment); mixing happens in the step."""
+        return self.model_dump(include={"flip", "translate", "cutout", "alternate_flip"})
 
 
 class ModelSettings(_Section):
@@ -158,6 +167,29 @@ MonitoredMetric = Literal[
 ]
 
 
+class EmaSettings(_Section):
+    """An exponential moving average of the weights (train/ema.py): give `decay` or `half_life_steps` to turn it on."""
+
+    decay: float | None = Field(None, gt=0, lt=1, description="average <- decay x average + (1 - decay) x weights")
+    half_life_steps: float | None = Field(None, gt=0, description="or: optimiser steps after which a step counts half")
+    start_epoch: float = Field(0.0, ge=0, description="epochs of training before the average starts")
+
+    @model_validator(mode="after")
+    def _one_way_to_say_it(self) -> EmaSettings:
+        if self.decay is not None and self.half_life_steps is not None:
+            raise ValueError("give decay or half_life_steps, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay is not None or self.half_life_steps is not None
+
+    def effective_decay(self) -> float:
+        if self.half_life_steps is not None:
+            return 0.5 ** (1.0 / self.half_life_steps)
+        return float(self.decay or 0.0)
+
+
 class EarlyStoppingSettings(_Section):
     # Also the metric that picks best.pth and drives the plateau scheduler.
     monitor: MonitoredMetric = "val_accuracy"
@@ -203,6 +235,7 @@ class TrainSettings(_Section):
     class_weights: Literal["none", "auto"] = "none"
     balanced_sampler: bool = False
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    ema: EmaSettings = Field(default_factory=EmaSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 
     def tta_level(self, enabled: bool | None = None) -> int:

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from cifar_cli.checkpoint import load_checkpoint
+from cifar_cli.checkpoint import kept_weights, load_checkpoint
 from cifar_cli.config.settings import DataSettings, ModelSettings, TrainSettings
 from cifar_cli.data.loader import BatchLoader
 from cifar_cli.data.prepare import read_spec
@@ -98,7 +98,7 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
     spec = checkpoint_spec(state)
     model = build_model(model_settings.name, model_settings.width_multiplier, spec.num_classes)
     try:
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(kept_weights(state))
     except (RuntimeError, TypeError, AttributeError) as error:
         raise UsageError(
             f"{checkpoint}: the weights do not fit model {model_settings.name!r} ({str(error)[:200]})."

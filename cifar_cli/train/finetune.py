@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_cli.checkpoint import load_checkpoint
+from cifar_cli.checkpoint import kept_weights, load_checkpoint
 from cifar_cli.config.settings import ModelSettings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
@@ -98,7 +98,7 @@ def _loadable(model: nn.Module, source: Source, class_names: list[str] | tuple[s
     """The tensors of `source` that `model` takes: all, or all but the head's where the classes differ. Any other
     missing, extra or differently shaped tensor is an error that names them."""
     head = head_name(model)
-    incoming: dict[str, torch.Tensor] = source.state["model_state"]
+    incoming: dict[str, torch.Tensor] = kept_weights(source.state)
     own = model.state_dict()
     same_classes = list(source.spec.class_names) == list(class_names)
     replaced = set() if same_classes else {key for key in own if key.startswith(head + ".")}

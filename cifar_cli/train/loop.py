@@ -19,6 +19,7 @@ from cifar_cli.predict.metrics import epoch_metrics, report_from_predictions
 from cifar_cli.runtime import distributed
 from cifar_cli.runtime.device import Precision
 from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.train.mixing import BatchMixer
 from cifar_cli.train.optim import scheduler_steps_per_batch
 from cifar_cli.train.setup import Loaders, Parts
 from cifar_cli.train.state import Progress
@@ -48,6 +49,7 @@ class EpochRunner:
         self.precision, self.device, self.context, self.reporter = precision, device, context, reporter
         self.epoch_split = epoch_split  # "val", or "test" where the recipe holds nothing out (curves only)
         self.clock = clock  # seconds; a test's fake clock can stand in
+        self.mixer = BatchMixer.from_settings(settings.train.augment, spec.num_classes)  # mixup / cutmix, or None
 
     def run(
         self,
@@ -68,7 +70,9 @@ class EpochRunner:
         started = self.clock()
         train_stats, steps_done, steps = self._train(progress, remaining, steps, deadline, refit)
         seconds = self.clock() - started
-        evaluated = predict(self.parts.model, self.loaders.evaluation, self.precision, self.device, tta_level=0)
+        evaluated = predict(
+            self.parts.evaluated_model, self.loaders.evaluation, self.precision, self.device, tta_level=0
+        )
         report = report_from_predictions(evaluated, list(self.spec.class_names))
         eval_seconds = self.clock() - started - seconds
         images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
@@ -122,6 +126,8 @@ class EpochRunner:
             progress.global_step += 1
             if parts.lookahead is not None:
                 parts.lookahead.maybe_sync(parts.model, progress.global_step, parts.total_steps)
+            if parts.ema is not None:
+                parts.ema.update(parts.model, progress.global_step)
             loss_sum += loss
             predicted = logits.argmax(dim=1)
             metrics.update(predicted, targets)
@@ -159,10 +165,13 @@ class EpochRunner:
         """One optimiser step on the batch; returns its mean loss and the logits, detached."""
         parts = self.parts
         parts.optimizer.zero_grad(set_to_none=True)
+        loss_targets = targets
+        if self.mixer is not None:  # soft targets; the batch statistics still count each image's own label
+            images, loss_targets = self.mixer(images, targets)
         loss, logits = forward_backward(
             parts.train_model,
             images,
-            targets,
+            loss_targets,
             parts.criterion,
             self.precision,
             parts.scaler,

@@ -85,4 +85,14 @@ def run_banner(
     ]
     if context.enabled:
         parts.append(f"{context.world_size} processes")
+    if train.ema.enabled:
+        parts.append(describe_ema(settings))
     return "Training: " + ", ".join(parts)
+
+
+def describe_ema(settings: Settings) -> str:
+    """What train.ema does in this run, and that it (not lookahead) decides the weights kept where both are on."""
+    ema = settings.train.ema
+    start = f" from epoch {ema.start_epoch:g}" if ema.start_epoch else ""
+    kept = "; lookahead shapes the training, the average is what is scored" if settings.train.lookahead else ""
+    return f"weights averaged (EMA, decay {ema.effective_decay():.5g}{start}) and scored{kept}"

@@ -409,7 +409,12 @@ class Trainer:
         """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
         started = synchronised_clock(self.device)
         final, report = final_evaluation(
-            self.parts.model, self.loaders.test, self.settings, self.precision, self.device, self.progress.history
+            self.parts.evaluated_model,
+            self.loaders.test,
+            self.settings,
+            self.precision,
+            self.device,
+            self.progress.history,
         )
         # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
         # estimate of it: a time budget bounds the first.

@@ -20,6 +20,7 @@ from cifar_cli.models import build_model, fixed_image_size
 from cifar_cli.runtime.device import Precision, resolve_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.runtime.memory import keep_freed_memory
+from cifar_cli.train.ema import WeightAverage
 from cifar_cli.train.finetune import BodyFreezer, Source, load_weights
 from cifar_cli.train.lookahead import Lookahead
 from cifar_cli.train.optim import Scheduler, build_optimizer, build_scheduler
@@ -119,7 +120,7 @@ def build_loaders(
         train.batch_size,
         train=True,
         spec=spec,
-        augment=Augment(**train.augment.model_dump()),
+        augment=Augment(**train.augment.pixel_augment()),
         seed=train.seed,
         dtype=input_dtype,
         channels_last=train.channels_last,
@@ -160,6 +161,12 @@ class Parts:
     total_steps: int
     started_from: dict[str, Any] | None = None  # the checkpoint a fine-tuning run started from (finetune.py)
     freezer: BodyFreezer | None = None
+    ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and kept beside the trained ones
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights each epoch's evaluation and the final one score: the average where the run keeps one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def build_parts(
@@ -212,7 +219,15 @@ def build_parts(
         settings.train.epochs * len(loader),
         started_from,
         freezer,
+        weight_average(model, settings, len(loader)),
     )
+
+
+def weight_average(model: nn.Module, settings: Settings, steps_per_epoch: int) -> WeightAverage | None:
+    ema = settings.train.ema
+    if not ema.enabled:
+        return None
+    return WeightAverage(model, ema.effective_decay(), round(ema.start_epoch * steps_per_epoch))
 
 
 def class_weights(train: TrainSettings, labels: torch.Tensor, classes: int) -> torch.Tensor | None:

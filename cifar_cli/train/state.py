@@ -48,6 +48,8 @@ def checkpoint_state(
         "scheduler_state": parts.scheduler.state_dict() if parts.scheduler is not None else None,
         "scaler_state": parts.scaler.state_dict() if parts.scaler.is_enabled() else None,
         "lookahead_state": parts.lookahead.state_dict() if parts.lookahead is not None else None,
+        # train.ema's averaged weights: what evaluate, predict, export and calibrate load (checkpoint.py)
+        "ema_state": parts.ema.state_dict() if parts.ema is not None else None,
         "epoch": progress.epoch,
         "global_step": progress.global_step,
         "history": progress.history,
@@ -82,6 +84,8 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
         parts.scaler.load_state_dict(state["scaler_state"])
     if parts.lookahead is not None and state.get("lookahead_state"):
         parts.lookahead.load_state_dict(state["lookahead_state"])
+    if parts.ema is not None and state.get("ema_state"):
+        parts.ema.load_state_dict(state["ema_state"])
     restore_rng_states(state["rng"])
     parts.started_from = state.get("started_from")
     epoch = state["epoch"]
@@ -108,13 +112,14 @@ def check_same_recipe(stored: dict[str, Any], settings: Settings, run_name: str)
     )
 
 
-def expected_checkpoint_bytes(model: torch.nn.Module, optimizer_name: str, lookahead: object | None) -> int:
+def expected_checkpoint_bytes(model: torch.nn.Module, optimizer_name: str, averages: int) -> int:
     """Size of a checkpoint once the optimiser has state: the model's tensors, one or two buffers per parameter
-    (momentum; Adam's two moments), the lookahead average, and 1 MB for history, settings and RNG states."""
+    (momentum; Adam's two moments), `averages` copies of the weights (lookahead's, the EMA's), and 1 MB for
+    history, settings and RNG states."""
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers_per_parameter = 2 if optimizer_name in ("adam", "adamw") else 1
-    average_bytes = state_bytes if lookahead is not None else 0
+    average_bytes = state_bytes * averages
     return state_bytes + buffers_per_parameter * parameter_bytes + average_bytes + 1_000_000
 
 
@@ -122,7 +127,9 @@ def check_checkpoint_space(checkpoint_dir: Path, with_best: bool, parts: Parts, 
     """Refuse before the first epoch when the checkpoints cannot fit: their size is known from the model."""
     files = [LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if with_best else [])
     missing = sum(not (checkpoint_dir / name).exists() for name in files)
-    needed = (missing + 1) * expected_checkpoint_bytes(parts.model, optimizer_name, parts.lookahead)
+    needed = (missing + 1) * expected_checkpoint_bytes(
+        parts.model, optimizer_name, (parts.lookahead is not None) + (parts.ema is not None)
+    )
     require_free_space(
         checkpoint_dir,
         needed,
