@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_cli.config.settings import AugmentSettings, EmaSettings
+from cifar_cli.config.sections import AugmentSettings, EmaSettings
 from cifar_cli.errors import SettingsError
 from cifar_cli.predict.inference import load_model
-from cifar_cli.train.ema import WeightAverage
-from cifar_cli.train.mixing import BatchMixer
+from cifar_cli.recipe.ema import WeightAverage
+from cifar_cli.recipe.mixing import BatchMixer
 from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
 

@@ -12,7 +12,8 @@ import torch
 from cifar_cli.bench import BenchOptions, run_benchmark
 from cifar_cli.bench.measure import Candidate, one_repeat
 from cifar_cli.bench.rows import bench_fast_preset
-from cifar_cli.config.settings import DataSettings, load_settings
+from cifar_cli.config.sections import DataSettings
+from cifar_cli.config.settings import load_settings
 from cifar_cli.errors import UsageError
 from tests.conftest import run_cli
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cifar_cli.budget.plan import EpochTiming, replan
-from cifar_cli.config.settings import SchedulerSettings
+from cifar_cli.config.sections import SchedulerSettings
+from cifar_cli.recipe.optim import _StepSchedule
 from cifar_cli.train.loop import EpochRunner
-from cifar_cli.train.optim import _StepSchedule
 from cifar_cli.train.run import Trainer
 from cifar_cli.train.tracking import NullReporter
 from tests.conftest import tiny_settings

@@ -331,7 +331,7 @@ def test_most_confused_pairs_and_a_readable_100_class_figure() -> None:
 
 def test_a_cache_without_its_manifest_is_prepared_again(tmp_path: Path) -> None:
     """The manifest is written last: a cache alone is an unfinished preparation, never data of unknown classes."""
-    from cifar_cli.config.settings import DataSettings
+    from cifar_cli.config.sections import DataSettings
     from cifar_cli.data import ensure_prepared
 
     source = write_image_tree(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})

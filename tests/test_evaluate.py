@@ -51,7 +51,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, prepared_dir: P
 
 
 def test_evaluate_checkpoint_json(trained_checkpoint: Path, prepared_dir: Path) -> None:
-    from cifar_cli.config.settings import DataSettings
+    from cifar_cli.config.sections import DataSettings
 
     metrics = run_evaluation(trained_checkpoint, DataSettings(processed_dir=prepared_dir), "test", tta=True).metrics
     assert {
@@ -121,7 +121,7 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, trained_checkpoint: Path) -
 
 
 def test_weights_that_do_not_fit_the_model(tmp_path: Path, trained_checkpoint: Path, prepared_dir: Path) -> None:
-    from cifar_cli.config.settings import DataSettings
+    from cifar_cli.config.sections import DataSettings
 
     state = load_checkpoint(trained_checkpoint)
     state["settings"]["model"]["width_multiplier"] = 0.5

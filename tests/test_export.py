@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_cli.config.settings import MODEL_RECIPES, DataSettings
+from cifar_cli.config.sections import MODEL_RECIPES, DataSettings
 from cifar_cli.data.prepare import CLASS_NAMES
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.export import writer as export_module

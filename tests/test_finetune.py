@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cifar_cli.checkpoint import load_checkpoint, save_checkpoint
-from cifar_cli.config.settings import TrainSettings
+from cifar_cli.config.sections import TrainSettings
 from cifar_cli.data.loader import BatchLoader, balanced_draw
 from cifar_cli.data.prepare import prepare_folder
 from cifar_cli.data.spec import CIFAR10_SPEC

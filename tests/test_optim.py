@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifar_cli.config.settings import OptimSettings, SchedulerSettings
+from cifar_cli.config.sections import OptimSettings, SchedulerSettings
 from cifar_cli.models import build_model
-from cifar_cli.train.optim import build_optimizer, build_scheduler
+from cifar_cli.recipe.optim import build_optimizer, build_scheduler
 
 
 def test_weights_and_biases_get_their_own_lr_and_decay() -> None:
@@ -51,7 +51,7 @@ def test_cosine_ends_at_the_final_factor() -> None:
 
 
 def test_orthogonalize_flattens_the_singular_values() -> None:
-    from cifar_cli.train.muon import orthogonalize
+    from cifar_cli.recipe.muon import orthogonalize
 
     torch.manual_seed(0)
     matrix = torch.randn(32, 8) @ torch.diag(torch.tensor([100.0, 30, 10, 3, 1, 0.3, 0.1, 0.03])) @ torch.randn(8, 72)
@@ -60,7 +60,7 @@ def test_orthogonalize_flattens_the_singular_values() -> None:
 
 
 def test_muon_groups_and_step() -> None:
-    from cifar_cli.train.muon import MuonSGD
+    from cifar_cli.recipe.muon import MuonSGD
 
     torch.manual_seed(0)
     model = build_model("airbench", 0.25)
@@ -78,7 +78,7 @@ def test_muon_groups_and_step() -> None:
 
 
 def test_sgd_groups_match_torch_sgd() -> None:
-    from cifar_cli.train.muon import MuonSGD
+    from cifar_cli.recipe.muon import MuonSGD
 
     torch.manual_seed(0)
     ours, reference = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
@@ -118,7 +118,7 @@ def test_cpu_optimizers_use_fused_kernels_with_the_same_steps(name: str) -> None
 
 
 def test_muon_orthogonalises_in_the_precision_it_is_given() -> None:
-    from cifar_cli.train.muon import orthogonalize
+    from cifar_cli.recipe.muon import orthogonalize
 
     torch.manual_seed(0)
     matrix = torch.randn(16, 72)

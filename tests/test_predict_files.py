@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_cli.config.settings import DataSettings
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.predict.evaluate import run_evaluation
 from cifar_cli.train.run import train
 from tests.conftest import flat, run_cli, tiny_settings

@@ -13,7 +13,7 @@ import torch
 
 from cifar_cli.budget import probe as probe_module
 from cifar_cli.budget.probe import Layout, cache_dir, candidates, measure_speed
-from cifar_cli.config.settings import ModelSettings, OptimSettings
+from cifar_cli.config.sections import ModelSettings, OptimSettings
 from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
@@ -132,7 +132,7 @@ def test_a_cpu_without_native_bf16_is_given_fp32() -> None:
     code = (
         "import torch\n"
         "from cifar_cli.budget.probe import measure_speed\n"
-        "from cifar_cli.config.settings import ModelSettings, OptimSettings\n"
+        "from cifar_cli.config.sections import ModelSettings, OptimSettings\n"
         "result = measure_speed(ModelSettings(name='airbench', width_multiplier=0.25), OptimSettings(name='muon'), 64,\n"
         "                   torch.device('cpu'), use_cache=False)\n"
         "print(torch.backends.cpu.get_cpu_capability(), result.precision, result.train_images_per_second)\n"

@@ -130,7 +130,7 @@ def test_commented_recipe_in_settings_yaml_matches_the_fast_preset(tmp_path: Pat
 
 
 def test_every_model_has_a_recipe_that_trains_it() -> None:
-    from cifar_cli.config.settings import MODEL_RECIPES
+    from cifar_cli.config.sections import MODEL_RECIPES
     from cifar_cli.models import available_models
 
     assert sorted(MODEL_RECIPES) == available_models()

@@ -209,7 +209,7 @@ def test_an_early_stopped_run_ends_on_lookahead_s_averaged_weights(tmp_path: Pat
 
 
 def test_lookahead_moves_weights_towards_their_average() -> None:
-    from cifar_cli.train.lookahead import Lookahead
+    from cifar_cli.recipe.lookahead import Lookahead
 
     model = torch.nn.Linear(2, 2)
     lookahead = Lookahead(model)
@@ -226,7 +226,7 @@ def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prep
     import subprocess
 
     from cifar_cli import __version__
-    from cifar_cli.config.settings import DataSettings
+    from cifar_cli.config.sections import DataSettings
     from cifar_cli.export.writer import export_checkpoint
     from cifar_cli.train.identity import provenance
 

@@ -29,7 +29,8 @@ from cifar_cli.bench.rows import bench_fast_preset, bench_models, bench_pipeline
 from cifar_cli.bench.runtimes import bench_export_runtimes
 from cifar_cli.budget.flops import machine_ceiling
 from cifar_cli.budget.probe import Calibration, measure_speed
-from cifar_cli.config.settings import DataSettings, ModelSettings, OptimSettings, load_settings
+from cifar_cli.config.sections import DataSettings, ModelSettings, OptimSettings
+from cifar_cli.config.settings import load_settings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import UsageError

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from cifar_cli.budget.probe import machine_identity
+from cifar_cli.recipe.optim import use_fused_kernels
 from cifar_cli.runtime.device import Precision, describe_device
-from cifar_cli.train.optim import use_fused_kernels
 from cifar_cli.train.step import forward_backward
 
 TRAIN_IMAGES = 50_000  # one CIFAR-10 epoch

@@ -9,7 +9,8 @@ from cifar_cli.bench.measure import BenchOptions, Measurement, machine_facts, on
 from cifar_cli.bench.rows import FastJob, fast_candidate
 from cifar_cli.budget.flops import machine_ceiling, train_step_flops_per_image
 from cifar_cli.budget.probe import measure_speed
-from cifar_cli.config.settings import DataSettings, load_settings
+from cifar_cli.config.sections import DataSettings
+from cifar_cli.config.settings import load_settings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.runtime.device import resolve_device
 from cifar_cli.runtime.memory import keep_freed_memory

@@ -27,14 +27,15 @@ from cifar_cli.bench.measure import (
 )
 from cifar_cli.budget.flops import train_step_flops_per_image
 from cifar_cli.budget.probe import Calibration, measure_speed
-from cifar_cli.config.settings import DataSettings, Settings, load_settings
+from cifar_cli.config.sections import DataSettings
+from cifar_cli.config.settings import Settings, load_settings
 from cifar_cli.data.loader import Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model_for_measuring
+from cifar_cli.recipe.optim import build_optimizer
 from cifar_cli.runtime.device import resolve_precision
 from cifar_cli.runtime.memory import keep_freed_memory, keep_freed_memory_supported
-from cifar_cli.train.optim import build_optimizer
 
 
 def _seed_style_loader(processed_dir: Path, batch_size: int, workers: int) -> Any:

@@ -10,8 +10,8 @@ from dataclasses import replace
 from typing import Any
 
 from cifar_cli.budget.plan import REPLAN_TARGET_SHARE, EpochTiming, RunPlan, fit_steps, replan
+from cifar_cli.recipe.optim import stretch_schedule
 from cifar_cli.runtime import distributed
-from cifar_cli.train.optim import stretch_schedule
 from cifar_cli.train.setup import Parts
 
 # An epoch cut at its deadline still saves a checkpoint before the final evaluation: the deadline sits this far

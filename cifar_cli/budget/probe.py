@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_cli.config.settings import ModelSettings, OptimSettings
+from cifar_cli.config.sections import ModelSettings, OptimSettings
 from cifar_cli.files import write_text_atomically
 from cifar_cli.models import build_model_for_measuring
+from cifar_cli.recipe.optim import build_optimizer
 from cifar_cli.runtime.device import Precision, describe_device, resolve_precision, synchronise
-from cifar_cli.train.optim import build_optimizer
 
 CACHE_VERSION = 2  # 2: speeds at the run's batch size
 CACHE_FILE = "calibration.json"

@@ -26,15 +26,8 @@ from cifar_cli.cli.common import (
     flag_settings,
     resolve,
 )
-from cifar_cli.config.settings import (
-    MODEL_RECIPES,
-    LogSettings,
-    OptimSettings,
-    SchedulerSettings,
-    TrainSettings,
-    available_presets,
-    choices,
-)
+from cifar_cli.config.sections import MODEL_RECIPES, LogSettings, OptimSettings, SchedulerSettings, TrainSettings
+from cifar_cli.config.settings import available_presets, choices
 
 
 def train(
@@ -225,7 +218,7 @@ def train(
     flags = flag_settings(train, locals())
     settings = resolve(config, set_options, flags)
     if "optim.lr" in flags or any(option.split("=")[0].strip() == "optim.lr" for option in set_options or []):
-        from cifar_cli.train.optim import what_lr_reaches
+        from cifar_cli.recipe.optim import what_lr_reaches
 
         if note := what_lr_reaches(settings.optim):
             console.print(note, style="yellow")

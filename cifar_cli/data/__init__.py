@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cifar_cli.config.settings import DataSettings
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.data.archive import archive_layout
 from cifar_cli.data.download import DownloadResult, download_archive
 from cifar_cli.data.prepare import (

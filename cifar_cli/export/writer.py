@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar_cli.config.settings import DataSettings
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.data.prepare import load_cache
 from cifar_cli.data.spec import DataSpec

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from cifar_cli.checkpoint import kept_weights, load_checkpoint
-from cifar_cli.config.settings import DataSettings, ModelSettings, TrainSettings
+from cifar_cli.config.sections import DataSettings, ModelSettings, TrainSettings
 from cifar_cli.data.loader import BatchLoader
 from cifar_cli.data.prepare import read_spec
 from cifar_cli.data.spec import DataSpec

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cifar_cli.checkpoint import load_checkpoint, save_checkpoint
-from cifar_cli.config.settings import DataSettings
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.errors import UsageError
 from cifar_cli.files import run_lock
 from cifar_cli.predict.evaluate import run_evaluation

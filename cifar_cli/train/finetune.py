@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cifar_cli.checkpoint import kept_weights, load_checkpoint
-from cifar_cli.config.settings import ModelSettings
+from cifar_cli.config.sections import ModelSettings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model

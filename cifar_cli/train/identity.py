@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_cli import __version__
-from cifar_cli.config.settings import OFFICIAL_ARCHIVES, Settings
+from cifar_cli.config.sections import OFFICIAL_ARCHIVES
+from cifar_cli.config.settings import Settings
 
 # Train settings that do not change what a run learns (where and how fast it runs, how it is shown or evaluated at
 # the end), and its length: a run is identified by every other setting, so `--epochs 12` after an 8-epoch run

@@ -16,11 +16,11 @@ from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import CifarError
 from cifar_cli.predict.inference import predict
 from cifar_cli.predict.metrics import epoch_metrics, report_from_predictions
+from cifar_cli.recipe.mixing import BatchMixer
+from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed
 from cifar_cli.runtime.device import Precision
 from cifar_cli.runtime.distributed import DistContext
-from cifar_cli.train.mixing import BatchMixer
-from cifar_cli.train.optim import scheduler_steps_per_batch
 from cifar_cli.train.setup import Loaders, Parts
 from cifar_cli.train.state import Progress
 from cifar_cli.train.step import forward_backward

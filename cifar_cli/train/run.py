@@ -20,6 +20,7 @@ from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import CifarError, ExitCode, UsageError
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.predict.inference import checkpoint_spec
+from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed, ranks
 from cifar_cli.runtime.device import Precision, resolve_precision, synchronised_clock
 from cifar_cli.runtime.distributed import DistContext
@@ -27,7 +28,6 @@ from cifar_cli.train import state as run_state
 from cifar_cli.train.finetune import check_fits, describe_start, read_source
 from cifar_cli.train.identity import default_run_name, hparams, provenance
 from cifar_cli.train.loop import EpochRunner
-from cifar_cli.train.optim import scheduler_steps_per_batch
 from cifar_cli.train.report import TrainResult, final_evaluation, run_banner
 from cifar_cli.train.setup import (
     Loaders,
@@ -259,11 +259,8 @@ class Trainer:
     def _load_data(self) -> Splits:
         """Training images, the validation split held out of them (when the recipe has one) and the test split."""
         ensure_prepared(self.settings.data, self.reporter.message)
-        trained = (
-            checkpoint_spec(self._last_checkpoint())
-            if self._should_resume()
-            else (self.source.spec if self.source is not None else None)
-        )  # the input statistics the weights were trained with
+        resumed = checkpoint_spec(self._last_checkpoint()) if self._should_resume() else None
+        trained = resumed or getattr(self.source, "spec", None)  # the input statistics the weights were trained with
         self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
         splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
         self.epoch_split = splits.epoch_split

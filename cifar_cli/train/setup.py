@@ -11,19 +11,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_cli.config.settings import DataSettings, Settings, TrainSettings
+from cifar_cli.config.sections import DataSettings, TrainSettings
+from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
 from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model, fixed_image_size
+from cifar_cli.recipe.ema import WeightAverage
+from cifar_cli.recipe.lookahead import Lookahead
+from cifar_cli.recipe.optim import Scheduler, build_optimizer, build_scheduler
 from cifar_cli.runtime.device import Precision, resolve_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.runtime.memory import keep_freed_memory
-from cifar_cli.train.ema import WeightAverage
 from cifar_cli.train.finetune import BodyFreezer, Source, load_weights
-from cifar_cli.train.lookahead import Lookahead
-from cifar_cli.train.optim import Scheduler, build_optimizer, build_scheduler
 
 WHITENING_SAMPLE = 5000  # training images used to estimate the whitening filters
 Split = tuple[torch.Tensor, torch.Tensor]  # uint8 images N x 3 x H x W, int64 labels N

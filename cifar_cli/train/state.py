@@ -13,8 +13,8 @@ from cifar_cli.config.settings import Settings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.files import require_free_space
+from cifar_cli.recipe.optim import restore_scheduler
 from cifar_cli.train.identity import provenance, recipe_differences
-from cifar_cli.train.optim import restore_scheduler
 from cifar_cli.train.setup import Parts
 
 LAST_CHECKPOINT = "last.pth"  # every epoch: what a resume continues from

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cifar_cli.config.settings import DataSettings
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.errors import UsageError
 from cifar_cli.files import write_atomically
 from cifar_cli.predict.evaluate import Evaluation, run_evaluation

@@ -15,7 +15,7 @@ import math
 import torch
 from torch.nn import functional
 
-from cifar_cli.config.settings import AugmentSettings
+from cifar_cli.config.sections import AugmentSettings
 
 
 class BatchMixer:

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from cifar_cli.config.settings import OptimSettings, SchedulerSettings
-from cifar_cli.train.muon import MuonSGD
+from cifar_cli.config.sections import OptimSettings, SchedulerSettings
+from cifar_cli.recipe.muon import MuonSGD
 
 Scheduler = LRScheduler | ReduceLROnPlateau
 
