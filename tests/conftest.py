@@ -163,8 +163,19 @@ def run_cli(*args: object, **options: Any) -> Result:
     from typer.testing import CliRunner
 
     from cifar_cli.cli import app
+    from cifar_cli.cli.common import console, error_console
 
-    result = CliRunner().invoke(app, [str(arg) for arg in args], **options)
+    # A command is a process of its own: its consoles measure COLUMNS as it starts. In one test process they were
+    # made at the first import, so the width asked for (`env={"COLUMNS": ...}`, else the test's) is set here.
+    columns = int((options.get("env") or {}).get("COLUMNS") or os.environ.get("COLUMNS", WIDE_COLUMNS))
+    widths = [(each, each.width) for each in (console, error_console)]
+    for each, _ in widths:
+        each.width = columns
+    try:
+        result = CliRunner().invoke(app, [str(arg) for arg in args], **options)
+    finally:
+        for each, width in widths:
+            each.width = width
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         command = " ".join(str(arg) for arg in args)
         raise AssertionError(f"`cifar {command}` crashed: {result.exception!r}\n{result.output}") from result.exception
