@@ -124,3 +124,41 @@ def test_calibrate_waits_for_a_running_training_and_a_resume_says_it_drops_the_t
     assert again.returncode == 0, again.stdout + again.stderr
     assert " ".join(DROPPED_TEMPERATURE.split()) in " ".join(again.stdout.split())
     assert "temperature" not in load_checkpoint(last)
+
+
+def test_budget_runs_hold_out_a_calibration_split_unless_told_otherwise() -> None:
+    from cifar_cli.config.settings import load_settings, parse_set_options, resolve_val_size
+
+    def held_out(*assignments: str) -> int:
+        return resolve_val_size(load_settings(None, parse_set_options(["preset=fast", *assignments])), 50_000)
+
+    assert held_out("train.time_budget=15m") == 2_000  # `make run`: calibrated probabilities by default
+    assert held_out() == 0  # a run of fixed epochs of a recipe that monitors nothing
+    assert held_out("train.calibrate=true") == 2_000
+    assert held_out("train.time_budget=15m", "train.calibrate=false") == 0
+    assert held_out("train.time_budget=15m", "data.val_size=500") == 500
+
+
+def test_a_calibrating_run_fits_its_temperature_on_the_held_out_images_at_the_end(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """The temperature in last.pth is the one that minimises the held-out images' NLL under the final (TTA)
+    scoring, computed again here from the checkpoint; the final metrics carry the test ECE before and after."""
+    from cifar_cli.config.sections import DataSettings
+    from cifar_cli.predict.evaluate import run_evaluation
+
+    settings = tiny_settings(tmp_path, prepared_dir, "scheduler.name=none", "train.calibrate=true", "train.epochs=1")
+    result = train(settings)
+    checkpoint = result.checkpoint_dir / "last.pth"
+    stored = load_checkpoint(checkpoint)
+    record = stored["temperature"]
+    assert stored["settings"]["data"]["val_size"] == record["images"] == 10  # a tenth of the 100 tiny images
+    assert record["fitted_by"] == "cifar train" and record["fitted_on"] == "val"
+    val = run_evaluation(checkpoint, DataSettings(processed_dir=prepared_dir), "val", device_name="cpu")
+    assert record["value"] == pytest.approx(fit_temperature(val.logits, val.targets), rel=1e-4)
+    final = result.final_metrics
+    assert final["temperature"] == record["value"] and 0 <= final["ece_calibrated"] <= 1 and 0 <= final["ece"] <= 1
+    # Without a held-out split there is nothing to fit on: no temperature, and the run says nothing about one.
+    plain = train(tiny_settings(tmp_path / "b", prepared_dir, "scheduler.name=none", "train.epochs=1"))
+    assert "temperature" not in load_checkpoint(plain.checkpoint_dir / "last.pth")
+    assert "ece_calibrated" not in plain.final_metrics

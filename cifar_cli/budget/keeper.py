@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from cifar_cli.budget.plan import REPLAN_TARGET_SHARE, EpochTiming, RunPlan, fit_steps, replan
+from cifar_cli.budget.probe import learn_from_epoch
 from cifar_cli.recipe.optim import stretch_schedule
 from cifar_cli.runtime import distributed
 from cifar_cli.train.setup import Parts
@@ -35,6 +36,13 @@ class BudgetKeeper:
         self.timings: list[EpochTiming] = []
         self.replans: list[dict[str, Any]] = []
         self._pace_epoch, self._pace_marks = (0, [(0.0, 0)])  # (clock, steps done) at this epoch's last refreshes
+
+    def learn_speed(self, record: dict[str, Any], this_machine: bool) -> None:
+        """The epoch's real speed into the calibration cache, for the next run's plan (`this_machine`: its speed
+        is what the cache key describes)."""
+        if this_machine and record["steps"]:
+            eval_rate = self.eval_images / max(record["eval_seconds"], 1e-9)
+            learn_from_epoch(self.plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
     def steps(self, epoch: int) -> int:
         return self.plan.steps_in_epoch(epoch)

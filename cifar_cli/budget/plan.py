@@ -48,7 +48,9 @@ class RunPlan:
     calibration: Calibration
     budget_seconds: float | None = None
     elapsed_seconds: float = 0.0  # spent before training starts (data, calibration)
-    test_images: int = 0  # the final evaluation's split; 0: the same images as each epoch's evaluation
+    # Images the final evaluation scores (the test split, plus the validation split where a temperature is fitted on
+    # it); 0: the same images as each epoch's evaluation.
+    test_images: int = 0
     last_epoch_steps: int = 0  # a budget's last epoch cut to this many steps; 0: a whole epoch
     remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
     # The rung a budget chose and every rung's estimate (budget/ladder.py); None where no ladder was climbed.

@@ -202,6 +202,10 @@ class TrainSettings(_Section):
     compile: bool = False
     deterministic: bool = False
     tta: bool = True
+    # Temperature scaling fitted at the end of training on the validation split (predict/temperature.py), so that
+    # predict's and an export's probabilities are calibrated. auto: on for time-budget runs (`make run`), which then
+    # hold out a calibration split of 2,000 images where their recipe holds out nothing.
+    calibrate: Literal["auto"] | bool = Field("auto", description="fit a temperature at the end (auto: budget runs)")
     lookahead: bool = Field(False, description="airbench's lookahead weight averaging (recipe/lookahead.py)")
     run_name: str | None = None
     resume: bool | None = Field(None, description="None: resume when last.pth of the run exists")

@@ -49,6 +49,19 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(min(max(math.exp(float(log_t.detach())), low), high))
 
 
+def temperature_record(logits: torch.Tensor, targets: torch.Tensor, tta: bool, fitted_by: str) -> dict[str, Any]:
+    """The temperature fitted to held-out logits, as a checkpoint stores it (`cifar calibrate` or the run's end)."""
+    temperature = fit_temperature(logits, targets)
+    return {
+        "value": temperature,
+        "fitted_on": "val",
+        "images": len(targets),
+        "tta": tta,
+        "val_nll": [nll(logits, targets), nll(logits, targets, temperature)],
+        "fitted_by": fitted_by,
+    }
+
+
 def calibrate_checkpoint(
     checkpoint: Path, data: DataSettings, device_name: str = "auto", say: Callable[[str], None] = lambda _t: None
 ) -> dict[str, Any]:
@@ -79,15 +92,9 @@ def _calibrate(checkpoint: Path, data: DataSettings, device_name: str, say: Call
             f"Only {val_size:,} validation images: the temperature is a rough estimate (a thousand or more pin it down)."
         )
     val = run_evaluation(checkpoint, data, "val", device_name=device_name, say=say)
-    temperature = fit_temperature(val.logits, val.targets)
+    record = temperature_record(val.logits, val.targets, val.metrics["tta"], "cifar calibrate")
+    temperature = record["value"]
     test = run_evaluation(checkpoint, data, "test", device_name=device_name, say=say)
-    record = {
-        "value": temperature,
-        "fitted_on": "val",
-        "images": len(val.targets),
-        "tta": val.metrics["tta"],
-        "val_nll": [nll(val.logits, val.targets), nll(val.logits, val.targets, temperature)],
-    }
     stored["temperature"] = record
     save_checkpoint(stored, checkpoint)
     probabilities = torch.softmax(test.logits.double(), dim=1)

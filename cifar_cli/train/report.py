@@ -13,7 +13,8 @@ from cifar_cli.budget.plan import RunPlan
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import BatchLoader
 from cifar_cli.predict.inference import predict
-from cifar_cli.predict.metrics import ClassificationReport, report_from_predictions
+from cifar_cli.predict.metrics import ClassificationReport, expected_calibration_error, report_from_predictions
+from cifar_cli.predict.temperature import temperature_record
 from cifar_cli.runtime.device import Precision, describe_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train.setup import Loaders
@@ -38,10 +39,16 @@ def final_evaluation(
     precision: Precision,
     device: torch.device,
     history: list[dict[str, Any]],
-) -> tuple[dict[str, Any], ClassificationReport]:
+    held_out: BatchLoader | None = None,
+) -> tuple[dict[str, Any], ClassificationReport, dict[str, Any] | None]:
     """The last weights on the test split (with TTA where the recipe has it), read once, after training: never used
-    to choose anything. Returns final_metrics.json's numbers (the caller adds the clock) and the full report."""
+    to choose anything. With `held_out` (the validation split), a temperature is fitted there first. Returns
+    final_metrics.json's numbers (the caller adds the clock), the full report and the temperature record (or None)."""
     level = settings.train.tta_level()
+    temperature = None
+    if held_out is not None:
+        scored = predict(model, held_out, precision, device, level)
+        temperature = temperature_record(scored.logits, scored.targets, bool(level), "cifar train")
     predictions = predict(model, loader, precision, device, level)
     report = report_from_predictions(predictions, list(loader.spec.class_names))
     last_val = {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
@@ -54,8 +61,18 @@ def final_evaluation(
         "tta_level": level,
         "epochs": len(history),
         "train_seconds": sum(record["seconds"] for record in history),
+        **calibration_errors(predictions.logits, predictions.targets, temperature),
     }
-    return final, report
+    return final, report, temperature
+
+
+def calibration_errors(logits: torch.Tensor, targets: torch.Tensor, temperature: dict | None) -> dict[str, float]:
+    """The test split's expected calibration error (15 bins) of the softmax, and after the temperature if fitted."""
+    errors = {"ece": expected_calibration_error(torch.softmax(logits.double(), dim=1), targets)}
+    if temperature is not None:
+        scaled = torch.softmax(logits.double() / temperature["value"], dim=1)
+        errors.update(temperature=temperature["value"], ece_calibrated=expected_calibration_error(scaled, targets))
+    return errors
 
 
 def run_banner(
@@ -88,6 +105,23 @@ def run_banner(
     if train.ema.enabled:
         parts.append(describe_ema(settings))
     return "Training: " + ", ".join(parts)
+
+
+def describe_final(
+    final: dict[str, Any], report: ClassificationReport, checkpoints: Path, logs: Path, temperature: dict | None
+) -> str:
+    """The run's last words: its test accuracy, where its files are, and the temperature fitted at the end."""
+    said = (
+        f"Final {'TTA ' if final['tta_level'] else ''}test accuracy {report.accuracy:.2%} "
+        f"(macro F1 {report.f1_macro:.3f}); checkpoints in {checkpoints}, logs in {logs}"
+    )
+    if temperature is not None:
+        said += (
+            f"\nProbabilities calibrated: temperature {temperature['value']:.3f}, fitted on the "
+            f"{temperature['images']:,} held-out images (test calibration error {final['ece']:.2%} -> "
+            f"{final['ece_calibrated']:.2%}); predict and export use it."
+        )
+    return said
 
 
 def describe_ema(settings: Settings) -> str:

@@ -12,9 +12,8 @@ from typing import Any
 from cifar_cli.budget.keeper import BudgetKeeper
 from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.budget.plan import RemainingTime, RunPlan, measure_plan
-from cifar_cli.budget.probe import learn_from_epoch
 from cifar_cli.checkpoint import load_checkpoint
-from cifar_cli.config.settings import Settings, dump_yaml, resolve_val_size
+from cifar_cli.config.settings import Settings, dump_yaml, fits_temperature, resolve_val_size
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import CifarError, ExitCode, UsageError
@@ -28,7 +27,7 @@ from cifar_cli.train import state as run_state
 from cifar_cli.train.finetune import check_fits, describe_start, read_source
 from cifar_cli.train.identity import default_run_name, hparams, provenance
 from cifar_cli.train.loop import EpochRunner
-from cifar_cli.train.report import TrainResult, final_evaluation, run_banner
+from cifar_cli.train.report import TrainResult, describe_final, final_evaluation, run_banner
 from cifar_cli.train.setup import (
     Loaders,
     Parts,
@@ -85,6 +84,7 @@ class Trainer:
         # seconds the last epoch's checkpoints and logs took.
         self.saved_epoch, self.save_seconds = 0, 0.0
         self._last_state: dict[str, Any] | None = None
+        self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
         self._resuming: bool | None = None
 
     # ------------------------------------------------------------------------------------------ the run
@@ -150,7 +150,7 @@ class Trainer:
             )
             # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
             return self._result({}, resumed_from, stopped_early=False)
-        if resuming and self._last_checkpoint().get("temperature"):
+        if resuming and self._last_checkpoint().get("temperature") and not fits_temperature(self.settings):
             self.reporter.message(run_state.DROPPED_TEMPERATURE)
         return self._train(resumed_from)
 
@@ -202,7 +202,9 @@ class Trainer:
                 saving = self.clock()
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self.save_seconds = self.clock() - saving
-                self._teach_calibration(record)
+                # One process, no compile: other runs' speeds are another machine's, as far as the cache can tell.
+                alone = self.context.is_main and not (self.context.enabled or self.settings.train.compile)
+                budget.learn_speed(record, alone)
             final_metrics = self._finish(logger)
         except KeyboardInterrupt:
             raise TrainingInterrupted(
@@ -214,15 +216,6 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return self._result(final_metrics, resumed_from, stopped_early)
-
-    def _teach_calibration(self, record: dict[str, Any]) -> None:
-        """The epoch's real speed into the calibration cache, for the next run's plan (one process, no compile:
-        their speeds are another machine's, as far as the cache key can tell)."""
-        other_machine = self.context.enabled or self.settings.train.compile
-        if not self.context.is_main or other_machine or not record["steps"]:
-            return
-        eval_rate = len(self.loaders.evaluation.labels) / max(record["eval_seconds"], 1e-9)
-        learn_from_epoch(self.run_plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
     def _keep_budget(
         self,
@@ -290,7 +283,9 @@ class Trainer:
 
     def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> tuple[str, RunPlan]:
         """(the preset trained, its plan): a budget run free to climb the ladder first chooses its rung."""
-        images, stored = (train_images, val_images, test_images), self._stored_settings()
+        # The final stage scores the test split, and the validation split again where it fits a temperature there.
+        final_images = test_images + (val_images if self._calibrates() else 0)
+        images, stored = (train_images, val_images, final_images), self._stored_settings()
 
         def measure(settings: Settings) -> RunPlan:
             return measure_plan(
@@ -323,6 +318,7 @@ class Trainer:
         train_images = counts.get("train", CIFAR10_SIZES[0])
         test_images = counts.get("test", CIFAR10_SIZES[1])
         val_size = resolve_val_size(self.settings, train_images)
+        self.epoch_split = "val" if val_size else "test"
         return self.plan(train_images - val_size, val_size or test_images, test_images)
 
     # ------------------------------------------------------------------------------------------ resume
@@ -394,8 +390,13 @@ class Trainer:
             )
         return stop
 
+    def _calibrates(self) -> bool:  # train.calibrate, with a validation split to fit the temperature on
+        return fits_temperature(self.settings) and self.epoch_split == "val"
+
     def _save(self, name: str) -> None:
         state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
+        if self.temperature is not None:
+            state["temperature"] = self.temperature
         with sigint_deferred():
             run_state.save_state(state, self.checkpoint_dir / name)
             if name == LAST_CHECKPOINT:
@@ -405,16 +406,19 @@ class Trainer:
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:
         """Final evaluation of the last weights, with this command's wall clock, logged to TensorBoard."""
         started = synchronised_clock(self.device)
-        final, report = final_evaluation(
+        held_out = self.loaders.evaluation if self._calibrates() else None
+        final, report, self.temperature = final_evaluation(
             self.parts.evaluated_model,
             self.loaders.test,
             self.settings,
             self.precision,
             self.device,
             self.progress.history,
+            held_out,
         )
-        # Wall clock of this command's run so far (set-up, measurement, epochs, final evaluation) and the plan's
-        # estimate of it: a time budget bounds the first.
+        if self.temperature is not None and self.context.is_main:  # last.pth again, now with its temperature
+            self._save(LAST_CHECKPOINT)
+        # Wall clock of the command so far (set-up to final evaluation) and the plan's estimate: a budget bounds it.
         final.update(wall_seconds=self._elapsed(), planned_seconds=self.run_plan.total_seconds, made_by=provenance())
         # The span the CIFAR-10 speed record times (airbench94: model init with whitening, the training steps, the
         # final TTA evaluation; no per-epoch evaluation), for `cifar bench --vs-record`. Seconds.
@@ -425,10 +429,7 @@ class Trainer:
             record_span_seconds=self.init_seconds + final["train_seconds"] + final_eval_seconds,
         )
         if self.progress.history:
-            self.reporter.message(
-                f"Final {'TTA ' if final['tta_level'] else ''}test accuracy {report.accuracy:.2%} "
-                f"(macro F1 {report.f1_macro:.3f}); checkpoints in {self.checkpoint_dir}, logs in {self.run_dir}"
-            )
+            self.reporter.message(describe_final(final, report, self.checkpoint_dir, self.run_dir, self.temperature))
         if logger is not None:
             names = list(self.spec.class_names)
             figure = self.confusion_figure(report.confusion_matrix, names) if self.confusion_figure else None
