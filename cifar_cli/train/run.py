@@ -12,11 +12,10 @@ from typing import Any
 from cifar_cli.budget.keeper import BudgetKeeper
 from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.budget.plan import RemainingTime, RunPlan, measure_plan
-from cifar_cli.checkpoint import load_checkpoint
 from cifar_cli.config.settings import Settings, dump_yaml, fits_temperature, resolve_val_size
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.errors import CifarError, ExitCode, UsageError
+from cifar_cli.errors import CifarError, ExitCode
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.predict.inference import checkpoint_spec
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
@@ -83,9 +82,8 @@ class Trainer:
         # The epoch last.pth holds (an interrupt between an epoch and its save must not claim more), and the
         # seconds the last epoch's checkpoints and logs took.
         self.saved_epoch, self.save_seconds = 0, 0.0
-        self._last_state: dict[str, Any] | None = None
         self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
-        self._resuming: bool | None = None
+        self.last = run_state.ResumePoint(self.checkpoint_dir, settings.train.resume, self.context, lambda: self.device)
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
@@ -105,11 +103,11 @@ class Trainer:
                 distributed.destroy_process_group()
 
     def _run(self) -> TrainResult:
-        resuming = self._should_resume()
+        resuming = self.last.resuming
         if resuming and self.settings.rungs:  # a budget run resumes on the rung its plan chose
-            self._adopt_rung(self._last_checkpoint()["settings"].get("preset", self.settings.preset))
+            self._adopt_rung(self.last.state["settings"].get("preset", self.settings.preset))
         if resuming:
-            run_state.check_same_recipe(self._last_checkpoint()["settings"], self.settings, self.run_name)
+            run_state.check_same_recipe(self.last.state["settings"], self.settings, self.run_name)
         # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
         init_from = self.settings.train.init_from
         self.source = None if resuming or init_from is None else read_source(init_from)
@@ -133,7 +131,7 @@ class Trainer:
             self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
         self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
-            self.progress = run_state.restore(self.parts, self._last_checkpoint())
+            self.progress = run_state.restore(self.parts, self.last.state)
             self.saved_epoch = self.progress.epoch
             self.reporter.message(
                 f"Resuming run {self.run_name} after epoch {self.progress.epoch} ({LAST_CHECKPOINT})."
@@ -150,7 +148,7 @@ class Trainer:
             )
             # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
             return self._result({}, resumed_from, stopped_early=False)
-        if resuming and self._last_checkpoint().get("temperature") and not fits_temperature(self.settings):
+        if resuming and self.last.state.get("temperature") and not fits_temperature(self.settings):
             self.reporter.message(run_state.DROPPED_TEMPERATURE)
         return self._train(resumed_from)
 
@@ -252,7 +250,7 @@ class Trainer:
     def _load_data(self) -> Splits:
         """Training images, the validation split held out of them (when the recipe has one) and the test split."""
         ensure_prepared(self.settings.data, self.reporter.message)
-        resumed = checkpoint_spec(self._last_checkpoint()) if self._should_resume() else None
+        resumed = checkpoint_spec(self.last.state) if self.last.resuming else None
         trained = resumed or getattr(self.source, "spec", None)  # the input statistics the weights were trained with
         self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
         splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
@@ -261,7 +259,7 @@ class Trainer:
 
     def _resolve_val_size(self, train_images: int) -> int:
         """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
-        stored = self._stored_settings()
+        stored = self.last.settings
         val_size = stored["data"]["val_size"] if stored is not None else resolve_val_size(self.settings, train_images)
         self.settings.data.val_size = val_size
         return val_size
@@ -285,7 +283,7 @@ class Trainer:
         """(the preset trained, its plan): a budget run free to climb the ladder first chooses its rung."""
         # The final stage scores the test split, and the validation split again where it fits a temperature there.
         final_images = test_images + (val_images if self._calibrates() else 0)
-        images, stored = (train_images, val_images, final_images), self._stored_settings()
+        images, stored = (train_images, val_images, final_images), self.last.settings
 
         def measure(settings: Settings) -> RunPlan:
             return measure_plan(
@@ -320,37 +318,6 @@ class Trainer:
         val_size = resolve_val_size(self.settings, train_images)
         self.epoch_split = "val" if val_size else "test"
         return self.plan(train_images - val_size, val_size or test_images, test_images)
-
-    # ------------------------------------------------------------------------------------------ resume
-    def _should_resume(self) -> bool:
-        """Rank 0 decides, from its own disk, for every rank (other nodes may have no checkpoint folder)."""
-        if self._resuming is None:
-            self._resuming = ranks.decided_by_main(self._resume_here)
-        return self._resuming
-
-    def _resume_here(self) -> bool:
-        wanted = self.settings.train.resume
-        exists = (self.checkpoint_dir / LAST_CHECKPOINT).is_file()
-        if wanted and not exists:
-            raise UsageError(
-                f"--resume was given but {self.checkpoint_dir / LAST_CHECKPOINT} does not exist.",
-                hint="Check --run-name and --checkpoint-dir, or drop --resume.",
-            )
-        return exists and wanted is not False
-
-    def _stored_settings(self) -> dict[str, Any] | None:
-        """The settings saved in the run's last.pth, when this run will resume from it."""
-        return self._last_checkpoint()["settings"] if self._should_resume() else None
-
-    def _last_checkpoint(self) -> dict[str, Any]:
-        """last.pth of this run, read once (the plan needs its settings, the resume everything)."""
-        # Rank 0's file, sent to every rank (to the CPU first when there are several).
-        if self._last_state is None:
-            place = "cpu" if self.context.enabled else self.device
-            self._last_state = ranks.decided_by_main(
-                lambda: load_checkpoint(self.checkpoint_dir / LAST_CHECKPOINT, map_location=place)
-            )
-        return self._last_state
 
     # ------------------------------------------------------------------------------------------ each epoch
     def _after_epoch(self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime) -> bool:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifar_cli.checkpoint import FORMAT_VERSION, capture_rng_states, restore_rng_states, save_checkpoint
+from cifar_cli.checkpoint import (
+    FORMAT_VERSION,
+    capture_rng_states,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.files import require_free_space
 from cifar_cli.recipe.optim import restore_scheduler
+from cifar_cli.runtime import ranks
+from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train.identity import provenance, recipe_differences
 from cifar_cli.train.setup import Parts
 
@@ -35,6 +44,47 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
     epochs_without_improvement: int = 0
+
+
+class ResumePoint:
+    """A run's last.pth as a resume reads it: whether the run resumes (rank 0 decides from its own disk, for every
+    rank: other nodes may have no checkpoint folder) and the file, read once and sent to every rank (through the
+    CPU where there are several)."""
+
+    def __init__(
+        self, checkpoint_dir: Path, wanted: bool | None, context: DistContext, device: Callable[[], torch.device]
+    ) -> None:
+        self.path, self.wanted, self.context, self.device = checkpoint_dir / LAST_CHECKPOINT, wanted, context, device
+        self._resuming: bool | None = None
+        self._state: dict[str, Any] | None = None
+
+    @property
+    def resuming(self) -> bool:
+        if self._resuming is None:
+            self._resuming = ranks.decided_by_main(self._resume_here)
+        return self._resuming
+
+    def _resume_here(self) -> bool:
+        exists = self.path.is_file()
+        if self.wanted and not exists:
+            raise UsageError(
+                f"--resume was given but {self.path} does not exist.",
+                hint="Check --run-name and --checkpoint-dir, or drop --resume.",
+            )
+        return exists and self.wanted is not False
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The whole checkpoint (the plan needs its settings, the resume everything)."""
+        if self._state is None:
+            place = "cpu" if self.context.enabled else self.device()
+            self._state = ranks.decided_by_main(lambda: load_checkpoint(self.path, map_location=place))
+        return self._state
+
+    @property
+    def settings(self) -> dict[str, Any] | None:
+        """The settings saved in last.pth, when this run will resume from it."""
+        return self.state["settings"] if self.resuming else None
 
 
 def checkpoint_state(
