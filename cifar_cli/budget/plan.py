@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -198,10 +198,11 @@ def measure_plan(
     say: Callable[[str], None],
     elapsed_seconds: Callable[[], float],
     images: tuple[int, int, int],
+    teacher_seconds_per_image: float = 0.0,
 ) -> RunPlan:
     """The plan of a run from speeds measured here: `images` are (train, per-epoch evaluation, test). A resumed
     run (`stored`: its checkpoint's settings) keeps its numerics, and a resumed budget run the epochs and width
-    its last plan chose."""
+    its last plan chose. A distilling run's steps carry the teacher's forward pass (seconds per image)."""
     train_images, val_images, test_images = images
     train = settings.train
     precision, channels_last = train.precision, train.channels_last
@@ -212,6 +213,7 @@ def measure_plan(
     def calibrate_at(width: float) -> Calibration:
         model = settings.model.model_copy(update={"width_multiplier": width})
         result = measure_speed(model, settings.optim, train.batch_size, device, precision, channels_last)
+        result = replace(result, teacher_seconds_per_image=teacher_seconds_per_image)
         say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
         return result
 

@@ -72,6 +72,8 @@ class Calibration:
     learned_step_seconds: float | None = None
     learned_eval_images_per_second: float | None = None
     learned_epochs: int = 0
+    # Distillation: the teacher's forward pass per training image, added to every step (recipe/distill.py).
+    teacher_seconds_per_image: float = 0.0
 
     @property
     def layout(self) -> Layout:
@@ -84,9 +86,10 @@ class Calibration:
     def step_seconds(self, batch_size: int) -> float:
         """Estimated seconds of one training step (forward, backward, optimiser) at `batch_size`: what real epochs
         measured where earlier runs have taught it, else the probe's estimate."""
+        teacher = batch_size * self.teacher_seconds_per_image
         if self.learned_step_seconds and batch_size == self.key.get("batch_size"):
-            return self.learned_step_seconds
-        return batch_size / (self.batch_images_per_second or self.images_per_second) + self.optimizer_seconds
+            return self.learned_step_seconds + teacher
+        return batch_size / (self.batch_images_per_second or self.images_per_second) + self.optimizer_seconds + teacher
 
     @property
     def eval_speed(self) -> float:

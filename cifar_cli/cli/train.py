@@ -175,6 +175,16 @@ def train(
         ),
         Sets("train.init_from"),
     ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            help="Distil: blend this trained checkpoint's (or export's) logits into the loss "
+            "(train.distill.alpha, train.distill.temperature).",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("train.distill.teacher"),
+    ] = None,
     freeze_epochs: Annotated[
         int | None,
         typer.Option(

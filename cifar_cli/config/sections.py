@@ -174,6 +174,14 @@ class EmaSettings(_Section):
         return float(self.decay or 0.0)
 
 
+class DistillSettings(_Section):
+    """Knowledge distillation (recipe/distill.py): a trained teacher's logits blended into the loss."""
+
+    teacher: Path | None = Field(None, description="a checkpoint or an export (.pt2, .onnx) of the same classes")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's term; 0: the labels alone")
+    temperature: float = Field(4.0, gt=0, description="softens both sides' logits before they are compared")
+
+
 class EarlyStoppingSettings(_Section):
     # Also the metric that picks best.pth and drives the plateau scheduler.
     monitor: MonitoredMetric = "val_accuracy"
@@ -224,6 +232,7 @@ class TrainSettings(_Section):
     balanced_sampler: bool = False
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     ema: EmaSettings = Field(default_factory=EmaSettings)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 
     def tta_level(self, enabled: bool | None = None) -> int:

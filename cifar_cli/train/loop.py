@@ -16,6 +16,7 @@ from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import CifarError
 from cifar_cli.predict.inference import predict
 from cifar_cli.predict.metrics import epoch_metrics, report_from_predictions
+from cifar_cli.recipe.distill import Teacher
 from cifar_cli.recipe.mixing import BatchMixer
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed
@@ -50,6 +51,7 @@ class EpochRunner:
         self.epoch_split = epoch_split  # "val", or "test" where the recipe holds nothing out (curves only)
         self.clock = clock  # seconds; a test's fake clock can stand in
         self.mixer = BatchMixer.from_settings(settings.train.augment, spec.num_classes)  # mixup / cutmix, or None
+        self.teacher: Teacher | None = None  # distillation: set by the trainer
 
     def run(
         self,
@@ -168,6 +170,7 @@ class EpochRunner:
         loss_targets = targets
         if self.mixer is not None:  # soft targets; the batch statistics still count each image's own label
             images, loss_targets = self.mixer(images, targets)
+        teacher_logits = self.teacher.logits(images, self.spec) if self.teacher is not None else None
         loss, logits = forward_backward(
             parts.train_model,
             images,
@@ -176,6 +179,7 @@ class EpochRunner:
             self.precision,
             parts.scaler,
             self.settings.train.micro_batch_size,
+            teacher_logits,
         )
         if parts.freezer is not None:
             parts.freezer.after_backward()

@@ -104,6 +104,9 @@ def run_banner(
         parts.append(f"{context.world_size} processes")
     if train.ema.enabled:
         parts.append(describe_ema(settings))
+    if train.distill.teacher is not None:
+        distill = train.distill
+        parts.append(f"distilled from {distill.teacher} (alpha {distill.alpha:g}, temperature {distill.temperature:g})")
     return "Training: " + ", ".join(parts)
 
 

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from cifar_cli.budget.keeper import BudgetKeeper
 from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.budget.plan import RemainingTime, RunPlan, measure_plan
@@ -18,6 +20,7 @@ from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import CifarError, ExitCode
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.predict.inference import checkpoint_spec
+from cifar_cli.recipe.distill import Teacher, ready_teacher
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed, ranks
 from cifar_cli.runtime.device import Precision, resolve_precision, synchronised_clock
@@ -43,6 +46,7 @@ from cifar_cli.train.tracking import NullReporter, Reporter, RunLogger
 
 FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 PLAN_FILE = "plan.json"
+TEACHER_SAMPLE = 250  # training images a distilling run's teacher is timed on
 CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
 PATH_SETTINGS = (("data", "processed_dir"), ("data", "raw_data_dir"), ("log", "checkpoint_dir"), ("log", "log_dir"))
 
@@ -69,6 +73,8 @@ class Trainer:
         self.settings.data = adopt_prepared(self.settings.data)
         if self.settings.train.init_from is not None:
             self.settings.train.init_from = self.settings.train.init_from.absolute()
+        if self.settings.train.distill.teacher is not None:
+            self.settings.train.distill.teacher = self.settings.train.distill.teacher.absolute()
         for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
             setattr(getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute())
         self.context = context or distributed.context_from_env()
@@ -82,6 +88,7 @@ class Trainer:
         # The epoch last.pth holds (an interrupt between an epoch and its save must not claim more), and the
         # seconds the last epoch's checkpoints and logs took.
         self.saved_epoch, self.save_seconds = 0, 0.0
+        self.teacher, self.teacher_cost = None, 0.0  # distillation's teacher and its seconds per image
         self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
         self.last = run_state.ResumePoint(self.checkpoint_dir, settings.train.resume, self.context, lambda: self.device)
 
@@ -119,6 +126,7 @@ class Trainer:
         )
         if self.source is not None:
             check_fits(self.source, self.settings.model, self.spec.class_names)
+        self.teacher, self.teacher_cost = self._ready_teacher(splits.train[0])
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
         self.loaders: Loaders = build_loaders(
             splits, self.settings.train, self.spec, self.precision, self.device, self.context
@@ -178,6 +186,7 @@ class Trainer:
             self.epoch_split,
             self.clock,
         )
+        runner.teacher = self.teacher
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
@@ -201,7 +210,9 @@ class Trainer:
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self.save_seconds = self.clock() - saving
                 # One process, no compile: other runs' speeds are another machine's, as far as the cache can tell.
+                # ... and no teacher: its passes are not this model's speed.
                 alone = self.context.is_main and not (self.context.enabled or self.settings.train.compile)
+                alone = alone and self.teacher is None
                 budget.learn_speed(record, alone)
             final_metrics = self._finish(logger)
         except KeyboardInterrupt:
@@ -287,7 +298,14 @@ class Trainer:
 
         def measure(settings: Settings) -> RunPlan:
             return measure_plan(
-                settings, stored, self.device, self.context.world_size, self.reporter.message, self._elapsed, images
+                settings,
+                stored,
+                self.device,
+                self.context.world_size,
+                self.reporter.message,
+                self._elapsed,
+                images,
+                self.teacher_cost,
             )
 
         if not self.settings.rungs or stored is not None or self.settings.train.time_budget is None:
@@ -296,6 +314,14 @@ class Trainer:
         self.reporter.message(choice.describe())
         self._adopt_rung(choice.preset)
         return choice.preset, replace(measure(self.settings), ladder=choice.to_json())
+
+    def _ready_teacher(self, train_images: torch.Tensor) -> tuple[Teacher | None, float]:
+        """The teacher of a distilling run, checked against the data before any training, and its seconds per
+        image on a batch of training images (the planner adds them to every step); (None, 0) without one."""
+        path = self.settings.train.distill.teacher
+        if path is None:
+            return None, 0.0
+        return ready_teacher(path, self.device, self.spec, train_images[: min(len(train_images), TEACHER_SAMPLE)])
 
     def _adopt_rung(self, preset: str) -> None:
         """Train the ladder's rung `preset`, with this run's data, folders and starting weights."""
@@ -317,6 +343,10 @@ class Trainer:
         test_images = counts.get("test", CIFAR10_SIZES[1])
         val_size = resolve_val_size(self.settings, train_images)
         self.epoch_split = "val" if val_size else "test"
+        if manifest and self.settings.train.distill.teacher is not None:  # timed on random images of the data's size
+            self.spec = data_spec(self.settings.data, self.settings.model.name)
+            side = self.spec.image_size
+            self.teacher, self.teacher_cost = self._ready_teacher(torch.randint(0, 256, (64, 3, side, side)).byte())
         return self.plan(train_images - val_size, val_size or test_images, test_images)
 
     # ------------------------------------------------------------------------------------------ each epoch
@@ -364,6 +394,8 @@ class Trainer:
         state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
         if self.temperature is not None:
             state["temperature"] = self.temperature
+        if self.teacher is not None:
+            state["distilled_from"] = self.teacher.record()
         with sigint_deferred():
             run_state.save_state(state, self.checkpoint_dir / name)
             if name == LAST_CHECKPOINT:

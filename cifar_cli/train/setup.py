@@ -18,6 +18,7 @@ from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model, fixed_image_size
+from cifar_cli.recipe.distill import DistillationLoss
 from cifar_cli.recipe.ema import WeightAverage
 from cifar_cli.recipe.lookahead import Lookahead
 from cifar_cli.recipe.optim import Scheduler, build_optimizer, build_scheduler
@@ -212,10 +213,7 @@ def build_parts(
         optimizer,
         scheduler,
         torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler),
-        nn.CrossEntropyLoss(
-            weight=class_weights(settings.train, loader.labels, spec.num_classes),
-            label_smoothing=settings.optim.label_smoothing,
-        ),
+        criterion(settings, loader.labels, spec.num_classes),
         Lookahead(model) if settings.train.lookahead else None,
         settings.train.epochs * len(loader),
         started_from,
@@ -229,6 +227,16 @@ def weight_average(model: nn.Module, settings: Settings, steps_per_epoch: int) -
     if not ema.enabled:
         return None
     return WeightAverage(model, ema.effective_decay(), round(ema.start_epoch * steps_per_epoch))
+
+
+def criterion(settings: Settings, labels: torch.Tensor, classes: int) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing and class weights; blended with a teacher's logits where
+    the run distils (recipe/distill.py)."""
+    plain = nn.CrossEntropyLoss(
+        weight=class_weights(settings.train, labels, classes), label_smoothing=settings.optim.label_smoothing
+    )
+    distill = settings.train.distill
+    return plain if distill.teacher is None else DistillationLoss(plain, distill.alpha, distill.temperature)
 
 
 def class_weights(train: TrainSettings, labels: torch.Tensor, classes: int) -> torch.Tensor | None:

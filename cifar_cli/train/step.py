@@ -17,7 +17,7 @@ from torch import nn
 
 from cifar_cli.runtime.device import Precision
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFunction = Callable[..., torch.Tensor]  # (logits, targets[, teacher's logits]) -> mean loss
 
 
 def chunk_sizes(batch_size: int, micro_batch_size: int | None) -> list[int]:
@@ -34,20 +34,25 @@ def forward_backward(
     precision: Precision,
     scaler: torch.amp.GradScaler,
     micro_batch_size: int | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the gradients of the batch's mean loss into `.grad`; return that loss and the logits, detached.
+    With `teacher_logits` (distillation), the loss is called as loss(logits, targets, teacher's logits).
 
     The caller zeroes the gradients before and steps the optimiser after.
     """
     sizes = chunk_sizes(len(targets), micro_batch_size)
+    teacher_chunks = teacher_logits.split(sizes) if teacher_logits is not None else [None] * len(sizes)
     losses, logits_list = [], []
-    for index, (chunk_images, chunk_targets) in enumerate(zip(images.split(sizes), targets.split(sizes))):
+    chunks = zip(images.split(sizes), targets.split(sizes), teacher_chunks)
+    for index, (chunk_images, chunk_targets, chunk_teacher) in enumerate(chunks):
         last = index == len(sizes) - 1
         with _skip_gradient_sync(model, not last):
             with precision.autocast(images.device):
                 logits = model(chunk_images)
+            taught = () if chunk_teacher is None else (chunk_teacher,)
             # A chunk's mean loss weighted by its share of the batch: the weighted sum is the batch's mean loss.
-            loss = loss_function(logits.float(), chunk_targets) * (len(chunk_targets) / len(targets))
+            loss = loss_function(logits.float(), chunk_targets, *taught) * (len(chunk_targets) / len(targets))
             scaler.scale(loss).backward()
         losses.append(loss.detach())
         logits_list.append(logits.detach())

@@ -1,0 +1,130 @@
+"""Knowledge distillation (Hinton et al., 2015): a trained teacher's logits blended into the student's loss.
+
+loss = (1 - alpha) x the recipe's loss on the labels + alpha x T^2 x KL(softmax(teacher / T) || softmax(student / T))
+
+The T^2 keeps the soft term's gradients on the scale of the hard one's as T changes. The teacher is a checkpoint
+(its own weights, EMA where kept, and its own input statistics) or an export (.pt2 / .onnx, pixels in [0, 1]); it
+scores the student's augmented batches without test-time augmentation, in eval mode, with no gradients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from cifar_cli.data.loader import normalize
+from cifar_cli.data.spec import DataSpec
+from cifar_cli.errors import UsageError
+from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, load_exported
+from cifar_cli.predict.inference import load_model
+from cifar_cli.runtime.device import resolve_precision
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TIMED_BATCHES = 3  # forward passes timed for the budget planner
+
+
+@dataclass(frozen=True)
+class Teacher:
+    path: Path
+    run: Callable[[torch.Tensor], torch.Tensor]  # pixels in [0, 1], N x 3 x S x S -> logits
+    class_names: tuple[str, ...]
+    image_size: int
+
+    def logits(self, images: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+        """The teacher's float logits for a batch the student sees (normalised with the student's `spec`)."""
+        mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return self.run(images.float() * std + mean).float()
+
+    def seconds_per_image(self, images: torch.Tensor, spec: DataSpec) -> float:
+        """Seconds of one image's teacher pass, timed on a batch the way training calls it (after a warm-up)."""
+        self.logits(images, spec)
+        started = time.perf_counter()
+        for _ in range(TIMED_BATCHES):
+            self.logits(images, spec)
+        return (time.perf_counter() - started) / (TIMED_BATCHES * len(images))
+
+    def record(self) -> dict[str, object]:
+        """What a checkpoint keeps of the teacher it learnt from."""
+        return {"path": str(self.path), "classes": len(self.class_names), "image_size": self.image_size}
+
+
+def ready_teacher(path: Path, device: torch.device, spec: DataSpec, sample: torch.Tensor) -> tuple[Teacher, float]:
+    """The teacher at `path`, checked against the data's `spec`, and its seconds per image on `sample` (uint8
+    training images) for the budget planner."""
+    teacher = load_teacher(path, device)
+    check_teacher_fits(teacher, spec)
+    batch = normalize(sample.to(device), torch.float32, False, spec)
+    return teacher, teacher.seconds_per_image(batch, spec)
+
+
+def load_teacher(path: Path, device: torch.device) -> Teacher:
+    """A checkpoint (its kept weights) or an export (its own runtime) as a teacher on `device`."""
+    if path.suffix in EXPORTED_SUFFIXES:
+        exported = load_exported(path)
+        contract = exported.contract
+        run = exported.run
+        if device.type != "cpu":  # the export's runtime takes and gives CPU tensors
+
+            def run(pixels: torch.Tensor) -> torch.Tensor:
+                return exported.run(pixels.cpu()).to(pixels.device)
+
+        return Teacher(path, run, tuple(contract["class_names"]), int(contract["input"]["shape"][-1]))
+    loaded = load_model(path, device)
+    model, spec = loaded.model, loaded.spec
+    # fp32 on a CPU (bf16 is emulated, 14-16x slower, on some), the GPU's autocast type on a GPU.
+    precision = resolve_precision("auto", device)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+
+    def run_checkpoint(pixels: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(device):
+            return model((pixels - mean) / std)
+
+    return Teacher(path, run_checkpoint, tuple(spec.class_names), spec.image_size)
+
+
+def check_teacher_fits(teacher: Teacher, spec: DataSpec) -> None:
+    """A teacher that sees other classes (or another order) or another image size cannot teach this data."""
+    if list(teacher.class_names) != list(spec.class_names):
+        raise UsageError(
+            f"The teacher {teacher.path} knows {len(teacher.class_names)} classes "
+            f"({', '.join(teacher.class_names[:4])}{', ...' if len(teacher.class_names) > 4 else ''}); this data has "
+            f"{len(spec.class_names)} ({', '.join(spec.class_names[:4])}{', ...' if len(spec.class_names) > 4 else ''}).",
+            hint="Distil from a teacher trained on the same classes, in the same order (the same prepared data).",
+        )
+    if teacher.image_size != spec.image_size:
+        raise UsageError(
+            f"The teacher {teacher.path} takes {teacher.image_size} x {teacher.image_size} images; this data is "
+            f"{spec.image_size} x {spec.image_size}.",
+            hint="Prepare the data at the teacher's --image-size, or choose a teacher trained at this size.",
+        )
+
+
+class DistillationLoss(nn.Module):
+    """The recipe's loss on the targets blended with the teacher's softened logits (see the module's docstring)."""
+
+    def __init__(self, hard_loss: LossFunction, alpha: float, temperature: float) -> None:
+        super().__init__()
+        self.hard_loss, self.alpha, self.temperature = hard_loss, alpha, temperature
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        if self.alpha == 0:
+            return self.hard_loss(logits, targets)
+        temperature = self.temperature
+        soft = functional.kl_div(
+            functional.log_softmax(logits / temperature, dim=1),
+            functional.log_softmax(teacher_logits.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (temperature**2)
+        if self.alpha == 1:
+            return soft
+        return (1 - self.alpha) * self.hard_loss(logits, targets) + self.alpha * soft
