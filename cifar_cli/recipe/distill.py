@@ -4,7 +4,9 @@ loss = (1 - alpha) x the recipe's loss on the labels + alpha x T^2 x KL(softmax(
 
 The T^2 keeps the soft term's gradients on the scale of the hard one's as T changes. The teacher is a checkpoint
 (its own weights, EMA where kept, and its own input statistics) or an export (.pt2 / .onnx, pixels in [0, 1]); it
-scores the student's augmented batches without test-time augmentation, in eval mode, with no gradients.
+scores the student's augmented batches in eval mode, with no gradients: a checkpoint without test-time
+augmentation, an export as it was exported (with the TTA inside its graph: export with --no-tta for a
+teacher that costs one pass).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.nn import functional
 from cifar_cli.data.loader import normalize
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
-from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, load_exported
+from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES, fixed_batch, load_exported, run_batches
 from cifar_cli.predict.inference import load_model
 from cifar_cli.runtime.device import resolve_precision
 
@@ -70,13 +72,12 @@ def load_teacher(path: Path, device: torch.device) -> Teacher:
     if path.suffix in EXPORTED_SUFFIXES:
         exported = load_exported(path)
         contract = exported.contract
-        run = exported.run
-        if device.type != "cpu":  # the export's runtime takes and gives CPU tensors
+        batch = fixed_batch(contract)
 
-            def run(pixels: torch.Tensor) -> torch.Tensor:
-                return exported.run(pixels.cpu()).to(pixels.device)
+        def run_export(pixels: torch.Tensor) -> torch.Tensor:  # its runtime takes CPU tensors, in its own batch
+            return run_batches(exported.run, pixels.cpu(), batch).to(pixels.device)
 
-        return Teacher(path, run, tuple(contract["class_names"]), int(contract["input"]["shape"][-1]))
+        return Teacher(path, run_export, tuple(contract["class_names"]), int(contract["input"]["shape"][-1]))
     loaded = load_model(path, device)
     model, spec = loaded.model, loaded.spec
     # fp32 on a CPU (bf16 is emulated, 14-16x slower, on some), the GPU's autocast type on a GPU.
