@@ -46,24 +46,8 @@ def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None)
     """`cifar prepare` for the settings: the CSV list at `data.csv_file`, the folder at `data.folder`, or the data
     set's downloaded archive."""
     if data.dataset == "folder":
-        if data.csv_file is not None:
-            return prepare_csv(
-                data.csv_file,
-                data.processed_dir,
-                data.write_png,
-                on_progress,
-                data.image_size,
-                data.test_fraction,
-                data.skip_bad_images,
-                data.csv_root,
-            )
-        if data.folder is None:
-            raise UsageError(
-                "data.dataset is folder but no folder (or CSV list) is given.",
-                hint="Run `cifar prepare --from-folder DIR` or `cifar prepare --from-csv FILE`.",
-            )
-        return prepare_folder(
-            data.folder,
+        # Where the images come from differs; how they are read and written does not.
+        how = (
             data.processed_dir,
             data.write_png,
             on_progress,
@@ -71,6 +55,14 @@ def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None)
             data.test_fraction,
             data.skip_bad_images,
         )
+        if data.csv_file is not None:
+            return prepare_csv(data.csv_file, *how, data.csv_root)
+        if data.folder is None:
+            raise UsageError(
+                "data.dataset is folder but no folder (or CSV list) is given.",
+                hint="Run `cifar prepare --from-folder DIR` or `cifar prepare --from-csv FILE`.",
+            )
+        return prepare_folder(data.folder, *how)
     if data.image_size != 32:
         raise UsageError(
             f"data.image_size={data.image_size}: the CIFAR archives hold 32 x 32 images.",
