@@ -8,9 +8,11 @@ import torch
 
 from cifar_cli import files as files_module
 from cifar_cli.checkpoint import load_checkpoint
+from cifar_cli.config.sections import DataSettings
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.train.identity import default_run_name
 from cifar_cli.train.run import Trainer, TrainingInterrupted, train
+from cifar_cli.train.setup import load_splits
 from cifar_cli.train.tracking import NullReporter
 from tests.conftest import tiny_settings
 
@@ -245,3 +247,16 @@ def test_checkpoints_results_and_exports_say_what_made_them(tmp_path: Path, prep
         result.checkpoint_dir / "last.pth", DataSettings(processed_dir=prepared_dir), "pt2", tmp_path / "m.pt2"
     )
     assert exported.contract["made_by"] == made_by and exported.contract["checkpoint_made_by"] == made_by
+
+
+def test_a_training_subset_keeps_the_validation_split(prepared_dir: Path) -> None:
+    """data.train_subset trains on a balanced part of what the validation split leaves, the validation images
+    unchanged; without a validation split, a balanced part of all training images."""
+    full = load_splits(DataSettings(processed_dir=prepared_dir, val_size=20), lambda _: 20, seed=3)
+    part = load_splits(DataSettings(processed_dir=prepared_dir, val_size=20, train_subset=40), lambda _: 20, seed=3)
+    assert torch.equal(full.evaluation[0], part.evaluation[0])
+    assert len(part.train[1]) == 40 and torch.bincount(part.train[1]).tolist() == [4] * 10
+    held_out = {bytes(image.flatten().tolist()) for image in part.evaluation[0]}
+    assert not any(bytes(image.flatten().tolist()) in held_out for image in part.train[0])  # none of them trains
+    alone = load_splits(DataSettings(processed_dir=prepared_dir, val_size=0, train_subset=30), lambda _: 0, seed=3)
+    assert len(alone.train[1]) == 30 and alone.epoch_split == "test"

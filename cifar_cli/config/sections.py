@@ -67,6 +67,9 @@ class DataSettings(_Section):
     # recipe monitors a validation metric (plateau scheduler, early stopping), else none: nothing reads the test
     # split before the end of training, so nothing can be chosen on it.
     val_size: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # Quick experiments and learning curves: train on this many of the training images (stratified, seeded by
+    # train.seed, drawn after the validation split, so the validation images stay the same).
+    train_subset: int | None = Field(None, ge=1, description="train on this many training images; None: all")
 
     def archive_urls(self) -> list[str]:
         return self.urls or [OFFICIAL_ARCHIVES[self.archive_dataset()][0]]

@@ -347,7 +347,8 @@ class Trainer:
             self.spec = data_spec(self.settings.data, self.settings.model.name)
             side = self.spec.image_size
             self.teacher, self.teacher_cost = self._ready_teacher(torch.randint(0, 256, (64, 3, side, side)).byte())
-        return self.plan(train_images - val_size, val_size or test_images, test_images)
+        training = min(train_images - val_size, self.settings.data.train_subset or train_images)
+        return self.plan(training, val_size or test_images, test_images)
 
     # ------------------------------------------------------------------------------------------ each epoch
     def _after_epoch(self, record: dict[str, Any], logger: RunLogger | None, remaining: RemainingTime) -> bool:

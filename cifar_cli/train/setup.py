@@ -91,11 +91,20 @@ def load_splits(data: DataSettings, val_size_for: Callable[[int], int], seed: in
     val_size = val_size_for(len(labels))
     test = (cache["test_images"], cache["test_labels"])
     if not val_size:
-        return Splits((images, labels), test, test, "test")
+        return Splits(training_subset(images, labels, data.train_subset, seed), test, test, "test")
     if val_size >= len(labels):
         raise UsageError(f"data.val_size={val_size} leaves no training images (the split has {len(labels)}).")
     train_index, val_index = stratified_split(labels, val_size, seed)
-    return Splits((images[train_index], labels[train_index]), (images[val_index], labels[val_index]), test, "val")
+    train = training_subset(images[train_index], labels[train_index], data.train_subset, seed)
+    return Splits(train, (images[val_index], labels[val_index]), test, "val")
+
+
+def training_subset(images: torch.Tensor, labels: torch.Tensor, size: int | None, seed: int) -> Split:
+    """`size` of the images, spread evenly over the classes (seeded); all of them where `size` is None or larger."""
+    if size is None or size >= len(labels):
+        return images, labels
+    _, chosen = stratified_split(labels, size, seed + 1)  # another draw than the validation split's
+    return images[chosen], labels[chosen]
 
 
 @dataclass(frozen=True)
