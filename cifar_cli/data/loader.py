@@ -133,6 +133,9 @@ class BatchLoader:
         # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
         first_flip = torch.Generator().manual_seed(seed + 12_345)
         self.even_epoch_flip = (torch.rand(len(labels), generator=first_flip) < 0.5).to(images.device)
+        # The last batch yielded: which images, and which of them mirrored (None: none were), for a distilling
+        # run's teacher whose logits were scored once per image (recipe/distill.py).
+        self.last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,11 +164,21 @@ class BatchLoader:
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
         for batch_index in range(len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
-            images = self.images[index]
+            images, flip = self.images[index], None
             if self.train:
-                flip = self.even_epoch_flip[index] ^ bool(self.epoch % 2) if self.augment.alternate_flip else None
+                flip = self._flips(index, generator)
                 images = augment_batch(images, self.augment, generator, flip)
+            self.last_batch = (index, flip)
             yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
+
+    def _flips(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Which images of the batch are mirrored: alternating per epoch, or a coin toss drawn first from the
+        batch's generator (as augment_batch would draw it)."""
+        if not self.augment.flip:
+            return None
+        if self.augment.alternate_flip:
+            return self.even_epoch_flip[index] ^ bool(self.epoch % 2)
+        return torch.rand(len(index), generator=generator, device=generator.device).to(index.device) < 0.5
 
 
 def balanced_draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -7,19 +7,25 @@ The T^2 keeps the soft term's gradients on the scale of the hard one's as T chan
 scores the student's augmented batches in eval mode, with no gradients: a checkpoint without test-time
 augmentation, an export as it was exported (with the TTA inside its graph: export with --no-tta for a
 teacher that costs one pass).
+
+The fast path: where a training image reaches the student the same way in every epoch (no translation, cutout or
+mixing; mirrored or not), the teacher scores each image, and its mirror image where flips are on, once before
+training, and the steps look its logits up (TeacherLogitCache): one or two passes over the data in all instead of
+one per epoch.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional
 
+from cifar_cli.config.sections import AugmentSettings
 from cifar_cli.data.loader import normalize
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
@@ -29,6 +35,8 @@ from cifar_cli.runtime.device import resolve_precision
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TIMED_BATCHES = 3  # forward passes timed for the budget planner
+TEACHER_SAMPLE = 250  # training images the teacher's forward pass is timed on
+SCORE_BATCH = 500  # images per teacher pass of the fast path
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,16 @@ class Teacher:
     run: Callable[[torch.Tensor], torch.Tensor]  # pixels in [0, 1], N x 3 x S x S -> logits
     class_names: tuple[str, ...]
     image_size: int
+    cached: TeacherLogitCache | None = None  # the fast path's logits, scored once per training image
+
+    def batch_logits(
+        self, images: torch.Tensor, spec: DataSpec, drawn: tuple[torch.Tensor, torch.Tensor | None] | None
+    ) -> torch.Tensor:
+        """The teacher's logits for a training batch: looked up where they were scored once (`drawn`: the
+        loader's images and mirror flags of the batch), else computed on the batch."""
+        if self.cached is not None and drawn is not None:
+            return self.cached.lookup(*drawn)
+        return self.logits(images, spec)
 
     def logits(self, images: torch.Tensor, spec: DataSpec) -> torch.Tensor:
         """The teacher's float logits for a batch the student sees (normalised with the student's `spec`)."""
@@ -58,13 +76,60 @@ class Teacher:
         return {"path": str(self.path), "classes": len(self.class_names), "image_size": self.image_size}
 
 
-def ready_teacher(path: Path, device: torch.device, spec: DataSpec, sample: torch.Tensor) -> tuple[Teacher, float]:
-    """The teacher at `path`, checked against the data's `spec`, and its seconds per image on `sample` (uint8
-    training images) for the budget planner."""
+class TeacherLogitCache:
+    """The teacher's logits of every training image, and of its mirror image where flips are on."""
+
+    def __init__(self, plain: torch.Tensor, mirrored: torch.Tensor | None) -> None:
+        self.plain, self.mirrored = plain, mirrored  # N x classes, float32
+
+    @classmethod
+    def score(cls, teacher: Teacher, images: torch.Tensor, spec: DataSpec, flips: bool) -> TeacherLogitCache:
+        """Score uint8 `images` (all training images, on the training device), in batches of SCORE_BATCH."""
+
+        def logits_of(pixels: torch.Tensor) -> torch.Tensor:
+            batches = pixels.split(SCORE_BATCH)
+            return torch.cat([teacher.logits(normalize(b, torch.float32, False, spec), spec) for b in batches])
+
+        return cls(logits_of(images), logits_of(images.flip(3)) if flips else None)
+
+    def lookup(self, index: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+        plain = self.plain[index]
+        if flipped is None or self.mirrored is None:
+            return plain
+        return torch.where(flipped.view(-1, 1), self.mirrored[index], plain)
+
+    @staticmethod
+    def allowed(augment: AugmentSettings) -> bool:
+        """Whether each image reaches the student in one of at most two fixed ways (as is, or mirrored)."""
+        return not (augment.translate or augment.cutout or augment.mixup or augment.cutmix)
+
+    @staticmethod
+    def passes(augment: AugmentSettings) -> int:
+        """Teacher passes per training image the cache costs: the image, and its mirror image where flips are on."""
+        return 2 if augment.flip else 1
+
+
+def ready_teacher(
+    path: Path,
+    device: torch.device,
+    spec: DataSpec,
+    images: torch.Tensor,
+    augment: AugmentSettings,
+    dry_run_epochs: int | None = None,
+) -> tuple[Teacher, float]:
+    """The teacher at `path`, checked against the data's `spec`, and its seconds per training image for the budget
+    planner, timed on TEACHER_SAMPLE of `images` (uint8 training images). Where the augmentation allows, it scores
+    all of `images` now (the fast path): a plan made afterwards counts that time as spent, and the steps cost
+    nothing more; a dry run (`dry_run_epochs`) scores nothing and spreads that cost over its epochs instead."""
     teacher = load_teacher(path, device)
     check_teacher_fits(teacher, spec)
-    batch = normalize(sample.to(device), torch.float32, False, spec)
-    return teacher, teacher.seconds_per_image(batch, spec)
+    batch = normalize(images[:TEACHER_SAMPLE].to(device), torch.float32, False, spec)
+    seconds = teacher.seconds_per_image(batch, spec)
+    if not TeacherLogitCache.allowed(augment):
+        return teacher, seconds
+    if dry_run_epochs is not None:
+        return teacher, seconds * TeacherLogitCache.passes(augment) / dry_run_epochs
+    return replace(teacher, cached=TeacherLogitCache.score(teacher, images.to(device), spec, augment.flip)), 0.0
 
 
 def load_teacher(path: Path, device: torch.device) -> Teacher:

@@ -170,7 +170,8 @@ class EpochRunner:
         loss_targets = targets
         if self.mixer is not None:  # soft targets; the batch statistics still count each image's own label
             images, loss_targets = self.mixer(images, targets)
-        teacher_logits = self.teacher.logits(images, self.spec) if self.teacher is not None else None
+        teacher, drawn = self.teacher, self.loaders.train.last_batch
+        teacher_logits = teacher.batch_logits(images, self.spec, drawn) if teacher is not None else None
         loss, logits = forward_backward(
             parts.train_model,
             images,

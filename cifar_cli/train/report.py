@@ -15,6 +15,7 @@ from cifar_cli.data.loader import BatchLoader
 from cifar_cli.predict.inference import predict
 from cifar_cli.predict.metrics import ClassificationReport, expected_calibration_error, report_from_predictions
 from cifar_cli.predict.temperature import temperature_record
+from cifar_cli.recipe.distill import TeacherLogitCache
 from cifar_cli.runtime.device import Precision, describe_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train.setup import Loaders
@@ -106,7 +107,10 @@ def run_banner(
         parts.append(describe_ema(settings))
     if train.distill.teacher is not None:
         distill = train.distill
-        parts.append(f"distilled from {distill.teacher} (alpha {distill.alpha:g}, temperature {distill.temperature:g})")
+        once = ", its logits scored once per image" if TeacherLogitCache.allowed(train.augment) else ""
+        parts.append(
+            f"distilled from {distill.teacher} (alpha {distill.alpha:g}, temperature {distill.temperature:g}{once})"
+        )
     return "Training: " + ", ".join(parts)
 
 

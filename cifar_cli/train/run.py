@@ -46,7 +46,6 @@ from cifar_cli.train.tracking import NullReporter, Reporter, RunLogger
 
 FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 PLAN_FILE = "plan.json"
-TEACHER_SAMPLE = 250  # training images a distilling run's teacher is timed on
 CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
 PATH_SETTINGS = (("data", "processed_dir"), ("data", "raw_data_dir"), ("log", "checkpoint_dir"), ("log", "log_dir"))
 
@@ -315,13 +314,14 @@ class Trainer:
         self._adopt_rung(choice.preset)
         return choice.preset, replace(measure(self.settings), ladder=choice.to_json())
 
-    def _ready_teacher(self, train_images: torch.Tensor) -> tuple[Teacher | None, float]:
-        """The teacher of a distilling run, checked against the data before any training, and its seconds per
-        image on a batch of training images (the planner adds them to every step); (None, 0) without one."""
-        path = self.settings.train.distill.teacher
-        if path is None:
+    def _ready_teacher(self, train_images: torch.Tensor, dry_run: bool = False) -> tuple[Teacher | None, float]:
+        """The teacher of a distilling run, checked against the data before any training, and the seconds per
+        image the planner adds to every step (none where it scored every image at once); (None, 0) without one."""
+        train = self.settings.train
+        if train.distill.teacher is None:
             return None, 0.0
-        return ready_teacher(path, self.device, self.spec, train_images[: min(len(train_images), TEACHER_SAMPLE)])
+        epochs = train.epochs if dry_run else None  # a dry run scores nothing: the fast path's cost spread out
+        return ready_teacher(train.distill.teacher, self.device, self.spec, train_images, train.augment, epochs)
 
     def _adopt_rung(self, preset: str) -> None:
         """Train the ladder's rung `preset`, with this run's data, folders and starting weights."""
@@ -345,8 +345,8 @@ class Trainer:
         self.epoch_split = "val" if val_size else "test"
         if manifest and self.settings.train.distill.teacher is not None:  # timed on random images of the data's size
             self.spec = data_spec(self.settings.data, self.settings.model.name)
-            side = self.spec.image_size
-            self.teacher, self.teacher_cost = self._ready_teacher(torch.randint(0, 256, (64, 3, side, side)).byte())
+            noise = torch.randint(0, 256, (64, 3, self.spec.image_size, self.spec.image_size)).byte()
+            self.teacher, self.teacher_cost = self._ready_teacher(noise, dry_run=True)
         training = min(train_images - val_size, self.settings.data.train_subset or train_images)
         return self.plan(training, val_size or test_images, test_images)
 
