@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from cifar_cli.bench.record import (
+    RECORDS,
     ProgramResult,
     find_anchors,
     parse_record_output,
     read_side_by_side,
     record_copy,
+    records_in,
+    run_record,
     side_by_side,
     summarise,
 )
@@ -65,13 +68,37 @@ def test_the_record_is_found_beside_a_checkout_by_flag_or_environment(tmp_path: 
 
 
 @pytest.mark.skipif(not SHARED_ANCHORS.is_dir(), reason="the shared anchors are not beside this checkout")
-def test_the_shared_record_copy_changes_only_its_run_count() -> None:
-    source = (SHARED_ANCHORS / "airbench94_muon.py").read_text()
-    copy = record_copy(source, 5)
+@pytest.mark.parametrize("script", ["airbench94_muon.py", "hiverge_cifar10_speedrun.py"])
+def test_the_shared_record_copies_change_only_their_run_count(script: str) -> None:
+    source = (SHARED_ANCHORS / script).read_text()
+    copy = record_copy(source, 5, script)
     changed = [(a, b) for a, b in zip(source.splitlines(), copy.splitlines()) if a != b]
     assert len(changed) == 1 and "range(5)" in changed[0][1] and "range(200)" in changed[0][0]
-    with pytest.raises(UsageError, match="not the expected version"):
-        record_copy(copy, 5)
+    with pytest.raises(UsageError, match=f"{script} is not the expected version"):
+        record_copy(copy, 5, script)
+    assert [program.script for program in records_in(SHARED_ANCHORS)] == [p.script for p in RECORDS]
+
+
+# A stand-in for a record, as the copy runs it: the 200 in its loop is the line the copy changes; it prints a table
+# in hiverge's manner (a warm-up, then each run's eval row, a progress line ending in a carriage return between).
+FAKE_RECORD = """\
+import sys
+print("|  run     |  epoch  |  train_acc  |  val_acc  |  tta_val_acc  |  time_seconds  |")
+print("|  warmup  |   eval  |     0.0990  |   0.1000  |       0.1000  |       44.2104  |")
+for run in range(200):
+    print(f"|  {run + 1:6d}  |   eval  |     0.9275  |   0.9035  |  {0.9081 + run / 1000:.4f}  |  {1.40 + run:.4f}  |")
+    print(f"Mean accuracy after {run + 1} runs: 0.9081 | Mean time: 1.40s", end="\\r", flush=True)
+"""
+
+
+def test_a_record_runs_as_a_copy_with_fewer_runs_in_its_own_process(tmp_path: Path) -> None:
+    anchors = _anchor_folder(tmp_path)
+    (anchors / "hiverge_cifar10_speedrun.py").write_text(FAKE_RECORD)
+    hiverge = records_in(anchors)[1]
+    result = run_record(hiverge, anchors, 3, tmp_path, print)
+    assert result.name == "hiverge" and result.accuracies == pytest.approx([0.9081, 0.9091, 0.9101])
+    assert result.span_seconds == pytest.approx([1.40, 2.40, 3.40]) and result.warmup_seconds == 44.2104
+    assert (tmp_path / "hiverge_cifar10_speedrun_3_runs.py").read_text() == FAKE_RECORD.replace("200", "3")
 
 
 def test_the_records_table_is_read_run_by_run() -> None:
@@ -112,16 +139,22 @@ def test_on_a_cpu_it_refuses_before_running_anything(tmp_path: Path) -> None:
 
 def test_a_recorded_result_renders_on_any_machine(tmp_path: Path) -> None:
     record = ProgramResult("airbench94_muon", "python airbench94_muon.py", [0.9081, 0.9093], [1.40, 1.39], 44.2, 30.0)
+    hiverge = ProgramResult("hiverge", "python hiverge_cifar10_speedrun.py", [0.9090, 0.9110], [1.10, 1.12], 60.0, 25.0)
     ours = ProgramResult("cifar train --preset fast", "cifar train", [0.9070, 0.9090], [2.80, 2.60], 20.0, 50.0)
-    document = side_by_side(record, ours, {"gpu": "NVIDIA H200", "torch": "2.11.0"})
-    assert document["time_ratio"] == pytest.approx(2.7 / 1.395)
+    document = side_by_side([record, hiverge], ours, {"gpu": "NVIDIA H200", "torch": "2.11.0"})
+    assert document["time_ratios"] == pytest.approx({"airbench94_muon": 2.7 / 1.395, "hiverge": 2.7 / 1.11})
     path = tmp_path / "vs.json"
     path.write_text(json.dumps(document))
-    assert read_side_by_side(path)["ours"]["accuracy"]["n"] == 2
+    assert read_side_by_side(path)["programs"][2]["accuracy"]["n"] == 2
     result = run_cli("bench", "--from-json", str(path), env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     text = flat(result.output)
-    assert "NVIDIA H200" in text and "90.87% ± 0.08%" in text and "1.94x" in text
+    assert "NVIDIA H200" in text and "90.87% ± 0.08%" in text and "91.00% ± 0.14%" in text
+    assert "1.94x airbench94_muon" in text and "2.43x hiverge" in text
     assert max(len(line) for line in result.output.splitlines()) <= 80
+    # A document written before hiverge's record was measured reads as the same table with one record.
+    before = {"machine": document["machine"], "record": record.to_json(), "ours": ours.to_json(), "time_ratio": 1.94}
+    path.write_text(json.dumps(before))
+    assert [p["name"] for p in read_side_by_side(path)["programs"]] == ["airbench94_muon", ours.name]
     path.write_text("{}")
     assert run_cli("bench", "--from-json", str(path)).exit_code == 2

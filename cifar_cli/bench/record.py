@@ -1,13 +1,15 @@
-"""`cifar bench --vs-record`: the CIFAR-10 speed record (airbench94_muon, run as its authors wrote it) and
-`cifar train --preset fast` on the same GPU in the same hour, each N times, timed over the same span.
+"""`cifar bench --vs-record`: the CIFAR-10 speed records (airbench94_muon, and hiverge's cifar10-speedrun where it
+is beside it; each run as its authors wrote it) and `cifar train --preset fast` on the same GPU in the same hour,
+each N times, timed over the same span.
 
-The span is the record's own (CUDA events there, a synchronised clock here): model initialisation with the
+The span is the records' own (CUDA events there, a synchronised clock here): model initialisation with the
 whitening filters, the training steps, the final TTA evaluation; per-epoch evaluation and compilation excluded.
-The record pays compilation in an untimed warm-up run on random labels; ours runs an untimed warm-up seed. Both
-warm-ups and every whole command are timed by the wall clock and reported apart.
+A record pays compilation in an untimed warm-up run on random labels; ours runs an untimed warm-up seed. Every
+warm-up and every whole command are timed by the wall clock and reported apart.
 
-The record is never copied into the project: it is read from `../shared/anchors/` (or `--anchors DIR`, or
-$CIFAR_ANCHORS) and run from a temporary copy whose only change is its number of runs (200 -> N).
+The records are never copied into the project: they are read from `../shared/anchors/` (or `--anchors DIR`, or
+$CIFAR_ANCHORS) and run from a temporary copy whose only change is its number of runs (200 -> N). Both load the
+same files (cifar10/{train,test}.pt in their working folder), written from our prepared cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,21 @@ from typing import Any
 
 from cifar_cli.errors import UsageError
 
-RECORD_SCRIPT = "airbench94_muon.py"
+RECORD_SCRIPT = "airbench94_muon.py"  # required: the record `fast` follows
+
+
+@dataclass(frozen=True)
+class RecordProgram:
+    name: str
+    script: str  # in the anchors folder
+    source: str  # where it comes from, for the reader of the table
+
+
+RECORDS = (
+    RecordProgram("airbench94_muon", RECORD_SCRIPT, "KellerJordan/cifar10-airbench at f1c599c"),
+    # Measured where it is beside the first (94.01% in 2.015 s on an A100, its README).
+    RecordProgram("hiverge", "hiverge_cifar10_speedrun.py", "hiverge/cifar10-speedrun at 5cd49b1"),
+)
 ANCHORS_ENV = "CIFAR_ANCHORS"
 RECORD_RUNS_LINE = "for run in range(200)"  # the record's own run count, the one line its copy changes
 WARMUP_SEED = 1000  # our untimed warm-up run (cuDNN autotuning, allocator, kernels loaded)
@@ -54,11 +70,16 @@ def find_anchors(explicit: Path | None = None, search_from: tuple[Path, ...] = (
     raise UsageError(f"The speed record ({RECORD_SCRIPT}) is not in {where or 'any folder'}.", hint=HOW_TO_GET)
 
 
-def record_copy(source: str, runs: int) -> str:
-    """The record's text with its 200 timed runs cut to `runs`: the only change made to it."""
+def records_in(anchors: Path) -> list[RecordProgram]:
+    """The record programs present in `anchors` (airbench94_muon always is: find_anchors checked it)."""
+    return [program for program in RECORDS if (anchors / program.script).is_file()]
+
+
+def record_copy(source: str, runs: int, script: str = RECORD_SCRIPT) -> str:
+    """A record's text with its 200 timed runs cut to `runs`: the only change made to it."""
     if source.count(RECORD_RUNS_LINE) != 1:
         raise UsageError(
-            f"{RECORD_SCRIPT} is not the expected version: '{RECORD_RUNS_LINE}' was not found once.", hint=HOW_TO_GET
+            f"{script} is not the expected version: '{RECORD_RUNS_LINE}' was not found once.", hint=HOW_TO_GET
         )
     return source.replace(RECORD_RUNS_LINE, f"for run in range({runs})")
 
@@ -133,21 +154,20 @@ def write_record_data(processed_dir: Path, workdir: Path) -> None:
 
 
 def run_record(
-    anchors: Path, processed_dir: Path, runs: int, workdir: Path, say: Callable[[str], None]
+    program: RecordProgram, anchors: Path, runs: int, workdir: Path, say: Callable[[str], None]
 ) -> ProgramResult:
-    """The record's copy with `runs` timed runs, in `workdir`, on our prepared data."""
-    write_record_data(processed_dir, workdir)
-    script = workdir / f"airbench94_muon_{runs}_runs.py"
-    script.write_text(record_copy((anchors / RECORD_SCRIPT).read_text(), runs))
+    """A record's copy with `runs` timed runs, in `workdir` (where write_record_data put the images)."""
+    script = workdir / f"{Path(program.script).stem}_{runs}_runs.py"
+    script.write_text(record_copy((anchors / program.script).read_text(), runs, program.script))
     started = time.perf_counter()
     output = _run([sys.executable, str(script)], workdir, say)
     wall = time.perf_counter() - started
     timed, warmup = parse_record_output(output)
     if len(timed) != runs or warmup is None:
-        raise UsageError(f"The record printed {len(timed)} of {runs} runs; its output ends:\n{output[-1500:]}")
+        raise UsageError(f"{program.script} printed {len(timed)} of {runs} runs; its output ends:\n{output[-1500:]}")
     return ProgramResult(
-        "airbench94_muon",
-        f"python {RECORD_SCRIPT} (200 -> {runs} runs)",
+        program.name,
+        f"python {program.script} (200 -> {runs} runs; {program.source})",
         [r["accuracy"] for r in timed],
         [r["seconds"] for r in timed],
         warmup["seconds"],
@@ -207,27 +227,35 @@ def _run(command: list[str], cwd: Path, say: Callable[[str], None]) -> str:
     return done.stdout
 
 
-def side_by_side(record: ProgramResult, ours: ProgramResult, machine: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document `--json` writes and `--from-json` reads back: both programs and their ratio."""
-    ratio = statistics.fmean(ours.span_seconds) / statistics.fmean(record.span_seconds)
-    return {"machine": machine, "record": record.to_json(), "ours": ours.to_json(), "time_ratio": ratio}
+def side_by_side(records: list[ProgramResult], ours: ProgramResult, machine: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document `--json` writes and `--from-json` reads back: every program, and ours over each record
+    in seconds of the same span (means of the timed runs)."""
+    ratios = {r.name: statistics.fmean(ours.span_seconds) / statistics.fmean(r.span_seconds) for r in records}
+    return {"machine": machine, "programs": [r.to_json() for r in [*records, ours]], "time_ratios": ratios}
 
 
 def read_side_by_side(path: Path) -> dict[str, Any]:
-    """A document written by `--vs-record --json`, checked enough to render."""
+    """A document written by `--vs-record --json`, checked enough to render (one of before hiverge's record too:
+    `record`, `ours` and `time_ratio`)."""
     try:
         document = json.loads(path.read_text())
-        for side in ("record", "ours"):
-            document[side]["accuracy"]["mean"], document[side]["span"]["mean"]  # noqa: B018 - presence
+        if "programs" not in document:
+            name = document["record"]["name"]
+            document["programs"] = [document["record"], document["ours"]]
+            document["time_ratios"] = {name: document["time_ratio"]}
+        for program in document["programs"]:
+            program["accuracy"]["mean"], program["span"]["mean"], program["name"]  # noqa: B018 - presence
+        document["time_ratios"].items()  # noqa: B018 - presence
         return document
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"{path} is not a `cifar bench --vs-record --json` result ({type(error).__name__}).") from None
 
 
 def compare_with_record(
     anchors: Path, data: Any, device_name: str, runs: int, seeds: list[int], workdir: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Both programs on this machine's GPU, the record first, on the same prepared data (`data`, DataSettings)."""
+    """The records in `anchors`, then `fast`, on this machine's GPU, on the same prepared data (`data`,
+    DataSettings)."""
     import torch
 
     from cifar_cli.data import ensure_prepared
@@ -235,11 +263,12 @@ def compare_with_record(
 
     if resolve_device(device_name).type != "cuda":
         raise UsageError(
-            "--vs-record needs a CUDA GPU: the record runs only there.",
+            "--vs-record needs a CUDA GPU: the records run only there.",
             hint="Run it on a GPU machine; --from-json FILE shows a recorded result anywhere.",
         )
     ensure_prepared(data, say)
-    record = run_record(anchors, data.processed_dir, runs, workdir / "record", say)
+    write_record_data(data.processed_dir, workdir / "record")
+    records = [run_record(program, anchors, runs, workdir / "record", say) for program in records_in(anchors)]
     ours = run_ours(seeds, ["--processed-dir", str(data.processed_dir.absolute())], workdir / "ours", say)
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    return side_by_side(record, ours, machine)
+    return side_by_side(records, ours, machine)
