@@ -169,3 +169,33 @@ def test_predict_reads_real_png_and_jpeg_files(tmp_path: Path, trained_checkpoin
     results = predict_images(trained_checkpoint, paths, top_k=2, device_name="cpu")
     assert [r["image"] for r in results] == [str(p) for p in paths]
     assert all(len(r["top"]) == 2 for r in results)
+
+
+def test_selective_tta_augments_only_the_least_sure_images(trained_checkpoint: Path, prepared_dir: Path) -> None:
+    """tta_share < 1: the share of images the plain pass is least sure of get the full TTA logits, the others keep
+    the plain ones; the planner counts 1 + 6 x share passes; `cifar evaluate --tta-share` says so."""
+    from cifar_cli.budget.plan import final_views
+    from cifar_cli.data.loader import BatchLoader
+    from cifar_cli.data.prepare import load_cache
+    from cifar_cli.predict.inference import load_model, predict
+    from cifar_cli.runtime.device import resolve_precision
+
+    loaded, cache = load_model(trained_checkpoint, torch.device("cpu")), load_cache(prepared_dir)
+    loader = BatchLoader(cache["test_images"], cache["test_labels"], 7, train=False, spec=loaded.spec)
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
+
+    def logits(level: int, share: float = 1.0) -> torch.Tensor:
+        return predict(loaded.model, loader, fp32, torch.device("cpu"), level, share).logits
+
+    plain, full, selective = logits(0), logits(2), logits(2, 0.3)
+    least_sure = plain.softmax(dim=1).amax(dim=1).argsort()[:9]  # ceil(0.3 x 30 test images)
+    augmented = torch.zeros(len(plain), dtype=torch.bool)
+    augmented[least_sure] = True
+    assert torch.allclose(selective[augmented], full[augmented], atol=1e-5)
+    assert torch.equal(selective[~augmented], plain[~augmented]) and not torch.allclose(plain, full)
+    assert torch.equal(logits(2, 1.0), full)
+    assert final_views(2, 0.25) == 2.5 and final_views(2, 1.0) == 6 and final_views(0, 0.25) == 1
+    result = run_cli("evaluate", str(trained_checkpoint), "--tta-share", "0.3", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tta_share"] == 0.3
+    assert run_cli("evaluate", str(trained_checkpoint), "--tta-share", "0").exit_code == 2

@@ -37,6 +37,13 @@ FINAL_OVERHEAD_SECONDS = 3.0  # confusion-matrix figure, final files
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # forward passes per image at each test-time augmentation level
 
 
+def final_views(tta_level: int, tta_share: float) -> float:
+    """Forward passes per image of the final evaluation: every view, or with selective TTA a plain pass for all and
+    every view for the share least sure (predict/inference.py)."""
+    views = TTA_VIEWS[tta_level]
+    return views if tta_level == 0 or tta_share >= 1 else 1 + tta_share * views
+
+
 @dataclass(frozen=True)
 class RunPlan:
     epochs: int
@@ -55,6 +62,7 @@ class RunPlan:
     remaining_seconds: float | None = None  # a re-plan: what the run's own epochs say is left after `elapsed`
     # The rung a budget chose and every rung's estimate (budget/ladder.py); None where no ladder was climbed.
     ladder: dict[str, Any] | None = None
+    tta_share: float = 1.0  # selective TTA: the share of the final images scored with every view
 
     @property
     def total_steps(self) -> int:
@@ -86,7 +94,7 @@ class RunPlan:
     def final_seconds_at(self, eval_images_per_second: float) -> float:
         """The final evaluation (every test-time augmentation view) at this evaluation speed, in seconds."""
         images = self.test_images or self.val_images
-        return images * TTA_VIEWS[self.tta_level] / eval_images_per_second + FINAL_OVERHEAD_SECONDS
+        return images * final_views(self.tta_level, self.tta_share) / eval_images_per_second + FINAL_OVERHEAD_SECONDS
 
     @property
     def total_seconds(self) -> float:
@@ -144,6 +152,7 @@ def fit_budget(
     val_images: int,
     tta_level: int,
     test_images: int = 0,
+    tta_share: float = 1.0,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width; where not even one does, the widest narrower network that
     fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width; `elapsed_seconds()` is the time
@@ -164,6 +173,7 @@ def fit_budget(
             budget_seconds,
             elapsed,
             test_images,
+            tta_share=tta_share,
         )
         spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
         fitted = _fill(plan, spare)
@@ -230,13 +240,24 @@ def measure_plan(
             val_images,
             level,
             test_images,
+            train.tta_share,
         )
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
         epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
     calibration = calibrate_at(width)
     return RunPlan(
-        epochs, width, train.batch_size, steps, val_images, level, calibration, budget, elapsed_seconds(), test_images
+        epochs,
+        width,
+        train.batch_size,
+        steps,
+        val_images,
+        level,
+        calibration,
+        budget,
+        elapsed_seconds(),
+        test_images,
+        tta_share=train.tta_share,
     )
 
 

@@ -37,6 +37,14 @@ def evaluate(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="Test-time augmentation (default: as trained).")
     ] = None,
+    tta_share: Annotated[
+        float | None,
+        typer.Option(
+            "--tta-share",
+            max=1.0,
+            help="Selective TTA: every view only for this share of the images, the least sure (default: as trained).",
+        ),
+    ] = None,
     device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per inference batch.")] = 1000,
     json_file: Annotated[
@@ -57,6 +65,8 @@ def evaluate(
     """Accuracy, macro and per-class precision / recall / F1 and the confusion matrix of a checkpoint."""
     if split not in ("test", "train", "val"):
         raise SettingsError("Bad option.", [("--split", "must be test, train or val", split)])
+    if tta_share is not None and tta_share <= 0:
+        raise SettingsError("Bad option.", [("--tta-share", "must be above 0 (at most 1)", str(tta_share))])
     flags = flag_settings(evaluate, locals())
     settings = resolve(config, set_options, flags)
     from cifar_cli.files import write_text_atomically
@@ -68,6 +78,7 @@ def evaluate(
         checkpoint_data(checkpoint, settings.data, given_data_settings(set_options, flags)),
         split,
         tta=tta,
+        tta_share=tta_share,
         device_name=settings.train.device,
         batch_size=batch_size,
         say=error_console.print,
@@ -101,10 +112,17 @@ def predictions_csv(evaluation: Any) -> str:
     return buffer.getvalue()
 
 
+def _tta_words(metrics: dict[str, Any]) -> str:
+    share = metrics.get("tta_share", 1.0)
+    if not metrics["tta"]:
+        return ""
+    return ", with TTA" if share >= 1 else f", with TTA for the {share:.0%} least sure"
+
+
 def print_metrics(metrics: dict[str, Any]) -> None:
     console.print(
         f"[bold]{metrics['checkpoint']}[/bold] (model {metrics['model']}, epoch {metrics['epoch']}): "
-        f"{metrics['split']} split, {metrics['num_samples']:,} images{', with TTA' if metrics['tta'] else ''}"
+        f"{metrics['split']} split, {metrics['num_samples']:,} images{_tta_words(metrics)}"
     )
     summary = Table("metric", "value")
     for key in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):

@@ -213,6 +213,11 @@ class TrainSettings(_Section):
     compile: bool = False
     deterministic: bool = False
     tta: bool = True
+    # Selective TTA when scoring a split: a plain pass over every image, then every view only for this share of
+    # them, the least sure; 1.0: every image. predict and exports always augment every image.
+    tta_share: float = Field(
+        1.0, gt=0, le=1, description="share of images scored with every TTA view (least sure first)"
+    )
     # Temperature scaling fitted at the end of training on the validation split (predict/temperature.py), so that
     # predict's and an export's probabilities are calibrated. auto: on for time-budget runs (`make run`), which then
     # hold out a calibration split of 2,000 images where their recipe holds out nothing.

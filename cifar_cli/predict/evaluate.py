@@ -90,9 +90,10 @@ def run_evaluation(
     batch_size: int = 1000,
     say: Callable[[str], None] = lambda _text: None,
     keep_memory: bool = True,
+    tta_share: float | None = None,
 ) -> Evaluation:
     """The checkpoint's predictions on a split, in its own precision and layout, with TTA as it was trained (or as
-    `tta` says). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (runtime/memory.py).
+    `tta` and `tta_share` say). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (runtime/memory.py).
     An exported model (.onnx, .pt2) is run by its own runtime instead (`export/writer.py`)."""
     if checkpoint.suffix in EXPORTED_SUFFIXES:
         return _evaluate_exported(checkpoint, data, split, tta, say)
@@ -114,7 +115,8 @@ def run_evaluation(
         channels_last=loaded.train_settings.channels_last,
     )
     level = loaded.train_settings.tta_level(tta)
-    predictions = predict(loaded.model, loader, precision, device, tta_level=level)
+    share = loaded.train_settings.tta_share if tta_share is None else tta_share
+    predictions = predict(loaded.model, loader, precision, device, level, share)
     class_names = list(loaded.spec.class_names)
     report = report_from_predictions(predictions, class_names)
     metrics = report_to_json(
@@ -122,6 +124,7 @@ def run_evaluation(
         checkpoint=str(checkpoint),
         split=split,
         tta=bool(level),
+        tta_share=share if level else 0.0,
         loss=predictions.loss,
         model=loaded.state["model_name"],
         epoch=loaded.state["epoch"],

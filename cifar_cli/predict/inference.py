@@ -3,6 +3,8 @@ checked against the data it is asked to score, and pointed at the data it was tr
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,22 +60,68 @@ class Predictions:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, tta_level: int = 0
+    model: nn.Module,
+    loader: BatchLoader,
+    precision: Precision,
+    device: torch.device,
+    tta_level: int = 0,
+    tta_share: float = 1.0,
 ) -> Predictions:
+    """The model's logits for every image of `loader`, with test-time augmentation at `tta_level`. Selective TTA
+    (`tta_share` < 1): one plain pass over all images, then the full TTA only for that share of them, the ones the
+    plain pass is least sure of (lowest top softmax probability): 1 + 6 x share passes per image instead of 6."""
     was_training = model.training
     model.eval()
-    logits_parts, target_parts = [], []
     try:
-        for images, targets in loader:
-            with precision.autocast(device):
-                logits = tta_logits(model, images, tta_level)
-            logits_parts.append(logits.float())
-            target_parts.append(targets)
+        if tta_level == 0 or tta_share >= 1:
+            logits, targets = _scored(
+                model, loader, precision, device, lambda images: tta_logits(model, images, tta_level)
+            )
+        else:
+            logits, targets = _scored(model, loader, precision, device, model)
+            logits = _augment_least_sure(model, loader, precision, device, logits, tta_level, tta_share)
     finally:
         model.train(was_training)
-    logits, targets = torch.cat(logits_parts), torch.cat(target_parts)
     loss = float(nn.functional.cross_entropy(logits, targets))
     return Predictions(logits.cpu(), targets.cpu(), loss)
+
+
+def _scored(
+    model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, score: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float logits, targets) of every batch of `loader` under `score`."""
+    logits_parts, target_parts = [], []
+    for images, targets in loader:
+        with precision.autocast(device):
+            logits_parts.append(score(images).float())
+        target_parts.append(targets)
+    return torch.cat(logits_parts), torch.cat(target_parts)
+
+
+def _augment_least_sure(
+    model: nn.Module,
+    loader: BatchLoader,
+    precision: Precision,
+    device: torch.device,
+    plain: torch.Tensor,
+    level: int,
+    share: float,
+) -> torch.Tensor:
+    """`plain` logits with the `share` of images it is least sure of replaced by their TTA logits at `level`."""
+    count = math.ceil(share * len(plain))
+    chosen = torch.zeros(len(plain), dtype=torch.bool, device=plain.device)
+    if count:
+        chosen[plain.softmax(dim=1).amax(dim=1).topk(count, largest=False).indices] = True
+    logits, start = plain.clone(), 0
+    for images, _ in loader:  # the evaluation order is fixed: batch by batch, the same images as the plain pass
+        rows = chosen[start : start + len(images)]
+        if rows.any():
+            with precision.autocast(device):
+                logits[start : start + len(images)][rows] = tta_logits(
+                    model, images[rows].contiguous(memory_format=_memory_format(images)), level
+                ).float()
+        start += len(images)
+    return logits
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,12 @@ def final_evaluation(
     """The last weights on the test split (with TTA where the recipe has it), read once, after training: never used
     to choose anything. With `held_out` (the validation split), a temperature is fitted there first. Returns
     final_metrics.json's numbers (the caller adds the clock), the full report and the temperature record (or None)."""
-    level = settings.train.tta_level()
+    level, share = settings.train.tta_level(), settings.train.tta_share
     temperature = None
     if held_out is not None:
-        scored = predict(model, held_out, precision, device, level)
+        scored = predict(model, held_out, precision, device, level, share)
         temperature = temperature_record(scored.logits, scored.targets, bool(level), "cifar train")
-    predictions = predict(model, loader, precision, device, level)
+    predictions = predict(model, loader, precision, device, level, share)
     report = report_from_predictions(predictions, list(loader.spec.class_names))
     last_val = {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
     final = {
@@ -60,6 +60,7 @@ def final_evaluation(
         "loss": predictions.loss,
         **last_val,
         "tta_level": level,
+        **({"tta_share": share} if level and share < 1 else {}),
         "epochs": len(history),
         "train_seconds": sum(record["seconds"] for record in history),
         **calibration_errors(predictions.logits, predictions.targets, temperature),
