@@ -99,7 +99,7 @@ def run_banner(
         f"model {settings.model.name}",
         f"device {describe_device(device)}",
         f"precision {precision.name}",
-        f"{training:,} training images, {held_out}",
+        f"{training:,} training images{' (data.train_subset)' if settings.data.train_subset == training else ''}, {held_out}",
         f"batch {train.batch_size} x {len(loaders.train)} steps x {train.epochs} epochs",
     ]
     if context.enabled:
