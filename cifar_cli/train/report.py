@@ -94,12 +94,13 @@ def run_banner(
         if epoch_split == "val"
         else f"none held out (the {scored:,} test images are scored each epoch for the curves only)"
     )
+    subset = " (data.train_subset)" if settings.data.train_subset == training else ""
     parts = [
         f"run {run_name}",
         f"model {settings.model.name}",
         f"device {describe_device(device)}",
         f"precision {precision.name}",
-        f"{training:,} training images{' (data.train_subset)' if settings.data.train_subset == training else ''}, {held_out}",
+        f"{training:,} training images{subset}, {held_out}",
         f"batch {train.batch_size} x {len(loaders.train)} steps x {train.epochs} epochs",
     ]
     if context.enabled:
