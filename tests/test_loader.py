@@ -123,3 +123,23 @@ def test_steps_known_before_the_loader_match_its_length(images: int, batch: int,
     loader = BatchLoader(torch.zeros(images, 3, 1, 1, dtype=torch.uint8), torch.zeros(images, dtype=torch.long),
                          batch, train=True, spec=CIFAR10_SPEC, world_size=world)  # fmt: skip
     assert training_steps_per_epoch(images, batch, world) == len(loader)
+
+
+def test_low_resolution_epochs_resize_the_augmented_images_then_return_to_full_size() -> None:
+    """train.low_res: the first epochs' batches are the full-size augmented batches, resized (bilinear, anti-aliased);
+    later epochs and evaluation stay at full size."""
+    images, labels = images_and_labels()
+    augment = Augment(True, 2, 0)
+    full = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=augment, seed=3)
+    small = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=augment, seed=3, low_res=(16, 1))
+    for (big, _), (little, _) in zip(full, small):
+        back_to_pixels = big * torch.tensor(CIFAR10_SPEC.std).view(1, 3, 1, 1) * 255
+        back_to_pixels += torch.tensor(CIFAR10_SPEC.mean).view(1, 3, 1, 1) * 255
+        resized = torch.nn.functional.interpolate(back_to_pixels, size=(16, 16), mode="bilinear", antialias=True)
+        assert little.shape[-2:] == (16, 16)
+        assert torch.allclose(little, normalize(resized, torch.float32, False, CIFAR10_SPEC), atol=1e-4)
+    small.set_epoch(1)
+    assert small.image_size == 32 and next(iter(small))[0].shape[-2:] == (32, 32)
+    small.set_epoch(0)
+    evaluation = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC, low_res=(16, 1))
+    assert next(iter(evaluation))[0].shape[-2:] == (32, 32)

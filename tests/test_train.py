@@ -260,3 +260,31 @@ def test_a_training_subset_keeps_the_validation_split(prepared_dir: Path) -> Non
     assert not any(bytes(image.flatten().tolist()) in held_out for image in part.train[0])  # none of them trains
     alone = load_splits(DataSettings(processed_dir=prepared_dir, val_size=0, train_subset=30), lambda _: 0, seed=3)
     assert len(alone.train[1]) == 30 and alone.epoch_split == "test"
+
+
+def test_low_resolution_epochs_train_the_airbench_network_then_full_size(tmp_path: Path, prepared_dir: Path) -> None:
+    """The globally pooled network trains on 16-pixel images first, then full size; a time budget refuses it (its
+    planner times full-size steps only)."""
+    from cifar_cli.errors import SettingsError
+    from cifar_cli.models.airbench import AirbenchNet
+
+    low_res = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=1", "train.epochs=2")
+    trainer = Trainer(tiny_settings(tmp_path, prepared_dir, *low_res))
+    sizes: list[int] = []
+    original = AirbenchNet.forward
+
+    def spy(self, x):  # noqa: ANN001, ANN202 - the side of the images the network trains on
+        if self.training:
+            sizes.append(x.shape[-1])
+        return original(self, x)
+
+    AirbenchNet.forward = spy
+    try:
+        result = trainer.run()
+    finally:
+        AirbenchNet.forward = original
+    steps = len(trainer.loaders.train)  # after the planner's timed steps (full size): the two epochs
+    assert sizes[-2 * steps :] == [16] * steps + [32] * steps
+    assert len(result.history) == 2
+    with pytest.raises(SettingsError, match="not planned by time budgets"):
+        Trainer(tiny_settings(tmp_path, prepared_dir, *low_res, "train.time_budget=1m"))

@@ -154,6 +154,14 @@ MonitoredMetric = Literal[
 ]
 
 
+class LowResSettings(_Section):
+    """Fewer pixels early: the first `epochs` epochs train on images resized to `size` x `size` (bilinear, with
+    anti-aliasing), the rest at full size; the network pools globally, so it takes either."""
+
+    size: int | None = Field(None, ge=8, description="side in pixels of the early epochs' images; None: off")
+    epochs: int = Field(0, ge=0, description="epochs trained at that size before full size")
+
+
 class EmaSettings(_Section):
     """An exponential moving average of the weights (recipe/ema.py): give `decay` or `half_life_steps` to turn it on."""
 
@@ -240,6 +248,7 @@ class TrainSettings(_Section):
     balanced_sampler: bool = False
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     ema: EmaSettings = Field(default_factory=EmaSettings)
+    low_res: LowResSettings = Field(default_factory=LowResSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 

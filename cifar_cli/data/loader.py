@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional
 
 from cifar_cli.data.spec import DataSpec
 
@@ -119,6 +120,7 @@ class BatchLoader:
         world_size: int = 1,
         drop_last: bool | None = None,
         balanced: bool = False,
+        low_res: tuple[int, int] | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
@@ -130,6 +132,7 @@ class BatchLoader:
         self.drop_last = (train and len(labels) // world_size >= batch_size) if drop_last is None else drop_last
         self.epoch = 0
         self.balanced = balanced  # training order: each class drawn equally often, with replacement
+        self.low_res = low_res  # (side in pixels, epochs): the first epochs' images resized to that side
         # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
         first_flip = torch.Generator().manual_seed(seed + 12_345)
         self.even_epoch_flip = (torch.rand(len(labels), generator=first_flip) < 0.5).to(images.device)
@@ -168,8 +171,23 @@ class BatchLoader:
             if self.train:
                 flip = self._flips(index, generator)
                 images = augment_batch(images, self.augment, generator, flip)
+                images = self._resized(images)
             self.last_batch = (index, flip)
             yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
+
+    @property
+    def image_size(self) -> int:
+        """The side of this epoch's training images, in pixels."""
+        if self.train and self.low_res is not None and self.epoch < self.low_res[1]:
+            return self.low_res[0]
+        return self.images.shape[-1]
+
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
+        """Augmented uint8 images at this epoch's size: as they are, or resized (floats on the 0..255 scale)."""
+        side = self.image_size
+        if side == images.shape[-1]:
+            return images
+        return functional.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True)
 
     def _flips(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
         """Which images of the batch are mirrored: alternating per epoch, or a coin toss drawn first from the

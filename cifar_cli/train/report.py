@@ -105,6 +105,8 @@ def run_banner(
     ]
     if context.enabled:
         parts.append(f"{context.world_size} processes")
+    if train.low_res.size and train.low_res.epochs:
+        parts.append(f"the first {train.low_res.epochs} epochs at {train.low_res.size} x {train.low_res.size} pixels")
     if train.ema.enabled:
         parts.append(describe_ema(settings))
     if train.distill.teacher is not None:

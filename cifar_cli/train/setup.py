@@ -138,6 +138,7 @@ def build_loaders(
         rank=context.rank,
         world_size=context.world_size,
         balanced=train.balanced_sampler,
+        low_res=(train.low_res.size, train.low_res.epochs) if train.low_res.size else None,
     )
     if len(training) == 0:
         raise UsageError("No training batches: the training split is smaller than one batch per process.")
