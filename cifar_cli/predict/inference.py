@@ -74,11 +74,9 @@ def predict(
     model.eval()
     try:
         if tta_level == 0 or tta_share >= 1:
-            logits, targets = _scored(
-                model, loader, precision, device, lambda images: tta_logits(model, images, tta_level)
-            )
+            logits, targets = _scored(loader, precision, device, lambda images: tta_logits(model, images, tta_level))
         else:
-            logits, targets = _scored(model, loader, precision, device, model)
+            logits, targets = _scored(loader, precision, device, model)
             logits = _augment_least_sure(model, loader, precision, device, logits, tta_level, tta_share)
     finally:
         model.train(was_training)
@@ -87,7 +85,7 @@ def predict(
 
 
 def _scored(
-    model: nn.Module, loader: BatchLoader, precision: Precision, device: torch.device, score: Callable
+    loader: BatchLoader, precision: Precision, device: torch.device, score: Callable
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float logits, targets) of every batch of `loader` under `score`."""
     logits_parts, target_parts = [], []
