@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cifar_cli.budget.plan import EpochTiming, replan
+from cifar_cli.budget.refit import EpochTiming, replan
 from cifar_cli.config.sections import SchedulerSettings
 from cifar_cli.recipe.optim import _StepSchedule
 from cifar_cli.train.loop import EpochRunner
@@ -27,6 +28,7 @@ class FakeClock:
 
     def __init__(self) -> None:
         self.now, self.step_cost, self.steps = 0.0, 0.5, 0
+        self.small_steps = 0  # steps on images under 32 pixels a side, which cost a quarter of a full-size step
 
     def __call__(self) -> float:
         self.now += 0.001
@@ -51,7 +53,9 @@ def _budget_run(tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPa
 
     def timed_step(self, images, targets):  # noqa: ANN001, ANN202
         clock.steps += 1
-        clock.now += clock.step_cost if clock.steps <= slow_down_after else clock.step_cost * factor
+        share = 0.25 if images.shape[-1] < 32 else 1.0
+        clock.small_steps += share < 1
+        clock.now += share * (clock.step_cost if clock.steps <= slow_down_after else clock.step_cost * factor)
         rates.append(self.parts.optimizer.param_groups[0]["lr"])
         return real_step(self, images, targets)
 
@@ -118,6 +122,29 @@ def test_an_epoch_that_would_overrun_the_budget_ends_at_its_deadline(
     assert_ends_on_the_average(trainer.checkpoint_dir / "last.pth")
 
 
+def test_a_budget_run_trains_its_small_epochs_first_and_fills_the_rest_at_full_size(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.low_res under a budget: the planned epochs on 16-pixel images train first (a quarter of a full-size
+    step's fake seconds, the share the probe is made to measure), full-size epochs fill the rest, every re-plan
+    reads the pace as full-size steps', and the run ends inside 90-100% of its budget."""
+    from cifar_cli.budget import plan as plan_module
+
+    def quarter(calibration, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return replace(calibration, low_res_shares={"16": 0.25})
+
+    monkeypatch.setattr(plan_module, "measure_low_res_share", quarter)
+    small = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=2")
+    trainer, _, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *small)
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
+    assert plan["low_res"] == {"epochs": 2, "size": 16, "step_cost": 0.25}
+    assert clock.small_steps == 2 * plan["steps_per_epoch"] and plan["epochs"] > 2
+    assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET
+    paces = [entry["measured_step_seconds"] for entry in plan["replans"] if "after_epoch" in entry]
+    assert paces and all(pace == pytest.approx(0.5, rel=0.1) for pace in paces), paces
+
+
 def assert_ends_on_the_average(checkpoint: Path) -> None:
     """The saved weights are lookahead's average (as its final hand-back leaves them), not the last step's."""
     import torch
@@ -156,6 +183,23 @@ def test_replan_aims_inside_the_budget_and_cuts_the_last_epoch_rather_than_waste
     assert 0.9 * 100 <= refit.plan.total_seconds <= 100
     assert refit.plan.last_epoch_steps in range(3, 10)  # a partial last epoch fills the rest
     assert refit.plan.total_steps == (refit.plan.epochs - 1) * 10 + refit.plan.last_epoch_steps
+
+
+def test_replan_reads_small_epochs_as_full_size_steps_at_their_planned_share() -> None:
+    """After an epoch on 16-pixel images (a quarter of a full-size step's seconds), the full-size epochs left are
+    planned at the measured pace scaled to full size, after the small epochs still to come."""
+    from cifar_cli.budget.plan import RunPlan
+    from tests.test_plan import fake_calibration
+
+    plan = RunPlan(50, 1.0, 16, 10, 100, 0, fake_calibration(1000.0), 100.0, 10.0, 100, low_res_epochs=3,
+                   low_res_size=16, low_res_cost=0.25)  # fmt: skip
+    timings = [EpochTiming(10, 1.25, 0.5, 2.25, cost=0.25)]  # 0.125 s per small step: 0.5 s at full size
+    refit = replan(plan, elapsed_seconds=12.25, epochs_done=1, timings=timings, eval_images=plan.val_images)
+    assert refit.step_seconds == pytest.approx(0.5)
+    # 96 s - 12.25 s - 3.5 s final = 80.25 s: 2 more small epochs of 1.25 + 1 s, 12 full-size ones of 5 + 1 s,
+    # and 3.75 s left: a last epoch's 1 s of evaluation and writes and 5 steps of 0.5 s.
+    assert (refit.plan.epochs, refit.plan.last_epoch_steps) == (16, 5)
+    assert refit.plan.total_seconds == pytest.approx(12.25 + 4.5 + 12 * 6 + 3.5 + 3.5)
 
 
 def test_a_stretched_schedule_continues_from_its_rate() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def test_a_budget_of_two_epochs_less_a_bit_plans_one_and_most_of_another() -> No
     assert 0.9 * 240 * PLAN_SHARE < plan.total_seconds <= 240 * PLAN_SHARE
     one = RunPlan(1, 1.0, 2000, 25, 10_000, 2, fake_calibration(500.0), 240, 10.0)
     assert "Plan: 1 epoch x 25 steps" in one.describe()  # no "1 epochs"
+
+
+def test_a_budget_trains_its_small_epochs_first_at_their_measured_cost_then_fills_the_rest() -> None:
+    """train.low_res under a budget: 3 epochs on 16-pixel images at a quarter of a full-size step's seconds, then
+    full-size epochs, the last cut short; a budget too short for them and one full-size epoch drops small ones."""
+    calibration = replace(fake_calibration(500.0), low_res_shares={"16": 0.25})  # 4.5 s a step, 1.125 s small
+    plan = fit_budget(600, lambda: 10.0, lambda width: calibration, 1.0, 25, 2000, 10_000, 2, low_res=(3, 16))
+    # 552 s - 10 s spent - 63 s final = 479 s: 3 small epochs of 28.1 + 11 s, 2 full-size ones of 123.5 s, and
+    # 114.6 s left: the 11 s of a third one's evaluation and writes, and 23 steps of 4.5 s.
+    assert (plan.low_res_epochs, plan.epochs, plan.last_epoch_steps) == (3, 6, 23)
+    assert 0.9 * 600 * PLAN_SHARE < plan.total_seconds <= 600 * PLAN_SHARE
+    assert "(the first 3 at 16 x 16 px, the last cut to 23 steps)" in plan.describe()
+    # The time left at the start counts the cheaper epochs too (all but the epoch in progress's 1 s of writes).
+    assert plan.total_seconds == pytest.approx(10 + 1 + RemainingTime(plan, 0).during_epoch(0))
+    short = fit_budget(240, lambda: 10.0, lambda width: calibration, 1.0, 25, 2000, 10_000, 2, low_res=(3, 16))
+    assert short.low_res_epochs == 0 and short.width_multiplier == 1.0  # no room for small epochs and a full one
 
 
 def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:

@@ -126,6 +126,22 @@ def test_real_calibration_measures_every_candidate_on_this_machine() -> None:
     assert result.eval_images_per_second > 0 and result.optimizer_seconds > 0
 
 
+def test_smaller_images_are_timed_against_full_size_ones_and_the_share_is_cached(monkeypatch, tmp_path) -> None:
+    """train.low_res: a real airbench step on 16-pixel images, timed beside a 32-pixel one in the chosen layout,
+    takes a share of its seconds under one; the next run reads that share from the cache instead of measuring."""
+    from cifar_cli.budget.probe import measure_low_res_share
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, optim = ModelSettings(name="airbench", width_multiplier=0.5), OptimSettings(name="muon")
+    calibration = measure_speed(model, optim, 64, CPU, "fp32", True)
+    measured = measure_low_res_share(calibration, model, optim, 64, CPU, 16)
+    assert 0 < measured.low_res_share(16) < 1 and "16 x 16 images" in measured.describe_low_res(16)
+    cached = measure_speed(model, optim, 64, CPU, "fp32", True)
+    assert cached.cached and cached.low_res_share(16) == measured.low_res_share(16)
+    monkeypatch.setattr(probe_module, "_Probe", None)  # measuring again would fail
+    assert measure_low_res_share(cached, model, optim, 64, CPU, 16).low_res_share(16) == measured.low_res_share(16)
+
+
 def test_a_cpu_without_native_bf16_is_given_fp32() -> None:
     """The AVX2 kind (bf16 14-16x slower), approximated on any x86 CPU by capping both kernel libraries
     (../shared/DESIGN.md): the real measurement there must choose fp32, whatever this machine's own choice is."""

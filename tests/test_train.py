@@ -263,9 +263,7 @@ def test_a_training_subset_keeps_the_validation_split(prepared_dir: Path) -> Non
 
 
 def test_low_resolution_epochs_train_the_airbench_network_then_full_size(tmp_path: Path, prepared_dir: Path) -> None:
-    """The globally pooled network trains on 16-pixel images first, then full size; a time budget refuses it (its
-    planner times full-size steps only)."""
-    from cifar_cli.errors import SettingsError
+    """The globally pooled network trains on 16-pixel images first, then full size (budgets: test_budget.py)."""
     from cifar_cli.models.airbench import AirbenchNet
 
     low_res = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=1", "train.epochs=2")
@@ -286,5 +284,3 @@ def test_low_resolution_epochs_train_the_airbench_network_then_full_size(tmp_pat
     steps = len(trainer.loaders.train)  # after the planner's timed steps (full size): the two epochs
     assert sizes[-2 * steps :] == [16] * steps + [32] * steps
     assert len(result.history) == 2
-    with pytest.raises(SettingsError, match="not planned by time budgets"):
-        Trainer(tiny_settings(tmp_path, prepared_dir, *low_res, "train.time_budget=1m"))

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from cifar_cli.budget.plan import REPLAN_TARGET_SHARE, EpochTiming, RunPlan, fit_steps, replan
+from cifar_cli.budget.plan import RunPlan, fit_steps
 from cifar_cli.budget.probe import learn_from_epoch
+from cifar_cli.budget.refit import REPLAN_TARGET_SHARE, EpochTiming, replan
 from cifar_cli.recipe.optim import stretch_schedule
 from cifar_cli.runtime import distributed
 from cifar_cli.train.setup import Parts
@@ -39,8 +40,8 @@ class BudgetKeeper:
 
     def learn_speed(self, record: dict[str, Any], this_machine: bool) -> None:
         """The epoch's real speed into the calibration cache, for the next run's plan (`this_machine`: its speed
-        is what the cache key describes)."""
-        if this_machine and record["steps"]:
+        is what the cache key describes); epochs on smaller images teach nothing about full-size steps."""
+        if this_machine and record["steps"] and self.plan.step_cost(record["epoch"]) == 1.0:
             eval_rate = self.eval_images / max(record["eval_seconds"], 1e-9)
             learn_from_epoch(self.plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
@@ -62,7 +63,10 @@ class BudgetKeeper:
         self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int, parts: Parts
     ) -> str | None:
         """Record the epoch's timing; where the budget is kept, refit the epochs left and return the message."""
-        self.timings.append(EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds))
+        cost = self.plan.step_cost(record["epoch"])
+        self.timings.append(
+            EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds, cost)
+        )
         if record.get("cut_short"):
             return self._stopped(record, epochs_done)
         if not self.replanning or epochs_done >= self.plan.epochs:  # none left to refit: the run ends as planned
@@ -98,18 +102,21 @@ class BudgetKeeper:
     ) -> int | None:
         """At a refresh point of epoch `epoch`: the steps left refit to this epoch's own pace (a machine that got
         faster or slower since the last epoch ended), the schedule stretched to match; returns the epoch's new
-        step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again."""
+        step limit, or None to keep it. Only in the last planned epoch, where no epoch end will re-plan again, and
+        one on full-size images (the steps it adds are)."""
         now = self.clock()
         marks = self._pace_marks if self._pace_epoch == epoch else [(epoch_started, 0)]
         self._pace_epoch, self._pace_marks = epoch, [*marks, (now, steps_done)][-PACE_WINDOW - 1 :]
         mark_clock, mark_steps = self._pace_marks[0]
         if not self.replanning or epoch < self.plan.epochs or not self.timings or steps_done <= mark_steps:
             return None
+        if self.plan.step_cost(epoch) != 1.0:
+            return None
         # The pace of the last few refresh intervals: a change shows within them, one slow step does not rule.
         pace = (now - mark_clock) / (steps_done - mark_steps)
         last = self.timings[-1]
         # Evaluation costs scale with the machine's speed as the steps do (a load that stopped speeds up both).
-        speed_change = pace / max(last.train_seconds / max(last.steps, 1), 1e-9)
+        speed_change = pace / max(last.full_size_step_seconds, 1e-9)
         per_eval = (last.total_seconds - last.train_seconds) * speed_change
         final = self._measured_final_seconds() * speed_change
         available = self.started + self.plan.budget_seconds * REPLAN_TARGET_SHARE - now - final

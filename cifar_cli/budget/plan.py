@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cifar_cli.budget.probe import Calibration, measure_speed
+from cifar_cli.budget.probe import Calibration, measure_low_res_share, measure_speed
 from cifar_cli.config.durations import format_duration
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import training_steps_per_epoch
@@ -63,6 +63,11 @@ class RunPlan:
     # The rung a budget chose and every rung's estimate (budget/ladder.py); None where no ladder was climbed.
     ladder: dict[str, Any] | None = None
     tta_share: float = 1.0  # selective TTA: the share of the final images scored with every view
+    # train.low_res: the first `low_res_epochs` train on images of `low_res_size` pixels a side, a step of which
+    # takes `low_res_cost` of a full-size step's seconds (measured: budget/probe.py).
+    low_res_epochs: int = 0
+    low_res_size: int = 0
+    low_res_cost: float = 1.0
 
     @property
     def total_steps(self) -> int:
@@ -74,6 +79,15 @@ class RunPlan:
     def steps_in_epoch(self, epoch: int) -> int:
         """Steps of epoch `epoch` (1-based): the last one may be cut short to fit the budget."""
         return self.last_epoch_steps if epoch == self.epochs and self.last_epoch_steps else self.steps_per_epoch
+
+    def step_cost(self, epoch: int) -> float:
+        """A step of epoch `epoch` (1-based) as a share of a full-size step's seconds."""
+        return self.low_res_cost if epoch <= self.low_res_epochs else 1.0
+
+    def epoch_seconds_of(self, epoch: int) -> float:
+        """Epoch `epoch` (1-based) here: its steps at its images' size, its evaluation and writes."""
+        steps = self.steps_in_epoch(epoch) * self.step_cost(epoch)
+        return steps * self.calibration.step_seconds(self.batch_size) + self.val_seconds + EPOCH_OVERHEAD_SECONDS
 
     @property
     def train_seconds_per_epoch(self) -> float:
@@ -100,17 +114,14 @@ class RunPlan:
     def total_seconds(self) -> float:
         if self.remaining_seconds is not None:
             return self.elapsed_seconds + self.remaining_seconds
-        cut = (self.steps_per_epoch - self.last_epoch_steps) * self.calibration.step_seconds(self.batch_size)
-        return (
-            self.elapsed_seconds
-            + self.epochs * self.epoch_seconds
-            - (cut if self.last_epoch_steps else 0.0)
-            + (self.final_seconds)
-        )
+        epochs = sum(self.epoch_seconds_of(epoch) for epoch in range(1, self.epochs + 1))
+        return self.elapsed_seconds + epochs + self.final_seconds
 
     def _cut(self) -> str:
-        steps = self.last_epoch_steps
-        return f" (the last cut to {count(steps, 'step')})" if steps else ""
+        small, steps = min(self.low_res_epochs, self.epochs), self.last_epoch_steps
+        parts = [f"the first {small} at {self.low_res_size} x {self.low_res_size} px"] if small else []
+        parts += [f"the last cut to {count(steps, 'step')}"] if steps else []
+        return f" ({', '.join(parts)})" if parts else ""
 
     def describe(self) -> str:
         budget = f" (budget {format_duration(self.budget_seconds)})" if self.budget_seconds else ""
@@ -138,8 +149,12 @@ class RunPlan:
             "budget_seconds": self.budget_seconds,
             "last_epoch_steps": self.last_epoch_steps or self.steps_per_epoch,
             "total_steps": self.total_steps,
+            **({"low_res": self._low_res_json()} if self.low_res_epochs else {}),
             **({"ladder": self.ladder} if self.ladder else {}),
         }
+
+    def _low_res_json(self) -> dict[str, Any]:
+        return {"epochs": self.low_res_epochs, "size": self.low_res_size, "step_cost": self.low_res_cost}
 
 
 def fit_budget(
@@ -153,10 +168,12 @@ def fit_budget(
     tta_level: int,
     test_images: int = 0,
     tta_share: float = 1.0,
+    low_res: tuple[int, int] = (0, 0),
 ) -> RunPlan:
-    """As many epochs as fit at the recipe's width; where not even one does, the widest narrower network that
-    fits one. `calibrate_at(width)` measures (or recalls) the speeds at a width; `elapsed_seconds()` is the time
-    the run has spent so far, measurements included."""
+    """As many epochs as fit at the recipe's width, the first `low_res` = (epochs, side) on smaller images; where
+    not even one full-size epoch fits after them, fewer of them, then the widest narrower network that fits one.
+    `calibrate_at(width)` measures (or recalls) the speeds at a width (with the smaller images' step share);
+    `elapsed_seconds()` is the time the run has spent so far, measurements included."""
     widths = [recipe_width] + [width for width in WIDTHS if width < recipe_width]
     plan = None
     for width in widths:
@@ -174,11 +191,14 @@ def fit_budget(
             elapsed,
             test_images,
             tta_share=tta_share,
+            low_res_size=low_res[1],
+            low_res_cost=calibration.low_res_share(low_res[1]) if low_res[0] else 1.0,
         )
         spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
-        fitted = _fill(plan, spare)
-        if fitted is not None:
-            return fitted
+        for small_epochs in range(low_res[0], -1, -1):
+            fitted = _fill(replace(plan, low_res_epochs=small_epochs), spare)
+            if fitted is not None:
+                return fitted
     assert plan is not None
     raise UsageError(
         f"A time budget of {format_duration(budget_seconds)} is too short: one epoch at the narrowest width "
@@ -188,14 +208,18 @@ def fit_budget(
 
 
 def _fill(plan: RunPlan, spare_seconds: float) -> RunPlan | None:
-    """The most steps of `plan`'s width that fit `spare_seconds`, each epoch paying its evaluation and writes: whole
-    epochs and a last one cut short where that still trains more (fit_steps, as every re-plan). None where not even
-    one whole epoch fits (a narrower network is tried instead)."""
+    """The most steps of `plan`'s width that fit `spare_seconds` after its low-resolution epochs, each epoch paying
+    its evaluation and writes: whole epochs and a last one cut short where that still trains more (fit_steps, as
+    every re-plan). None where not even one whole full-size epoch fits (fewer small epochs or a narrower network is
+    tried instead)."""
     per_epoch = plan.val_seconds + EPOCH_OVERHEAD_SECONDS
     pace = plan.calibration.step_seconds(plan.batch_size)
-    # Planned before epoch 1, as if an epoch 0 had just ended: fit_steps charges the epoch in progress its evaluation.
-    fitted = fit_steps(plan, spare_seconds + per_epoch, 0, plan.steps_per_epoch, pace, per_epoch)
-    if fitted is None or fitted.total_steps < plan.steps_per_epoch:
+    small, steps = plan.low_res_epochs, plan.steps_per_epoch
+    early = small * (steps * pace * plan.low_res_cost + per_epoch)
+    # Planned as if the small epochs (or an epoch 0) had just ended: fit_steps charges the epoch in progress its
+    # evaluation.
+    fitted = fit_steps(plan, spare_seconds - early + per_epoch, small, steps, pace, per_epoch)
+    if fitted is None or fitted.total_steps - small * steps < steps:
         return None
     return fitted
 
@@ -220,11 +244,19 @@ def measure_plan(
         precision = stored["train"]["precision"] if precision == "auto" else precision
         channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
 
+    small_epochs = train.low_res.epochs if train.low_res.size else 0
+    if stored is not None and train.time_budget is not None and small_epochs:  # the small epochs its plan chose
+        small_epochs = stored["train"].get("low_res", {}).get("epochs", 0)
+    low_res = (small_epochs, train.low_res.size or 0)
+
     def calibrate_at(width: float) -> Calibration:
         model = settings.model.model_copy(update={"width_multiplier": width})
         result = measure_speed(model, settings.optim, train.batch_size, device, precision, channels_last)
         result = replace(result, teacher_seconds_per_image=teacher_seconds_per_image)
         say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
+        if small_epochs:
+            result = measure_low_res_share(result, model, settings.optim, train.batch_size, device, low_res[1])
+            say(result.describe_low_res(low_res[1]))
         return result
 
     steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
@@ -241,6 +273,7 @@ def measure_plan(
             level,
             test_images,
             train.tta_share,
+            low_res,
         )
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
@@ -258,6 +291,9 @@ def measure_plan(
         elapsed_seconds(),
         test_images,
         tta_share=train.tta_share,
+        low_res_epochs=small_epochs,
+        low_res_size=low_res[1],
+        low_res_cost=calibration.low_res_share(low_res[1]) if small_epochs else 1.0,
     )
 
 
@@ -267,94 +303,34 @@ class RemainingTime:
     def __init__(self, plan: RunPlan, epochs_done: int) -> None:
         self.plan = plan
         self.epochs_done = epochs_done
-        self.measured_epochs: list[float] = []  # wall seconds of each epoch of this process, validation included
+        self.measured_epochs: list[tuple[int, float]] = []  # (epoch, wall seconds) of this process's epochs
         self.epoch_started = time.perf_counter()
 
     def start_epoch(self) -> None:
         self.epoch_started = time.perf_counter()
 
-    def _per_epoch(self) -> float:
-        if self.measured_epochs:
-            return sum(self.measured_epochs) / len(self.measured_epochs)
-        return self.plan.epoch_seconds
+    def _later(self, after_epoch: int) -> float:
+        """The epochs after `after_epoch` here: the plan's estimate of each (epochs on smaller images cost less),
+        scaled by how this process's own epochs compared with the plan's estimate of them."""
+        planned = sum(self.plan.epoch_seconds_of(epoch) for epoch in range(after_epoch + 1, self.plan.epochs + 1))
+        if not self.measured_epochs:
+            return planned
+        measured = sum(seconds for _, seconds in self.measured_epochs)
+        return planned * measured / sum(self.plan.epoch_seconds_of(epoch) for epoch, _ in self.measured_epochs)
 
     def during_epoch(self, batches_done: int) -> float:
-        steps = self.plan.steps_per_epoch
-        per_batch = (
-            (time.perf_counter() - self.epoch_started) / batches_done
-            if batches_done
-            else self.plan.train_seconds_per_epoch / steps
-        )
-        this_epoch = (steps - batches_done) * per_batch + self.plan.val_seconds
-        later_epochs = self.plan.epochs - self.epochs_done - 1
-        return this_epoch + later_epochs * self._per_epoch() + self.plan.final_seconds
+        epoch = self.epochs_done + 1
+        if batches_done:
+            per_batch = (time.perf_counter() - self.epoch_started) / batches_done
+        else:
+            per_batch = self.plan.calibration.step_seconds(self.plan.batch_size) * self.plan.step_cost(epoch)
+        this_epoch = max(self.plan.steps_in_epoch(epoch) - batches_done, 0) * per_batch + self.plan.val_seconds
+        return this_epoch + self._later(epoch) + self.plan.final_seconds
 
     def end_epoch(self) -> float:
-        self.measured_epochs.append(time.perf_counter() - self.epoch_started)
         self.epochs_done += 1
-        return (self.plan.epochs - self.epochs_done) * self._per_epoch() + self.plan.final_seconds
-
-
-# Where a re-planned run aims to end, as a share of its budget: inside 90-100% with room for the estimate's error.
-REPLAN_TARGET_SHARE = 0.96
-
-
-@dataclass(frozen=True)
-class EpochTiming:
-    """What one finished epoch measured, in seconds of wall clock."""
-
-    steps: int
-    train_seconds: float  # the optimiser steps
-    eval_seconds: float  # the per-epoch evaluation pass
-    total_seconds: float  # the whole epoch: steps, evaluation, checkpoint and logs
-
-
-@dataclass(frozen=True)
-class Replan:
-    plan: RunPlan
-    step_seconds: float  # measured: what the new plan assumes per step
-    images_per_second: float
-
-    def describe(self, before: RunPlan) -> str:
-        def length(plan: RunPlan) -> str:
-            return count(plan.epochs, "epoch") + plan._cut()
-
-        return (
-            f"Re-planned: {length(self.plan)} instead of {length(before)}, this machine runs at "
-            f"{self.images_per_second:,.0f} img/s now; about {format_duration(self.plan.total_seconds)} in all "
-            f"(budget {format_duration(self.plan.budget_seconds or 0)})"
-        )
-
-
-def replan(
-    plan: RunPlan, elapsed_seconds: float, epochs_done: int, timings: list[EpochTiming], eval_images: int
-) -> Replan:
-    """The epochs left refit to what this run's own epochs measured, so that the run, final evaluation included,
-    ends near REPLAN_TARGET_SHARE of its budget. The latest epoch weighs most (a shared machine drifts); the last
-    epoch may be cut short (to as few as one step) rather than leave part of the budget unused."""
-    assert plan.budget_seconds is not None and timings
-    weights = [2.0**index for index in range(len(timings))][-3:]  # the last three epochs, newest double
-    recent = timings[-len(weights) :]
-    step = sum(w * t.train_seconds / max(t.steps, 1) for w, t in zip(weights, recent)) / sum(weights)
-    per_eval = sum(w * (t.total_seconds - t.train_seconds) for w, t in zip(weights, recent)) / sum(weights)
-    eval_rate = sum(w * eval_images / max(t.eval_seconds, 1e-6) for w, t in zip(weights, recent)) / sum(weights)
-    final = plan.final_seconds_at(eval_rate)
-    available = plan.budget_seconds * REPLAN_TARGET_SHARE - elapsed_seconds - final
-    # The epoch just ended is evaluated already: fit_steps charges an evaluation for the epoch in progress.
-    fit = fit_steps(plan, available + per_eval, epochs_done, plan.steps_per_epoch, step, per_eval)
-    epochs, last_steps = (fit.epochs, fit.last_epoch_steps) if fit is not None else (epochs_done, 0)
-    more, whole_epoch = epochs - epochs_done, plan.steps_per_epoch * step + per_eval
-    cut = (plan.steps_per_epoch - last_steps) * step if last_steps else 0.0
-    refit = RunPlan(
-        **{
-            **plan.__dict__,
-            "epochs": epochs,
-            "last_epoch_steps": last_steps,
-            "elapsed_seconds": elapsed_seconds,
-            "remaining_seconds": more * whole_epoch - cut + final,
-        }
-    )
-    return Replan(refit, step, plan.batch_size / step)
+        self.measured_epochs.append((self.epochs_done, time.perf_counter() - self.epoch_started))
+        return self._later(self.epochs_done) + self.plan.final_seconds
 
 
 def fit_steps(

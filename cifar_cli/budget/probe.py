@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,9 @@ class Calibration:
     learned_epochs: int = 0
     # Distillation: the teacher's forward pass per training image, added to every step (recipe/distill.py).
     teacher_seconds_per_image: float = 0.0
+    # train.low_res: image side in pixels -> a step on images that small as a share of a full-size step's seconds
+    # (measure_low_res_share).
+    low_res_shares: dict[str, float] = field(default_factory=dict)
 
     @property
     def layout(self) -> Layout:
@@ -90,6 +93,15 @@ class Calibration:
         if self.learned_step_seconds and batch_size == self.key.get("batch_size"):
             return self.learned_step_seconds + teacher
         return batch_size / (self.batch_images_per_second or self.images_per_second) + self.optimizer_seconds + teacher
+
+    def low_res_share(self, side: int) -> float:
+        return self.low_res_shares[str(side)]
+
+    def describe_low_res(self, side: int) -> str:
+        share = self.low_res_share(side)
+        return (
+            f"A step on {side} x {side} images takes {share:.2f} of a full-size step's time ({1 / share:.1f}x faster)"
+        )
 
     @property
     def eval_speed(self) -> float:
@@ -195,6 +207,37 @@ def measure_speed(
     return result
 
 
+LOW_RES_PROBE_IMAGES = 512  # images per step when timing smaller images against full-size ones
+LOW_RES_ROUNDS = 2  # timed rounds of (full-size step, small step) after a warm-up of each; each kind's best kept
+
+
+def measure_low_res_share(
+    calibration: Calibration, model: ModelSettings, optim: OptimSettings, batch_size: int, device: torch.device,
+    side: int, use_cache: bool = True,
+) -> Calibration:  # fmt: skip
+    """`calibration` with the seconds of a training step on `side` x `side` images as a share of a full-size
+    step's, in its chosen layout: measured side by side (full, small, full, small: a burst of load hits both
+    alike) on steps of the run's batch (up to LOW_RES_PROBE_IMAGES), optimiser step included; cached with it."""
+    if str(side) in calibration.low_res_shares:
+        return calibration
+    images = min(batch_size, LOW_RES_PROBE_IMAGES)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probes = [_Probe(model, optim, device, calibration.layout, images, size) for size in (32, side)]
+        best = [float("inf"), float("inf")]
+        for round_ in range(LOW_RES_ROUNDS + 1):  # round 0 warms up: kernels chosen, memory allocated
+            for index, probe in enumerate(probes):
+                seconds = sum(probe.step(images, optimizer_step=True))
+                best[index] = min(best[index], seconds) if round_ else best[index]
+    shares = {**calibration.low_res_shares, str(side): best[1] / best[0]}
+    result = replace(calibration, low_res_shares=shares)
+    if use_cache and calibration.key:
+        key_text = json.dumps(calibration.key, sort_keys=True)
+        cache = _read_cache()
+        if key_text in cache:
+            _write_entries({**cache, key_text: {**cache[key_text], "low_res_shares": shares}})
+    return result
+
+
 LEARN_WEIGHT = 0.5  # of the newest epoch in the running estimate: a shared machine drifts, recent epochs say most
 REPLACE_FACTOR = 2.0  # an estimate this far from a real epoch (either way) is replaced, not averaged
 
@@ -263,6 +306,7 @@ class _Probe:
         device: torch.device,
         layout: Layout,
         images: int = PROBE_IMAGES,
+        side: int = 32,
     ) -> None:
         self.device, self.layout = device, layout
         self.precision: Precision = resolve_precision(layout.precision, device)
@@ -271,7 +315,7 @@ class _Probe:
         self.model = network.to(device, memory_format=memory_format).train()
         dtype = self.precision.autocast_dtype or torch.float32
         self.optimizer = build_optimizer(self.model, optim.model_copy(update={"lr": CALIBRATION_LR}), dtype)
-        self.images = torch.randn(images, 3, 32, 32, device=device).to(dtype)
+        self.images = torch.randn(images, 3, side, side, device=device).to(dtype)
         self.images = self.images.contiguous(memory_format=memory_format)
         self.labels = torch.randint(0, 10, (images,), device=device)
 

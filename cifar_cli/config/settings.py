@@ -145,13 +145,6 @@ def check_recipe(settings: Settings) -> Settings:
                 )
             ],
         )
-    low_res = train.low_res
-    if low_res.size is not None and low_res.epochs and train.time_budget is not None:
-        raise SettingsError(
-            "Low-resolution epochs are not planned by time budgets yet.",
-            [("train.low_res", "the planner times full-size steps only", f"{low_res.size} px x {low_res.epochs}")],
-            hint="Train a fixed number of epochs (--epochs N) with train.low_res, or a budget without it.",
-        )
     return settings
 
 

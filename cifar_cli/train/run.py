@@ -78,8 +78,7 @@ class Trainer:
             setattr(getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute())
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
-        # The CLI passes plots' figure; the core draws nothing itself.
-        self.confusion_figure = confusion_figure
+        self.confusion_figure = confusion_figure  # the CLI passes plots' figure; the core draws nothing itself
         self.run_name = settings.train.run_name or default_run_name(self.settings)
         self.run_dir = settings.log.log_dir / self.run_name
         self.checkpoint_dir = settings.log.checkpoint_dir / self.run_name
@@ -285,6 +284,7 @@ class Trainer:
         train, model = self.settings.train, self.settings.model
         train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
         train.epochs, model.width_multiplier = plan.epochs, plan.width_multiplier
+        train.low_res.epochs = plan.low_res_epochs if train.low_res.size else train.low_res.epochs
         self.precision: Precision = resolve_precision(train.precision, self.device)
         self.reporter.message(plan.describe())
         return plan
