@@ -143,3 +143,26 @@ def test_low_resolution_epochs_resize_the_augmented_images_then_return_to_full_s
     small.set_epoch(0)
     evaluation = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC, low_res=(16, 1))
     assert next(iter(evaluation))[0].shape[-2:] == (32, 32)
+
+
+def test_colour_jitter_shifts_then_scales_each_training_image_within_its_ranges() -> None:
+    """train.augment.brightness / .contrast: each training image is the plain normalised image plus one shift in
+    +-0.2, times one scale in 1 +- 0.1, drawn per image; evaluation batches stay plain."""
+    images, labels = images_and_labels()
+    plain_augment, jittered_augment = Augment(True, 2, 0), Augment(True, 2, 0, brightness=0.2, contrast=0.1)
+    plain = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=plain_augment, seed=3)
+    jittered = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, augment=jittered_augment, seed=3)
+    shifts, scales = [], []
+    for (before, _), (after, _) in zip(plain, jittered):
+        for one, other in zip(before, after):  # other = (one + shift) * scale: a line through every pixel
+            x, y = one.flatten().double(), other.flatten().double()
+            scale = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+            shift = y.mean() / scale - x.mean()
+            assert torch.allclose(y, (x + shift) * scale, atol=1e-4)
+            shifts.append(float(shift)), scales.append(float(scale))
+    assert all(abs(shift) <= 0.2 + 1e-4 for shift in shifts) and all(abs(s - 1) <= 0.1 + 1e-4 for s in scales)
+    assert max(map(abs, shifts)) > 0.1 and max(abs(s - 1) for s in scales) > 0.05  # drawn, not a fixed nudge
+    assert len(set(round(shift, 5) for shift in shifts)) == len(shifts)  # one draw per image
+    evaluation = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC, augment=jittered_augment)
+    untouched = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC)
+    assert torch.equal(next(iter(evaluation))[0], next(iter(untouched))[0])

@@ -100,10 +100,13 @@ class AugmentSettings(_Section):
     cutmix: float = Field(0.0, ge=0, description="cutmix's alpha (a box of another image pasted in); 0: off")
     mix_probability: float = Field(1.0, ge=0, le=1, description="share of batches mixed")
     cutmix_share: float = Field(0.5, ge=0, le=1, description="with both on: share of mixed batches cut, not blended")
+    # Colour jitter per image on the normalised images (hiverge's record: 0.14 and 0.13); 0 turns each off.
+    brightness: float = Field(0.0, ge=0, le=1, description="shift by up to +- this many standard deviations")
+    contrast: float = Field(0.0, ge=0, lt=1, description="scale by 1 +- up to this")
 
     def pixel_augment(self) -> dict[str, Any]:
         """The per-image augmentations the loader applies (data/loader.py's Augment); mixing happens in the step."""
-        return self.model_dump(include={"flip", "translate", "cutout", "alternate_flip"})
+        return self.model_dump(include={"flip", "translate", "cutout", "alternate_flip", "brightness", "contrast"})
 
 
 class ModelSettings(_Section):

@@ -18,6 +18,10 @@ class Augment:
     translate: int = 0  # pixels; random crop of the image padded by this much (reflect padding)
     cutout: int = 0  # side of a zeroed square, pixels
     alternate_flip: bool = False  # flip every other epoch per image instead of at random
+    # Colour jitter on the normalised images (as hiverge's record): each image shifted by up to +-brightness
+    # (in units of the data's standard deviation), then scaled by 1 +- up to contrast.
+    brightness: float = 0.0
+    contrast: float = 0.0
 
 
 @functools.cache
@@ -52,6 +56,14 @@ def augment_batch(
     if augment.cutout:
         images = _cutout(images, augment.cutout, generator)
     return images
+
+
+def color_jitter(images: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+    """Normalised images, each shifted by a uniform draw in +-brightness, then scaled by 1 + a uniform draw in
+    +-contrast (two draws per image from `generator`)."""
+    draws = torch.rand(2, images.shape[0], 1, 1, 1, generator=generator, device=generator.device) * 2 - 1
+    draws = draws.to(images.device, images.dtype)
+    return (images + draws[0] * brightness) * (1 + draws[1] * contrast)
 
 
 def _flip_and_translate(
@@ -165,6 +177,8 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
+        # Colour jitter draws from its own stream: turning it on leaves every flip and shift as it was.
+        jitter = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 104_729)
         for batch_index in range(len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images, flip = self.images[index], None
@@ -173,7 +187,10 @@ class BatchLoader:
                 images = augment_batch(images, self.augment, generator, flip)
                 images = self._resized(images)
             self.last_batch = (index, flip)
-            yield normalize(images, self.dtype, self.channels_last, self.spec), self.labels[index]
+            normalised = normalize(images, self.dtype, self.channels_last, self.spec)
+            if self.train and (self.augment.brightness or self.augment.contrast):
+                normalised = color_jitter(normalised, self.augment.brightness, self.augment.contrast, jitter)
+            yield normalised, self.labels[index]
 
     @property
     def image_size(self) -> int:

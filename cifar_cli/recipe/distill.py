@@ -101,7 +101,14 @@ class TeacherLogitCache:
     @staticmethod
     def allowed(augment: AugmentSettings) -> bool:
         """Whether each image reaches the student in one of at most two fixed ways (as is, or mirrored)."""
-        return not (augment.translate or augment.cutout or augment.mixup or augment.cutmix)
+        return not (
+            augment.translate
+            or augment.cutout
+            or augment.mixup
+            or augment.cutmix
+            or augment.brightness
+            or augment.contrast
+        )
 
     @staticmethod
     def passes(augment: AugmentSettings) -> int:
