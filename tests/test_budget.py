@@ -134,7 +134,7 @@ def test_a_budget_run_trains_its_small_epochs_first_and_fills_the_rest_at_full_s
         return replace(calibration, low_res_shares={"16": 0.25})
 
     monkeypatch.setattr(plan_module, "measure_low_res_share", quarter)
-    small = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=2")
+    small = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=2", "train.low_res.scope=cpu_budget")
     trainer, _, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *small)
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())

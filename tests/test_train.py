@@ -263,7 +263,8 @@ def test_a_training_subset_keeps_the_validation_split(prepared_dir: Path) -> Non
 
 
 def test_low_resolution_epochs_train_the_airbench_network_then_full_size(tmp_path: Path, prepared_dir: Path) -> None:
-    """The globally pooled network trains on 16-pixel images first, then full size (budgets: test_budget.py)."""
+    """The globally pooled network trains on 16-pixel images first, then full size (budgets: test_budget.py);
+    with `scope: cpu_budget` a fixed number of epochs trains full size throughout."""
     from cifar_cli.models.airbench import AirbenchNet
 
     low_res = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=1", "train.epochs=2")
@@ -279,8 +280,12 @@ def test_low_resolution_epochs_train_the_airbench_network_then_full_size(tmp_pat
     AirbenchNet.forward = spy
     try:
         result = trainer.run()
+        steps = len(trainer.loaders.train)  # after the planner's timed steps: the two epochs
+        assert sizes[-2 * steps :] == [16] * steps + [32] * steps
+        assert len(result.history) == 2
+        sizes.clear()
+        budget_only = (*low_res, "train.low_res.scope=cpu_budget", "train.run_name=budget-only")
+        Trainer(tiny_settings(tmp_path, prepared_dir, *budget_only)).run()
+        assert sizes[-2 * steps :] == [32] * (2 * steps) and 16 not in sizes  # not even timed
     finally:
         AirbenchNet.forward = original
-    steps = len(trainer.loaders.train)  # after the planner's timed steps (full size): the two epochs
-    assert sizes[-2 * steps :] == [16] * steps + [32] * steps
-    assert len(result.history) == 2

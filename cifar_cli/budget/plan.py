@@ -244,7 +244,7 @@ def measure_plan(
         precision = stored["train"]["precision"] if precision == "auto" else precision
         channels_last = stored["train"]["channels_last"] if channels_last == "auto" else channels_last
 
-    small_epochs = train.low_res.epochs if train.low_res.size else 0
+    small_epochs = train.low_res.epochs if train.low_res.applies(device.type, train.time_budget is not None) else 0
     if stored is not None and train.time_budget is not None and small_epochs:  # the small epochs its plan chose
         small_epochs = stored["train"].get("low_res", {}).get("epochs", 0)
     low_res = (small_epochs, train.low_res.size or 0)

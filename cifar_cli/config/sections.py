@@ -163,6 +163,14 @@ class LowResSettings(_Section):
 
     size: int | None = Field(None, ge=8, description="side in pixels of the early epochs' images; None: off")
     epochs: int = Field(0, ge=0, description="epochs trained at that size before full size")
+    # Where it applies: every run, or only time-budget runs on a CPU (where it was measured to pay; a fixed number
+    # of epochs and GPUs then train full size throughout).
+    scope: Literal["always", "cpu_budget"] = "always"
+
+    def applies(self, device_type: str, budgeted: bool) -> bool:
+        """Whether a run on `device_type` (with a time budget or not) trains its first epochs small."""
+        wanted = self.scope == "always" or (device_type == "cpu" and budgeted)
+        return self.size is not None and self.epochs > 0 and wanted
 
 
 class EmaSettings(_Section):

@@ -77,9 +77,9 @@ def default_run_name(settings: Settings) -> str:
 def recipe_differences(stored: dict[str, Any], current: Settings) -> list[tuple[str, Any, Any]]:
     """(setting, in the run, asked for now) where a resume would mix two recipes. `auto` asks for nothing
     specific (the run stored what it resolved to); keys an older checkpoint lacks are not held against it; a
-    time budget chose the width."""
+    time budget chose the width, and the plan the low-resolution epochs (budget/plan.py)."""
     before, now = recipe_identity(stored), recipe_identity(current.to_plain())
-    chosen_by_plan = {"model.width_multiplier"} if current.train.time_budget else set()
+    chosen_by_plan = {"train.low_res.epochs"} | ({"model.width_multiplier"} if current.train.time_budget else set())
     return [
         (key, before[key], value)
         for key, value in sorted(now.items())
