@@ -54,9 +54,18 @@ def test_a_budget_of_two_epochs_less_a_bit_plans_one_and_most_of_another() -> No
 
 def test_a_budget_trains_its_small_epochs_first_at_their_measured_cost_then_fills_the_rest() -> None:
     """train.low_res under a budget: 3 epochs on 16-pixel images at a quarter of a full-size step's seconds, then
-    full-size epochs, the last cut short; a budget too short for them and one full-size epoch drops small ones."""
-    calibration = replace(fake_calibration(500.0), low_res_shares={"16": 0.25})  # 4.5 s a step, 1.125 s small
-    plan = fit_budget(600, lambda: 10.0, lambda width: calibration, 1.0, 25, 2000, 10_000, 2, low_res=(3, 16))
+    full-size epochs, the last cut short; a budget too short for them and one full-size epoch drops small ones, and
+    the small step is timed only at a width where a full-size epoch fits."""
+    timed: list[float] = []
+
+    def time_small(calibration: Calibration, width: float) -> Calibration:
+        timed.append(width)
+        return replace(calibration, low_res_shares={"16": 0.25})  # 4.5 s a full-size step, 1.125 s a small one
+
+    def plan_for(budget: float, calibrate_at=lambda width: fake_calibration(500.0)) -> RunPlan:  # noqa: ANN001
+        return fit_budget(budget, lambda: 10.0, calibrate_at, 1.0, 25, 2000, 10_000, 2, 0, 1.0, (3, 16), time_small)
+
+    plan = plan_for(600)
     # 552 s - 10 s spent - 63 s final = 479 s: 3 small epochs of 28.1 + 11 s, 2 full-size ones of 123.5 s, and
     # 114.6 s left: the 11 s of a third one's evaluation and writes, and 23 steps of 4.5 s.
     assert (plan.low_res_epochs, plan.epochs, plan.last_epoch_steps) == (3, 6, 23)
@@ -64,8 +73,11 @@ def test_a_budget_trains_its_small_epochs_first_at_their_measured_cost_then_fill
     assert "(the first 3 at 16 x 16 px, the last cut to 23 steps)" in plan.describe()
     # The time left at the start counts the cheaper epochs too (all but the epoch in progress's 1 s of writes).
     assert plan.total_seconds == pytest.approx(10 + 1 + RemainingTime(plan, 0).during_epoch(0))
-    short = fit_budget(240, lambda: 10.0, lambda width: calibration, 1.0, 25, 2000, 10_000, 2, low_res=(3, 16))
+    short = plan_for(240)
     assert short.low_res_epochs == 0 and short.width_multiplier == 1.0  # no room for small epochs and a full one
+    timed.clear()
+    narrow = plan_for(300, lambda width: fake_calibration(100.0 / width**2))  # full size fits from x0.5 on
+    assert narrow.width_multiplier == 0.5 and timed == [0.5]
 
 
 def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:

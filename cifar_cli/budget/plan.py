@@ -169,11 +169,13 @@ def fit_budget(
     test_images: int = 0,
     tta_share: float = 1.0,
     low_res: tuple[int, int] = (0, 0),
+    time_small: Callable[[Calibration, float], Calibration] | None = None,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width, the first `low_res` = (epochs, side) on smaller images; where
     not even one full-size epoch fits after them, fewer of them, then the widest narrower network that fits one.
-    `calibrate_at(width)` measures (or recalls) the speeds at a width (with the smaller images' step share);
-    `elapsed_seconds()` is the time the run has spent so far, measurements included."""
+    `calibrate_at(width)` measures (or recalls) the speeds at a width, `time_small(calibration, width)` the small
+    images' step share (only at a width where a full-size epoch fits: a short budget pays for no probe it cannot
+    use); `elapsed_seconds()` is the time the run has spent so far, measurements included."""
     widths = [recipe_width] + [width for width in WIDTHS if width < recipe_width]
     plan = None
     for width in widths:
@@ -192,19 +194,32 @@ def fit_budget(
             test_images,
             tta_share=tta_share,
             low_res_size=low_res[1],
-            low_res_cost=calibration.low_res_share(low_res[1]) if low_res[0] else 1.0,
         )
-        spare = budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds
-        for small_epochs in range(low_res[0], -1, -1):
-            fitted = _fill(replace(plan, low_res_epochs=small_epochs), spare)
-            if fitted is not None:
-                return fitted
+        full_size = _fill(plan, budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds)
+        if full_size is not None and low_res[0] and time_small is not None:
+            return _with_small_epochs(plan, full_size, time_small(calibration, width), elapsed_seconds(), low_res[0])
+        if full_size is not None:
+            return full_size
     assert plan is not None
     raise UsageError(
         f"A time budget of {format_duration(budget_seconds)} is too short: one epoch at the narrowest width "
         f"(x{plan.width_multiplier:g}) needs about {format_duration(plan.total_seconds)} on this machine.",
         hint="Give a longer --time-budget, or a smaller --batch-size / data set.",
     )
+
+
+def _with_small_epochs(plan: RunPlan, full_size: RunPlan, timed: Calibration, elapsed: float, most: int) -> RunPlan:
+    """The most small epochs (up to `most`) that still leave a full-size epoch, at the step share `timed` measured;
+    `full_size` (no small epochs) where none does."""
+    priced = replace(
+        plan, calibration=timed, elapsed_seconds=elapsed, low_res_cost=timed.low_res_share(plan.low_res_size)
+    )
+    spare = plan.budget_seconds * PLAN_SHARE - elapsed - priced.final_seconds if plan.budget_seconds else 0.0
+    for small_epochs in range(most, 0, -1):
+        fitted = _fill(replace(priced, low_res_epochs=small_epochs), spare)
+        if fitted is not None:
+            return fitted
+    return _fill(priced, spare) or full_size
 
 
 def _fill(plan: RunPlan, spare_seconds: float) -> RunPlan | None:
@@ -254,9 +269,12 @@ def measure_plan(
         result = measure_speed(model, settings.optim, train.batch_size, device, precision, channels_last)
         result = replace(result, teacher_seconds_per_image=teacher_seconds_per_image)
         say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
-        if small_epochs:
-            result = measure_low_res_share(result, model, settings.optim, train.batch_size, device, low_res[1])
-            say(result.describe_low_res(low_res[1]))
+        return result
+
+    def time_small(calibration: Calibration, width: float) -> Calibration:
+        model = settings.model.model_copy(update={"width_multiplier": width})
+        result = measure_low_res_share(calibration, model, settings.optim, train.batch_size, device, low_res[1])
+        say(result.describe_low_res(low_res[1]))
         return result
 
     steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
@@ -274,11 +292,13 @@ def measure_plan(
             test_images,
             train.tta_share,
             low_res,
+            time_small,
         )
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
         epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
     calibration = calibrate_at(width)
+    calibration = time_small(calibration, width) if small_epochs else calibration
     return RunPlan(
         epochs,
         width,
