@@ -110,7 +110,7 @@ class BudgetKeeper:
         mark_clock, mark_steps = self._pace_marks[0]
         if not self.replanning or epoch < self.plan.epochs or not self.timings or steps_done <= mark_steps:
             return None
-        if self.plan.step_cost(epoch) != 1.0:
+        if self.plan.step_cost(epoch) != 1.0:  # a small epoch's pace says little about the full-size steps added
             return None
         # The pace of the last few refresh intervals: a change shows within them, one slow step does not rule.
         pace = (now - mark_clock) / (steps_done - mark_steps)

@@ -208,7 +208,7 @@ def measure_speed(
 
 
 LOW_RES_PROBE_IMAGES = 512  # images per step when timing smaller images against full-size ones
-LOW_RES_ROUNDS = 2  # timed rounds of (full-size step, small step) after a warm-up of each; each kind's best kept
+LOW_RES_ROUNDS = 2  # timed rounds of (full-size step, small step) after a warm-up step of each; best of each kept
 
 
 def measure_low_res_share(
@@ -224,10 +224,11 @@ def measure_low_res_share(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probes = [_Probe(model, optim, device, calibration.layout, images, size) for size in (32, side)]
         best = [float("inf"), float("inf")]
-        for round_ in range(LOW_RES_ROUNDS + 1):  # round 0 warms up: kernels chosen, memory allocated
+        for probe in probes:  # a warm-up step each: kernels chosen, memory allocated
+            probe.step(images, optimizer_step=True)
+        for _ in range(LOW_RES_ROUNDS):
             for index, probe in enumerate(probes):
-                seconds = sum(probe.step(images, optimizer_step=True))
-                best[index] = min(best[index], seconds) if round_ else best[index]
+                best[index] = min(best[index], sum(probe.step(images, optimizer_step=True)))
     shares = {**calibration.low_res_shares, str(side): best[1] / best[0]}
     result = replace(calibration, low_res_shares=shares)
     if use_cache and calibration.key:
