@@ -146,6 +146,31 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path, prepared_d
     assert not [p for p in result.checkpoint_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_ctrl_c_while_a_checkpoint_is_built_saves_it_then_stops(
+    tmp_path: Path, prepared_dir: Path, monkeypatch
+) -> None:
+    """SIGINT that lands while the checkpoint's state is put together (inside pydantic's serialiser it would come out
+    as a PydanticSerializationError and a traceback) waits for the save: last.pth holds epoch 1, then exit 130."""
+    import os
+    import signal
+    import time
+
+    from cifar_cli.train import state as run_state
+
+    real_state = run_state.checkpoint_state
+
+    def interrupted_state(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler here, between bytecodes, unless it is deferred
+        return real_state(*args, **kwargs)
+
+    monkeypatch.setattr(run_state, "checkpoint_state", interrupted_state)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2"))
+    assert interrupted.value.exit_code == 130 and "holds epoch 1 of run tiny" in str(interrupted.value)
+    assert load_checkpoint(tmp_path / "checkpoints" / "tiny" / "last.pth")["epoch"] == 1
+
+
 def test_absent_device_is_a_usage_error(tmp_path: Path, prepared_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

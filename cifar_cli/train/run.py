@@ -392,12 +392,12 @@ class Trainer:
         return fits_temperature(self.settings) and self.epoch_split == "val"
 
     def _save(self, name: str) -> None:
-        state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
-        if self.temperature is not None:
-            state["temperature"] = self.temperature
-        if self.teacher is not None:
-            state["distilled_from"] = self.teacher.record()
-        with sigint_deferred():
+        with sigint_deferred():  # building the state too: Ctrl-C inside pydantic's serialiser is no KeyboardInterrupt
+            state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
+            if self.temperature is not None:
+                state["temperature"] = self.temperature
+            if self.teacher is not None:
+                state["distilled_from"] = self.teacher.record()
             run_state.save_state(state, self.checkpoint_dir / name)
             if name == LAST_CHECKPOINT:
                 self.saved_epoch = self.progress.epoch
