@@ -158,3 +158,38 @@ def test_a_recorded_result_renders_on_any_machine(tmp_path: Path) -> None:
     assert [p["name"] for p in read_side_by_side(path)["programs"]] == ["airbench94_muon", ours.name]
     path.write_text("{}")
     assert run_cli("bench", "--from-json", str(path)).exit_code == 2
+
+
+def test_a_comparison_keeps_what_it_measured_when_a_program_fails(
+    prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The record fails, hiverge's runs, and `cifar train --device cuda` (a real process) fails on this CPU: the
+    JSON holds hiverge's runs and both failures, rewritten after each program; the command exits non-zero."""
+    import torch
+
+    from cifar_cli.runtime import device
+
+    anchors = _anchor_folder(tmp_path)
+    (anchors / "airbench94_muon.py").write_text("for run in range(200): pass\nraise SystemExit('no triton here')\n")
+    (anchors / "hiverge_cifar10_speedrun.py").write_text(FAKE_RECORD)
+    monkeypatch.setattr(device, "resolve_device", lambda _name: torch.device("cuda"))  # past the refusal on a CPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Stand-in GPU")
+    saved = []
+    real_write = __import__("cifar_cli.files", fromlist=["write_text_atomically"]).write_text_atomically
+    monkeypatch.setattr(
+        "cifar_cli.files.write_text_atomically",
+        lambda path, text, **kw: (saved.append(json.loads(text)), real_write(path, text, **kw))[1],
+    )
+    output = tmp_path / "vs.json"
+    monkeypatch.chdir(tmp_path)  # the comparison works under ./runs/vs-record
+    args = ["--anchors", anchors, "--runs", "2", "--processed-dir", prepared_dir]
+    result = run_cli("bench", "--vs-record", *args, "--json", output, env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    assert [[p["name"] for p in document["programs"]] for document in saved] == [[], ["hiverge"], ["hiverge"]]
+    assert list(saved[0]["failed"]) == ["airbench94_muon"] and "no triton here" in saved[0]["failed"]["airbench94_muon"]
+    document = read_side_by_side(output)
+    assert document == saved[-1] and document["time_ratios"] == {}
+    assert list(document["failed"]) == ["airbench94_muon", "cifar train --preset fast"]
+    assert document["programs"][0]["accuracies"] == pytest.approx([0.9081, 0.9091])
+    text = flat(result.output)
+    assert "fast was not measured" in text and "airbench94_muon, cifar train --preset fast failed" in text

@@ -177,6 +177,7 @@ def run_record(
 
 def run_ours(seeds: list[int], train_args: list[str], workdir: Path, say: Callable[[str], None]) -> ProgramResult:
     """`cifar train --preset fast --device cuda` once untimed (warm-up), then once per seed; each a new process."""
+    workdir.mkdir(parents=True, exist_ok=True)  # the processes' working folder: runs/ and checkpoints/ go in it
     accuracies, spans, wall, warmup = [], [], 0.0, 0.0
     for seed in [WARMUP_SEED, *seeds]:
         name = f"vs-record-seed{seed}"
@@ -227,11 +228,25 @@ def _run(command: list[str], cwd: Path, say: Callable[[str], None]) -> str:
     return done.stdout
 
 
-def side_by_side(records: list[ProgramResult], ours: ProgramResult, machine: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document `--json` writes and `--from-json` reads back: every program, and ours over each record
-    in seconds of the same span (means of the timed runs)."""
-    ratios = {r.name: statistics.fmean(ours.span_seconds) / statistics.fmean(r.span_seconds) for r in records}
-    return {"machine": machine, "programs": [r.to_json() for r in [*records, ours]], "time_ratios": ratios}
+def side_by_side(
+    records: list[ProgramResult],
+    ours: ProgramResult | None,
+    machine: dict[str, Any],
+    failed: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The JSON document `--json` writes and `--from-json` reads back: every program measured so far, ours over each
+    record in seconds of the same span (means of the timed runs; none before ours is measured), and the programs
+    that failed with the end of their output."""
+    programs = [*records, ours] if ours is not None else list(records)
+    ratios = {}
+    if ours is not None:
+        ratios = {r.name: statistics.fmean(ours.span_seconds) / statistics.fmean(r.span_seconds) for r in records}
+    return {
+        "machine": machine,
+        "programs": [program.to_json() for program in programs],
+        "time_ratios": ratios,
+        "failed": dict(failed or {}),
+    }
 
 
 def read_side_by_side(path: Path) -> dict[str, Any]:
@@ -246,16 +261,24 @@ def read_side_by_side(path: Path) -> dict[str, Any]:
         for program in document["programs"]:
             program["accuracy"]["mean"], program["span"]["mean"], program["name"]  # noqa: B018 - presence
         document["time_ratios"].items()  # noqa: B018 - presence
+        document.setdefault("failed", {})
         return document
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UsageError(f"{path} is not a `cifar bench --vs-record --json` result ({type(error).__name__}).") from None
 
 
 def compare_with_record(
-    anchors: Path, data: Any, device_name: str, runs: int, seeds: list[int], workdir: Path, say: Callable[[str], None]
+    anchors: Path,
+    data: Any,
+    device_name: str,
+    runs: int,
+    seeds: list[int],
+    workdir: Path,
+    say: Callable[[str], None],
+    save: Callable[[dict[str, Any]], None] = lambda _document: None,
 ) -> dict[str, Any]:
     """The records in `anchors`, then `fast`, on this machine's GPU, on the same prepared data (`data`,
-    DataSettings)."""
+    DataSettings); `save(document)` after each program."""
     import torch
 
     from cifar_cli.data import ensure_prepared
@@ -268,7 +291,23 @@ def compare_with_record(
         )
     ensure_prepared(data, say)
     write_record_data(data.processed_dir, workdir / "record")
-    records = [run_record(program, anchors, runs, workdir / "record", say) for program in records_in(anchors)]
-    ours = run_ours(seeds, ["--processed-dir", str(data.processed_dir.absolute())], workdir / "ours", say)
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    return side_by_side(records, ours, machine)
+    # Each program's result is kept (and `save`d) as soon as it is measured, and one that fails does not stop the
+    # others: on a lent GPU with minutes to spare, a comparison cut short still says what it measured.
+    records: list[ProgramResult] = []
+    failed: dict[str, str] = {}
+    for program in records_in(anchors):
+        try:
+            records.append(run_record(program, anchors, runs, workdir / "record", say))
+        except UsageError as error:
+            say(f"{program.name} failed: {error.message}")
+            failed[program.name] = error.message[-1500:]
+        save(side_by_side(records, None, machine, failed))
+    try:
+        ours = run_ours(seeds, ["--processed-dir", str(data.processed_dir.absolute())], workdir / "ours", say)
+    except UsageError as error:
+        failed["cifar train --preset fast"] = error.message[-1500:]
+        ours = None
+    document = side_by_side(records, ours, machine, failed)
+    save(document)
+    return document

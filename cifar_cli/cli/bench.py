@@ -21,6 +21,7 @@ from cifar_cli.cli.common import (
     flag_settings,
     resolve,
 )
+from cifar_cli.errors import CifarError
 
 
 def bench(
@@ -91,11 +92,12 @@ def bench(
             console.print(line)
         return
     if vs_record or from_json is not None:
-        document = _vs_record(settings, runs, anchors, from_json)
+        document = _vs_record(settings, runs, anchors, from_json, json_file)
         print_vs_record(document)
         if json_file is not None and from_json is None:
-            write_text_atomically(json_file, json.dumps(document, indent=2))
             console.print(f"Results written to {json_file}")
+        if document["failed"] and from_json is None:
+            raise CifarError(f"{', '.join(document['failed'])} failed; the table holds what was measured.")
         return
     options = BenchOptions(
         model=model,
@@ -129,15 +131,22 @@ def bench(
         console.print(f"Results written to {json_file}")
 
 
-def _vs_record(settings: Any, runs: int, anchors: Path | None, from_json: Path | None) -> dict[str, Any]:
+def _vs_record(
+    settings: Any, runs: int, anchors: Path | None, from_json: Path | None, json_file: Path | None
+) -> dict[str, Any]:
     from cifar_cli.bench.record import compare_with_record, find_anchors, read_side_by_side
+    from cifar_cli.files import write_text_atomically
+
+    def save(document: dict[str, Any]) -> None:  # after each program: a comparison cut short keeps what it measured
+        if json_file is not None:
+            write_text_atomically(json_file, json.dumps(document, indent=2))
 
     if from_json is not None:
         return read_side_by_side(from_json)
     folder = find_anchors(anchors, (Path.cwd(), Path(__file__).parents[2]))
     workdir = (settings.log.log_dir / "vs-record").absolute()
     return compare_with_record(
-        folder, settings.data, settings.train.device, runs, list(range(runs)), workdir, error_console.print
+        folder, settings.data, settings.train.device, runs, list(range(runs)), workdir, error_console.print, save
     )
 
 
@@ -161,6 +170,11 @@ def print_vs_record(document: dict[str, Any]) -> None:
             f"{result['wall_seconds']:.0f}",
         )
     console.print(table)
+    for name, message in document["failed"].items():
+        console.print(f"{name} failed; its output ends:\n{message}", markup=False, highlight=False)
+    if not document["time_ratios"]:
+        console.print("fast was not measured, so there is no ratio.")
+        return
     ratios = "; ".join(f"{ratio:.2f}x {name}'s" for name, ratio in document["time_ratios"].items())
     console.print(
         f"fast takes {ratios} seconds over the same span (model init with whitening, training steps, final TTA; "
