@@ -151,20 +151,20 @@ def _vs_record(
 
 
 def print_vs_record(document: dict[str, Any]) -> None:
-    """One row per program: timed runs, final TTA accuracy, the span, its warm-up and the whole wall."""
-    machine = document["machine"]
-    table = Table(
-        title=f"Side by side on {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}", title_justify="left"
-    )
-    table.add_column("program", overflow="fold", ratio=1)
-    for header in ("runs", "TTA accuracy", "span s", "warm-up s", "wall s"):
+    """One row per program: final TTA accuracy, the span, its warm-up and the whole wall; 80 columns wide."""
+    machine, programs = document["machine"], document["programs"]
+    counts = {result["accuracy"]["n"] for result in programs}
+    each = f": {counts.pop()} timed runs each" if len(counts) == 1 else ""
+    title = f"Side by side on {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}{each}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("program", overflow="fold", min_width=15, ratio=1)
+    for header in ("TTA acc. %", "span s", "warm-up s", "wall s"):
         table.add_column(header, justify="right", no_wrap=True)
-    for result in document["programs"]:
+    for result in programs:
         accuracy, span = result["accuracy"], result["span"]
         table.add_row(
-            result["name"],
-            str(accuracy["n"]),
-            f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}",
+            result["name"] + ("" if each else f" ({accuracy['n']} runs)"),
+            f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}".replace("%", ""),
             f"{span['mean']:.2f} ({span['min']:.2f}-{span['max']:.2f})",
             f"{result['warmup_seconds']:.0f}",
             f"{result['wall_seconds']:.0f}",
