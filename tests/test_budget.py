@@ -208,3 +208,26 @@ def test_a_stretched_schedule_continues_from_its_rate() -> None:
     schedule.retarget(40, 300)
     assert schedule(40) == pytest.approx(before) and schedule(300) == pytest.approx(0.0)
     assert schedule(41) < before and before - schedule(41) < 0.01
+
+
+def test_a_cpu_budget_plans_at_the_width_the_recipe_names_for_it(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.cpu_budget_width: a time-budget run on a CPU plans, builds and saves the narrower network; a run with
+    no budget, or on a GPU, keeps width_multiplier."""
+    import torch
+
+    from cifar_cli.config.sections import ModelSettings
+    from cifar_cli.models import build_model
+
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, "model.name=airbench",
+                                "model.cpu_budget_width=0.5")  # fmt: skip
+    plan = json.loads((trainer.run_dir / "plan.json").read_text())
+    assert plan["width_multiplier"] == 0.5
+    trained = sum(p.numel() for p in trainer.parts.model.parameters())
+    assert trained == sum(p.numel() for p in build_model("airbench", 0.5, 10).parameters())
+    assert trained < sum(p.numel() for p in build_model("airbench", 1.0, 10).parameters())
+    saved = torch.load(trainer.checkpoint_dir / "last.pth", weights_only=False)
+    assert saved["settings"]["model"]["width_multiplier"] == 0.5
+    model = ModelSettings(name="airbench", cpu_budget_width=0.75)
+    assert [model.width_for("cpu", True), model.width_for("cpu", False), model.width_for("cuda", True)] == [0.75, 1, 1]

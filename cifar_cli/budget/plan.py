@@ -284,7 +284,7 @@ def measure_plan(
             budget,
             elapsed_seconds,
             calibrate_at,
-            settings.model.width_multiplier,
+            settings.model.width_for(device.type, budgeted=True),
             steps,
             train.batch_size,
             val_images,

@@ -97,7 +97,7 @@ def run_banner(
     subset = " (data.train_subset)" if settings.data.train_subset == training else ""
     parts = [
         f"run {run_name}",
-        f"model {settings.model.name}",
+        f"model {settings.model.name}" + _width(settings.model.width_multiplier),
         f"device {describe_device(device)}",
         f"precision {precision.name}",
         f"{training:,} training images{subset}, {held_out}",
@@ -141,3 +141,7 @@ def describe_ema(settings: Settings) -> str:
     start = f" from epoch {ema.start_epoch:g}" if ema.start_epoch else ""
     kept = "; lookahead shapes the training, the average is what is scored" if settings.train.lookahead else ""
     return f"weights averaged (EMA, decay {ema.effective_decay():.5g}{start}) and scored{kept}"
+
+
+def _width(width_multiplier: float) -> str:
+    return "" if width_multiplier == 1 else f" (width x{width_multiplier:g})"
