@@ -99,6 +99,8 @@ def test_a_record_runs_as_a_copy_with_fewer_runs_in_its_own_process(tmp_path: Pa
     assert result.name == "hiverge" and result.accuracies == pytest.approx([0.9081, 0.9091, 0.9101])
     assert result.span_seconds == pytest.approx([1.40, 2.40, 3.40]) and result.warmup_seconds == 44.2104
     assert (tmp_path / "hiverge_cifar10_speedrun_3_runs.py").read_text() == FAKE_RECORD.replace("200", "3")
+    # Its output went to a log as it came (a comparison stopped from outside still shows how far it got).
+    assert "Mean accuracy after 3 runs" in (tmp_path / "hiverge_cifar10_speedrun_3_runs.log").read_text()
 
 
 def test_the_records_table_is_read_run_by_run() -> None:
@@ -193,5 +195,7 @@ def test_a_comparison_keeps_what_it_measured_when_a_program_fails(
     assert document == saved[-1] and document["time_ratios"] == {}
     assert list(document["failed"]) == ["airbench94_muon", "cifar train --preset fast"]
     assert document["programs"][0]["accuracies"] == pytest.approx([0.9081, 0.9091])
+    ours_log = tmp_path / "runs" / "vs-record" / "ours" / "vs-record-seed1000.log"
+    assert "CUDA is not available" in flat(ours_log.read_text())  # its stderr, in the log beside its runs
     text = flat(result.output)
     assert "fast was not measured" in text and "airbench94_muon, cifar train --preset fast failed" in text

@@ -162,7 +162,7 @@ def run_record(
     script = workdir / f"{Path(program.script).stem}_{runs}_runs.py"
     script.write_text(record_copy((anchors / program.script).read_text(), runs, program.script))
     started = time.perf_counter()
-    output = _run([sys.executable, str(script)], workdir, say)
+    output = _run([sys.executable, str(script)], workdir, say, script.with_suffix(".log"))
     wall = time.perf_counter() - started
     timed, warmup = parse_record_output(output)
     if len(timed) != runs or warmup is None:
@@ -206,7 +206,7 @@ def run_ours(seeds: list[int], train_args: list[str], workdir: Path, say: Callab
             *train_args,
         ]
         started = time.perf_counter()
-        _run(command, workdir, say)
+        _run(command, workdir, say, workdir / f"{name}.log")
         seconds = time.perf_counter() - started
         final = json.loads((workdir / "runs" / name / "final_metrics.json").read_text())
         if seed == WARMUP_SEED:
@@ -218,14 +218,31 @@ def run_ours(seeds: list[int], train_args: list[str], workdir: Path, say: Callab
     return ProgramResult(OURS_NAME, "cifar train --preset fast --device cuda --seed S", accuracies, spans, warmup, wall)
 
 
-def _run(command: list[str], cwd: Path, say: Callable[[str], None]) -> str:
-    say("$ " + " ".join(command))
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0:
-        raise UsageError(
-            f"{' '.join(command[:4])} ... failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-1500:]}"
-        )
-    return done.stdout
+def _run(command: list[str], cwd: Path, say: Callable[[str], None], log: Path) -> str:
+    """`command` in `cwd`, its output (stdout and stderr) written to `log` as it comes: a comparison stopped from
+    outside (a lent machine's time limit) still shows how far each program got. Returns the stdout."""
+    say(f"$ {' '.join(command)}  (output: {log})")
+    with (
+        log.open("w") as sink,
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as process,
+    ):
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            sink.write(line)
+            sink.flush()
+    stdout = "".join(lines)
+    if process.returncode != 0:
+        raise UsageError(f"{' '.join(command[:4])} ... failed (exit {process.returncode}):\n{log.read_text()[-1500:]}")
+    return stdout
 
 
 def side_by_side(
