@@ -45,7 +45,6 @@ RECORDS = (
 ANCHORS_ENV = "CIFAR_ANCHORS"
 RECORD_RUNS_LINE = "for run in range(200)"  # the record's own run count, the one line its copy changes
 OURS_NAME = "cifar train --preset fast"
-OURS = RecordProgram(OURS_NAME, "", "this project")  # marks fast's place in the order the programs run in
 WARMUP_SEED = 1000  # our untimed warm-up run (cuDNN autotuning, allocator, kernels loaded)
 HOW_TO_GET = (
     "Pass --anchors DIR: a folder with airbench94_muon.py (KellerJordan/cifar10-airbench at f1c599c, MIT), as "
@@ -294,7 +293,7 @@ def compare_with_record(
     say: Callable[[str], None],
     save: Callable[[dict[str, Any]], None] = lambda _document: None,
 ) -> dict[str, Any]:
-    """The records in `anchors`, then `fast`, on this machine's GPU, on the same prepared data (`data`,
+    """airbench94_muon, then `fast`, then the other records in `anchors`, on this machine's GPU, on the same prepared data (`data`,
     DataSettings); `save(document)` after each program."""
     import torch
 
@@ -324,13 +323,16 @@ def compare_with_record(
             failed[name] = error.message[-1500:]
             return None
 
-    train_args = ["--processed-dir", str(data.processed_dir.absolute())]
-    first, *others = records_in(anchors)
-    for step in (first, OURS, *others):
-        if step is OURS:
-            ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
-        else:
-            result = measure(step.name, lambda step=step: run_record(step, anchors, runs, workdir / "record", say))
-            records.extend([result] if result is not None else [])
+    def record(program: RecordProgram) -> None:
+        result = measure(program.name, lambda: run_record(program, anchors, runs, workdir / "record", say))
+        records.extend([result] if result is not None else [])
         save(side_by_side(records, ours, machine, failed))
+
+    first, *others = records_in(anchors)
+    record(first)
+    train_args = ["--processed-dir", str(data.processed_dir.absolute())]
+    ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
+    save(side_by_side(records, ours, machine, failed))
+    for program in others:
+        record(program)
     return side_by_side(records, ours, machine, failed)

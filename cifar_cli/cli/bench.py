@@ -164,7 +164,7 @@ def print_vs_record(document: dict[str, Any]) -> None:
         accuracy, span = result["accuracy"], result["span"]
         table.add_row(
             result["name"] + ("" if each else f" ({accuracy['n']} runs)"),
-            f"{accuracy['mean']:.2%} ± {accuracy['std']:.2%}".replace("%", ""),
+            f"{100 * accuracy['mean']:.2f} ± {100 * accuracy['std']:.2f}",
             f"{span['mean']:.2f} ({span['min']:.2f}-{span['max']:.2f})",
             f"{result['warmup_seconds']:.0f}",
             f"{result['wall_seconds']:.0f}",
