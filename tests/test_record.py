@@ -199,3 +199,30 @@ def test_a_comparison_keeps_what_it_measured_when_a_program_fails(
     assert "CUDA is not available" in flat(ours_log.read_text())  # its stderr, in the log beside its runs
     text = flat(result.output)
     assert "fast was not measured" in text and "airbench94_muon, cifar train --preset fast failed" in text
+
+
+def test_only_runs_the_programs_it_names_and_refuses_others_before_running(
+    prepared_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`--only hiverge` on a lent GPU with minutes for one program: neither the record nor `fast` runs."""
+    import torch
+
+    from cifar_cli.runtime import device
+
+    anchors = _anchor_folder(tmp_path)
+    (anchors / "airbench94_muon.py").write_text("for run in range(200): pass\nraise SystemExit('must not run')\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--vs-record", "--anchors", anchors, "--runs", "2", "--processed-dir", prepared_dir]
+    unknown = run_cli(*args, "--only", "hiverj", "--device", "cpu")  # named before the GPU refusal
+    assert unknown.exit_code == 2 and "hiverj" in flat(unknown.output) and "fast, hiverge" in flat(unknown.output)
+    absent = run_cli(*args, "--only", "hiverge", "--device", "cpu")
+    assert absent.exit_code == 2 and "hiverge_cifar10_speedrun.py" in flat(absent.output)
+    (anchors / "hiverge_cifar10_speedrun.py").write_text(FAKE_RECORD)
+    monkeypatch.setattr(device, "resolve_device", lambda _name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Stand-in GPU")
+    output = tmp_path / "vs.json"
+    result = run_cli(*args, "--only", "hiverge", "--json", output, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, (result.output, result.exception)
+    document = read_side_by_side(output)
+    assert [p["name"] for p in document["programs"]] == ["hiverge"] and document["failed"] == {}
+    assert not (tmp_path / "runs" / "vs-record" / "ours").exists()

@@ -45,6 +45,7 @@ RECORDS = (
 ANCHORS_ENV = "CIFAR_ANCHORS"
 RECORD_RUNS_LINE = "for run in range(200)"  # the record's own run count, the one line its copy changes
 OURS_NAME = "cifar train --preset fast"
+OURS_KEY = "fast"  # what --only calls ours
 WARMUP_SEED = 1000  # our untimed warm-up run (cuDNN autotuning, allocator, kernels loaded)
 HOW_TO_GET = (
     "Pass --anchors DIR: a folder with airbench94_muon.py (KellerJordan/cifar10-airbench at f1c599c, MIT), as "
@@ -74,6 +75,25 @@ def find_anchors(explicit: Path | None = None, search_from: tuple[Path, ...] = (
 def records_in(anchors: Path) -> list[RecordProgram]:
     """The record programs present in `anchors` (airbench94_muon always is: find_anchors checked it)."""
     return [program for program in RECORDS if (anchors / program.script).is_file()]
+
+
+def chosen_programs(anchors: Path, only: list[str] | None) -> tuple[list[RecordProgram], bool]:
+    """The records in `anchors` to run and whether to run ours (`fast`): all of them, or the names in `only`
+    (airbench94_muon, fast, hiverge). A name that is unknown or whose script is not in `anchors` stops the
+    comparison before anything runs: a lent GPU's minutes are not spent on a typo."""
+    present = records_in(anchors)
+    if not only:
+        return present, True
+    known = [RECORDS[0].name, OURS_KEY, *(program.name for program in RECORDS[1:])]  # in the order they run
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise UsageError(
+            f"--only {', '.join(unknown)}: not a program --vs-record runs.", hint=f"Choose from {', '.join(known)}."
+        )
+    missing = [p.script for p in RECORDS if p.name in only and p not in present]
+    if missing:
+        raise UsageError(f"--only asks for {', '.join(missing)}, which is not in {anchors}.", hint=HOW_TO_GET)
+    return [program for program in present if program.name in only], OURS_KEY in only
 
 
 def record_copy(source: str, runs: int, script: str = RECORD_SCRIPT) -> str:
@@ -292,14 +312,16 @@ def compare_with_record(
     workdir: Path,
     say: Callable[[str], None],
     save: Callable[[dict[str, Any]], None] = lambda _document: None,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    """airbench94_muon, then `fast`, then the other records in `anchors`, on this machine's GPU, on the same prepared data (`data`,
-    DataSettings); `save(document)` after each program."""
+    """airbench94_muon, then `fast`, then the other records in `anchors` (or those of them named in `only`), on this
+    machine's GPU, on the same prepared data (`data`, DataSettings); `save(document)` after each program."""
     import torch
 
     from cifar_cli.data import ensure_prepared
     from cifar_cli.runtime.device import resolve_device
 
+    chosen, run_fast = chosen_programs(anchors, only)
     if resolve_device(device_name).type != "cuda":
         raise UsageError(
             "--vs-record needs a CUDA GPU: the records run only there.",
@@ -328,11 +350,14 @@ def compare_with_record(
         records.extend([result] if result is not None else [])
         save(side_by_side(records, ours, machine, failed))
 
-    first, *others = records_in(anchors)
-    record(first)
-    train_args = ["--processed-dir", str(data.processed_dir.absolute())]
-    ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
-    save(side_by_side(records, ours, machine, failed))
-    for program in others:
+    before_ours = [program for program in chosen if program.script == RECORD_SCRIPT]
+    for program in before_ours:
         record(program)
+    if run_fast:
+        train_args = ["--processed-dir", str(data.processed_dir.absolute())]
+        ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
+        save(side_by_side(records, ours, machine, failed))
+    for program in chosen:
+        if program not in before_ours:
+            record(program)
     return side_by_side(records, ours, machine, failed)

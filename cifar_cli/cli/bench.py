@@ -63,6 +63,13 @@ def bench(
         ),
     ] = False,
     runs: Annotated[int, typer.Option("--runs", min=1, help="--vs-record: timed runs of each program.")] = 5,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="--vs-record: run only this program (airbench94_muon, fast or hiverge; repeatable). Default: all.",
+        ),
+    ] = None,
     anchors: Annotated[
         Path | None,
         typer.Option(
@@ -92,7 +99,7 @@ def bench(
             console.print(line)
         return
     if vs_record or from_json is not None:
-        document = _vs_record(settings, runs, anchors, from_json, json_file)
+        document = _vs_record(settings, runs, anchors, from_json, json_file, only)
         print_vs_record(document)
         if json_file is not None and from_json is None:
             console.print(f"Results written to {json_file}")
@@ -132,7 +139,12 @@ def bench(
 
 
 def _vs_record(
-    settings: Any, runs: int, anchors: Path | None, from_json: Path | None, json_file: Path | None
+    settings: Any,
+    runs: int,
+    anchors: Path | None,
+    from_json: Path | None,
+    json_file: Path | None,
+    only: list[str] | None,
 ) -> dict[str, Any]:
     from cifar_cli.bench.record import compare_with_record, find_anchors, read_side_by_side
     from cifar_cli.files import write_text_atomically
@@ -146,7 +158,7 @@ def _vs_record(
     folder = find_anchors(anchors, (Path.cwd(), Path(__file__).parents[2]))
     workdir = (settings.log.log_dir / "vs-record").absolute()
     return compare_with_record(
-        folder, settings.data, settings.train.device, runs, list(range(runs)), workdir, error_console.print, save
+        folder, settings.data, settings.train.device, runs, list(range(runs)), workdir, error_console.print, save, only
     )
 
 
