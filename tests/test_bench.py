@@ -153,3 +153,35 @@ def test_profile_lists_the_fast_steps_operators(prepared_dir: Path) -> None:
     assert 0 < sum(row["share"] for row in results["operators"]) <= 1.0 + 1e-9
     assert results["utilisation"] > 0 and results["images_per_second"] > 0
     assert results["choice"] in ("fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last")
+
+
+def test_a_gpu_profile_counts_the_devices_time_once_and_sorts_by_it() -> None:
+    """torch.profiler lists a kernel both as its own row and in its launching operator's self device time: the
+    device's seconds per step count the kernels and copies only, so a launch-bound step shows a small busy share."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from cifar_cli.bench.profile import operator_rows
+
+    def event(key: str, host_us: float, device_us: float, device: DeviceType) -> SimpleNamespace:
+        return SimpleNamespace(
+            key=key, count=2, self_cpu_time_total=host_us, self_device_time_total=device_us, device_type=device
+        )
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("aten::mm", 300.0, 200.0, cpu),
+        event("gemm_kernel", 0.0, 200.0, cuda),
+        event("aten::add", 100.0, 50.0, cpu),
+        event("add_kernel", 0.0, 50.0, cuda),
+        event("Memcpy HtoD", 0.0, 750.0, cuda),
+    ]
+    rows, device_seconds = operator_rows(events, steps=2, on_gpu=True)
+    assert device_seconds == pytest.approx(500e-6)  # (200 + 50 + 750) us over 2 steps, not counting mm/add again
+    assert [row["name"] for row in rows[:2]] == ["Memcpy HtoD", "aten::mm"]
+    assert rows[0]["share"] == pytest.approx(0.75) and rows[0]["device_seconds_per_step"] == pytest.approx(375e-6)
+    assert all(row["calls"] == 1 for row in rows)
+    host_rows, none = operator_rows(events, steps=2, on_gpu=False)
+    assert none is None and host_rows[0]["name"] == "aten::mm" and host_rows[0]["share"] == pytest.approx(0.75)
+    assert "device_seconds_per_step" not in host_rows[0]

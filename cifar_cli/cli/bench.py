@@ -259,13 +259,26 @@ def print_export_runtimes(results: dict[str, Any]) -> None:
 def print_profile(results: dict[str, Any]) -> None:
     console.print(
         f"fast preset step on {results['machine']['device']} ({results['machine']['cpu']}), {results['choice']}: "
-        f"{results['step_seconds']:.2f} s per step under the profiler, {results['images_per_second']:,.0f} images/s"
+        f"{results['step_seconds']:.3f} s per step under the profiler, {results['images_per_second']:,.0f} images/s"
         + (f", utilisation {results['utilisation']:.0%}" if results["utilisation"] is not None else "")
     )
-    table = Table(title="By self time", title_justify="left")
+    on_gpu = results.get("device_seconds_per_step") is not None
+    if on_gpu:
+        console.print(
+            f"The GPU ran kernels and copies {1000 * results['device_seconds_per_step']:.2f} ms of each step "
+            f"({results['device_busy_share']:.0%} of it); the rest it waited on the host."
+        )
+    table = Table(title="By self time on the GPU" if on_gpu else "By self time", title_justify="left")
     table.add_column("operator", overflow="fold", ratio=1)
-    for header in ("calls per step", "self s per step", "share"):
+    headers = (
+        ("calls per step", "host ms", "GPU ms", "share") if on_gpu else ("calls per step", "self s per step", "share")
+    )
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
     for row in results["operators"]:
-        table.add_row(row["name"], str(row["calls"]), f"{row['self_seconds_per_step']:.3f}", f"{row['share']:.1%}")
+        if on_gpu:
+            times = [f"{1000 * row['self_seconds_per_step']:.2f}", f"{1000 * row['device_seconds_per_step']:.2f}"]
+        else:
+            times = [f"{row['self_seconds_per_step']:.3f}"]
+        table.add_row(row["name"], str(row["calls"]), *times, f"{row['share']:.1%}")
     console.print(table)
