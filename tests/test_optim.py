@@ -130,3 +130,55 @@ def test_muon_orthogonalises_in_the_precision_it_is_given() -> None:
     model = build_model("airbench", 0.25)
     for dtype in (torch.float32, torch.bfloat16):
         assert build_optimizer(model, OptimSettings(name="muon"), dtype).matmul_dtype == dtype
+
+
+def _muon_one_tensor_at_a_time(optimizer, momentum_buffers: dict) -> None:  # noqa: ANN001
+    """The rule MuonSGD follows, written plainly: each tensor on its own (the reference for its batched step)."""
+    from cifar_cli.recipe.muon import orthogonalize
+
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                gradient = parameter.grad.add(parameter, alpha=group["weight_decay"])
+                buffer = momentum_buffers.get(parameter)
+                buffer = gradient.clone() if buffer is None else buffer.mul_(group["momentum"]).add_(gradient)
+                momentum_buffers[parameter] = buffer
+                direction = gradient.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+                if group["use_muon"]:
+                    parameter.mul_(len(parameter) ** 0.5 / parameter.norm().clamp_min(1e-12))
+                    matrix = direction.reshape(len(direction), -1)
+                    direction = orthogonalize(matrix, dtype=torch.float32).view_as(parameter)
+                parameter.add_(direction, alpha=-group["lr"])
+
+
+def test_muon_steps_every_tensor_at_once_by_the_one_tensor_rule(monkeypatch) -> None:
+    """The batched step (foreach kernels, filter banks of one shape orthogonalised as one stack) moves the weights
+    as the rule applied one tensor at a time does, over steps that start and then use the momentum buffers."""
+    from cifar_cli.recipe import muon
+
+    torch.manual_seed(0)
+    model, twin = build_model("airbench", 0.25), build_model("airbench", 0.25)
+    model.init_from_data(torch.randn(16, 3, 32, 32))
+    twin.load_state_dict(model.state_dict())
+    settings = OptimSettings(name="muon", lr=0.5, momentum=0.85, muon_lr=0.2, muon_momentum=0.6, weight_decay=0.01)
+    batched = build_optimizer(model, settings, torch.float32)
+    reference = build_optimizer(twin, settings, torch.float32)
+    stacks = []
+    real = muon.orthogonalize
+    monkeypatch.setattr(muon, "orthogonalize", lambda m, **kw: (stacks.append(m.shape), real(m, **kw))[1])
+    buffers: dict = {}
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    for _ in range(3):
+        for net in (model, twin):
+            net.zero_grad()
+            torch.nn.functional.cross_entropy(net(images), labels).backward()
+        batched.step()
+        _muon_one_tensor_at_a_time(reference, buffers)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    filters = next(g for g in batched.param_groups if g["use_muon"])["params"]
+    shapes = {p.shape for p in filters}
+    assert len(filters) > len(shapes)  # some banks share a shape
+    batched_calls = [shape for shape in stacks if len(shape) == 3]  # the reference's own calls are 2-D
+    assert len(batched_calls) == 3 * len(shapes)  # one call per shape and step ...
+    assert sum(shape[0] for shape in batched_calls) == 3 * len(filters)  # ... each with every bank of that shape
