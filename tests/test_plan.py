@@ -10,6 +10,7 @@ import pytest
 
 from cifar_cli.budget.plan import PLAN_SHARE, RemainingTime, RunPlan, fit_budget
 from cifar_cli.budget.probe import Calibration
+from cifar_cli.config.sections import ModelSettings
 from cifar_cli.config.durations import format_duration, parse_duration
 from cifar_cli.errors import UsageError
 from cifar_cli.train.run import train
@@ -90,6 +91,28 @@ def test_a_budget_too_short_for_one_epoch_narrows_the_network() -> None:
     plan = fit_budget(300, lambda: 5.0, calibrate_at, 1.0, 25, 2000, 10_000, 0)
     assert widths == [1.0, 0.75, 0.5] and plan.width_multiplier == 0.5 and plan.epochs >= 1
     assert plan.total_seconds <= 300
+
+
+def test_a_narrower_recipe_width_is_planned_only_where_the_full_width_trains_too_few_epochs() -> None:
+    """model.cpu_budget_width_below_epochs: the full width is planned first and kept where it trains at least
+    that many epochs; a shorter budget plans the recipe's narrower width (whose time spent measuring counts)."""
+    widths: list[float] = []
+
+    def calibrate_at(width: float) -> Calibration:
+        widths.append(width)
+        return fake_calibration(500.0 / width**2)
+
+    def plan_for(budget: float) -> RunPlan:
+        return fit_budget(budget, lambda: 5.0, calibrate_at, 0.75, 25, 2000, 10_000, 0, wider=(1.0, 10))
+
+    long = plan_for(2400)  # about 17 epochs of 2 minutes at full width
+    assert (long.width_multiplier, widths) == (1.0, [1.0]) and long.epochs >= 10
+    widths.clear()
+    short = plan_for(1200)  # 8 and a part at full width: too few
+    assert (short.width_multiplier, widths) == (0.75, [1.0, 0.75]) and short.epochs > 8
+    assert ModelSettings(cpu_budget_width=0.75, cpu_budget_width_below_epochs=10).wider_budget_width("cpu") == (1, 10)
+    assert ModelSettings(cpu_budget_width=0.75).wider_budget_width("cpu") is None  # narrower under every budget
+    assert ModelSettings(cpu_budget_width=0.75, cpu_budget_width_below_epochs=10).wider_budget_width("cuda") is None
 
 
 def test_a_budget_nothing_fits_is_a_clear_error() -> None:

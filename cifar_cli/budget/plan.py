@@ -170,15 +170,18 @@ def fit_budget(
     tta_share: float = 1.0,
     low_res: tuple[int, int] = (0, 0),
     time_small: Callable[[Calibration, float], Calibration] | None = None,
+    wider: tuple[float, int] | None = None,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width, the first `low_res` = (epochs, side) on smaller images; where
     not even one full-size epoch fits after them, fewer of them, then the widest narrower network that fits one.
+    `wider` = (width, epochs): first the plan at that wider width, kept where it trains at least that many epochs
+    (a narrower recipe width pays only where the wider one trains too few).
     `calibrate_at(width)` measures (or recalls) the speeds at a width, `time_small(calibration, width)` the small
     images' step share (only at a width where a full-size epoch fits: a short budget pays for no probe it cannot
     use); `elapsed_seconds()` is the time the run has spent so far, measurements included."""
-    widths = [recipe_width] + [width for width in WIDTHS if width < recipe_width]
-    plan = None
-    for width in widths:
+
+    def fitted_at(width: float) -> tuple[RunPlan, RunPlan | None]:
+        """The plan at `width` with one epoch, and the one that fills the budget (None: not one full-size epoch)."""
         calibration = calibrate_at(width)
         elapsed = elapsed_seconds()
         plan = RunPlan(
@@ -197,9 +200,19 @@ def fit_budget(
         )
         full_size = _fill(plan, budget_seconds * PLAN_SHARE - elapsed - plan.final_seconds)
         if full_size is not None and low_res[0] and time_small is not None:
-            return _with_small_epochs(plan, full_size, time_small(calibration, width), elapsed_seconds(), low_res[0])
-        if full_size is not None:
-            return full_size
+            small = time_small(calibration, width)
+            return plan, _with_small_epochs(plan, full_size, small, elapsed_seconds(), low_res[0])
+        return plan, full_size
+
+    if wider is not None:
+        _, fitted = fitted_at(wider[0])
+        if fitted is not None and fitted.epochs >= wider[1]:
+            return fitted
+    plan = None
+    for width in [recipe_width] + [width for width in WIDTHS if width < recipe_width]:
+        plan, fitted = fitted_at(width)
+        if fitted is not None:
+            return fitted
     assert plan is not None
     raise UsageError(
         f"A time budget of {format_duration(budget_seconds)} is too short: one epoch at the narrowest width "
@@ -293,6 +306,7 @@ def measure_plan(
             train.tta_share,
             low_res,
             time_small,
+            settings.model.wider_budget_width(device.type),
         )
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with

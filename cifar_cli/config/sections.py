@@ -116,6 +116,9 @@ class ModelSettings(_Section):
     # Under a time budget on a CPU only: the width the plan starts from instead (a narrower network trains more
     # epochs in the same minutes; where it was measured to pay). None: width_multiplier everywhere.
     cpu_budget_width: float | None = Field(None, gt=0, le=8)
+    # ... only where width_multiplier would train fewer than this many epochs (small ones included) in the budget:
+    # with more, the full width pays again. None: the narrower width under every CPU budget.
+    cpu_budget_width_below_epochs: int | None = Field(None, ge=1)
     # airbench only: epochs during which the whitening layer's bias trains; afterwards it is frozen, which also
     # spares the backward pass through the first convolution's input.
     whiten_bias_epochs: float = Field(3.0, ge=0)
@@ -125,6 +128,14 @@ class ModelSettings(_Section):
         if self.cpu_budget_width is not None and device_type == "cpu" and budgeted:
             return self.cpu_budget_width
         return self.width_multiplier
+
+    def wider_budget_width(self, device_type: str) -> tuple[float, int] | None:
+        """(width_multiplier, epochs): the plan a CPU budget run tries before cpu_budget_width, kept where it
+        trains at least that many epochs; None where the narrower width is planned straight away."""
+        narrower = self.width_for(device_type, budgeted=True)
+        if self.cpu_budget_width_below_epochs is None or narrower == self.width_multiplier:
+            return None
+        return self.width_multiplier, self.cpu_budget_width_below_epochs
 
     @field_validator("name")
     @classmethod
