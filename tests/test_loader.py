@@ -166,30 +166,3 @@ def test_colour_jitter_shifts_then_scales_each_training_image_within_its_ranges(
     evaluation = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC, augment=jittered_augment)
     untouched = BatchLoader(images, labels, 8, train=False, spec=CIFAR10_SPEC)
     assert torch.equal(next(iter(evaluation))[0], next(iter(untouched))[0])
-
-
-def test_skipping_easy_images_draws_the_surest_less_and_keeps_the_epoch_full() -> None:
-    """train.skip_easy: the loader records how sure each training batch's logits were of their labels; after
-    `start_epoch` epochs, the surest `share` of the images are drawn only with chance `keep` (never, at 0), the
-    epoch fills its length with the others, and images never seen count as unsure."""
-    images, labels = images_and_labels(40)
-    loader = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, seed=5, skip_easy=(0.5, 0.0, 1))
-    every_image = sorted(loader._order().tolist())
-    assert every_image == list(range(40))  # epoch 0: before start_epoch, a plain shuffle
-    for _, targets in loader:  # sure of the even-numbered images, unsure of the odd ones
-        index = loader.last_batch[0]
-        sure = torch.where(index % 2 == 0, 10.0, 0.0)
-        logits = torch.zeros(len(targets), 10).scatter(1, targets.view(-1, 1), sure.view(-1, 1))
-        loader.observe(logits, targets)
-    assert loader.sureness is not None and not loader.sureness.isnan().any()
-    loader.set_epoch(1)
-    order = loader._order().tolist()
-    assert len(order) == 40 and sorted(set(order)) == list(range(1, 40, 2))  # only the unsure, each twice
-    assert sum(len(batch_labels) for _, batch_labels in loader) == 40
-    # With keep = 1 nothing is skipped; in several processes it stays off.
-    keep_all = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, seed=5, skip_easy=(0.5, 1.0, 1))
-    keep_all.sureness.copy_(loader.sureness)
-    keep_all.set_epoch(1)
-    assert sorted(keep_all._order().tolist()) == list(range(40))
-    sharded = BatchLoader(images, labels, 8, train=True, spec=CIFAR10_SPEC, skip_easy=(0.5, 0.0, 1), world_size=2)
-    assert sharded.skip_easy is None and sharded.sureness is None

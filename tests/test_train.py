@@ -76,8 +76,6 @@ def _interrupted_then_resumed(folder: Path, prepared: Path, *extra: str, preset:
         ("resnet18", ("train.augment.cutout=4",)),
         # The moving average and the mixing draws continue where they stopped.
         ("fast", ("train.ema.half_life_steps=3", "train.augment.mixup=0.4", "train.augment.cutmix=1.0")),
-        # Which images the model was sure of travels too: the epochs after the resume draw as they would have.
-        ("fast", ("train.skip_easy.share=0.5", "train.skip_easy.start_epoch=1")),
     ],
 )
 def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple) -> None:

@@ -193,17 +193,6 @@ class LowResSettings(_Section):
         return self.size is not None and self.epochs > 0 and wanted
 
 
-class SkipEasySettings(_Section):
-    """Fewer passes over what is already learned: after `start_epoch` epochs, the `share` of the training images
-    the model was surest of at their last visit (its probability of the true label, as it trained) are each
-    drawn into an epoch only with chance `keep`; the epoch fills its steps with the others, so it costs the same
-    and revisits the images not yet learned. One process only (a multi-process run trains on every image)."""
-
-    share: float = Field(0.0, ge=0, lt=1, description="the surest share of the training images, drawn less; 0: off")
-    keep: float = Field(0.25, ge=0, le=1, description="chance that one of those is drawn into an epoch")
-    start_epoch: int = Field(3, ge=0, description="epochs on every image before the surest are drawn less")
-
-
 class EmaSettings(_Section):
     """An exponential moving average of the weights (recipe/ema.py): give `decay` or `half_life_steps` to turn it on."""
 
@@ -291,7 +280,6 @@ class TrainSettings(_Section):
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
     ema: EmaSettings = Field(default_factory=EmaSettings)
     low_res: LowResSettings = Field(default_factory=LowResSettings)
-    skip_easy: SkipEasySettings = Field(default_factory=SkipEasySettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     early_stopping: EarlyStoppingSettings = Field(default_factory=EarlyStoppingSettings)
 

@@ -133,7 +133,6 @@ class BatchLoader:
         drop_last: bool | None = None,
         balanced: bool = False,
         low_res: tuple[int, int] | None = None,
-        skip_easy: tuple[float, float, int] | None = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
@@ -146,10 +145,6 @@ class BatchLoader:
         self.epoch = 0
         self.balanced = balanced  # training order: each class drawn equally often, with replacement
         self.low_res = low_res  # (side in pixels, epochs): the first epochs' images resized to that side
-        # (share, keep, start epoch): the surest share of the images drawn with chance keep (SkipEasySettings);
-        # how sure the model was of each image's label at its last visit (NaN: not seen yet).
-        self.skip_easy = skip_easy if train and skip_easy and skip_easy[0] > 0 and world_size == 1 else None
-        self.sureness = torch.full((len(labels),), float("nan"), device=images.device) if self.skip_easy else None
         # For alternating flips: whether each image is mirrored in even epochs (odd epochs do the opposite).
         first_flip = torch.Generator().manual_seed(seed + 12_345)
         self.even_epoch_flip = (torch.rand(len(labels), generator=first_flip) < 0.5).to(images.device)
@@ -174,9 +169,6 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.balanced:
             order = balanced_draw(self.labels.cpu(), generator)
-        elif self.skip_easy is not None and self.epoch >= self.skip_easy[2]:
-            assert self.sureness is not None
-            order = fewer_easy_draw(self.sureness.cpu(), self.skip_easy[0], self.skip_easy[1], generator)
         else:
             order = torch.randperm(len(self.labels), generator=generator)
         per_rank = self.samples_per_rank
@@ -199,14 +191,6 @@ class BatchLoader:
             if self.train and (self.augment.brightness or self.augment.contrast):
                 normalised = color_jitter(normalised, self.augment.brightness, self.augment.contrast, jitter)
             yield normalised, self.labels[index]
-
-    def observe(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Record how sure the model was of the last batch's labels (softmax probability of each true label), as
-        trained; a no-op unless easy images are drawn less."""
-        if self.sureness is None or self.last_batch is None:
-            return
-        probabilities = torch.softmax(logits.detach().float(), dim=1)
-        self.sureness[self.last_batch[0]] = probabilities.gather(1, targets.view(-1, 1)).view(-1)
 
     @property
     def image_size(self) -> int:
@@ -239,18 +223,6 @@ def balanced_draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Ten
     counts = torch.bincount(labels)
     weights = 1.0 / counts[labels].double()
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
-
-
-def fewer_easy_draw(sureness: torch.Tensor, share: float, keep: float, generator: torch.Generator) -> torch.Tensor:
-    """As many indices as there are images: the `share` of them with the highest `sureness` (NaN: unseen, counts
-    as unsure) each stay in the pool with chance `keep`, the rest always; the pool is shuffled, and shuffled
-    again, until the epoch is full (so an image not yet learned comes up about 1 / pool share times an epoch)."""
-    count = len(sureness)
-    easy = torch.zeros(count, dtype=torch.bool)
-    easy[sureness.nan_to_num(-1.0).topk(int(share * count)).indices] = True
-    pool = (~easy | (torch.rand(count, generator=generator) < keep)).nonzero().flatten()
-    rounds = -(-count // len(pool))
-    return torch.cat([pool[torch.randperm(len(pool), generator=generator)] for _ in range(rounds)])[:count]
 
 
 def training_steps_per_epoch(images: int, batch_size: int, world_size: int = 1) -> int:

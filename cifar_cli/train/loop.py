@@ -123,7 +123,6 @@ class EpochRunner:
         self._checked = (self.clock(), 0)  # (clock, batches) at the last deadline check
         for batch_index, (images, targets) in enumerate(loader, start=1):
             loss, logits = self._step(images, targets)
-            loader.observe(logits, targets)  # how sure it was of each label: the next epochs draw the sure less
             if steps_per_batch:
                 parts.scheduler.step()
             progress.global_step += 1

@@ -139,7 +139,6 @@ def build_loaders(
         world_size=context.world_size,
         balanced=train.balanced_sampler,
         low_res=(train.low_res.size, train.low_res.epochs) if train.low_res.size else None,
-        skip_easy=(train.skip_easy.share, train.skip_easy.keep, train.skip_easy.start_epoch),
     )
     if len(training) == 0:
         raise UsageError("No training batches: the training split is smaller than one batch per process.")
@@ -175,8 +174,6 @@ class Parts:
     started_from: dict[str, Any] | None = None  # the checkpoint a fine-tuning run started from (finetune.py)
     freezer: BodyFreezer | None = None
     ema: WeightAverage | None = None  # train.ema: the averaged weights, evaluated and kept beside the trained ones
-    # train.skip_easy: the training loader's record of how sure the model was of each image (the same tensor)
-    sureness: torch.Tensor | None = None
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -232,7 +229,6 @@ def build_parts(
         started_from,
         freezer,
         weight_average(model, settings, len(loader)),
-        loader.sureness,
     )
 
 

@@ -100,7 +100,6 @@ def checkpoint_state(
         "lookahead_state": parts.lookahead.state_dict() if parts.lookahead is not None else None,
         # train.ema's averaged weights: what evaluate, predict, export and calibrate load (checkpoint.py)
         "ema_state": parts.ema.state_dict() if parts.ema is not None else None,
-        "sureness": parts.sureness.cpu() if parts.sureness is not None else None,
         "epoch": progress.epoch,
         "global_step": progress.global_step,
         "history": progress.history,
@@ -126,8 +125,7 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 
 
 def restore(parts: Parts, state: dict[str, Any]) -> Progress:
-    """Put a checkpoint's weights, optimiser, schedule, scaler, lookahead, random generators and the record of
-    how sure the model was of each training image (train.skip_easy) back."""
+    """Put a checkpoint's weights, optimiser, schedule, scaler, lookahead and random generators back."""
     parts.model.load_state_dict(state["model_state"])
     parts.optimizer.load_state_dict(state["optimizer_state"])
     if parts.scheduler is not None and state.get("scheduler_state"):
@@ -139,8 +137,6 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
     if parts.ema is not None and state.get("ema_state"):
         parts.ema.load_state_dict(state["ema_state"])
     restore_rng_states(state["rng"])
-    if parts.sureness is not None and state.get("sureness") is not None:
-        parts.sureness.copy_(state["sureness"])  # so that the epochs after a resume draw as they would have
     parts.started_from = state.get("started_from")
     epoch = state["epoch"]
     return Progress(
