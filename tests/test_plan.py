@@ -10,8 +10,8 @@ import pytest
 
 from cifar_cli.budget.plan import PLAN_SHARE, RemainingTime, RunPlan, fit_budget
 from cifar_cli.budget.probe import Calibration
-from cifar_cli.config.sections import ModelSettings
 from cifar_cli.config.durations import format_duration, parse_duration
+from cifar_cli.config.sections import ModelSettings
 from cifar_cli.errors import UsageError
 from cifar_cli.train.run import train
 from tests.conftest import run_cli, tiny_settings
