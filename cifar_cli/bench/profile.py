@@ -70,8 +70,8 @@ def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, An
             ceiling,
         ),
         "operators": operators,
-        # On a GPU: seconds per step its kernels and copies ran, against the step's wall time (`step_seconds`);
-        # a small share means the step waits on the host (kernel launches, Python), not on the GPU.
+        # On a GPU: seconds per step its kernels and copies ran, against the step's wall time under the profiler
+        # (`step_seconds`), which slows the host: compare with an unprofiled epoch before calling a step host-bound.
         "device_seconds_per_step": device_seconds,
         "device_busy_share": None if device_seconds is None else device_seconds / seconds,
     }
@@ -82,7 +82,6 @@ def operator_rows(events: Any, steps: int, on_gpu: bool) -> tuple[list[dict[str,
     a GPU by self time on the device (where the GPU's seconds went), with both times; and the device's seconds per
     step in all, counted as torch's own table does (the kernels and copies, not again the operators that launched
     them; None on a CPU). Shares are of that total, or of the host's."""
-
     from torch.autograd import DeviceType
 
     def host(event: Any) -> float:

@@ -350,14 +350,12 @@ def compare_with_record(
         records.extend([result] if result is not None else [])
         save(side_by_side(records, ours, machine, failed))
 
-    before_ours = [program for program in chosen if program.script == RECORD_SCRIPT]
-    for program in before_ours:
+    for program in (p for p in chosen if p.script == RECORD_SCRIPT):
         record(program)
     if run_fast:
         train_args = ["--processed-dir", str(data.processed_dir.absolute())]
         ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
         save(side_by_side(records, ours, machine, failed))
-    for program in chosen:
-        if program not in before_ours:
-            record(program)
+    for program in (p for p in chosen if p.script != RECORD_SCRIPT):
+        record(program)
     return side_by_side(records, ours, machine, failed)

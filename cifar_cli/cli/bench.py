@@ -266,7 +266,7 @@ def print_profile(results: dict[str, Any]) -> None:
     if on_gpu:
         console.print(
             f"The GPU ran kernels and copies {1000 * results['device_seconds_per_step']:.2f} ms of each step "
-            f"({results['device_busy_share']:.0%} of it); the rest it waited on the host."
+            f"({results['device_busy_share']:.0%} of it, under the profiler, which slows the host)."
         )
     table = Table(title="By self time on the GPU" if on_gpu else "By self time", title_justify="left")
     table.add_column("operator", overflow="fold", ratio=1)
