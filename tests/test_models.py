@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from cifar_cli.errors import UsageError
 from cifar_cli.models import available_models, build_model
 from cifar_cli.models.airbench import AirbenchNet, ConvGroup
+from cifar_cli.predict.inference import load_model
+from cifar_cli.train.run import Trainer
+from tests.conftest import tiny_settings
 
 
 @pytest.mark.parametrize("name", ["seed-cnn", "resnet18", "airbench", "airbench-wide", "airbench-deep"])
@@ -84,3 +89,25 @@ def test_seed_cnn_pools_before_the_relu_and_still_computes_the_seeds_function() 
     torch.testing.assert_close(ours(images), seed(images))
     for a, b in zip(ours.parameters(), seed.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_the_airbench_models_take_silu_in_their_groups_and_others_refuse_a_choice() -> None:
+    torch.manual_seed(0)
+    gelu = build_model("airbench", 0.25)
+    silu = build_model("airbench", 0.25, activation="silu")
+    silu.load_state_dict(gelu.state_dict())  # the same weights: only the activation differs
+    assert {type(group.activation) for group in silu.groups} == {torch.nn.SiLU}
+    assert {type(group.activation) for group in gelu.groups} == {torch.nn.GELU}
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(gelu.eval()(images), silu.eval()(images))
+    with pytest.raises(UsageError, match="no activation 'silu'"):
+        build_model("seed-cnn", activation="silu")
+    with pytest.raises(UsageError, match="no activation 'relu'"):
+        build_model("airbench-deep", activation="relu")
+
+
+def test_a_checkpoint_trained_with_silu_is_rebuilt_with_silu(tmp_path: Path, prepared_dir: Path) -> None:
+    extra = ("model.name=airbench", "model.width_multiplier=0.25", "model.activation=silu", "train.epochs=1")
+    result = Trainer(tiny_settings(tmp_path, prepared_dir, *extra)).run()
+    loaded = load_model(result.checkpoint_dir / "last.pth", torch.device("cpu"))
+    assert {type(group.activation) for group in loaded.model.groups} == {torch.nn.SiLU}

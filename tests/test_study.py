@@ -108,7 +108,9 @@ def _two_workers_run_each_grid_point_once(tmp_path: Path, prepared_dir: Path, st
     # the grid exhausted records a failed "surplus" trial with no run (what the sweep's results skip) and stops.
     everything = _trials(storage)
     trials = [t for t in everything if not t.user_attrs.get("cifar:surplus")]
-    assert len(everything) - len(trials) <= len(workers) and all(t.state.name == "FAIL" for t in everything if t not in trials)
+    assert len(everything) - len(trials) <= len(workers) and all(
+        t.state.name == "FAIL" for t in everything if t not in trials
+    )
     assert sorted(t.user_attrs["run"] for t in trials) == [
         "t000_lr0.004_seed0", "t001_lr0.002_seed0", "t002_lr0.001_seed0"
     ]  # fmt: skip

@@ -186,6 +186,7 @@ def measure_speed(
         **machine_identity(device),
         "model": model.name,
         "width": model.width_multiplier,
+        **({"activation": model.activation} if model.activation else {}),  # unset: the keys cached before it
         "optimizer": optim.name,
         "batch_size": batch_size,
         "candidates": [layout.label for layout in layouts],
@@ -312,7 +313,7 @@ class _Probe:
         self.device, self.layout = device, layout
         self.precision: Precision = resolve_precision(layout.precision, device)
         memory_format = torch.channels_last if layout.channels_last else torch.contiguous_format
-        network = build_model_for_measuring(model.name, model.width_multiplier)
+        network = build_model_for_measuring(model.name, model.width_multiplier, activation=model.activation)
         self.model = network.to(device, memory_format=memory_format).train()
         dtype = self.precision.autocast_dtype or torch.float32
         self.optimizer = build_optimizer(self.model, optim.model_copy(update={"lr": CALIBRATION_LR}), dtype)

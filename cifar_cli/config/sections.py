@@ -122,6 +122,8 @@ class ModelSettings(_Section):
     # airbench only: epochs during which the whitening layer's bias trains; afterwards it is frozen, which also
     # spares the backward pass through the first convolution's input.
     whiten_bias_epochs: float = Field(3.0, ge=0)
+    # airbench models only: the activation inside the conv groups; None keeps the model's own (GELU).
+    activation: Literal["gelu", "silu"] | None = None
 
     def width_for(self, device_type: str, budgeted: bool) -> float:
         """The width a run on `device_type` (with a time budget or not) plans from."""

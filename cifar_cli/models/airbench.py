@@ -2,8 +2,9 @@
 
 A frozen 2x2 convolution whitens the input patches (its filters come from the eigenvectors of the training patches'
 covariance), then three groups of (conv, max-pool, BatchNorm, GELU, conv, BatchNorm, GELU), a global max-pool and a
-linear head whose logits are scaled by 1/9. Three sizes, the rungs of the recipe ladder (presets fast, balanced,
-accurate):
+linear head whose logits are scaled by 1/9. `activation="silu"` puts SiLU in the groups instead of GELU, as hiverge's
+record has it (the whitening's activation stays GELU, there too). Three sizes, the rungs of the recipe ladder
+(presets fast, balanced, accurate):
 - `airbench` (airbench94 class): widths 64/256/256, two convolutions per group;
 - `airbench-wide` (airbench95 class): widths 128/384/384, about 2.5x the multiply-adds;
 - `airbench-deep` (airbench96 class): widths 128/384/512 and a third convolution per group, added back onto the
@@ -20,6 +21,7 @@ from cifar_cli.models.registry import register_model
 WHITEN_KERNEL = 2  # pixels
 WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # each eigenvector and its negative
 LOGIT_SCALE = 1 / 9
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
@@ -42,7 +44,7 @@ class ConvGroup(nn.Module):
         if self.third:
             self.conv3 = _conv(out_channels, out_channels)
             self.norm3 = FrozenScaleBatchNorm(out_channels)
-        self.activation = nn.GELU()
+        self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
@@ -67,15 +69,16 @@ class AirbenchNet(nn.Module):
         num_classes: int = 10,
         base_widths: tuple[int, int, int] = (64, 256, 256),
         depth: int = 2,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         widths = [max(8, round(w * width_multiplier)) for w in base_widths]
         self.whiten = nn.Conv2d(3, WHITEN_WIDTH, WHITEN_KERNEL, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.groups = nn.Sequential(
-            ConvGroup(WHITEN_WIDTH, widths[0], depth),
-            ConvGroup(widths[0], widths[1], depth),
-            ConvGroup(widths[1], widths[2], depth),
+            ConvGroup(WHITEN_WIDTH, widths[0], depth, activation),
+            ConvGroup(widths[0], widths[1], depth, activation),
+            ConvGroup(widths[1], widths[2], depth, activation),
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
@@ -103,16 +106,16 @@ class AirbenchNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
 
-@register_model("airbench")
-def airbench(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
-    return AirbenchNet(width_multiplier, num_classes)
+@register_model("airbench", activations=tuple(ACTIVATIONS))
+def airbench(width_multiplier: float = 1.0, num_classes: int = 10, activation: str = "gelu") -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes, activation=activation)
 
 
-@register_model("airbench-wide")
-def airbench_wide(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
-    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 384))
+@register_model("airbench-wide", activations=tuple(ACTIVATIONS))
+def airbench_wide(width_multiplier: float = 1.0, num_classes: int = 10, activation: str = "gelu") -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 384), activation=activation)
 
 
-@register_model("airbench-deep")
-def airbench_deep(width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
-    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 512), depth=3)
+@register_model("airbench-deep", activations=tuple(ACTIVATIONS))
+def airbench_deep(width_multiplier: float = 1.0, num_classes: int = 10, activation: str = "gelu") -> nn.Module:
+    return AirbenchNet(width_multiplier, num_classes, base_widths=(128, 384, 512), depth=3, activation=activation)

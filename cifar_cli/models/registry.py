@@ -1,4 +1,5 @@
-"""A name -> constructor table for models; every constructor takes the width multiplier and the class count."""
+"""A name -> constructor table for models; every constructor takes the width multiplier and the class count, and
+those registered with `activations` also an `activation` keyword (one of them)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ from torch import nn
 
 from cifar_cli.errors import UsageError
 
-ModelBuilder = Callable[[float, int], nn.Module]
+ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
 _FIXED_IMAGE_SIZE: dict[str, int] = {}  # models whose layers only fit one input size (pixels per side)
+_ACTIVATIONS: dict[str, tuple[str, ...]] = {}  # models with a choice of activation function: the choices
 
 
-def register_model(name: str, image_size: int | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
-    """`image_size`: the one input size the model accepts; None for models that pool globally (any size >= 16)."""
+def register_model(
+    name: str, image_size: int | None = None, activations: tuple[str, ...] = ()
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """`image_size`: the one input size the model accepts; None for models that pool globally (any size >= 16).
+    `activations`: the activation functions its builder accepts as `activation=` (none: its own, fixed)."""
 
     def decorate(builder: ModelBuilder) -> ModelBuilder:
         _REGISTRY[name] = builder
         if image_size is not None:
             _FIXED_IMAGE_SIZE[name] = image_size
+        if activations:
+            _ACTIVATIONS[name] = activations
         return builder
 
     return decorate
@@ -40,17 +47,26 @@ def require_model(name: str) -> None:
         raise UsageError(f"Unknown model {name!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
 
 
-def build_model(name: str, width_multiplier: float = 1.0, num_classes: int = 10) -> nn.Module:
+def build_model(
+    name: str, width_multiplier: float = 1.0, num_classes: int = 10, activation: str | None = None
+) -> nn.Module:
+    """`activation`: None for the model's own; otherwise one of those it was registered with."""
     require_model(name)
-    return _REGISTRY[name](width_multiplier, num_classes)
+    if activation is None:
+        return _REGISTRY[name](width_multiplier, num_classes)
+    choices = _ACTIVATIONS.get(name, ())
+    if activation not in choices:
+        hint = f"Choose one of: {', '.join(choices)}." if choices else "Leave model.activation unset for this model."
+        raise UsageError(f"Model {name!r} has no activation {activation!r}.", hint=hint)
+    return _REGISTRY[name](width_multiplier, num_classes, activation=activation)
 
 
 def build_model_for_measuring(
-    name: str, width_multiplier: float = 1.0, num_classes: int = 10, images: int = 256
+    name: str, width_multiplier: float = 1.0, num_classes: int = 10, images: int = 256, activation: str | None = None
 ) -> nn.Module:
     """A model for speed and FLOP measurements, never for training: its data-dependent start (airbench's whitening)
     taken from `images` random images, in fp32 outside autocast as training takes it from real ones."""
-    model = build_model(name, width_multiplier, num_classes)
+    model = build_model(name, width_multiplier, num_classes, activation)
     init = getattr(model, "init_from_data", None)
     if init is not None:
         init(torch.randn(images, 3, 32, 32))

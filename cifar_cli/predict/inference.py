@@ -142,7 +142,9 @@ def load_model(checkpoint: Path, device: torch.device) -> LoadedModel:
     except (KeyError, TypeError, ValidationError) as error:
         raise UsageError(f"{checkpoint} has damaged settings ({type(error).__name__}).") from None
     spec = checkpoint_spec(state)
-    model = build_model(model_settings.name, model_settings.width_multiplier, spec.num_classes)
+    model = build_model(
+        model_settings.name, model_settings.width_multiplier, spec.num_classes, model_settings.activation
+    )
     try:
         model.load_state_dict(kept_weights(state))
     except (RuntimeError, TypeError, AttributeError) as error:

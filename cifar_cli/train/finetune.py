@@ -76,7 +76,7 @@ def check_fits(source: Source, model: ModelSettings, class_names: list[str] | tu
             f"trains width x{model.width_multiplier:g}.",
             hint=f"Add --set model.width_multiplier={source.width_multiplier:g}.",
         )
-    _loadable(build_model(model.name, model.width_multiplier, len(class_names)), source, class_names)
+    _loadable(build_model(model.name, model.width_multiplier, len(class_names), model.activation), source, class_names)
 
 
 def head_name(model: nn.Module) -> str:

@@ -191,7 +191,9 @@ def build_parts(
     source: Source | None = None,
 ) -> Parts:
     """The model (initialised from `source`'s weights where a run fine-tunes), its optimiser and the rest."""
-    model = build_model(settings.model.name, settings.model.width_multiplier, spec.num_classes)
+    model = build_model(
+        settings.model.name, settings.model.width_multiplier, spec.num_classes, settings.model.activation
+    )
     init_from_data = getattr(model, "init_from_data", None)
     started_from = None
     if source is not None:  # before the optimiser and lookahead copy anything
