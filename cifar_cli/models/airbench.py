@@ -33,7 +33,7 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, depth: int = 2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, depth: int = 2, activation: str = "gelu") -> None:
         super().__init__()
         self.conv1 = _conv(in_channels, out_channels)
         self.pool = nn.MaxPool2d(2)
