@@ -75,7 +75,8 @@ def test_a_run_refits_its_epochs_when_the_machine_changes_speed(
     trainer, rates, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after, factor)
     # A re-plan is said when the number of epochs changes, not for a last epoch a few steps longer or shorter.
     said = [line for line in MESSAGES[tmp_path].said if line.startswith("Re-planned")]
-    changes = [re.match(r"Re-planned: (\d+) epochs?.* instead of (\d+) epochs?", line).groups() for line in said]
+    changes = [re.match(r"Re-planned(?: during epoch \d+)?: (\d+) epochs?.* instead of (\d+) epochs?", line).groups()
+               for line in said]  # fmt: skip
     assert changes and all(new != old for new, old in changes), said
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
     assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET  # the fake clock's, start to final evaluation
@@ -102,7 +103,11 @@ def test_a_machine_that_speeds_up_in_the_last_epoch_gets_its_budget_used(
                                     step_cost=2.0)  # fmt: skip
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
-    assert any("during_epoch" in entry for entry in plan["replans"])
+    during = [entry for entry in plan["replans"] if "during_epoch" in entry]
+    assert during
+    # ... and said, once the epoch has ended, where it changed the number of epochs (here it added one).
+    said = [line for line in MESSAGES[tmp_path].said if "Re-planned during" in line]
+    assert said and f"during epoch {during[0]['during_epoch']}: {during[0]['epochs']} epochs" in said[0], said
     assert 0.9 * BUDGET <= final["wall_seconds"] <= BUDGET
     assert all(later <= earlier + 1e-12 for earlier, later in zip(rates, rates[1:]))
     assert trainer.parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -11,7 +11,7 @@ from typing import Any
 
 from cifar_cli.budget.plan import RunPlan, fit_steps
 from cifar_cli.budget.probe import learn_from_epoch
-from cifar_cli.budget.refit import REPLAN_TARGET_SHARE, EpochTiming, replan
+from cifar_cli.budget.refit import REPLAN_TARGET_SHARE, EpochTiming, Replan, replan
 from cifar_cli.recipe.optim import stretch_schedule
 from cifar_cli.runtime import distributed
 from cifar_cli.train.setup import Parts
@@ -37,6 +37,9 @@ class BudgetKeeper:
         self.timings: list[EpochTiming] = []
         self.replans: list[dict[str, Any]] = []
         self._pace_epoch, self._pace_marks = (0, [(0.0, 0)])  # (clock, steps done) at this epoch's last refreshes
+        # Refits inside the epoch in progress: the plan it began with and the latest refit, said after the epoch
+        # where the number of epochs changed.
+        self._during: tuple[RunPlan, Replan] | None = None
 
     def learn_speed(self, record: dict[str, Any], this_machine: bool) -> None:
         """The epoch's real speed into the calibration cache, for the next run's plan (`this_machine`: its speed
@@ -62,7 +65,18 @@ class BudgetKeeper:
     def after_epoch(
         self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int, parts: Parts
     ) -> str | None:
-        """Record the epoch's timing; where the budget is kept, refit the epochs left and return the message."""
+        """Record the epoch's timing; where the budget is kept, refit the epochs left and return what to say: a
+        change of the number of epochs, inside the epoch (refit_during_epoch) or after it."""
+        said_during = None
+        if self._during is not None and self._during[1].plan.epochs != self._during[0].epochs:
+            said_during = self._during[1].describe(self._during[0])
+        self._during = None
+        message = self._refit_after(record, epoch_seconds, epochs_done, global_step, parts)
+        return "\n".join(text for text in (said_during, message) if text) or None
+
+    def _refit_after(
+        self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int, parts: Parts
+    ) -> str | None:
         cost = self.plan.step_cost(record["epoch"])
         self.timings.append(
             EpochTiming(record["steps"], record["seconds"], record["eval_seconds"], epoch_seconds, cost)
@@ -126,6 +140,11 @@ class BudgetKeeper:
         if not stretch_schedule(parts.scheduler, global_step, refit.total_steps):
             self.replanning = False
             return None
+        began = self._during[0] if self._during is not None else self.plan
+        # What the message says it will take: fit_steps keeps the last re-plan's estimate of the rest.
+        left = (refit.total_steps - global_step) * pace + (refit.epochs - epoch + 1) * per_eval + final
+        said = replace(refit, elapsed_seconds=now - self.started, remaining_seconds=left)
+        self._during = (began, Replan(said, pace, refit.batch_size / pace, epoch))
         self.plan = refit
         parts.total_steps = refit.total_steps
         self.replans.append(

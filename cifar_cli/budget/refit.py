@@ -41,13 +41,15 @@ class Replan:
     plan: RunPlan
     step_seconds: float  # measured: what the new plan assumes per full-size step
     images_per_second: float
+    during_epoch: int | None = None  # refit inside this epoch (its own pace), not after one
 
     def describe(self, before: RunPlan) -> str:
         def length(plan: RunPlan) -> str:
             return count(plan.epochs, "epoch") + plan._cut()
 
+        when = f" during epoch {self.during_epoch}" if self.during_epoch is not None else ""
         return (
-            f"Re-planned: {length(self.plan)} instead of {length(before)}, this machine runs at "
+            f"Re-planned{when}: {length(self.plan)} instead of {length(before)}, this machine runs at "
             f"{self.images_per_second:,.0f} img/s now; about {format_duration(self.plan.total_seconds)} in all "
             f"(budget {format_duration(self.plan.budget_seconds or 0)})"
         )
