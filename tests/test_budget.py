@@ -9,9 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifar_cli.budget.refit import EpochTiming, replan
 from cifar_cli.config.sections import SchedulerSettings
+from cifar_cli.predict.inference import load_model
 from cifar_cli.recipe.optim import _StepSchedule
 from cifar_cli.train.loop import EpochRunner
 from cifar_cli.train.run import Trainer
@@ -236,3 +238,19 @@ def test_a_cpu_budget_plans_at_the_width_the_recipe_names_for_it(
     assert saved["settings"]["model"]["width_multiplier"] == 0.5
     model = ModelSettings(name="airbench", cpu_budget_width=0.75)
     assert [model.width_for("cpu", True), model.width_for("cpu", False), model.width_for("cuda", True)] == [0.75, 1, 1]
+
+
+def test_a_cpu_budget_trains_its_own_activation_and_a_fixed_run_the_models(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.cpu_budget_activation (fast: silu) is what a CPU budget builds, says and keeps in its checkpoint."""
+    extra = ("model.name=airbench", "model.width_multiplier=0.25", "model.cpu_budget_activation=silu")
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *extra)
+    assert {type(group.activation) for group in trainer.parts.model.groups} == {torch.nn.SiLU}
+    assert json.loads((trainer.run_dir / "plan.json").read_text())["initial"]["activation"] == "silu"
+    assert any(line.startswith("Plan:") and ", silu," in line for line in MESSAGES[tmp_path].said)
+    assert load_model(trainer.checkpoint_dir / "last.pth", torch.device("cpu")).model.groups[0].activation.__class__ \
+        is torch.nn.SiLU  # fmt: skip
+    fixed = Trainer(tiny_settings(tmp_path, prepared_dir, *extra, "train.epochs=1", "train.run_name=fixed"))
+    fixed.run()
+    assert {type(group.activation) for group in fixed.parts.model.groups} == {torch.nn.GELU}

@@ -68,6 +68,7 @@ class RunPlan:
     low_res_epochs: int = 0
     low_res_size: int = 0
     low_res_cost: float = 1.0
+    activation: str | None = None  # model.activation the run trains with (a CPU budget's may differ); None: its own
 
     @property
     def total_steps(self) -> int:
@@ -127,7 +128,8 @@ class RunPlan:
         budget = f" (budget {format_duration(self.budget_seconds)})" if self.budget_seconds else ""
         return (
             f"Plan: {count(self.epochs, 'epoch')} x {self.steps_per_epoch} steps of {self.batch_size}{self._cut()}, width x"
-            f"{self.width_multiplier:g}, {self.calibration.layout.label}: about "
+            f"{self.width_multiplier:g}{f', {self.activation}' if self.activation else ''}, "
+            f"{self.calibration.layout.label}: about "
             f"{format_duration(self.epoch_seconds)} per epoch, "
             f"{format_duration(self.total_seconds)} in all on this machine{budget}"
         )
@@ -150,6 +152,7 @@ class RunPlan:
             "last_epoch_steps": self.last_epoch_steps or self.steps_per_epoch,
             "total_steps": self.total_steps,
             **({"low_res": self._low_res_json()} if self.low_res_epochs else {}),
+            **({"activation": self.activation} if self.activation else {}),
             **({"ladder": self.ladder} if self.ladder else {}),
         }
 
@@ -276,16 +279,19 @@ def measure_plan(
     if stored is not None and train.time_budget is not None and small_epochs:  # the small epochs its plan chose
         small_epochs = stored["train"].get("low_res", {}).get("epochs", 0)
     low_res = (small_epochs, train.low_res.size or 0)
+    activation = settings.model.activation_for(device.type, train.time_budget is not None)
+    if stored is not None:  # the activation its model was built with
+        activation = stored["model"].get("activation")
 
     def calibrate_at(width: float) -> Calibration:
-        model = settings.model.model_copy(update={"width_multiplier": width})
+        model = settings.model.model_copy(update={"width_multiplier": width, "activation": activation})
         result = measure_speed(model, settings.optim, train.batch_size, device, precision, channels_last)
         result = replace(result, teacher_seconds_per_image=teacher_seconds_per_image)
         say(result.summary(train.precision) + (f" at width x{width:g}" if width != 1 else ""))
         return result
 
     def time_small(calibration: Calibration, width: float) -> Calibration:
-        model = settings.model.model_copy(update={"width_multiplier": width})
+        model = settings.model.model_copy(update={"width_multiplier": width, "activation": activation})
         result = measure_low_res_share(calibration, model, settings.optim, train.batch_size, device, low_res[1])
         say(result.describe_low_res(low_res[1]))
         return result
@@ -293,7 +299,7 @@ def measure_plan(
     steps = training_steps_per_epoch(train_images, train.batch_size, world_size)
     level, budget = train.tta_level(), train.time_budget
     if budget is not None and stored is None:
-        return fit_budget(
+        fitted = fit_budget(
             budget,
             elapsed_seconds,
             calibrate_at,
@@ -308,6 +314,7 @@ def measure_plan(
             time_small,
             settings.model.wider_budget_width(device.type),
         )
+        return replace(fitted, activation=activation)
     epochs, width = train.epochs, settings.model.width_multiplier
     if stored is not None and budget is not None:  # a resumed budget run keeps the plan it started with
         epochs, width = stored["train"]["epochs"], stored["model"]["width_multiplier"]
@@ -328,6 +335,7 @@ def measure_plan(
         low_res_epochs=small_epochs,
         low_res_size=low_res[1],
         low_res_cost=calibration.low_res_share(low_res[1]) if small_epochs else 1.0,
+        activation=activation,
     )
 
 

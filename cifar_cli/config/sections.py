@@ -124,12 +124,20 @@ class ModelSettings(_Section):
     whiten_bias_epochs: float = Field(3.0, ge=0)
     # airbench models only: the activation inside the conv groups; None keeps the model's own (GELU).
     activation: Literal["gelu", "silu"] | None = None
+    # Under a time budget on a CPU only: the activation instead (where it was measured to pay). None: `activation`.
+    cpu_budget_activation: Literal["gelu", "silu"] | None = None
 
     def width_for(self, device_type: str, budgeted: bool) -> float:
         """The width a run on `device_type` (with a time budget or not) plans from."""
         if self.cpu_budget_width is not None and device_type == "cpu" and budgeted:
             return self.cpu_budget_width
         return self.width_multiplier
+
+    def activation_for(self, device_type: str, budgeted: bool) -> str | None:
+        """The activation a run on `device_type` (with a time budget or not) trains with."""
+        if self.cpu_budget_activation is not None and device_type == "cpu" and budgeted:
+            return self.cpu_budget_activation
+        return self.activation
 
     def wider_budget_width(self, device_type: str) -> tuple[float, int] | None:
         """(width_multiplier, epochs): the plan a CPU budget run tries before cpu_budget_width, kept where it

@@ -283,7 +283,7 @@ class Trainer:
             self._adopt_rung(rung)
         train, model = self.settings.train, self.settings.model
         train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
-        train.epochs, model.width_multiplier = plan.epochs, plan.width_multiplier
+        train.epochs, model.width_multiplier, model.activation = plan.epochs, plan.width_multiplier, plan.activation
         train.low_res.epochs = plan.low_res_epochs if train.low_res.size else train.low_res.epochs
         self.precision: Precision = resolve_precision(train.precision, self.device)
         self.reporter.message(plan.describe())
