@@ -16,7 +16,7 @@ from cifar_cli.config.sections import SchedulerSettings
 from cifar_cli.predict.inference import load_model
 from cifar_cli.recipe.optim import _StepSchedule
 from cifar_cli.train.loop import EpochRunner
-from cifar_cli.train.run import Trainer
+from cifar_cli.train.run import Trainer, train
 from cifar_cli.train.tracking import NullReporter
 from tests.conftest import tiny_settings
 
@@ -254,3 +254,17 @@ def test_a_cpu_budget_trains_its_own_activation_and_a_fixed_run_the_models(
     fixed = Trainer(tiny_settings(tmp_path, prepared_dir, *extra, "train.epochs=1", "train.run_name=fixed"))
     fixed.run()
     assert {type(group.activation) for group in fixed.parts.model.groups} == {torch.nn.GELU}
+
+
+def test_fine_tuning_under_a_cpu_budget_trains_the_network_its_weights_came_from(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU budget's own width and activation are for a network it builds: a run from another checkpoint's
+    weights keeps the width and the activation they were trained with."""
+    net = ("model.name=airbench", "model.width_multiplier=0.25")
+    source = train(tiny_settings(tmp_path / "source", prepared_dir, *net, "model.activation=silu", "train.epochs=1"))
+    tuned = (*net, "model.cpu_budget_width=0.125", "model.cpu_budget_activation=gelu",
+             f"train.init_from={source.checkpoint_dir / 'last.pth'}")  # fmt: skip
+    trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *tuned)
+    assert trainer.settings.model.width_multiplier == 0.25
+    assert {type(group.activation) for group in trainer.parts.model.groups} == {torch.nn.SiLU}

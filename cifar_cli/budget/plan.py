@@ -279,7 +279,9 @@ def measure_plan(
     if stored is not None and train.time_budget is not None and small_epochs:  # the small epochs its plan chose
         small_epochs = stored["train"].get("low_res", {}).get("epochs", 0)
     low_res = (small_epochs, train.low_res.size or 0)
-    activation = settings.model.activation_for(device.type, train.time_budget is not None)
+    # A fine-tuning run trains the network its weights came from: no CPU budget's width or activation instead.
+    own_network = train.time_budget is not None and train.init_from is None
+    activation = settings.model.activation_for(device.type, own_network)
     if stored is not None:  # the activation its model was built with
         activation = stored["model"].get("activation")
 
@@ -303,7 +305,7 @@ def measure_plan(
             budget,
             elapsed_seconds,
             calibrate_at,
-            settings.model.width_for(device.type, budgeted=True),
+            settings.model.width_for(device.type, budgeted=own_network),
             steps,
             train.batch_size,
             val_images,
@@ -312,7 +314,7 @@ def measure_plan(
             train.tta_share,
             low_res,
             time_small,
-            settings.model.wider_budget_width(device.type),
+            settings.model.wider_budget_width(device.type) if own_network else None,
         )
         return replace(fitted, activation=activation)
     epochs, width = train.epochs, settings.model.width_multiplier

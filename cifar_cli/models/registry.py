@@ -56,7 +56,8 @@ def build_model(
         return _REGISTRY[name](width_multiplier, num_classes)
     choices = _ACTIVATIONS.get(name, ())
     if activation not in choices:
-        hint = f"Choose one of: {', '.join(choices)}." if choices else "Leave model.activation unset for this model."
+        unset = "Leave model.activation (and model.cpu_budget_activation) unset for this model."
+        hint = f"Choose one of: {', '.join(choices)}." if choices else unset
         raise UsageError(f"Model {name!r} has no activation {activation!r}.", hint=hint)
     return _REGISTRY[name](width_multiplier, num_classes, activation=activation)
 

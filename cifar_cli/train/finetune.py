@@ -35,6 +35,7 @@ class Source:
     model_name: str
     width_multiplier: float
     spec: DataSpec  # its classes, and the input statistics its weights were trained with
+    activation: str | None = None  # model.activation it was trained with (None: the model's own)
 
     def record(self, head: str) -> dict[str, Any]:
         """What the run stores about where it started: the file, its run, epoch and model, and whether the head
@@ -58,12 +59,22 @@ def read_source(path: Path) -> Source:
         )
     state = load_checkpoint(path, map_location="cpu")
     model = state.get("settings", {}).get("model", {})
-    return Source(path, state, state["model_name"], float(model.get("width_multiplier", 1.0)), checkpoint_spec(state))
+    width, activation = float(model.get("width_multiplier", 1.0)), model.get("activation")
+    return Source(path, state, state["model_name"], width, checkpoint_spec(state), activation)
 
 
-def check_fits(source: Source, model: ModelSettings, class_names: list[str] | tuple[str, ...]) -> None:
-    """Weights fit only the network they were trained in: another model, width or shape is refused before any
-    measurement or training (a throwaway model on the CPU is checked against the file)."""
+def match_source(source: Source, model: ModelSettings, class_names: list[str] | tuple[str, ...]) -> None:
+    """Weights fit only the network they were trained in: another model, width, activation or shape is refused
+    before any measurement or training (a throwaway model on the CPU is checked against the file). A run that
+    names no activation takes the source's (a CPU budget's SiLU, say)."""
+    if model.activation is None:
+        model.activation = source.activation
+    if source.activation != model.activation:
+        raise UsageError(
+            f"{source.path} holds model {source.model_name} with activation {source.activation or 'its own'}; "
+            f"this run trains {model.activation}.",
+            hint="Leave model.activation unset: a fine-tuning run takes its source's.",
+        )
     if source.model_name != model.name:
         raise UsageError(
             f"{source.path} holds model {source.model_name}; this run trains model {model.name}.",

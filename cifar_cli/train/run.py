@@ -26,7 +26,7 @@ from cifar_cli.runtime import distributed, ranks
 from cifar_cli.runtime.device import Precision, resolve_precision, synchronised_clock
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train import state as run_state
-from cifar_cli.train.finetune import check_fits, describe_start, read_source
+from cifar_cli.train.finetune import describe_start, match_source, read_source
 from cifar_cli.train.identity import default_run_name, hparams, provenance
 from cifar_cli.train.loop import EpochRunner
 from cifar_cli.train.report import TrainResult, describe_final, final_evaluation, run_banner
@@ -123,7 +123,7 @@ class Trainer:
             self.settings.data.processed_dir,
         )
         if self.source is not None:
-            check_fits(self.source, self.settings.model, self.spec.class_names)
+            match_source(self.source, self.settings.model, self.spec.class_names)
         self.teacher, self.teacher_cost = self._ready_teacher(splits.train[0])
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
         self.loaders: Loaders = build_loaders(
