@@ -188,3 +188,19 @@ def test_freezing_under_ddp_keeps_the_body_and_trains_the_head(
     for name, tensor in body_parameters(load_checkpoint(source_checkpoint)).items():
         assert torch.equal(state["model_state"][name], tensor), name
     assert state["started_from"]["head"] == "new" and state["global_step"] > 0
+
+
+def test_a_run_takes_its_sources_activation_and_refuses_another(source_checkpoint: Path) -> None:
+    from dataclasses import replace
+
+    from cifar_cli.config.sections import ModelSettings
+    from cifar_cli.errors import UsageError
+    from cifar_cli.train.finetune import match_source, read_source
+
+    source = replace(read_source(source_checkpoint), model_name="airbench", activation="silu")
+    unnamed = ModelSettings(name="airbench")
+    with pytest.raises(UsageError):  # the seed-cnn weights do not fit; the activation was taken before that check
+        match_source(source, unnamed, CIFAR10_SPEC.class_names)
+    assert unnamed.activation == "silu"
+    with pytest.raises(UsageError, match="with activation silu; this run trains gelu"):
+        match_source(source, ModelSettings(name="airbench", activation="gelu"), CIFAR10_SPEC.class_names)
