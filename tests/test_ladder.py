@@ -135,3 +135,12 @@ def test_a_dry_run_names_the_rung_and_why(tmp_path: Path, prepared_dir: Path) ->
     [top] = [rung for rung in plan.ladder["rungs"] if rung["preset"] == "accurate"]
     assert plan.epoch_seconds == pytest.approx(top["epoch_seconds"])  # planned at the rung's own speed
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_dry_run_with_a_teacher_climbs_the_ladder(tmp_path: Path, prepared_dir: Path, tiny_checkpoint: Path) -> None:
+    # The teacher is timed on noise of the data's size before the rung is chosen; the rung then rebuilds the data's
+    # statistics, which must not need a fine-tuning source a dry run never reads.
+    teacher = f"train.distill.teacher={tiny_checkpoint}"
+    plan = plan_run(_ladder_settings(tmp_path, prepared_dir, "1h", teacher))
+    assert plan.ladder is not None and plan.ladder["rung"] == "accurate"
+    assert plan.calibration.teacher_seconds_per_image > 0
