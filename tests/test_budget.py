@@ -135,12 +135,12 @@ def test_a_budget_run_trains_its_small_epochs_first_and_fills_the_rest_at_full_s
     """train.low_res under a budget: the planned epochs on 16-pixel images train first (a quarter of a full-size
     step's fake seconds, the share the probe is made to measure), full-size epochs fill the rest, every re-plan
     reads the pace as full-size steps', and the run ends inside 90-100% of its budget."""
-    from cifar_cli.budget import plan as plan_module
+    from cifar_cli.budget import measure as measure_module
 
     def quarter(calibration, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         return replace(calibration, low_res_shares={"16": 0.25})
 
-    monkeypatch.setattr(plan_module, "measure_low_res_share", quarter)
+    monkeypatch.setattr(measure_module, "measure_low_res_share", quarter)
     small = ("model.name=airbench", "train.low_res.size=16", "train.low_res.epochs=2", "train.low_res.scope=cpu_budget")
     trainer, _, clock = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *small)
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
@@ -167,11 +167,11 @@ def test_a_stale_slow_calibration_no_longer_ends_the_run_early(
 ) -> None:
     """A cached speed a third of the real one (measured while the machine was busy) plans a third of the steps
     that fit; the run's own epochs correct it, and it ends inside 90-100% of its budget."""
-    from cifar_cli.budget import plan as plan_module
+    from cifar_cli.budget import measure as measure_module
     from tests.test_plan import fake_calibration
 
     stale = fake_calibration(16.0)  # batch 16: 16 / 16 + 0.5 = 1.5 s per step, against the 0.5 s of the clock
-    monkeypatch.setattr(plan_module, "measure_speed", lambda *args, **kwargs: stale)
+    monkeypatch.setattr(measure_module, "measure_speed", lambda *args, **kwargs: stale)
     trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, slow_down_after=10**6, factor=1.0)
     plan = json.loads((trainer.run_dir / "plan.json").read_text())
     final = json.loads((trainer.run_dir / "final_metrics.json").read_text())

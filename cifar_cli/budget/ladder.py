@@ -94,7 +94,7 @@ def choose_rung(
 
 
 def full_schedule(measure: Callable[[Settings], RunPlan]) -> Callable[[Settings], RunPlan]:
-    """A rung's whole schedule (its own epochs, no budget) planned by `measure` (budget/plan.measure_plan)."""
+    """A rung's whole schedule (its own epochs, no budget) planned by `measure` (budget/measure.measure_plan)."""
 
     def plan(settings: Settings) -> RunPlan:
         unbudgeted = settings.model_copy(deep=True)

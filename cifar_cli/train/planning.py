@@ -9,7 +9,8 @@ from dataclasses import replace
 import torch
 
 from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
-from cifar_cli.budget.plan import RunPlan, measure_plan
+from cifar_cli.budget.measure import measure_plan
+from cifar_cli.budget.plan import RunPlan
 from cifar_cli.config.settings import Settings, fits_temperature, resolve_val_size
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.data.spec import DataSpec
