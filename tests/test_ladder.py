@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_cli.budget.ladder import choose_rung
+from cifar_cli.budget.ladder import choose_rung, full_schedule
 from cifar_cli.budget.plan import RunPlan
 from cifar_cli.config.settings import Settings, load_settings, parse_set_options
 from cifar_cli.sweep.grid import Trial, trial_settings
@@ -46,6 +46,21 @@ def test_a_short_budget_stays_on_fast_without_measuring_the_larger_networks() ->
     assert _choose("20m")[:2] == ("fast", ["fast"])
     chosen, measured, why = _choose("5m")  # not even fast's whole schedule: fast, shortened
     assert (chosen, measured) == ("fast", ["fast"]) and "the lowest: its 8-epoch schedule needs about 10 min" in why
+
+
+@pytest.mark.parametrize(("device_type", "activation"), [("cpu", "silu"), ("cuda", None)])
+def test_a_rung_is_timed_on_the_network_its_budget_run_trains(device_type: str, activation: str | None) -> None:
+    # fast trains SiLU under a CPU budget: its rung estimate times that network, so the chosen rung's plan reads the
+    # same speeds from the cache (a GELU estimate cost a second 10-12 s measurement on a 2-core Zen 4).
+    seen: list[tuple[str | None, float | None]] = []
+
+    def measure(settings: Settings) -> RunPlan:
+        seen.append((settings.model.activation, settings.train.time_budget))
+        return RunPlan(8, 1.0, 2000, 25, 0, 2, fake_calibration(1000.0))
+
+    fast = _rungs("15m")["fast"]
+    full_schedule(measure, device_type)(fast)
+    assert seen == [(activation, None)] and fast.train.time_budget == 900  # the rung itself is left as it was
 
 
 def test_an_hour_buys_the_wider_network() -> None:

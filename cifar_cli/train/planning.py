@@ -78,7 +78,9 @@ class RunPlanning:
 
         if not self.settings.rungs or stored is not None or self.settings.train.time_budget is None:
             return self.settings.preset, measure(self.settings)
-        choice = choose_rung(self.settings.rungs, self.settings.train.time_budget, full_schedule(measure))
+        choice = choose_rung(
+            self.settings.rungs, self.settings.train.time_budget, full_schedule(measure, self.device.type)
+        )
         self.reporter.message(choice.describe())
         self._adopt_rung(choice.preset)
         return choice.preset, replace(measure(self.settings), ladder=choice.to_json())
