@@ -122,3 +122,26 @@ def test_an_unreadable_listed_file_is_named_or_skipped(tree: Path, tmp_path: Pat
     result = run_cli("prepare", "--from-csv", str(csv_file), "--processed-dir", str(processed), "--skip-bad-images")
     assert result.exit_code == 0 and "broken.png" in flat(result.output), result.output
     assert sum(read_manifest(processed)["counts"].values()) == len(rows)
+
+
+def test_a_split_column_with_an_empty_or_missing_cell_is_refused_by_row(tree: Path, tmp_path: Path) -> None:
+    """A short first row once made the whole column ignored; a later short row landed in neither split."""
+    rows = [",".join(row) for row in _listed(tree)[::100]]  # 10 rows: apple, fig, pear, plum
+    lines = [rows[0], *(f"{row},{'test' if i % 3 == 0 else 'train'}" for i, row in enumerate(rows[1:]))]
+    lines[5] = rows[5] + ","  # an empty cell
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text("\n".join(["path,label,split", *lines]) + "\n")
+    with pytest.raises(UsageError, match="2 rows .* leave the split empty") as refused:
+        scan_csv(csv_file, 0.2, root=tree)
+    assert "row 2:" in str(refused.value) and "row 7:" in str(refused.value)
+
+
+def test_a_label_renamed_in_the_list_is_prepared_again(tree: Path, tmp_path: Path) -> None:
+    rows = _listed(tree)[::50]
+    csv_file = _csv(tmp_path / "list.csv", [(str(tree / p), label) for p, label in rows])
+    processed = tmp_path / "processed"
+    assert run_cli("prepare", "--from-csv", csv_file, "--processed-dir", processed, "--no-png").exit_code == 0
+    _csv(csv_file, [(str(tree / p), "peach" if label == "pear" else label) for p, label in rows])
+    result = run_cli("prepare", "--from-csv", csv_file, "--processed-dir", processed, "--no-png")
+    assert result.exit_code == 0 and "Already prepared" not in flat(result.output), result.output
+    assert read_manifest(processed)["class_names"] == ["apple", "fig", "peach", "plum"]

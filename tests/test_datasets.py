@@ -211,10 +211,10 @@ def test_folder_bad_input_is_refused_and_nothing_is_written(tmp_path: Path, dama
         write_image_tree(source / "test", {"a": 1, "z": 1})
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("user file")
+    (out / ".keep").write_text("user file")  # hidden: not in prepare's way
     with pytest.raises(UsageError, match=message):
         prepare_folder(source, out)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # no cache, manifest, PNG or temporary files
+    assert sorted(p.name for p in out.iterdir()) == [".keep"]  # no cache, manifest, PNG or temporary files
 
 
 def test_symlink_inside_the_folder_is_followed(tmp_path: Path) -> None:
@@ -330,13 +330,15 @@ def test_most_confused_pairs_and_a_readable_100_class_figure() -> None:
 
 
 def test_a_cache_without_its_manifest_is_prepared_again(tmp_path: Path) -> None:
-    """The manifest is written last: a cache alone is an unfinished preparation, never data of unknown classes."""
+    """The manifest is written last: a cache beside a manifest under way is an unfinished preparation, never data
+    of unknown classes."""
     from cifar_cli.config.sections import DataSettings
     from cifar_cli.data import ensure_prepared
 
     source = write_image_tree(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})
     prepare_folder(source, tmp_path / "out", write_png=False)
-    (tmp_path / "out" / "manifest.json").unlink()
+    under_way = {"incomplete": True, "written": ["cache.pt", "manifest.json"], "class_folders": []}
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(under_way))
     data = DataSettings(dataset="folder", folder=source, processed_dir=tmp_path / "out", write_png=False)
     ensure_prepared(data)
     assert read_manifest(tmp_path / "out")["class_names"] == ["a", "b", "c"]

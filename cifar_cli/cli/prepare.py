@@ -88,6 +88,8 @@ def prepare(
         raise UsageError("Give --from-folder or --from-csv, not both.")
     if from_folder is not None or from_csv is not None:
         flags["data.dataset"] = "folder"
+        # The source named on the command line is the only one: a CSV list (or folder) in settings.yaml would win.
+        flags["data.csv_file" if from_folder is not None else "data.folder"] = None
     data = resolve(config, set_options, flags).data
     with count_progress() as on_progress:
         result = prepare_for(data, on_progress=on_progress)

@@ -35,6 +35,12 @@ def scan_csv(csv_file: Path, test_fraction: float, root: Path | None = None, ski
     rows = _read_rows(csv_file, base)
     _refuse_rows([row for row in rows if not row.label], "have an empty label", csv_file)
     _refuse_rows(
+        [row for row in rows if row.split == ""],
+        "leave the split empty",
+        csv_file,
+        hint="With a split column, every row names train or test (or drop the column to hold out a test share).",
+    )
+    _refuse_rows(
         [row for row in rows if row.split not in (None, *SPLITS)], "have a split other than train or test", csv_file
     )
     _refuse_repeats(rows, csv_file)
@@ -44,7 +50,7 @@ def scan_csv(csv_file: Path, test_fraction: float, root: Path | None = None, ski
     kept = [row for row in rows if row.path.is_file()]
     names = _class_names(kept, csv_file)
     label_of = {name: index for index, name in enumerate(names)}
-    if kept and kept[0].split is not None:
+    if rows[0].split is not None:  # the CSV has a split column (every row then names one)
         files = {split: [ImageFile(r.path, label_of[r.label]) for r in kept if r.split == split] for split in SPLITS}
         if not files["test"]:
             raise UsageError(f"{csv_file} has a split column but no row in the test split.")
@@ -80,7 +86,8 @@ def _read_rows(csv_file: Path, base: Path) -> list[Row]:
                 number,
                 path if path.is_absolute() else base / path,
                 (record.get("label") or "").strip(),
-                split.strip().lower() if "split" in columns and split is not None else None,
+                # A short row has no split at all (None from the reader): empty, as a blank cell is.
+                (split or "").strip().lower() if "split" in columns else None,
             )
         )
     if not rows:

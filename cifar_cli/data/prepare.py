@@ -28,6 +28,7 @@ from PIL import Image
 
 from cifar_cli.data import archive, csv_list, folder
 from cifar_cli.data.download import md5_of
+from cifar_cli.data.ownership import CACHE_FILE, MANIFEST_FILE, Owned, check_output_folder, written_names
 from cifar_cli.data.spec import CIFAR10_CLASS_NAMES, DataSpec, channel_statistics
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import (
@@ -38,10 +39,8 @@ from cifar_cli.files import (
     write_text_atomically,
 )
 
-CACHE_FILE = "cache.pt"
 PNG_FILE_BYTES = 4096  # a 32 x 32 PNG is about 3 KB, but takes one 4 KiB block
 SPACE_HINT = "Free disk space or choose another --processed-dir."
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2: data set, class names, image size and statistics stored (1 was CIFAR-10 only)
 CLASS_NAMES = list(CIFAR10_CLASS_NAMES)  # CIFAR-10's short names, used instead of the archive's long ones
 # Called with (stage name, done, total) while images are read or PNG files written.
@@ -100,6 +99,8 @@ def prepare_dataset(
     existing = read_manifest(processed_dir)
     if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
         return _already(processed_dir, existing)
+    # The archive and what it extracts may lie in the output folder (--raw-dir equal to --processed-dir).
+    owned = check_output_folder(processed_dir, own_files=[layout.archive_name, layout.folder])
 
     batch_folder = archive.safe_extract(archive_path, raw_dir, layout.folder)
     archive_names = archive.read_class_names(batch_folder, layout)
@@ -115,7 +116,7 @@ def prepare_dataset(
         source_md5,
         {"label_set": label_set, "archive_class_names": archive_names},
     )
-    return _write_prepared(processed_dir, prepared, write_png, on_progress)
+    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
 
 
 def prepare_folder(
@@ -130,8 +131,6 @@ def prepare_folder(
     """An ImageFolder tree -> the same cache, manifest and PNG folders as an archive; does nothing when the same
     files (names, sizes, times) are already prepared the same way."""
     scan = folder.scan_folder(source, test_fraction)
-    if scan.root == processed_dir.resolve() or scan.root in processed_dir.resolve().parents:
-        raise UsageError(f"--processed-dir {processed_dir} is inside the source folder {scan.root}.")
     return _prepare_scan(scan, processed_dir, write_png, on_progress, image_size, test_fraction, skip_bad_images)
 
 
@@ -167,6 +166,11 @@ def _prepare_scan(
     existing = read_manifest(processed_dir)
     if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
         return _already(processed_dir, existing)
+    if scan.layout.startswith("csv"):
+        listed = {item.path.parent for files in scan.files.values() for item in files}
+        owned = check_output_folder(processed_dir, listed_folders=listed)
+    else:
+        owned = check_output_folder(processed_dir, trees=[scan.root])
 
     splits, digest, skipped = _read_splits(scan, image_size, skip_bad_images, on_progress)
     prepared = _Prepared(
@@ -185,7 +189,7 @@ def _prepare_scan(
         _folder_notes(scan, skipped),
     )
     _refuse_empty_training_classes(prepared)
-    return _write_prepared(processed_dir, prepared, write_png, on_progress)
+    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
 
 
 def _read_splits(
@@ -209,7 +213,9 @@ def _spec(splits: dict[str, archive.Split], names: list[str], image_size: int, d
 
 
 def _listing_fingerprint(scan: folder.FolderScan) -> str:
-    digest = hashlib.md5()
+    """Names, sizes and times of the files, their labels and the class names (a label renamed in a CSV list
+    changes no file but does change the data)."""
+    digest = hashlib.md5("\0".join(scan.class_names).encode())
     for split, files in scan.files.items():
         for item in files:
             info = item.path.stat()
@@ -242,13 +248,14 @@ def _refuse_empty_training_classes(prepared: _Prepared) -> None:
 
 
 def _write_prepared(
-    processed_dir: Path, prepared: _Prepared, write_png: bool, on_progress: ProgressCallback | None
+    processed_dir: Path, prepared: _Prepared, write_png: bool, on_progress: ProgressCallback | None, owned: Owned
 ) -> PrepareResult:
     splits = prepared.splits
     require_free_space(processed_dir, _required_bytes(splits, write_png), "the prepared data", SPACE_HINT)
-    (processed_dir / MANIFEST_FILE).unlink(missing_ok=True)  # until the new one is written, nothing is prepared
-    _write_cache(processed_dir / CACHE_FILE, splits)
     folders = class_folders(prepared.spec.class_names)
+    _mark_under_way(processed_dir, owned, folders)  # until the new manifest is written, nothing is prepared
+    _write_cache(processed_dir / CACHE_FILE, splits)
+    _remove_unwanted_png_folders(processed_dir, owned, write_png)
     if write_png:
         for name, split in splits.items():
             try:
@@ -263,6 +270,27 @@ def _write_prepared(
     return PrepareResult(processed_dir, False, manifest["counts"], prepared.spec, prepared.notes, manifest["per_class"])
 
 
+def _mark_under_way(processed_dir: Path, owned: Owned, folders: list[str]) -> None:
+    """A manifest that owns what was there and what is about to be written, and says the data is not ready."""
+    under_way = {
+        "format_version": FORMAT_VERSION,
+        "incomplete": True,
+        "written": sorted(owned.top | set(written_names(True))),
+        "class_folders": sorted(owned.class_folders | set(folders)),
+    }
+    write_text_atomically(processed_dir / MANIFEST_FILE, json.dumps(under_way, indent=2))
+
+
+def _remove_unwanted_png_folders(processed_dir: Path, owned: Owned, write_png: bool) -> None:
+    """--no-png after a preparation with PNG folders: its folders (checked to hold only its files) would show
+    other images than the cache."""
+    if write_png:
+        return
+    for split in ("train", "test"):
+        if split in owned.top and (processed_dir / split).is_dir():
+            shutil.rmtree(processed_dir / split)
+
+
 def _already(processed_dir: Path, manifest: dict) -> PrepareResult:
     return PrepareResult(
         processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest), per_class=manifest.get("per_class", {})
@@ -274,7 +302,8 @@ def read_manifest(processed_dir: Path) -> dict | None:
         manifest = json.loads((processed_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) else None
+    # A preparation under way (or killed) leaves a manifest that only records what it owns.
+    return manifest if isinstance(manifest, dict) and not manifest.get("incomplete") else None
 
 
 def read_spec(processed_dir: Path) -> DataSpec:
@@ -351,6 +380,7 @@ def _manifest(prepared: _Prepared, folders: list[str], png: bool) -> dict:
         "source_md5": prepared.source_md5,
         **prepared.extra,
         "class_folders": folders,
+        "written": written_names(png),
         "counts": counts,
         "per_class": per_class,
         "png": png,
