@@ -16,7 +16,14 @@ from cifar_cli.data import adopt_prepared
 from cifar_cli.errors import UsageError
 from cifar_cli.files import LOCK_FILE, process_alive
 from cifar_cli.train.identity import recipe_differences, recipe_identity
-from cifar_cli.train.tracking import FINAL_METRICS_FILE, HISTORY_FILE, PRUNED_FILE, SETTINGS_FILE, read_history
+from cifar_cli.train.tracking import (
+    FINAL_METRICS_FILE,
+    HISTORY_FILE,
+    PRUNED_FILE,
+    REQUEST_FILE,
+    SETTINGS_FILE,
+    read_history,
+)
 
 SORT_KEYS = ("name", "val_accuracy", "test_accuracy", "seconds", "epochs_done")
 SWEEPS_FOLDER = "sweeps"  # `cifar sweep` puts each sweep's trials in <log_dir>/sweeps/<sweep name>/<trial>/
@@ -72,22 +79,24 @@ def recorded_differences(run_folder: Path, settings: Settings) -> list[tuple[str
     if not stored:
         return []
     settings = settings.model_copy(update={"data": adopt_prepared(settings.data)})  # as the run recorded its data
-    differences = recipe_differences(stored, settings)
-    before, now = stored.get("train", {}), settings.train
+    request = read_run_settings(run_folder, REQUEST_FILE)  # {} for a run of an older version: its plan's settings
+    differences = recipe_differences(request or stored, settings, planned=not request)
+    before, now = (request or stored).get("train", {}), settings.train
     length = "time_budget" if now.time_budget is not None or before.get("time_budget") is not None else "epochs"
     if before.get(length) != getattr(now, length):
         differences.append((f"train.{length}", before.get(length), getattr(now, length)))
     return differences
 
 
-def read_run_settings(folder: Path) -> dict[str, Any]:
-    """The resolved settings a run folder records ({} where it records none); a damaged file is a UsageError."""
+def read_run_settings(folder: Path, name: str = SETTINGS_FILE) -> dict[str, Any]:
+    """The resolved settings a run folder records (or its request.yaml: `name`), {} where it records none; a
+    damaged file is a UsageError."""
     try:
-        plain = yaml.safe_load((folder / SETTINGS_FILE).read_text())
+        plain = yaml.safe_load((folder / name).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise UsageError(f"{folder / SETTINGS_FILE} is damaged ({type(error).__name__}).") from None
+        raise UsageError(f"{folder / name} is damaged ({type(error).__name__}).") from None
     return plain if isinstance(plain, dict) else {}
 
 

@@ -13,6 +13,7 @@ import torch
 
 from cifar_cli.budget.refit import EpochTiming, replan
 from cifar_cli.config.sections import SchedulerSettings
+from cifar_cli.errors import UsageError
 from cifar_cli.predict.inference import load_model
 from cifar_cli.recipe.optim import _StepSchedule
 from cifar_cli.train.loop import EpochRunner
@@ -268,3 +269,29 @@ def test_fine_tuning_under_a_cpu_budget_trains_the_network_its_weights_came_from
     trainer, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *tuned)
     assert trainer.settings.model.width_multiplier == 0.25
     assert {type(group.activation) for group in trainer.parts.model.groups} == {torch.nn.SiLU}
+
+
+def test_the_same_budget_run_twice_ends_as_a_finished_run(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan's choices (SiLU, width, epochs) are kept apart from the request: the same command again finds its
+    finished run instead of refusing it as another recipe; so does a checkpoint of a version that kept no request."""
+    extra = ("model.name=airbench", "model.width_multiplier=0.25", "model.cpu_budget_activation=silu")
+    first, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *extra)
+    saved = torch.load(first.checkpoint_dir / "last.pth", weights_only=False)
+    assert saved["settings"]["model"]["activation"] == "silu" and saved["request"]["model"]["activation"] is None
+    request = (first.run_dir / "request.yaml").read_text()
+    assert "activation: null" in request and "activation: silu" in (first.run_dir / "settings.yaml").read_text()
+    refused = tiny_settings(tmp_path, prepared_dir, *extra, f"train.time_budget={BUDGET}", "scheduler.name=linear",
+                            "scheduler.final_lr_factor=0.0", "train.epochs=1", f"train.run_name={first.run_name}",
+                            "model.activation=gelu")  # fmt: skip
+    with pytest.raises(UsageError, match="model.activation: None in the run, 'gelu' now"):
+        Trainer(refused).run()  # asking for another activation than the run trained is still another recipe
+    for older in (False, True):
+        if older:  # as an earlier version saved it: the planned settings only
+            del saved["request"]
+            torch.save(saved, first.checkpoint_dir / "last.pth")
+        again, _, _ = _budget_run(tmp_path, prepared_dir, monkeypatch, 10**6, 1.0, 0.5, *extra)
+        assert again.run_name == first.run_name and again.progress.epoch == first.progress.epoch
+        assert any("already finished" in line for line in MESSAGES[tmp_path].said)
+        MESSAGES[tmp_path].said.clear()

@@ -95,13 +95,19 @@ def test_sweep_time_budget_is_each_trials_budget(tmp_path: Path, prepared_dir: P
     for key, value in (("BATCH_SIZE", "16"), ("NUM_THREADS", "1"), ("PRECISION", "fp32")):
         monkeypatch.setenv(f"CIFAR_TRAIN__{key}", value)
     monkeypatch.setenv("CIFAR_LOG__PROGRESS", "none")
-    result = _sweep(tmp_path, prepared_dir, "budget", "--samples", "1", "--time-budget", "20s")
+    # A CPU budget's own activation: a plan choice, which a rerun of the same sweep must not take for another recipe.
+    budget = ("--samples", "1", "--time-budget", "20s", "--set", "model.name=airbench", "--set",
+              "model.width_multiplier=0.25", "--set", "model.cpu_budget_activation=silu")  # fmt: skip
+    result = _sweep(tmp_path, prepared_dir, "budget", *budget)
     assert result.exit_code == 0, result.output
     folder = tmp_path / "runs" / "sweeps" / "budget"
     [trial] = [path for path in folder.iterdir() if (path / "settings.yaml").is_file()]
     assert yaml.safe_load((trial / "settings.yaml").read_text())["train"]["time_budget"] == 20.0
+    assert yaml.safe_load((trial / "settings.yaml").read_text())["model"]["activation"] == "silu"
     plan = json.loads((trial / "plan.json").read_text())
     assert plan["budget_seconds"] == 20.0
+    again = _sweep(tmp_path, prepared_dir, "budget", *budget)
+    assert again.exit_code == 0, again.output
     shutil.rmtree(tmp_path / "ck")
 
 

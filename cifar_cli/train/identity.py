@@ -8,10 +8,12 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cifar_cli import __version__
+from cifar_cli.budget.plan import RunPlan
 from cifar_cli.config.sections import OFFICIAL_ARCHIVES
 from cifar_cli.config.settings import Settings
 
@@ -31,6 +33,32 @@ NOT_RECIPE = {
     "num_threads",
     "keep_freed_memory",
 }
+
+
+# What a run's plan decides for this machine (train/planning.py applies exactly these, from its RunPlan): the
+# settings it fills in, never part of what the user asked. A run keeps the user's request (`request` in its
+# checkpoint, request.yaml in its folder) apart from these choices (`settings`, settings.yaml, plan.json).
+PLAN_CHOICES: dict[str, Callable[[RunPlan, Settings], Any]] = {
+    "train.precision": lambda plan, _settings: plan.calibration.precision,
+    "train.channels_last": lambda plan, _settings: plan.calibration.channels_last,
+    "train.epochs": lambda plan, _settings: plan.epochs,
+    "model.width_multiplier": lambda plan, _settings: plan.width_multiplier,
+    "model.activation": lambda plan, _settings: plan.activation,
+    # small-image epochs: the plan's number where the recipe has a small size at all
+    "train.low_res.epochs": lambda plan, settings: (
+        plan.low_res_epochs if settings.train.low_res.size else settings.train.low_res.epochs
+    ),
+}
+
+
+def apply_plan(settings: Settings, plan: RunPlan) -> None:
+    """Fill the plan's choices into the settings a run trains with (not into its request)."""
+    for dotted, choose in PLAN_CHOICES.items():
+        *sections, name = dotted.split(".")
+        holder: Any = settings
+        for section in sections:
+            holder = getattr(holder, section)
+        setattr(holder, name, choose(plan, settings))
 
 
 def recipe_identity(plain: dict[str, Any]) -> dict[str, Any]:
@@ -74,12 +102,12 @@ def default_run_name(settings: Settings) -> str:
     return f"{settings.preset}-{settings.model.name}-{digest}"
 
 
-def recipe_differences(stored: dict[str, Any], current: Settings) -> list[tuple[str, Any, Any]]:
-    """(setting, in the run, asked for now) where a resume would mix two recipes. `auto` asks for nothing
-    specific (the run stored what it resolved to); keys an older checkpoint lacks are not held against it; a
-    time budget chose the width, and the plan the low-resolution epochs (budget/plan.py)."""
+def recipe_differences(stored: dict[str, Any], current: Settings, planned: bool = False) -> list[tuple[str, Any, Any]]:
+    """(setting, in the run, asked for now) where a resume would mix two recipes. `stored` is the run's request,
+    or (`planned`: a run recorded before requests were kept) the settings its plan filled in, whose plan choices
+    are then not held against it. `auto` asks for nothing specific; keys an older run lacks are not either."""
     before, now = recipe_identity(stored), recipe_identity(current.to_plain())
-    chosen_by_plan = {"train.low_res.epochs"} | ({"model.width_multiplier"} if current.train.time_budget else set())
+    chosen_by_plan = set(PLAN_CHOICES) if planned else set()
     return [
         (key, before[key], value)
         for key, value in sorted(now.items())

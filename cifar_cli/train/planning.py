@@ -20,6 +20,7 @@ from cifar_cli.runtime.device import Precision, resolve_precision
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train import state as run_state
 from cifar_cli.train.finetune import Source
+from cifar_cli.train.identity import apply_plan
 from cifar_cli.train.setup import data_spec, setup_device
 from cifar_cli.train.tracking import Reporter
 
@@ -50,11 +51,8 @@ class RunPlanning:
         rung, plan = distributed.broadcast_from_main(chosen)
         if rung != self.settings.preset:  # the other ranks follow rank 0's rung of the ladder
             self._adopt_rung(rung)
-        train, model = self.settings.train, self.settings.model
-        train.precision, train.channels_last = plan.calibration.precision, plan.calibration.channels_last
-        train.epochs, model.width_multiplier, model.activation = plan.epochs, plan.width_multiplier, plan.activation
-        train.low_res.epochs = plan.low_res_epochs if train.low_res.size else train.low_res.epochs
-        self.precision: Precision = resolve_precision(train.precision, self.device)
+        apply_plan(self.settings, plan)
+        self.precision: Precision = resolve_precision(self.settings.train.precision, self.device)
         self.reporter.message(plan.describe())
         return plan
 

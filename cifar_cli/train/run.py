@@ -38,7 +38,7 @@ from cifar_cli.train.setup import (
     setup_device,
 )
 from cifar_cli.train.state import BEST_CHECKPOINT, LAST_CHECKPOINT, Progress
-from cifar_cli.train.tracking import NullReporter, Reporter, RunLogger
+from cifar_cli.train.tracking import REQUEST_FILE, NullReporter, Reporter, RunLogger
 
 FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 PLAN_FILE = "plan.json"
@@ -71,6 +71,9 @@ class Trainer(RunPlanning):
             self.settings.train.distill.teacher = self.settings.train.distill.teacher.absolute()
         for section, name in PATH_SETTINGS:  # stored absolute: commands run elsewhere find the run's data
             setattr(getattr(self.settings, section), name, getattr(getattr(settings, section), name).absolute())
+        # What the user asked for, kept apart from what the plan fills in: the run's identity and what a resume
+        # is checked against (the plan's choices are read back from the checkpoint's settings).
+        self.request = self.settings.model_copy(deep=True)
         self.context = context or distributed.context_from_env()
         self.reporter = reporter if reporter is not None and self.context.is_main else NullReporter()
         self.confusion_figure = confusion_figure  # the CLI passes plots' figure; the core draws nothing itself
@@ -107,7 +110,7 @@ class Trainer(RunPlanning):
         if resuming and self.settings.rungs:  # a budget run resumes on the rung its plan chose
             self._adopt_rung(self.last.state["settings"].get("preset", self.settings.preset))
         if resuming:
-            run_state.check_same_recipe(self.last.state["settings"], self.settings, self.run_name)
+            run_state.check_same_recipe(self.last.state, self.request, self.settings, self.run_name)
         # A fine-tuning run starts from another checkpoint's weights, unless it resumes from its own.
         init_from = self.settings.train.init_from
         self.source = None if resuming or init_from is None else read_source(init_from)
@@ -161,6 +164,7 @@ class Trainer(RunPlanning):
         logger = None
         if self.context.is_main:
             logger = RunLogger(self.run_dir, dump_yaml(self.settings), self.settings.log.tensorboard)
+            write_text_atomically(self.run_dir / REQUEST_FILE, dump_yaml(self.request))
             write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
         self.reporter.message(
             run_banner(
@@ -309,6 +313,7 @@ class Trainer(RunPlanning):
     def _save(self, name: str) -> None:
         with sigint_deferred():  # building the state too: Ctrl-C inside pydantic's serialiser is no KeyboardInterrupt
             state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
+            state["request"] = self.request.to_plain()
             if self.temperature is not None:
                 state["temperature"] = self.temperature
             if self.teacher is not None:

@@ -148,9 +148,14 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
     )
 
 
-def check_same_recipe(stored: dict[str, Any], settings: Settings, run_name: str) -> None:
-    """A resume continues the same recipe; another optimiser or model would fail deep inside torch."""
-    differences = recipe_differences(stored, settings)
+def check_same_recipe(state: dict[str, Any], request: Settings, planned: Settings, run_name: str) -> None:
+    """A resume continues the same recipe; another optimiser or model would fail deep inside torch. The user's
+    request is compared with the one the checkpoint kept; a checkpoint of an older version kept only the planned
+    settings, compared with `planned` (the request on the checkpoint's rung) but for the plan's own choices."""
+    if state.get("request") is not None:
+        differences = recipe_differences(state["request"], request)
+    else:
+        differences = recipe_differences(state["settings"], planned, planned=True)
     if not differences:
         return
     shown = "\n".join(f"  {key}: {before!r} in the run, {now!r} now" for key, before, now in differences[:8])

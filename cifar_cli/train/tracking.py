@@ -18,7 +18,8 @@ from cifar_cli.files import write_text_atomically
 
 HISTORY_FILE = "history.json"
 FINAL_METRICS_FILE = "final_metrics.json"
-SETTINGS_FILE = "settings.yaml"
+SETTINGS_FILE = "settings.yaml"  # the settings the run trained with: the request and its plan's choices
+REQUEST_FILE = "request.yaml"  # what the user asked for (train/identity.py: PLAN_CHOICES are the difference)
 PRUNED_FILE = "pruned.json"  # a sweep's pruner stopped the run: after which epoch, and why
 
 
