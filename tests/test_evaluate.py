@@ -198,4 +198,8 @@ def test_selective_tta_augments_only_the_least_sure_images(trained_checkpoint: P
     result = run_cli("evaluate", str(trained_checkpoint), "--tta-share", "0.3", "--json", "-")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["tta_share"] == 0.3
+    # `--json -` with --predictions: the document alone on stdout (| jq), the note of the CSV on stderr
+    result = run_cli("evaluate", str(trained_checkpoint), "--json", "-", "--predictions", "p.csv")
+    assert result.exit_code == 0 and json.loads(result.stdout)["num_samples"] == 30, result.output
+    assert "Predictions written to p.csv" in result.stderr
     assert run_cli("evaluate", str(trained_checkpoint), "--tta-share", "0").exit_code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,18 @@ def test_fixed_batch_and_no_tta(trained: dict[str, Path], prepared_dir: Path, tm
         run_evaluation(result.path, data, tta=True)
 
 
+def test_selective_tta_is_refused_for_an_export_whose_graph_scores_every_view(
+    trained: dict[str, Path], prepared_dir: Path, tmp_path: Path
+) -> None:
+    exported = tmp_path / "model.pt2"
+    assert run_cli("export", trained["seed-cnn"], "--format", "pt2", "--out", exported,
+                   "--processed-dir", prepared_dir).exit_code == 0  # fmt: skip
+    result = run_cli("evaluate", exported, "--processed-dir", prepared_dir, "--tta-share", "0.25")
+    assert result.exit_code == 2 and "--tta-share 0.25 cannot apply" in flat(result.output), result.output
+    result = run_cli("evaluate", exported, "--processed-dir", prepared_dir, "--json", "-")
+    assert result.exit_code == 0 and json.loads(result.stdout)["tta_share"] in (0.0, 1.0), result.output
+
+
 def test_predict_reads_an_exported_program(trained: dict[str, Path], prepared_dir: Path, tmp_path: Path) -> None:
     data = DataSettings(processed_dir=prepared_dir)
     program = export_checkpoint(trained["airbench"], data, "pt2", tmp_path / "a.pt2").path
@@ -129,11 +142,14 @@ def test_bad_inputs_get_clear_errors(trained: dict[str, Path], prepared_dir: Pat
         "unknown format": ([str(trained["seed-cnn"]), "--format", "tflite"], 2),
         "bad batch": ([str(trained["seed-cnn"]), "--batch", "zero"], 2),
         "unwritable output": ([str(trained["seed-cnn"]), "--format", "pt2", "--out", str(blocker / "m.pt2")], 1),
+        "a suffix of another format": ([str(trained["seed-cnn"]), "--format", "pt2", "--out", "model.onnx"], 2),
     }
     for case, (args, code) in cases.items():
         result = run_cli("export", *args, "--processed-dir", str(prepared_dir))
         assert result.exit_code == code, (case, result.output)
-    assert "a-file is a file, not a folder" in flat(result.output)  # the unwritable output, named
+        if case == "unwritable output":
+            assert "a-file is a file, not a folder" in flat(result.output)  # named
+    assert "--out model.pt2, or --format onnx" in flat(result.output)  # a .pt2 named .onnx: predict would refuse it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "notes.txt"]
     damaged = tmp_path / "damaged.onnx"
     damaged.write_bytes(b"\x08\x01garbage")

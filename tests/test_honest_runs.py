@@ -81,7 +81,7 @@ def test_every_setting_that_changes_the_result_names_another_run(change: str) ->
 @pytest.mark.parametrize(
     "change",
     ["train.epochs=30", "train.device=cpu", "train.num_threads=1", "train.eval_batch_size=10", "train.tta=false",
-     "log.progress=none", "data.processed_dir=/elsewhere", "train.compile=true"],
+     "log.progress=none", "data.processed_dir=/elsewhere", "train.compile=true", "train.tta_share=0.5"],
 )  # fmt: skip
 def test_length_and_machine_settings_keep_the_run_name(change: str) -> None:
     assert default_run_name(_settings(change)) == default_run_name(_settings())

@@ -85,16 +85,18 @@ def evaluate(
         keep_memory=settings.train.keep_freed_memory,
     )
     metrics = evaluation.metrics
-    if json_file is not None and str(json_file) == "-":  # the document alone on stdout, as `predict --json -`
+    json_on_stdout = json_file is not None and str(json_file) == "-"
+    if json_on_stdout:  # the document alone on stdout, as `predict --json -`: the rest goes to stderr
         console.print_json(json.dumps(metrics))
     else:
         print_metrics(metrics)
-    if json_file is not None and str(json_file) != "-":
+    status = error_console if json_on_stdout else console
+    if json_file is not None and not json_on_stdout:
         write_text_atomically(json_file, json.dumps(metrics, indent=2))
-        console.print(f"Metrics written to {json_file}")
+        status.print(f"Metrics written to {json_file}")
     if predictions_file:
         write_text_atomically(predictions_file, predictions_csv(evaluation))
-        console.print(f"Predictions written to {predictions_file}")
+        status.print(f"Predictions written to {predictions_file}")
 
 
 def predictions_csv(evaluation: Any) -> str:

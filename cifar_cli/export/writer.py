@@ -127,6 +127,14 @@ def _refuse_checkpoint_as_out(checkpoint: Path, out: Path, fmt: str) -> None:
             f"--out {out} would overwrite {'the checkpoint being exported' if same else 'a checkpoint file (.pth)'}.",
             hint=f"Write the export to a file of its own, e.g. --out {checkpoint.with_suffix('.' + fmt)}.",
         )
+    if out.suffix != f".{fmt}":  # predict, evaluate and a teacher read an export by its suffix
+        raise UsageError(
+            f"--out {out} does not end in .{fmt}, but --format {fmt} writes a .{fmt} file: "
+            "`cifar predict` and `cifar evaluate` tell an export's kind by its suffix.",
+            hint=f"Use --out {out.with_suffix('.' + fmt)}"
+            + (f", or --format {out.suffix[1:]}" if out.suffix[1:] in FORMATS else "")
+            + ".",
+        )
 
 
 def _contract(loaded: Any, tta: int, batch: int | None, fmt: str, accuracy: float) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def run_evaluation(
     `tta` and `tta_share` say). `keep_memory`: on the CPU, malloc keeps freed memory for the next batch (runtime/memory.py).
     An exported model (.onnx, .pt2) is run by its own runtime instead (`export/writer.py`)."""
     if checkpoint.suffix in EXPORTED_SUFFIXES:
-        return _evaluate_exported(checkpoint, data, split, tta, say)
+        return _evaluate_exported(checkpoint, data, split, tta, say, tta_share)
     device = resolve_device(device_name)
     if keep_memory:
         keep_freed_memory(device.type)
@@ -135,11 +135,11 @@ def run_evaluation(
 
 
 def _evaluate_exported(
-    path: Path, data: DataSettings, split: str, tta: bool | None, say: Callable[[str], None]
+    path: Path, data: DataSettings, split: str, tta: bool | None, say: Callable[[str], None], tta_share: float | None
 ) -> Evaluation:
     exported = load_exported(path)
     contract = exported.contract
-    _check_tta(tta, contract)
+    _check_tta(tta, contract, tta_share)
     ensure_prepared(data, say)
     check_same_classes(contract["class_names"], int(contract["input"]["shape"][-1]), data, path)
     images, labels = split_tensors(data, split, contract["val_size"], contract["seed"])
@@ -151,6 +151,7 @@ def _evaluate_exported(
         checkpoint=str(path),
         split=split,
         tta=bool(contract["tta_level"]),
+        tta_share=1.0 if contract["tta_level"] else 0.0,  # the graph scores every image with every view
         loss=predictions.loss,
         model=contract["model"],
         epoch=contract["epoch"],
@@ -160,9 +161,15 @@ def _evaluate_exported(
     return Evaluation(metrics, images, labels, predictions.predicted, logits, temperature)
 
 
-def _check_tta(tta: bool | None, contract: dict[str, Any]) -> None:
+def _check_tta(tta: bool | None, contract: dict[str, Any], tta_share: float | None = None) -> None:
     if tta is not None and tta != bool(contract["tta_level"]):
         raise UsageError(
             f"Test-time augmentation is fixed inside this exported model (level {contract['tta_level']}).",
             hint="Drop --tta/--no-tta, or export again with the one you want.",
+        )
+    if tta_share is not None and tta_share < 1:
+        raise UsageError(
+            f"--tta-share {tta_share:g} cannot apply to an exported model: its graph scores every image with "
+            + ("every view." if contract["tta_level"] else "one view (it was exported without TTA)."),
+            hint="Drop --tta-share, or evaluate the checkpoint (.pth) instead.",
         )

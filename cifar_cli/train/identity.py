@@ -28,6 +28,7 @@ NOT_RECIPE = {
     "compile",
     "deterministic",
     "tta",
+    "tta_share",  # which images the final evaluation scores with every view: not what the run learns
     "run_name",
     "resume",
     "num_threads",
