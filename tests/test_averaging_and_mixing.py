@@ -72,6 +72,30 @@ def test_a_run_scores_and_keeps_the_average_and_the_commands_load_it(tmp_path: P
     assert json.loads(evaluated.output)["accuracy"] == pytest.approx(final["accuracy"])
 
 
+def test_a_resume_from_a_checkpoint_without_an_average_starts_it_from_the_restored_weights(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint of a run made before it kept `ema_state`: the average must not start from a fresh network."""
+    ema = ("train.ema.decay=0.8", "train.ema.start_epoch=0")
+    first = train(tiny_settings(tmp_path, prepared_dir, *ema, "train.epochs=1"))
+    checkpoint = first.checkpoint_dir / "last.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    state["ema_state"] = None
+    torch.save(state, checkpoint)
+    seen: list[dict[str, torch.Tensor]] = []
+    real_update = WeightAverage.update
+
+    def update(self: WeightAverage, model: torch.nn.Module, step: int) -> None:
+        if not seen:  # the average as the resumed run's first step finds it
+            seen.append({key: tensor.clone() for key, tensor in self.state_dict().items()})
+        real_update(self, model, step)
+
+    monkeypatch.setattr(WeightAverage, "update", update)
+    train(tiny_settings(tmp_path, prepared_dir, *ema, "train.epochs=2"))
+    for key, tensor in state["model_state"].items():
+        assert torch.equal(seen[0][key], tensor), key
+
+
 def _constant_batch(size: int = 8, side: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """Image i is the value i everywhere, its label i % 4: where each mixed pixel came from can be read back."""
     images = torch.arange(size, dtype=torch.float32).view(size, 1, 1, 1).expand(size, 3, side, side).clone()

@@ -247,6 +247,22 @@ def test_grid_points_in_order_and_random_draws_the_same_for_every_worker() -> No
     assert all(0.001 <= lr <= 0.1 and batch in (16, 32, 48) for lr, batch in draws(0))
 
 
+@pytest.mark.parametrize("sampler", ["grid", "random"])
+def test_a_descending_range_is_drawn_from_its_values(sampler: str) -> None:
+    """`range(10,0,-3)` (the local grid's 10, 7, 4, 1) once crashed inside Optuna (low above high)."""
+    dimensions = [space.parse_dimension("train.epochs=range(10,0,-3)"), space.parse_dimension("optim.lr=log(1,0.01,3)")]
+    grid = space.grid_points(dimensions)
+    study = _memory_study(space.make_sampler(sampler, grid, 0))
+    drawn = []
+    for _ in range(len(grid) if sampler == "grid" else 6):
+        trial = study.ask()
+        drawn.append({d.key: d.suggest(trial) for d in dimensions})
+        study.tell(trial, 0.5)
+    assert all(point["train.epochs"] in (10, 7, 4, 1) and 0.01 <= point["optim.lr"] <= 1 for point in drawn)
+    if sampler == "grid":
+        assert drawn == grid and [point["train.epochs"] for point in grid[::3]] == [10, 7, 4, 1]
+
+
 def test_options_a_study_cannot_honour_are_refused(tmp_path: Path, prepared_dir: Path) -> None:
     storage = f"sqlite:///{tmp_path / 's.db'}"
     base = _args(tmp_path, prepared_dir, storage, "0.003,0.001", 1)

@@ -47,11 +47,14 @@ def parse_dimension(assignment: str) -> Dimension:
     text = assignment.partition("=")[2].strip()
     if len(values) < 2:
         return Dimension(key, tuple(values))
+    # Optuna draws from low up to high: a descending range (`range(10,0,-3)`, `log(1,0.01,3)`) is the same set
+    # of values from its smallest up, while a grid still visits them in the order written.
+    low, high = min(values[0], values[-1]), max(values[0], values[-1])
     if LOG.match(text):
-        return Dimension(key, tuple(values), values[0], values[-1], log=True)
+        return Dimension(key, tuple(values), low, high, log=True)
     if RANGE.match(text):
-        step = exact_step(values[0], values[1])
-        return Dimension(key, tuple(values), values[0], values[-1], step=step)
+        step = abs(exact_step(values[0], values[1]))
+        return Dimension(key, tuple(values), low, high, step=step)
     return Dimension(key, tuple(values))
 
 

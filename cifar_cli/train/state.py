@@ -136,6 +136,8 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
         parts.lookahead.load_state_dict(state["lookahead_state"])
     if parts.ema is not None and state.get("ema_state"):
         parts.ema.load_state_dict(state["ema_state"])
+    elif parts.ema is not None:  # a checkpoint kept no average: it starts from the restored weights, not random ones
+        parts.ema.load_state_dict(parts.model.state_dict())
     restore_rng_states(state["rng"])
     parts.started_from = state.get("started_from")
     epoch = state["epoch"]
