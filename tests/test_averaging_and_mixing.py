@@ -131,6 +131,45 @@ def test_no_mixing_unless_asked_and_a_batch_left_unmixed_keeps_its_labels() -> N
 
 
 def test_a_mixed_run_trains_with_label_smoothing_on_the_soft_targets(tmp_path: Path, prepared_dir: Path) -> None:
-    extra = ("train.augment.mixup=0.5", "train.augment.cutmix=1.0", "optim.label_smoothing=0.1", "train.epochs=1")
-    result = train(tiny_settings(tmp_path, prepared_dir, *extra))
-    assert result.history[0]["train_loss"] > 0 and 0 <= result.final_metrics["accuracy"] <= 1
+    """The same seed twice gives the same weights; mixed batches other weights (a run that ignored the mixing
+    would not)."""
+
+    def weights(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        settings = tiny_settings(tmp_path, prepared_dir, "optim.label_smoothing=0.1", "train.epochs=1",
+                                 f"train.run_name={name}", *extra)  # fmt: skip
+        result = train(settings)
+        assert result.history[0]["train_loss"] > 0 and 0 <= result.final_metrics["accuracy"] <= 1
+        return torch.load(result.checkpoint_dir / "last.pth", weights_only=True)["model_state"]
+
+    plain, again = weights("plain"), weights("again")
+    mixed = weights("mixed", "train.augment.mixup=0.5", "train.augment.cutmix=1.0")
+    assert all(torch.equal(plain[key], again[key]) for key in plain)
+    assert not all(torch.equal(plain[key], mixed[key]) for key in plain)
+
+
+def test_the_step_learns_from_the_mixed_batch_and_its_soft_targets(
+    tmp_path: Path, prepared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What reaches the loss: other pixels than the loader's batch, and targets that share each row's weight."""
+    from cifar_cli.train import loop
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real_forward_backward = loop.forward_backward
+    loaded: list[torch.Tensor] = []
+    real_mixer = BatchMixer.__call__
+
+    def mixer(self: BatchMixer, images: torch.Tensor, targets: torch.Tensor):  # noqa: ANN202
+        loaded.append(images.clone())
+        return real_mixer(self, images, targets)
+
+    def spy(model, images, targets, *rest):  # noqa: ANN001, ANN202
+        seen.append((images.clone(), targets.clone()))
+        return real_forward_backward(model, images, targets, *rest)
+
+    monkeypatch.setattr(BatchMixer, "__call__", mixer)
+    monkeypatch.setattr(loop, "forward_backward", spy)
+    train(tiny_settings(tmp_path, prepared_dir, "train.augment.mixup=1.0", "train.epochs=1"))
+    assert len(seen) == len(loaded) > 0
+    for (images, targets), batch in zip(seen, loaded):
+        assert targets.dim() == 2 and torch.allclose(targets.sum(dim=1), torch.ones(len(targets)))
+        assert (targets.max(dim=1).values < 1).any() and not torch.equal(images, batch)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional
 
 from cifar_cli.data.loader import Augment, BatchLoader
 from cifar_cli.data.prepare import load_cache, read_spec
@@ -38,7 +37,35 @@ def test_alpha_0_is_the_plain_loss_and_alpha_1_hears_only_the_teacher() -> None:
     assert float(half) == pytest.approx(0.5 * float(plain(student, targets)) + 0.5 * float(by_hand), rel=1e-5)
     # A student that already speaks like its teacher has nothing left to learn from it.
     assert float(only_teacher(teacher, targets, teacher)) == pytest.approx(0.0, abs=1e-6)
-    assert functional.kl_div  # the module's loss is torch's, not a copy
+
+
+def _weights(result) -> dict[str, torch.Tensor]:  # noqa: ANN001 - a TrainResult
+    return torch.load(result.checkpoint_dir / "last.pth", weights_only=True)["model_state"]
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_what_a_student_learns_follows_its_teachers_logits(
+    tmp_path: Path, prepared_dir: Path, tiny_checkpoint: Path
+) -> None:
+    """With alpha 1 a student hears its teacher alone: the same teacher twice gives the same weights, another
+    teacher other weights (a run that ignored the teacher's logits would give the same weights for both)."""
+    other_teacher = train(tiny_settings(tmp_path / "other", prepared_dir, "train.epochs=1", "train.seed=1"))
+    other_checkpoint = other_teacher.checkpoint_dir / "last.pth"
+
+    def student(teacher: Path, name: str) -> dict[str, torch.Tensor]:
+        settings = tiny_settings(tmp_path, prepared_dir, f"train.distill.teacher={teacher}", "train.epochs=1",
+                                 "train.distill.alpha=1.0", f"train.run_name={name}")  # fmt: skip
+        return _weights(train(settings))
+
+    first, again, taught_otherwise = (
+        student(tiny_checkpoint, "a"),
+        student(tiny_checkpoint, "b"),
+        student(other_checkpoint, "c"),
+    )
+    assert _same(first, again) and not _same(first, taught_otherwise)
 
 
 def test_a_student_learns_from_a_checkpoint_and_from_an_export(
@@ -139,7 +166,7 @@ def test_a_teacher_scores_each_image_once_where_augmentation_allows(
     timing = sum(passes) - 2 * training_images  # the planner's timing passes, then the image and its mirror
     assert passes[-2:] == [training_images, training_images] and timing == (TIMED_BATCHES + 1) * training_images
     passes.clear()
-    monkeypatch.setattr(TeacherLogitCache, "allowed", staticmethod(lambda augment: False))
+    monkeypatch.setattr(TeacherLogitCache, "allowed", staticmethod(lambda augment, small_epochs: False))
     every_batch = train(tiny_settings(tmp_path / "b", prepared_dir, *taught))
     assert sum(passes) == timing + 2 * (training_images // 16) * 16  # two epochs of batches
     a, b = (torch.load(r.checkpoint_dir / "last.pth", weights_only=True)["model_state"] for r in (cached, every_batch))

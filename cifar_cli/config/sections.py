@@ -88,6 +88,10 @@ class DataSettings(_Section):
         return self.dataset
 
 
+# AugmentSettings fields that make no view of an image vary by themselves (how flips and mixing are done).
+FIXED_VIEW_FIELDS = frozenset({"flip", "alternate_flip", "mix_probability", "cutmix_share"})
+
+
 class AugmentSettings(_Section):
     flip: bool = True
     translate: int = Field(4, ge=0, le=16, description="pixels of random crop padding (translate)")
@@ -103,6 +107,12 @@ class AugmentSettings(_Section):
     # Colour jitter per image on the normalised images (hiverge's record: 0.14 and 0.13); 0 turns each off.
     brightness: float = Field(0.0, ge=0, le=1, description="shift by up to +- this many standard deviations")
     contrast: float = Field(0.0, ge=0, lt=1, description="scale by 1 +- up to this")
+
+    def fixed_views(self) -> bool:
+        """Whether each image reaches the network in one of at most two fixed ways (as it is, or mirrored): every
+        field that is on, but those that only say how flips and mixing are done, makes views vary (a new
+        augmentation does too, without being listed here)."""
+        return not any(getattr(self, name) for name in type(self).model_fields if name not in FIXED_VIEW_FIELDS)
 
     def pixel_augment(self) -> dict[str, Any]:
         """The per-image augmentations the loader applies (data/loader.py's Augment); mixing happens in the step."""

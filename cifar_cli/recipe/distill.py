@@ -57,11 +57,16 @@ class Teacher:
         return self.logits(images, spec)
 
     def logits(self, images: torch.Tensor, spec: DataSpec) -> torch.Tensor:
-        """The teacher's float logits for a batch the student sees (normalised with the student's `spec`)."""
+        """The teacher's float logits for a batch the student sees (normalised with the student's `spec`). Images
+        of another side (train.low_res's small epochs) are resized to the teacher's: it scores the student's view
+        at the size it was trained on (an export takes no other)."""
         mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+        pixels = images.float() * std + mean
+        if pixels.shape[-1] != self.image_size:
+            pixels = functional.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear")
         with torch.no_grad():
-            return self.run(images.float() * std + mean).float()
+            return self.run(pixels).float()
 
     def seconds_per_image(self, images: torch.Tensor, spec: DataSpec) -> float:
         """Seconds of one image's teacher pass, timed on a batch the way training calls it (after a warm-up)."""
@@ -99,16 +104,10 @@ class TeacherLogitCache:
         return torch.where(flipped.view(-1, 1), self.mirrored[index], plain)
 
     @staticmethod
-    def allowed(augment: AugmentSettings) -> bool:
-        """Whether each image reaches the student in one of at most two fixed ways (as is, or mirrored)."""
-        return not (
-            augment.translate
-            or augment.cutout
-            or augment.mixup
-            or augment.cutmix
-            or augment.brightness
-            or augment.contrast
-        )
+    def allowed(augment: AugmentSettings, small_epochs: bool) -> bool:
+        """Whether each image reaches the student in one of at most two fixed ways (as is, or mirrored), at one
+        size: no epochs on smaller images (train.low_res), whose views the cached logits are not of."""
+        return augment.fixed_views() and not small_epochs
 
     @staticmethod
     def passes(augment: AugmentSettings) -> int:
@@ -123,6 +122,7 @@ def ready_teacher(
     images: torch.Tensor,
     augment: AugmentSettings,
     dry_run_epochs: int | None = None,
+    small_epochs: bool = False,
 ) -> tuple[Teacher, float]:
     """The teacher at `path`, checked against the data's `spec`, and its seconds per training image for the budget
     planner, timed on TEACHER_SAMPLE of `images` (uint8 training images). Where the augmentation allows, it scores
@@ -132,7 +132,7 @@ def ready_teacher(
     check_teacher_fits(teacher, spec)
     batch = normalize(images[:TEACHER_SAMPLE].to(device), torch.float32, False, spec)
     seconds = teacher.seconds_per_image(batch, spec)
-    if not TeacherLogitCache.allowed(augment):
+    if not TeacherLogitCache.allowed(augment, small_epochs):
         return teacher, seconds
     if dry_run_epochs is not None:
         return teacher, seconds * TeacherLogitCache.passes(augment) / dry_run_epochs

@@ -21,7 +21,7 @@ from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train import state as run_state
 from cifar_cli.train.finetune import Source
 from cifar_cli.train.identity import apply_plan
-from cifar_cli.train.setup import data_spec, setup_device
+from cifar_cli.train.setup import check_small_images, data_spec, setup_device
 from cifar_cli.train.tracking import Reporter
 
 CIFAR10_SIZES = (50_000, 10_000)  # train, test images: a dry run's counts when nothing is prepared yet
@@ -90,7 +90,8 @@ class RunPlanning:
         if train.distill.teacher is None:
             return None, 0.0
         epochs = train.epochs if dry_run else None  # a dry run scores nothing: the fast path's cost spread out
-        return ready_teacher(train.distill.teacher, self.device, self.spec, train_images, train.augment, epochs)
+        small = train.low_res.applies(self.device.type, train.time_budget is not None)
+        return ready_teacher(train.distill.teacher, self.device, self.spec, train_images, train.augment, epochs, small)
 
     def _adopt_rung(self, preset: str) -> None:
         """Train the ladder's rung `preset`, with this run's data, folders and starting weights."""
@@ -116,6 +117,8 @@ class RunPlanning:
             self.spec = data_spec(self.settings.data, self.settings.model.name)
             noise = torch.randint(0, 256, (64, 3, self.spec.image_size, self.spec.image_size)).byte()
             self.teacher, self.teacher_cost = self._ready_teacher(noise, dry_run=True)
+        classes = len(manifest.get("class_names", ())) or 10
+        check_small_images(self.settings, self.device.type, classes)
         training = min(train_images - val_size, self.settings.data.train_subset or train_images)
         return self.plan(training, val_size or test_images, test_images)
 

@@ -15,7 +15,6 @@ from cifar_cli.data.loader import BatchLoader
 from cifar_cli.predict.inference import predict
 from cifar_cli.predict.metrics import ClassificationReport, expected_calibration_error, report_from_predictions
 from cifar_cli.predict.temperature import temperature_record
-from cifar_cli.recipe.distill import TeacherLogitCache
 from cifar_cli.runtime.device import Precision, describe_device
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train.setup import Loaders
@@ -85,8 +84,10 @@ def run_banner(
     device: torch.device,
     precision: Precision,
     context: DistContext,
+    teacher_cached: bool = False,
 ) -> str:
-    """The line a run starts with: what trains, where, in what precision, on how many images, for how long."""
+    """The line a run starts with: what trains, where, in what precision, on how many images, for how long
+    (`teacher_cached`: a distilling run's teacher scored every image once, recipe/distill.py)."""
     train = settings.train
     training, scored = len(loaders.train.labels), len(loaders.evaluation.labels)
     held_out = (
@@ -111,7 +112,7 @@ def run_banner(
         parts.append(describe_ema(settings))
     if train.distill.teacher is not None:
         distill = train.distill
-        once = ", its logits scored once per image" if TeacherLogitCache.allowed(train.augment) else ""
+        once = ", its logits scored once per image" if teacher_cached else ""
         parts.append(
             f"distilled from {distill.teacher} (alpha {distill.alpha:g}, temperature {distill.temperature:g}{once})"
         )

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cifar_cli.budget.keeper import BudgetKeeper
-from cifar_cli.budget.plan import RemainingTime, RunPlan
+from cifar_cli.budget.plan import RemainingTime, RunPlan, count
 from cifar_cli.config.settings import Settings, dump_yaml, fits_temperature, resolve_val_size
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
@@ -32,6 +32,7 @@ from cifar_cli.train.setup import (
     Splits,
     build_loaders,
     build_parts,
+    check_small_images,
     data_spec,
     load_splits,
     seed_everything,
@@ -122,6 +123,7 @@ class Trainer(RunPlanning):
         )
         if self.source is not None:
             match_source(self.source, self.settings.model, self.spec.class_names)
+        check_small_images(self.settings, self.device.type, self.spec.num_classes)
         self.teacher, self.teacher_cost = self._ready_teacher(splits.train[0])
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
         self.loaders: Loaders = build_loaders(
@@ -147,7 +149,7 @@ class Trainer(RunPlanning):
             )
         if resumed_from >= self.settings.train.epochs:
             self.reporter.message(
-                f"Run {self.run_name} has already finished {resumed_from} epochs: nothing to train. "
+                f"Run {self.run_name} has already finished {count(resumed_from, 'epoch')}: nothing to train. "
                 "Use --no-resume to train it again, or raise --epochs to extend it."
             )
             # Nothing is written: no logger, so no stray TensorBoard events file and no open writer.
@@ -168,7 +170,14 @@ class Trainer(RunPlanning):
             write_text_atomically(self.run_dir / PLAN_FILE, json.dumps(budget.to_json(), indent=2))
         self.reporter.message(
             run_banner(
-                self.run_name, self.settings, self.loaders, self.epoch_split, self.device, self.precision, self.context
+                self.run_name,
+                self.settings,
+                self.loaders,
+                self.epoch_split,
+                self.device,
+                self.precision,
+                self.context,
+                teacher_cached=self.teacher is not None and self.teacher.cached is not None,
             )
         )
         runner = EpochRunner(

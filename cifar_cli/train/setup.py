@@ -70,6 +70,30 @@ def data_spec(data: DataSettings, model_name: str, trained: DataSpec | None = No
     return spec
 
 
+def check_small_images(settings: Settings, device_type: str, num_classes: int) -> None:
+    """train.low_res's first epochs on smaller images, refused before any training or timing for a model that
+    cannot take them: one made for a fixed size, or one whose pooling stages run out of pixels."""
+    train, model_name = settings.train, settings.model.name
+    if not train.low_res.applies(device_type, train.time_budget is not None):
+        return
+    side = int(train.low_res.size or 0)
+    fixed = fixed_image_size(model_name)
+    if fixed is not None and side != fixed:
+        reason = f"it takes {fixed} x {fixed} images only"
+    else:
+        try:  # the geometry does not depend on the width: the smallest network answers at once
+            with torch.no_grad():
+                build_model(model_name, 0.125, num_classes).eval()(torch.zeros(1, 3, side, side))
+            return
+        except RuntimeError:
+            reason = "its pooling stages run out of pixels"
+    raise UsageError(
+        f"train.low_res: model {model_name} cannot train its first epochs on {side} x {side} images: {reason}.",
+        hint="Set train.low_res.size=null (no small-image epochs) or a larger size, or choose a model that pools "
+        "globally (airbench, resnet18: 16 px works).",
+    )
+
+
 @dataclass(frozen=True)
 class Splits:
     """Training images, the split each epoch is evaluated on, and the test split read once at the end.
