@@ -162,3 +162,26 @@ def test_a_calibrating_run_fits_its_temperature_on_the_held_out_images_at_the_en
     plain = train(tiny_settings(tmp_path / "b", prepared_dir, "scheduler.name=none", "train.epochs=1"))
     assert "temperature" not in load_checkpoint(plain.checkpoint_dir / "last.pth")
     assert "ece_calibrated" not in plain.final_metrics
+
+
+def test_with_selective_tta_the_temperature_and_its_errors_are_those_of_every_view(
+    tmp_path: Path, prepared_dir: Path
+) -> None:
+    """`predict` and exports score every image with every view and apply the temperature there: it is fitted on
+    the held-out images scored that way, and the test ECE is of those probabilities (not the selective pass's)."""
+    from cifar_cli.config.sections import DataSettings
+    from cifar_cli.predict.evaluate import run_evaluation
+    from cifar_cli.predict.metrics import expected_calibration_error
+
+    settings = tiny_settings(tmp_path, prepared_dir, "model.name=airbench", "model.width_multiplier=0.25",
+                             "train.tta=true", "train.tta_share=0.3", "train.calibrate=true", "train.epochs=1")  # fmt: skip
+    result = train(settings)
+    checkpoint = result.checkpoint_dir / "last.pth"
+    record = load_checkpoint(checkpoint)["temperature"]
+    data = DataSettings(processed_dir=prepared_dir)
+    every_view = run_evaluation(checkpoint, data, "val", device_name="cpu", tta_share=1.0)
+    assert record["value"] == pytest.approx(fit_temperature(every_view.logits, every_view.targets), rel=1e-4)
+    test = run_evaluation(checkpoint, data, "test", device_name="cpu", tta_share=1.0)
+    scaled = torch.softmax(test.logits.double() / record["value"], dim=1)
+    assert result.final_metrics["tta_share"] == 0.3
+    assert result.final_metrics["ece_calibrated"] == pytest.approx(expected_calibration_error(scaled, test.targets))

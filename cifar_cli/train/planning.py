@@ -3,6 +3,7 @@ measured on this machine (budget/plan.py), and a dry run that stops there. `Trai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import torch
 
 from cifar_cli.budget.ladder import adopt_rung, choose_rung, full_schedule
 from cifar_cli.budget.measure import measure_plan
-from cifar_cli.budget.plan import RunPlan
+from cifar_cli.budget.plan import TTA_VIEWS, RunPlan, final_views
 from cifar_cli.config.settings import Settings, fits_temperature, resolve_val_size
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.data.spec import DataSpec
@@ -58,8 +59,7 @@ class RunPlanning:
 
     def _measure_plan(self, train_images: int, val_images: int, test_images: int) -> tuple[str, RunPlan]:
         """(the preset trained, its plan): a budget run free to climb the ladder first chooses its rung."""
-        # The final stage scores the test split, and the validation split again where it fits a temperature there.
-        final_images = test_images + (val_images if self._calibrates() else 0)
+        final_images = test_images + self._calibration_images(val_images, test_images)
         images, stored = (train_images, val_images, final_images), self.last.settings
 
         def measure(settings: Settings) -> RunPlan:
@@ -121,6 +121,16 @@ class RunPlanning:
         check_small_images(self.settings, self.device.type, classes)
         training = min(train_images - val_size, self.settings.data.train_subset or train_images)
         return self.plan(training, val_size or test_images, test_images)
+
+    def _calibration_images(self, val_images: int, test_images: int) -> int:
+        """Where a temperature is fitted at the end (train/report.py), the validation split with every view and,
+        after a selective TTA pass, the test split again with every view: as test images of the final stage."""
+        if not self._calibrates():
+            return 0
+        train = self.settings.train
+        level, share = train.tta_level(), train.tta_share
+        extra_views = (val_images + (test_images if level and share < 1 else 0)) * TTA_VIEWS[level]
+        return math.ceil(extra_views / final_views(level, share))
 
     def _calibrates(self) -> bool:  # train.calibrate, with a validation split to fit the temperature on
         return fits_temperature(self.settings) and self.epoch_split == "val"

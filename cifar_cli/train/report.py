@@ -46,10 +46,14 @@ def final_evaluation(
     final_metrics.json's numbers (the caller adds the clock), the full report and the temperature record (or None)."""
     level, share = settings.train.tta_level(), settings.train.tta_share
     temperature = None
-    if held_out is not None:
-        scored = predict(model, held_out, precision, device, level, share)
+    if held_out is not None:  # every view, as `predict` and exports score the images they apply it to
+        scored = predict(model, held_out, precision, device, level, 1.0)
         temperature = temperature_record(scored.logits, scored.targets, bool(level), "cifar train")
     predictions = predict(model, loader, precision, device, level, share)
+    # The calibration errors of the probabilities users get: every view (a second pass where selective TTA scored
+    # the accuracy; the plan counts it: train/planning.py).
+    selective = bool(level) and share < 1
+    as_used = predict(model, loader, precision, device, level, 1.0) if temperature and selective else predictions
     report = report_from_predictions(predictions, list(loader.spec.class_names))
     last_val = {"val_accuracy": history[-1]["val_accuracy"]} if history and "val_accuracy" in history[-1] else {}
     final = {
@@ -62,7 +66,7 @@ def final_evaluation(
         **({"tta_share": share} if level and share < 1 else {}),
         "epochs": len(history),
         "train_seconds": sum(record["seconds"] for record in history),
-        **calibration_errors(predictions.logits, predictions.targets, temperature),
+        **calibration_errors(as_used.logits, as_used.targets, temperature),
     }
     return final, report, temperature
 
