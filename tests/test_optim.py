@@ -78,19 +78,36 @@ def test_muon_groups_and_step() -> None:
 
 
 def test_sgd_groups_match_torch_sgd() -> None:
+    """The group's update made at once (foreach) is torch.optim.SGD's, also for a tensor whose first gradient
+    comes steps later (a frozen body thawed) while the others' momentum goes on."""
     from cifar_cli.recipe.muon import MuonSGD
 
     torch.manual_seed(0)
-    ours, reference = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
-    with torch.no_grad():
-        reference.copy_(ours)
-    mine = MuonSGD([{"params": [ours], "weight_decay": 0.01}], lr=0.1, momentum=0.9, nesterov=True)
-    torch_sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-    for step in range(3):
-        for parameter, optimizer in ((ours, mine), (reference, torch_sgd)):
-            parameter.grad = torch.full((5,), float(step + 1))
+    ours = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    mine = MuonSGD([{"params": ours, "weight_decay": 0.01}], lr=0.1, momentum=0.9, nesterov=True)
+    torch_sgd = torch.optim.SGD(reference, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for step in range(4):
+        for parameters, optimizer in ((ours, mine), (reference, torch_sgd)):
+            parameters[0].grad = torch.full((5,), float(step + 1))
+            parameters[1].grad = torch.full((3, 2), -float(step)) if step >= 2 else None
             optimizer.step()
-    assert torch.allclose(ours, reference)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, reference))
+
+
+def test_orthogonalize_is_the_quintic_iteration() -> None:
+    """The fused multiply-adds compute airbench's a x + (b G + c G G) x, G = x x^T."""
+    from cifar_cli.recipe.muon import NEWTON_SCHULZ, orthogonalize
+
+    torch.manual_seed(0)
+    matrix = torch.randn(16, 40, dtype=torch.float64)
+    x = matrix / (matrix.norm() + 1e-7)
+    a, b, c = NEWTON_SCHULZ
+    for _ in range(3):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    assert torch.allclose(orthogonalize(matrix, dtype=torch.float64), x)
+    assert torch.allclose(orthogonalize(matrix.T, dtype=torch.float64), x.T)  # tall: transposed first
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

@@ -176,9 +176,12 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
+        # The draws are made on the images' device: no copy from the host that a GPU step would wait for. (A GPU's
+        # stream of numbers differs from a CPU's; each is seeded and repeats.)
+        device = self.images.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
         # Colour jitter draws from its own stream: turning it on leaves every flip and shift as it was.
-        jitter = torch.Generator(device="cpu").manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 104_729)
+        jitter = torch.Generator(device=device).manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 104_729)
         for batch_index in range(len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images, flip = self.images[index], None

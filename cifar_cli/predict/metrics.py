@@ -29,6 +29,40 @@ def epoch_metrics(num_classes: int, device: torch.device | str = "cpu") -> Metri
     ).to(device)
 
 
+def count_into(confusion: torch.Tensor, predicted: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add a batch to a flat C x C count matrix (rows: true class) on its device: no value is read back to the
+    host, so a GPU step never waits (torchmetrics' update checks its arguments with a `unique`, which does)."""
+    classes = int(round(confusion.numel() ** 0.5))
+    cells = targets * classes + predicted
+    confusion.index_add_(0, cells, torch.ones_like(cells, dtype=confusion.dtype))
+
+
+def scores_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision, recall and F1 of a C x C count matrix (rows: true class), as torchmetrics'
+    epoch_metrics compute them: 0/0 counts 0, and a class neither true nor predicted anywhere is left out of the
+    macro means."""
+    classes = int(round(confusion.numel() ** 0.5))
+    counts = confusion.reshape(classes, classes).double().cpu()
+    true_positives = counts.diagonal()
+    predicted, actual = counts.sum(dim=0), counts.sum(dim=1)
+    precision = true_positives / predicted.clamp(min=1)
+    recall = true_positives / actual.clamp(min=1)
+    f1 = 2 * true_positives / (predicted + actual).clamp(min=1)
+    present = (predicted + actual) > 0
+    present_count = max(int(present.sum()), 1)
+
+    def macro(values: torch.Tensor) -> float:
+        return float(values[present].sum() / present_count)
+
+    total = float(counts.sum())
+    return {
+        "accuracy": float(true_positives.sum()) / max(total, 1.0),
+        "precision": macro(precision),
+        "recall": macro(recall),
+        "f1": macro(f1),
+    }
+
+
 @dataclass(frozen=True)
 class ClassificationReport:
     """Fractions in [0, 1]; `per_class[name]` holds precision, recall, f1 and support."""

@@ -15,7 +15,7 @@ from cifar_cli.config.settings import Settings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import CifarError
 from cifar_cli.predict.inference import predict
-from cifar_cli.predict.metrics import epoch_metrics, report_from_predictions
+from cifar_cli.predict.metrics import count_into, report_from_predictions, scores_from_confusion
 from cifar_cli.recipe.distill import Teacher
 from cifar_cli.recipe.mixing import BatchMixer
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
@@ -27,7 +27,9 @@ from cifar_cli.train.state import Progress
 from cifar_cli.train.step import forward_backward
 from cifar_cli.train.tracking import Reporter
 
-PROGRESS_UPDATES_PER_EPOCH = 50  # batch-bar refreshes; each one waits for the device
+# Seconds (on the run's clock) between refreshes of the live numbers, the finite-loss check, the budget's refit and
+# the deadline check: the only points where a step reads a value back from the device (and the epoch's end).
+REFRESH_SECONDS = 0.5
 
 
 class EpochRunner:
@@ -113,14 +115,15 @@ class EpochRunner:
         if parts.freezer is not None:
             parts.freezer.set_epoch(progress.epoch)
         parts.train_model.train()
-        metrics = epoch_metrics(self.spec.num_classes, self.device)
+        classes = self.spec.num_classes
+        # The epoch's statistics stay on the device until a refresh reads them (true x predicted counts).
+        confusion = torch.zeros(classes * classes, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
         steps_per_batch = scheduler_steps_per_batch(parts.scheduler)
-        refresh_every = max(1, steps // PROGRESS_UPDATES_PER_EPOCH)
         started = time.perf_counter()
         batch_index = 0
         self._checked = (self.clock(), 0)  # (clock, batches) at the last deadline check
+        refreshed = self.clock()
         for batch_index, (images, targets) in enumerate(loader, start=1):
             loss, logits = self._step(images, targets)
             if steps_per_batch:
@@ -131,12 +134,10 @@ class EpochRunner:
             if parts.ema is not None:
                 parts.ema.update(parts.model, progress.global_step)
             loss_sum += loss
-            predicted = logits.argmax(dim=1)
-            metrics.update(predicted, targets)
-            correct += (predicted == targets).sum()
-            if batch_index % refresh_every == 0 or batch_index == steps:
-                self._check_finite(loss_sum, progress.epoch + 1, batch_index)
-                self._report_batch(batch_index, loss_sum, correct, started, remaining)
+            count_into(confusion, logits.argmax(dim=1), targets)
+            if batch_index == steps or self.clock() - refreshed >= REFRESH_SECONDS:
+                refreshed = self.clock()
+                self._refresh(progress.epoch + 1, batch_index, loss_sum, confusion, started, remaining)
                 if refit is not None and (new_steps := refit(batch_index)) is not None:
                     steps = max(batch_index, min(new_steps, len(loader)))
                 if batch_index < steps and self._past(deadline, batch_index):
@@ -146,7 +147,7 @@ class EpochRunner:
         totals = distributed.all_reduce_sum(
             torch.stack([loss_sum, torch.tensor(float(batch_index), device=self.device)])
         )
-        computed = {key: float(value) for key, value in metrics.compute().items()}
+        computed = scores_from_confusion(distributed.all_reduce_sum(confusion))  # every process's images
         # The run's last epoch, planned or cut short by the clock, ends on the averaged weights (early stopping,
         # decided after the evaluation, hands them back in the trainer).
         if parts.lookahead is not None and (progress.epoch + 1 == self.settings.train.epochs or batch_index < steps):
@@ -192,26 +193,36 @@ class EpochRunner:
         return loss, logits
 
     @staticmethod
-    def _check_finite(loss_sum: torch.Tensor, epoch: int, batch_index: int) -> None:
-        if not math.isfinite(float(loss_sum)):
+    def _check_finite(loss_sum: float, epoch: int, batch_index: int) -> None:
+        if not math.isfinite(loss_sum):
             raise CifarError(
-                f"The loss became {float(loss_sum)} in epoch {epoch} by batch {batch_index}; training stopped.",
+                f"The loss became {loss_sum} in epoch {epoch} by batch {batch_index}; training stopped.",
                 hint="Lower the learning rate (--lr), enable --set optim.grad_clip=1.0, or use --precision fp32.",
             )
 
-    def _report_batch(
-        self, done: int, loss_sum: torch.Tensor, correct: torch.Tensor, started: float, remaining: RemainingTime
+    def _refresh(
+        self,
+        epoch: int,
+        done: int,
+        loss_sum: torch.Tensor,
+        confusion: torch.Tensor,
+        started: float,
+        remaining: RemainingTime,
     ) -> None:
-        """Live numbers of this process's batches so far (the epoch record holds the all-rank values)."""
+        """Live numbers of this process's batches so far (the epoch record holds the all-rank values), read back
+        from the device at once, and the check that the loss is still finite."""
         elapsed = max(time.perf_counter() - started, 1e-9)
-        batch_size = self.settings.train.batch_size
+        classes = self.spec.num_classes
+        correct = confusion.view(classes, classes).diagonal().sum()
+        loss_total, right, seen = torch.stack([loss_sum.float(), correct.float(), confusion.sum().float()]).tolist()
+        self._check_finite(loss_total, epoch, done)
         self.reporter.update_batch(
             done,
             {
-                "loss": float(loss_sum) / done,
-                "accuracy": float(correct) / (done * batch_size),
+                "loss": loss_total / done,
+                "accuracy": right / max(seen, 1.0),
                 "lr": self.parts.optimizer.param_groups[0]["lr"],
-                "images_per_second": done * batch_size * self.context.world_size / elapsed,
+                "images_per_second": done * self.settings.train.batch_size * self.context.world_size / elapsed,
                 "remaining_seconds": remaining.during_epoch(done),
             },
         )
