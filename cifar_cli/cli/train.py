@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,7 +27,8 @@ from cifar_cli.cli.common import (
     resolve,
 )
 from cifar_cli.config.sections import MODEL_RECIPES, LogSettings, OptimSettings, SchedulerSettings, TrainSettings
-from cifar_cli.config.settings import available_presets, choices
+from cifar_cli.config.settings import Settings, available_presets, choices
+from cifar_cli.errors import UsageError
 
 
 def train(
@@ -122,6 +123,15 @@ def train(
         int | None,
         typer.Option("--seed", help="Seeds every random number generator.", rich_help_panel=RUN),
         Sets("train.seed"),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Train several seeds in this one process, each a run of its own: 0-9 or 0,3,7; ends with the "
+            "mean +- std of the test accuracy and the training time (also as JSON).",
+            rich_help_panel=RUN,
+        ),
     ] = None,
     run_name: Annotated[
         str | None,
@@ -239,6 +249,10 @@ def train(
         plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
         console.print("Dry run: nothing was trained.")
         return
+    if seeds is not None and (seed is not None or nproc > 1):
+        raise UsageError(
+            f"--seeds trains every seed in this process: give it without {'--seed' if seed is not None else '--nproc'}."
+        )
     if nproc > 1:
         from cifar_cli.runtime.device import check_launch
 
@@ -248,7 +262,16 @@ def train(
     from cifar_cli.ui.display import make_reporter
     from cifar_cli.ui.plots import confusion_matrix_figure
 
-    run_training(settings, make_reporter(settings.log.progress, console), confusion_matrix_figure)
+    def train_one(each: Settings) -> Any:
+        return run_training(each, make_reporter(each.log.progress, console), confusion_matrix_figure)
+
+    if seeds is None:
+        train_one(settings)
+        return
+    from cifar_cli.cli.seeds_table import print_seeds
+    from cifar_cli.train.seeds import parse_seeds, train_seeds
+
+    print_seeds(train_seeds(settings, parse_seeds(seeds), train_one, console.print))
 
 
 def launch_torchrun(nproc: int) -> int:
