@@ -23,6 +23,7 @@ def source(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path
 # is a trained checkpoint (a fine-tuning source, a teacher).
 README_TRAINING = {
     "own data": ["--preset", "baseline"],
+    "seeds (the guide)": ["--preset", "baseline", "--seeds", "0-1"],
     "fine-tune": ["--preset", "baseline", "--init-from", "{source}", "--freeze-epochs", "1"],
     "class weights": ["--preset", "baseline", "--class-weights", "auto"],
     "distil": ["--teacher", "{source}", "--preset", "fast", "--set", "model.width_multiplier=0.25"],
