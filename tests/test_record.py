@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cifar_cli.bench.ours import OURS_NAME, OURS_WARM_NAME, run_ours, run_ours_warm
 from cifar_cli.bench.record import (
     RECORDS,
     ProgramResult,
@@ -188,17 +189,20 @@ def test_a_comparison_keeps_what_it_measured_when_a_program_fails(
     args = ["--anchors", anchors, "--runs", "2", "--processed-dir", prepared_dir]
     result = run_cli("bench", "--vs-record", *args, "--json", output, env={"COLUMNS": "80"})
     assert result.exit_code == 1, result.output
-    # The record first, then fast, then hiverge: a save after each.
-    assert [[p["name"] for p in document["programs"]] for document in saved] == [[], [], ["hiverge"]]
+    # The record first, then fast warm and cold, then hiverge: a save after each.
+    assert [[p["name"] for p in document["programs"]] for document in saved] == [[], [], [], ["hiverge"]]
     assert list(saved[0]["failed"]) == ["airbench94_muon"] and "no triton here" in saved[0]["failed"]["airbench94_muon"]
     document = read_side_by_side(output)
     assert document == saved[-1] and document["time_ratios"] == {}
-    assert list(document["failed"]) == ["airbench94_muon", "cifar train --preset fast"]
+    assert list(document["failed"]) == ["airbench94_muon", OURS_WARM_NAME, OURS_NAME]
     assert document["programs"][0]["accuracies"] == pytest.approx([0.9081, 0.9091])
     ours_log = tmp_path / "runs" / "vs-record" / "ours" / "vs-record-seed1000.log"
     assert "CUDA is not available" in flat(ours_log.read_text())  # its stderr, in the log beside its runs
     text = flat(result.output)
-    assert "fast was not measured" in text and "airbench94_muon, cifar train --preset fast failed" in text
+    assert "fast was not measured" in text and f"airbench94_muon, {OURS_WARM_NAME}, {OURS_NAME} failed" in text
+    assert "CUDA is not available" in flat(
+        (tmp_path / "runs" / "vs-record" / "ours" / "vs-record-warm.log").read_text()
+    )
 
 
 def test_only_runs_the_programs_it_names_and_refuses_others_before_running(
@@ -226,3 +230,23 @@ def test_only_runs_the_programs_it_names_and_refuses_others_before_running(
     document = read_side_by_side(output)
     assert [p["name"] for p in document["programs"]] == ["hiverge"] and document["failed"] == {}
     assert not (tmp_path / "runs" / "vs-record" / "ours").exists()
+
+
+def test_fast_is_timed_cold_and_warm_as_real_processes(prepared_dir: Path, tmp_path: Path) -> None:
+    """Both of ours on a CPU (on a GPU, `--device cuda`): cold, a process per seed after an untimed one; warm, one
+    `cifar train --seeds` process whose first seed is the untimed warm-up. Each timed run's accuracy and span come
+    from its own final_metrics.json."""
+    args = ["--processed-dir", str(prepared_dir), "--epochs", "1", "--set", "model.width_multiplier=0.25"]
+    said: list[str] = []
+    warm = run_ours_warm([0], args, tmp_path / "warm", said.append, device="cpu")
+    cold = run_ours([0], args, tmp_path / "cold", said.append, device="cpu")
+    for result, folder, names in ((warm, "warm", ["vs-record-warm-seed0"]), (cold, "cold", ["vs-record-seed0"])):
+        finals = [json.loads((tmp_path / folder / "runs" / name / "final_metrics.json").read_text()) for name in names]
+        assert result.accuracies == [final["accuracy"] for final in finals]
+        assert result.span_seconds == [final["record_span_seconds"] for final in finals]
+        assert result.warmup_seconds > 0 and result.wall_seconds > 0
+    assert sum("--seeds 1000,0 " in line for line in said) == 1  # one process for every warm seed
+    assert sum("--seed " in line for line in said) == 2  # one for each cold one
+    document = side_by_side([ProgramResult("airbench94_muon", "x", [0.9], [1.0], 1.0, 1.0)], [warm, cold], {})
+    assert list(document["ratios_by_program"]) == [OURS_WARM_NAME, OURS_NAME]
+    assert document["time_ratios"] == document["ratios_by_program"][OURS_WARM_NAME]

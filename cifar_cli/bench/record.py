@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifar_cli.bench.ours import OURS_NAME, OURS_WARM_NAME, run_ours, run_ours_warm
+from cifar_cli.bench.programs import ProgramResult, run_logged, summarise
 from cifar_cli.errors import UsageError
+
+__all__ = ["ProgramResult", "summarise"]  # kept where a reader of --vs-record looks for them
 
 RECORD_SCRIPT = "airbench94_muon.py"  # required: the record `fast` follows
 
@@ -44,9 +47,7 @@ RECORDS = (
 )
 ANCHORS_ENV = "CIFAR_ANCHORS"
 RECORD_RUNS_LINE = "for run in range(200)"  # the record's own run count, the one line its copy changes
-OURS_NAME = "cifar train --preset fast"
-OURS_KEY = "fast"  # what --only calls ours
-WARMUP_SEED = 1000  # our untimed warm-up run (cuDNN autotuning, allocator, kernels loaded)
+OURS_KEY = "fast"  # what --only calls ours (warm and cold)
 HOW_TO_GET = (
     "Pass --anchors DIR: a folder with airbench94_muon.py (KellerJordan/cifar10-airbench at f1c599c, MIT), as "
     "../shared/anchors/ holds it; or set CIFAR_ANCHORS."
@@ -125,39 +126,6 @@ def parse_record_output(text: str) -> tuple[list[dict[str, float]], dict[str, fl
     return runs, warmup
 
 
-def summarise(values: list[float]) -> dict[str, float | int]:
-    """n, mean, sample std (0 for one value), min and max."""
-    return {
-        "n": len(values),
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-    }
-
-
-@dataclass(frozen=True)
-class ProgramResult:
-    name: str
-    command: str
-    accuracies: list[float]  # final TTA test accuracy of each timed run, fractions
-    span_seconds: list[float]  # each timed run's init + training + final TTA, seconds
-    warmup_seconds: float  # the untimed warm-up (the record's includes its torch.compile)
-    wall_seconds: float  # the whole command(s), by the wall clock
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "command": self.command,
-            "accuracies": self.accuracies,
-            "span_seconds": self.span_seconds,
-            "warmup_seconds": self.warmup_seconds,
-            "wall_seconds": self.wall_seconds,
-            "accuracy": summarise(self.accuracies),
-            "span": summarise(self.span_seconds),
-        }
-
-
 def write_record_data(processed_dir: Path, workdir: Path) -> None:
     """The images `cifar train` reads (our prepared cache), in the files the record loads from its working folder:
     cifar10/{train,test}.pt, dicts of uint8 N x 32 x 32 x 3 `images`, int64 `labels` and `classes`. Both programs
@@ -181,7 +149,7 @@ def run_record(
     script = workdir / f"{Path(program.script).stem}_{runs}_runs.py"
     script.write_text(record_copy((anchors / program.script).read_text(), runs, program.script))
     started = time.perf_counter()
-    output = _run([sys.executable, str(script)], workdir, say, script.with_suffix(".log"))
+    output = run_logged([sys.executable, str(script)], workdir, say, script.with_suffix(".log"))
     wall = time.perf_counter() - started
     timed, warmup = parse_record_output(output)
     if len(timed) != runs or warmup is None:
@@ -196,91 +164,28 @@ def run_record(
     )
 
 
-def run_ours(seeds: list[int], train_args: list[str], workdir: Path, say: Callable[[str], None]) -> ProgramResult:
-    """`cifar train --preset fast --device cuda` once untimed (warm-up), then once per seed; each a new process."""
-    workdir.mkdir(parents=True, exist_ok=True)  # the processes' working folder: runs/ and checkpoints/ go in it
-    accuracies, spans, wall, warmup = [], [], 0.0, 0.0
-    for seed in [WARMUP_SEED, *seeds]:
-        name = f"vs-record-seed{seed}"
-        command = [
-            sys.executable,
-            "-m",
-            "cifar_cli",
-            "train",
-            "--preset",
-            "fast",
-            "--device",
-            "cuda",
-            "--seed",
-            str(seed),
-            "--run-name",
-            name,
-            "--no-resume",
-            "--progress",
-            "plain",
-            "--log-dir",
-            str(workdir / "runs"),
-            "--checkpoint-dir",
-            str(workdir / "checkpoints"),
-            *train_args,
-        ]
-        started = time.perf_counter()
-        _run(command, workdir, say, workdir / f"{name}.log")
-        seconds = time.perf_counter() - started
-        final = json.loads((workdir / "runs" / name / "final_metrics.json").read_text())
-        if seed == WARMUP_SEED:
-            warmup = seconds
-            continue
-        wall += seconds
-        accuracies.append(final["accuracy"])
-        spans.append(final["record_span_seconds"])
-    return ProgramResult(OURS_NAME, "cifar train --preset fast --device cuda --seed S", accuracies, spans, warmup, wall)
-
-
-def _run(command: list[str], cwd: Path, say: Callable[[str], None], log: Path) -> str:
-    """`command` in `cwd`, its output (stdout and stderr) written to `log` as it comes: a comparison stopped from
-    outside (a lent machine's time limit) still shows how far each program got. Returns the stdout."""
-    say(f"$ {' '.join(command)}  (output: {log})")
-    with (
-        log.open("w") as sink,
-        subprocess.Popen(
-            command,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=sink,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ) as process,
-    ):
-        assert process.stdout is not None
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            sink.write(line)
-            sink.flush()
-    stdout = "".join(lines)
-    if process.returncode != 0:
-        raise UsageError(f"{' '.join(command[:4])} ... failed (exit {process.returncode}):\n{log.read_text()[-1500:]}")
-    return stdout
-
-
 def side_by_side(
     records: list[ProgramResult],
-    ours: ProgramResult | None,
+    ours: list[ProgramResult] | ProgramResult | None,
     machine: dict[str, Any],
     failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document `--json` writes and `--from-json` reads back: every program measured so far, ours over each
-    record in seconds of the same span (means of the timed runs; none before ours is measured), and the programs
-    that failed with the end of their output."""
-    programs = [*records, ours] if ours is not None else list(records)
-    ratios = {}
-    if ours is not None:
-        ratios = {r.name: statistics.fmean(ours.span_seconds) / statistics.fmean(r.span_seconds) for r in records}
+    """The JSON document `--json` writes and `--from-json` reads back: every program measured so far, each of ours
+    (warm, cold) over each record in seconds of the same span (means of the timed runs), `time_ratios` those of
+    the first of ours measured (warm, as the records are timed), and the programs that failed with the end of
+    their output."""
+    mine = [ours] if isinstance(ours, ProgramResult) else list(ours or [])
+    ratios = {
+        program.name: {
+            r.name: statistics.fmean(program.span_seconds) / statistics.fmean(r.span_seconds) for r in records
+        }
+        for program in mine
+    }
     return {
         "machine": machine,
-        "programs": [program.to_json() for program in programs],
-        "time_ratios": ratios,
+        "programs": [program.to_json() for program in [*records, *mine]],
+        "time_ratios": ratios[mine[0].name] if mine else {},
+        "ratios_by_program": ratios,
         "failed": dict(failed or {}),
     }
 
@@ -335,7 +240,7 @@ def compare_with_record(
     # to spare, a comparison cut short still holds the pair that matters most.
     records: list[ProgramResult] = []
     failed: dict[str, str] = {}
-    ours: ProgramResult | None = None
+    ours: list[ProgramResult] = []
 
     def measure(name: str, run: Callable[[], ProgramResult]) -> ProgramResult | None:
         try:
@@ -352,10 +257,12 @@ def compare_with_record(
 
     for program in (p for p in chosen if p.script == RECORD_SCRIPT):
         record(program)
-    if run_fast:
+    if run_fast:  # warm first (timed as the records are), then cold (as a single `cifar train` is)
         train_args = ["--processed-dir", str(data.processed_dir.absolute())]
-        ours = measure(OURS_NAME, lambda: run_ours(seeds, train_args, workdir / "ours", say))
-        save(side_by_side(records, ours, machine, failed))
+        for name, run in ((OURS_WARM_NAME, run_ours_warm), (OURS_NAME, run_ours)):
+            result = measure(name, lambda run=run: run(seeds, train_args, workdir / "ours", say))
+            ours.extend([result] if result is not None else [])
+            save(side_by_side(records, ours, machine, failed))
     for program in (p for p in chosen if p.script != RECORD_SCRIPT):
         record(program)
     return side_by_side(records, ours, machine, failed)
