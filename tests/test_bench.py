@@ -153,6 +153,7 @@ def test_profile_lists_the_fast_steps_operators(prepared_dir: Path) -> None:
     assert 0 < sum(row["share"] for row in results["operators"]) <= 1.0 + 1e-9
     assert results["utilisation"] > 0 and results["images_per_second"] > 0
     assert results["choice"] in ("fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last")
+    assert results["batch_size"] == 20  # a real run's steps: 100 tiny training images over 2 + 2 steps and one more
 
 
 def test_a_gpu_profile_counts_the_devices_time_once_and_sorts_by_it() -> None:

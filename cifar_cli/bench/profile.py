@@ -2,72 +2,75 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from cifar_cli.bench.measure import BenchOptions, Measurement, machine_facts, on_device, sync, utilisation
-from cifar_cli.bench.rows import FastJob, fast_candidate
+from cifar_cli.bench.measure import BenchOptions, Measurement, machine_facts, sync, utilisation
 from cifar_cli.budget.flops import machine_ceiling, train_step_flops_per_image
-from cifar_cli.budget.probe import measure_speed
 from cifar_cli.config.sections import DataSettings
-from cifar_cli.config.settings import load_settings
+from cifar_cli.config.settings import Settings, load_settings
 from cifar_cli.data import ensure_prepared
 from cifar_cli.runtime.device import resolve_device
 from cifar_cli.runtime.memory import keep_freed_memory
 
-PROFILE_STEPS = 2  # profiled steps of the fast preset on a CPU (seconds each), after two untimed ones
+PROFILE_STEPS = 2  # profiled steps of the fast preset on a CPU (seconds each), after UNTIMED_STEPS
+UNTIMED_STEPS = 2  # steps before the profiled ones (first-step allocations, kernel choices)
 CUDA_PROFILE_STEPS = 20  # on a GPU (milliseconds each): enough that the profiler's start does not dominate
 PROFILE_TOP = 15  # operators listed
 
 
 def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, Any]:
-    """Where the `fast` preset's step spends its time here: operators by self time (torch.profiler), over
-    `PROFILE_STEPS` steps in the precision and layout `cifar train` chooses, with the step's utilisation."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where the `fast` preset's training step spends its time here: operators by self time (torch.profiler) over
+    `PROFILE_STEPS` steps of a real one-epoch `cifar train` run (the loop's own step: the batch drawn and augmented,
+    forward and backward, the optimiser, the schedule, the epoch's counts), after two untimed steps, in the
+    precision and layout the run chooses; with the step's utilisation. The run's files go to a temporary folder."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from cifar_cli.data.prepare import read_manifest
+    from cifar_cli.train.run import Trainer
 
     device = resolve_device(options.device)
     if options.keep_freed_memory:
         keep_freed_memory(device.type)
     ensure_prepared(data)
-    fast = load_settings(None, {"preset": "fast"})
-    choice = measure_speed(fast.model, fast.optim, fast.train.batch_size, device)
-    job = FastJob(
-        fast, data, str(device), None, options.keep_freed_memory, options, choice.precision, choice.channels_last
-    )
-    candidate = fast_candidate(job, device)
-    batches = on_device(candidate.batches(), device)
-    for _ in range(2):
-        candidate.step(*next(batches))
     on_gpu = device.type == "cuda"
     steps = CUDA_PROFILE_STEPS if on_gpu else PROFILE_STEPS
+    fast = load_settings(None, {"preset": "fast"})
+    images = int((read_manifest(data.processed_dir) or {}).get("counts", {}).get("train", 0))
+    batch = max(1, min(fast.train.batch_size, images // (UNTIMED_STEPS + steps + 1)))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    started = time.perf_counter()
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            candidate.step(*next(batches))
-        sync(device)
-    seconds = (time.perf_counter() - started) / steps
-    batches.close()
+    window = schedule(wait=0, warmup=UNTIMED_STEPS, active=steps, repeat=1)
+    profiler = profile(activities=activities, schedule=window, acc_events=True)
+    ends: list[float] = []
+
+    def after_step() -> None:
+        sync(device)  # each step's end on the clock; the profiler's window closes after `steps` of them
+        ends.append(time.perf_counter())
+        profiler.step()
+
+    with tempfile.TemporaryDirectory(prefix="cifar-profile-") as folder:
+        settings = _one_epoch_of_fast(data, str(device), batch, batch * (UNTIMED_STEPS + steps + 1), Path(folder))
+        trainer = Trainer(settings)
+        trainer.after_step = after_step
+        with profiler:
+            trainer.run()
+    timed = ends[UNTIMED_STEPS : UNTIMED_STEPS + steps + 1]
+    seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
     operators, device_seconds = operator_rows(profiler.key_averages(), steps, on_gpu)
-    images_per_second = fast.train.batch_size / seconds
+    images_per_second = batch / seconds
     flops = train_step_flops_per_image(fast.model.name, fast.model.width_multiplier)
-    ceiling = machine_ceiling(device)
+    precision = trainer.precision.name
     return {
         "machine": machine_facts(device),
-        "choice": choice.layout.label,
+        "choice": f"{precision}{' + channels_last' if trainer.settings.train.channels_last else ''}",
+        "batch_size": batch,
         "step_seconds": seconds,  # with the profiler's own overhead
         "images_per_second": images_per_second,
         "utilisation": utilisation(
-            Measurement(
-                "fast",
-                fast.train.batch_size,
-                images_per_second,
-                0.0,
-                seconds,
-                precision=choice.precision,
-                flops_per_image=flops,
-            ),
-            ceiling,
+            Measurement("fast", batch, images_per_second, 0.0, seconds, precision=precision, flops_per_image=flops),
+            machine_ceiling(device),
         ),
         "operators": operators,
         # On a GPU: seconds per step its kernels and copies ran, against the step's wall time under the profiler
@@ -75,6 +78,22 @@ def profile_fast_step(options: BenchOptions, data: DataSettings) -> dict[str, An
         "device_seconds_per_step": device_seconds,
         "device_busy_share": None if device_seconds is None else device_seconds / seconds,
     }
+
+
+def _one_epoch_of_fast(data: DataSettings, device: str, batch: int, images: int, folder: Path) -> Settings:
+    """`cifar train --preset fast --epochs 1` on `images` training images, nothing held out, no TTA or temperature
+    at the end, its files in `folder`."""
+    return load_settings(
+        None,
+        {
+            "preset": "fast",
+            "data": {"processed_dir": data.processed_dir, "train_subset": images, "val_size": 0},
+            "train": {"epochs": 1, "batch_size": batch, "device": device, "tta": False, "calibrate": False,
+                      "run_name": "profile", "resume": False},
+            "log": {"checkpoint_dir": folder / "checkpoints", "log_dir": folder / "runs", "progress": "none",
+                    "tensorboard": False},
+        },
+    )  # fmt: skip
 
 
 def operator_rows(events: Any, steps: int, on_gpu: bool) -> tuple[list[dict[str, Any]], float | None]:

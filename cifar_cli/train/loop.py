@@ -54,6 +54,7 @@ class EpochRunner:
         self.clock = clock  # seconds; a test's fake clock can stand in
         self.mixer = BatchMixer.from_settings(settings.train.augment, spec.num_classes)  # mixup / cutmix, or None
         self.teacher: Teacher | None = None  # distillation: set by the trainer
+        self.after_step: Callable[[], None] | None = None  # called after each step (`cifar bench --profile`)
 
     def run(
         self,
@@ -135,6 +136,8 @@ class EpochRunner:
                 parts.ema.update(parts.model, progress.global_step)
             loss_sum += loss
             count_into(confusion, logits.argmax(dim=1), targets)
+            if self.after_step is not None:
+                self.after_step()
             if batch_index == steps or self.clock() - refreshed >= REFRESH_SECONDS:
                 refreshed = self.clock()
                 self._refresh(progress.epoch + 1, batch_index, loss_sum, confusion, started, remaining)

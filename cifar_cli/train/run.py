@@ -87,6 +87,7 @@ class Trainer(RunPlanning):
         self.saved_epoch, self.save_seconds = 0, 0.0
         self.teacher, self.teacher_cost = None, 0.0  # distillation's teacher and its seconds per image
         self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
+        self.after_step: Callable[[], None] | None = None  # called after each training step (a profiler's)
         self.last = run_state.ResumePoint(self.checkpoint_dir, settings.train.resume, self.context, lambda: self.device)
 
     # ------------------------------------------------------------------------------------------ the run
@@ -192,7 +193,7 @@ class Trainer(RunPlanning):
             self.epoch_split,
             self.clock,
         )
-        runner.teacher = self.teacher
+        runner.teacher, runner.after_step = self.teacher, self.after_step
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
