@@ -49,6 +49,6 @@ def test_named_seeds_and_bad_seed_lists(tmp_path: Path, prepared_dir: Path) -> N
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["mine-seed0", "mine-seed3"]
     for bad in (["--seeds", "3-1"], ["--seeds", "a"], ["--seeds", "0,0"], ["--seeds", "0-1", "--seed", "2"],
-                ["--seeds", "0-1", "--nproc", "2"]):  # fmt: skip
+                ["--seeds", "0-1", "--nproc", "2"], ["--seeds", "x", "--dry-run"]):  # fmt: skip
         refused = _train(tmp_path / "bad", prepared_dir, *bad, "--epochs", "1")
         assert refused.exit_code == 2 and "--seeds" in flat(refused.output), (bad, refused.output)

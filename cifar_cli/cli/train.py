@@ -238,6 +238,13 @@ def train(
     """Train a model (default preset: fast) with checkpoints, TensorBoard logs and a progress display."""
     flags = flag_settings(train, locals())
     settings = resolve(config, set_options, flags)
+    if seeds is not None:
+        from cifar_cli.train.seeds import parse_seeds
+
+        seed_list = parse_seeds(seeds)  # a bad list is refused before anything runs, a dry run too
+        if seed is not None or nproc > 1:
+            what = "--seed" if seed is not None else "--nproc"
+            raise UsageError(f"--seeds trains every seed in this process: give it without {what}.")
     if "optim.lr" in flags or any(option.split("=")[0].strip() == "optim.lr" for option in set_options or []):
         from cifar_cli.recipe.optim import what_lr_reaches
 
@@ -250,10 +257,6 @@ def train(
         plan_run(settings, PlainReporter(console))  # prints the measured speeds and the plan
         console.print("Dry run: nothing was trained.")
         return
-    if seeds is not None and (seed is not None or nproc > 1):
-        raise UsageError(
-            f"--seeds trains every seed in this process: give it without {'--seed' if seed is not None else '--nproc'}."
-        )
     if nproc > 1:
         from cifar_cli.runtime.device import check_launch
 
@@ -269,9 +272,9 @@ def train(
     if seeds is None:
         train_one(settings)
         return
-    from cifar_cli.train.seeds import parse_seeds, train_seeds
+    from cifar_cli.train.seeds import train_seeds
 
-    print_seeds(train_seeds(settings, parse_seeds(seeds), train_one, console.print))
+    print_seeds(train_seeds(settings, seed_list, train_one, console.print))
 
 
 def launch_torchrun(nproc: int) -> int:
