@@ -11,7 +11,10 @@ TRAIN_ARGS ?= --time-budget 15m
 # Test processes side by side (pytest-xdist): one test alone keeps about one core busy; 0 runs them in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: install run test lint docs bench clean
+# The prepared CIFAR-10 that `make gpu-pack` packs for a lent GPU machine (scripts/gpu_check.py).
+GPU_DATA ?= my_cifar_data
+
+.PHONY: install run test lint docs bench gpu-pack clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +43,10 @@ docs: install
 
 bench: install
 	$(BIN)/cifar bench
+
+# What a lent GPU machine lacks, into .gpu/; there, in one call carrying .gpu: python3 scripts/gpu_check.py run $$OUT
+gpu-pack: install
+	$(BIN)/python scripts/gpu_check.py pack --processed-dir $(GPU_DATA)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
