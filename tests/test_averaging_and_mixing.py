@@ -131,8 +131,9 @@ def test_no_mixing_unless_asked_and_a_batch_left_unmixed_keeps_its_labels() -> N
 
 
 def test_a_mixed_run_trains_with_label_smoothing_on_the_soft_targets(tmp_path: Path, prepared_dir: Path) -> None:
-    """The same seed twice gives the same weights; mixed batches other weights (a run that ignored the mixing
-    would not)."""
+    """The same seed twice gives the same weights, mixed batches other weights. (That alone would not notice
+    mixing ignored: the soft-target loss changes the weights too. The next test watches the mixed batch reach the
+    loss.)"""
 
     def weights(name: str, *extra: str) -> dict[str, torch.Tensor]:
         settings = tiny_settings(tmp_path, prepared_dir, "optim.label_smoothing=0.1", "train.epochs=1",

@@ -52,3 +52,21 @@ def test_named_seeds_and_bad_seed_lists(tmp_path: Path, prepared_dir: Path) -> N
                 ["--seeds", "0-1", "--nproc", "2"], ["--seeds", "x", "--dry-run"]):  # fmt: skip
         refused = _train(tmp_path / "bad", prepared_dir, *bad, "--epochs", "1")
         assert refused.exit_code == 2 and "--seeds" in flat(refused.output), (bad, refused.output)
+
+
+def test_ctrl_c_during_a_seed_says_to_run_the_same_seeds_command_again(tmp_path: Path, prepared_dir: Path) -> None:
+    from cifar_cli.train.run import TrainingInterrupted, train
+    from cifar_cli.train.seeds import train_seeds
+    from tests.conftest import tiny_settings
+
+    def train_one(settings):  # noqa: ANN001, ANN202 - seed 1 is stopped as Ctrl-C stops a run
+        if settings.train.seed == 1:
+            raise TrainingInterrupted("Interrupted. last.pth holds epoch 0.", hint="cifar train --run-name x")
+        return train(settings)
+
+    settings = tiny_settings(tmp_path, prepared_dir, "train.epochs=1", "train.run_name=ctrl-c")
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_seeds(settings, [0, 1, 2], train_one, lambda _text: None)
+    assert "same --seeds command again" in stopped.value.hint
+    assert (tmp_path / "checkpoints" / "ctrl-c-seed0" / "last.pth").is_file()
+    assert not (tmp_path / "checkpoints" / "ctrl-c-seed2").exists()  # the rest wait for the next command

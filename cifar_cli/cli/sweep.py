@@ -33,7 +33,7 @@ def sweep(
             "the Cartesian product is swept; one value: fixed).",
         ),
     ] = None,
-    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of every recipe, e.g. 0,1,2.")] = "0",
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds of every recipe, e.g. 0,1,2 or 0-2.")] = "0",
     samples: Annotated[
         int | None, typer.Option("--samples", min=1, help="N seeded random draws from the grid instead of all.")
     ] = None,
@@ -102,6 +102,7 @@ def sweep(
     from cifar_cli.sweep.axes import parse_axis
     from cifar_cli.train.run import TrainingInterrupted
     from cifar_cli.train.run import train as run_training
+    from cifar_cli.train.seeds import parse_seeds
     from cifar_cli.ui.display import make_reporter
     from cifar_cli.ui.plots import confusion_matrix_figure
 
@@ -109,9 +110,7 @@ def sweep(
     for key, value in flag_settings(sweep, locals()).items():
         set_dotted(fixed, key, value)
     parsed = [parse_axis(axis) for axis in axes or []]
-    seed_list = [int(part) for part in seeds.split(",") if part.strip().isdigit()]
-    if not seed_list or len(seed_list) != len(seeds.split(",")):
-        raise SettingsError("Bad option.", [("--seeds", "whole numbers separated by commas", seeds)])
+    seed_list = parse_seeds(seeds)  # as `cifar train --seeds` reads them: 0,1,2 or 0-2
     base = resolve(config, None, flag_settings(sweep, locals()))
     sweep_name = name or sweeps.default_name(parsed)
     _check_choices(sampler, pruner)

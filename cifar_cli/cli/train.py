@@ -327,5 +327,6 @@ def print_seeds(summary: Any) -> None:
         f"training {train[0]:.1f} +- {train[1]:.1f} s" if train else "",
         f"each run's command {wall[0]:.1f} +- {wall[1]:.1f} s" if wall else "",
     ]
-    console.print(f"Mean +- std of {len(summary.runs)} seeds: {', '.join(part for part in parts if part)}.")
+    scored = sum(run.accuracy is not None for run in summary.runs)  # a run interrupted earlier has no final score
+    console.print(f"Mean +- std of {scored} seeds: {', '.join(part for part in parts if part)}.")
     console.print(f"Written to {summary.path}")

@@ -28,7 +28,7 @@ from PIL import Image
 
 from cifar_cli.data import archive, csv_list, folder
 from cifar_cli.data.download import md5_of
-from cifar_cli.data.ownership import CACHE_FILE, MANIFEST_FILE, Owned, check_output_folder, written_names
+from cifar_cli.data.ownership import CACHE_FILE, MANIFEST_FILE, PNG_SPLITS, Owned, check_output_folder, written_names
 from cifar_cli.data.spec import CIFAR10_CLASS_NAMES, DataSpec, channel_statistics
 from cifar_cli.errors import CifarError, UsageError
 from cifar_cli.files import (
@@ -286,7 +286,7 @@ def _remove_unwanted_png_folders(processed_dir: Path, owned: Owned, write_png: b
     other images than the cache."""
     if write_png:
         return
-    for split in ("train", "test"):
+    for split in PNG_SPLITS:
         if split in owned.top and (processed_dir / split).is_dir():
             shutil.rmtree(processed_dir / split)
 
@@ -317,7 +317,7 @@ def _is_up_to_date(manifest: dict, processed_dir: Path, wanted: dict[str, Any], 
         and all(manifest.get(key) == value for key, value in wanted.items())
         and (processed_dir / CACHE_FILE).is_file()
         and (manifest.get("png") or not write_png)
-        and all((processed_dir / split).is_dir() for split in ("train", "test") if write_png)
+        and all((processed_dir / split).is_dir() for split in PNG_SPLITS if write_png)
     )
 
 

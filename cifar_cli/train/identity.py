@@ -93,10 +93,14 @@ def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
         into[prefix.rstrip(".")] = value
 
 
+def identity_digest(identity: dict[str, Any]) -> str:
+    """Eight hex digits naming a recipe identity (or part of one)."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def default_run_name(settings: Settings) -> str:
     """Same recipe, same name: running the same command again resumes instead of starting a second run."""
-    identity = recipe_identity(settings.to_plain())
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    digest = identity_digest(recipe_identity(settings.to_plain()))
     # A ladder run's rung is chosen later, from this machine's speeds: the same command, the same name.
     if settings.rungs:
         return f"ladder-{digest}"

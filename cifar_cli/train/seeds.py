@@ -5,7 +5,6 @@ mean and standard deviation of the final test accuracy and of the training time,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import statistics
@@ -17,8 +16,9 @@ from typing import Any
 from cifar_cli.config.settings import Settings
 from cifar_cli.errors import SettingsError
 from cifar_cli.files import write_text_atomically
-from cifar_cli.train.identity import recipe_identity
+from cifar_cli.train.identity import identity_digest, recipe_identity
 from cifar_cli.train.report import TrainResult
+from cifar_cli.train.run import TrainingInterrupted
 from cifar_cli.train.tracking import FINAL_METRICS_FILE
 
 MAX_SEEDS = 1000
@@ -91,8 +91,7 @@ def summary_path(settings: Settings) -> Path:
     """`<log dir>/seeds-<preset>-<model>-<hash of the recipe but its seed>.json`: the same seeds of the same recipe
     write the same file."""
     identity = {key: value for key, value in recipe_identity(settings.to_plain()).items() if key != "train.seed"}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return settings.log.log_dir / f"seeds-{settings.preset}-{settings.model.name}-{digest}.json"
+    return settings.log.log_dir / f"seeds-{settings.preset}-{settings.model.name}-{identity_digest(identity)}.json"
 
 
 def train_seeds(
@@ -103,7 +102,13 @@ def train_seeds(
     runs: list[SeedRun] = []
     for index, seed in enumerate(seeds, start=1):
         say(f"Seed {seed} ({index} of {len(seeds)}).")
-        result = train_one(seed_settings(settings, seed, named))
+        try:
+            result = train_one(seed_settings(settings, seed, named))
+        except TrainingInterrupted as stopped:  # Ctrl-C: the same --seeds command goes on where this one stopped
+            raise TrainingInterrupted(
+                stopped.message,
+                hint="Run the same --seeds command again: finished seeds are kept, this one resumes, the rest train.",
+            ) from None
         final = result.final_metrics or _recorded_final(result.run_dir)  # a finished run trains nothing again
         runs.append(
             SeedRun(seed, result.run_name, final.get("accuracy"), final.get("train_seconds"), final.get("wall_seconds"))
