@@ -40,3 +40,19 @@ class SettingsError(UsageError):
     def __init__(self, message: str, rows: list[tuple[str, str, str]], hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.rows = rows
+
+
+class TrainingInterrupted(CifarError):
+    """A run (or a sweep, or a --seeds series) stopped by Ctrl-C or a cluster's signal after saving what it had:
+    the same command resumes it. `requeue`: the signal was a SLURM job's warning of its end, so the command's
+    boundary puts the job back in its queue once everything on the way out is done (runtime/stopping.py)."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, message: str, hint: str | None = None, *, requeue: bool = False) -> None:
+        super().__init__(message, hint)
+        self.requeue = requeue
+
+    def reworded(self, message: str, hint: str | None) -> TrainingInterrupted:
+        """The same stop, told in the words of the command around the run."""
+        return TrainingInterrupted(message, hint, requeue=self.requeue)

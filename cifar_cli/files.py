@@ -114,23 +114,29 @@ def remove_stale_temporaries(path: Path) -> None:
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Ctrl-C waits until the block is done, then takes effect as it would have (a checkpoint and the note of which
-    epoch it holds are written together). A Python-level handler, not a signal mask: a mask holds for one thread
-    only, and torch's worker threads would take the signal. Main thread only; elsewhere the block runs as it is."""
+    """Ctrl-C (and the other stop signals: SIGTERM, SIGUSR1, SIGUSR2) waits until the block is done, then takes
+    effect as it would have (a checkpoint and the note of which epoch it holds are written together). A
+    Python-level handler, not a signal mask: a mask holds for one thread only, and torch's worker threads would
+    take the signal. Main thread only; elsewhere the block runs as it is."""
     import signal
     import threading
+
+    from cifar_cli.runtime.stopping import STOP_SIGNALS
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    previous = {
+        number: signal.signal(number, lambda signum, _frame: received.append(signum)) for number in STOP_SIGNALS
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)  # now handled as before the block: KeyboardInterrupt by default
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):  # each once, in order: handled as before the block
+            signal.raise_signal(number)
 
 
 @contextlib.contextmanager

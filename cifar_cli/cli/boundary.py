@@ -1,6 +1,7 @@
 """The one error boundary of the `cifar` command, wrapped around every command where the app registers it.
 
-Known errors (`CifarError`) become a short panel and their exit code; Ctrl-C exits 130; a reader that closed our
+Known errors (`CifarError`) become a short panel and their exit code; Ctrl-C (and SIGTERM, SIGUSR1, SIGUSR2) exits
+130, and a run stopped by a SLURM job's warning signal requeues the job; a reader that closed our
 output pipe ends the command quietly; running out of memory names the settings that lower it; anything else is
 one line naming the exception and how to see its traceback (`CIFAR_DEBUG=1`), exit 1.
 """
@@ -19,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cifar_cli.cli.common import error_console, quiet_closed_stdout
-from cifar_cli.errors import DEBUG_VARIABLE, CifarError, ExitCode, SettingsError
+from cifar_cli.errors import DEBUG_VARIABLE, CifarError, ExitCode, SettingsError, TrainingInterrupted
+from cifar_cli.runtime import stopping
 
 # What running out of memory looks like: Python's own, torch's CUDA/MPS error, and the CPU allocator's message.
 OUT_OF_MEMORY_TYPES = ("MemoryError", "OutOfMemoryError")
@@ -42,7 +44,8 @@ def error_boundary(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with stopping.stop_signals_raise():  # SIGTERM and SIGUSR1/2 stop a command as Ctrl-C does
+                return command(*args, **kwargs)
         except BaseException as error:  # noqa: BLE001 - this is the boundary
             if _from_the_framework(error):
                 raise  # Typer's (or Click's) own exits and usage errors: it words them
@@ -66,6 +69,8 @@ def _end_with(error: BaseException) -> NoReturn:
         raise typer.Exit(error.exit_code)
     if isinstance(error, CifarError):
         error_console.print(_panel(error.message, error.hint))
+        if isinstance(error, TrainingInterrupted) and error.requeue:  # last: after everything on the way out
+            error_console.print(stopping.requeue_job())
         raise typer.Exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
         error_console.print("Interrupted.")

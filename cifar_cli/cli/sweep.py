@@ -147,12 +147,12 @@ def sweep(
                 trials, built, folder, train_one, console.print, lambda rows: console.print(trial_table(rows))
             )
         except TrainingInterrupted as error:
-            raise TrainingInterrupted(
+            raise error.reworded(
                 f"Sweep interrupted. {error.message}",
                 hint="Run the same `cifar sweep` command again: finished trials are skipped, this one resumes.",
             ) from None
     else:
-        summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train.device)
+        summaries = parallel_sweep(sweeps, trials, built, folder, jobs, base.train)
     publish_results(trials, summaries, folder, [key for key, values in parsed if len(values) > 1])
 
 
@@ -169,12 +169,12 @@ def _check_choices(sampler: str | None, pruner: str | None) -> None:
 
 
 def parallel_sweep(
-    sweeps: Any, trials: list[Any], built: list[Settings], folder: Path, jobs: int, device: str
+    sweeps: Any, trials: list[Any], built: list[Settings], folder: Path, jobs: int, train: Any
 ) -> dict[str, Any]:
     """--jobs N: trials in their own processes, a live table of all of them; failed trials named with their log."""
     from rich.live import Live
 
-    slots = sweeps.machine_slots(jobs, device)
+    slots = sweeps.machine_slots(jobs, train.device)
     gpus = sum(slot.gpu is not None for slot in slots)
     console.print(
         f"{len(slots)} trials at a time, {slots[0].threads} CPU threads each"
@@ -188,12 +188,14 @@ def parallel_sweep(
 
         try:
             statuses = sweeps.run_parallel(trials, built, folder, slots, show)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or a stop signal (runtime/stopping.py)
+            from cifar_cli.runtime.stopping import asks_requeue
             from cifar_cli.train.run import TrainingInterrupted
 
             raise TrainingInterrupted(
                 "Sweep interrupted: every running trial saved its checkpoint.",
                 hint="Run the same command again to skip finished trials and resume the others.",
+                requeue=asks_requeue(getattr(interrupt, "signum", None), train.requeue_signal),
             ) from None
     console.print()  # a live display that is not a terminal ends without a line break
     failed = [status for status in statuses if status.state == "failed"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from cifar_cli.cli.common import console
 from cifar_cli.config.settings import Settings
-from cifar_cli.errors import ExitCode, SettingsError, UsageError
+from cifar_cli.errors import SettingsError, TrainingInterrupted, UsageError
 
 
 def check_local_options(trials: int | None, sampler: str | None, pruner: str | None, timeout: str | None) -> None:
@@ -90,16 +90,11 @@ def run_study(
     plan = studies.StudyPlan(varied, fixed, count, parse_duration(options["timeout"]) if options["timeout"] else None)
     try:
         done = studies.run_worker(study, plan, studies.trial_runner(build, train), console.print)
-    except Exception as error:
-        # Ctrl-C: the trial saved its checkpoint and is queued again.
-        if getattr(error, "exit_code", None) == ExitCode.INTERRUPTED:
-            from cifar_cli.train.run import TrainingInterrupted
-
-            raise TrainingInterrupted(
-                f"Sweep interrupted. {error}",
-                hint="The trial is queued again: this command (or any worker of the study) resumes it.",
-            ) from None
-        raise
+    except TrainingInterrupted as stopped:  # Ctrl-C or a cluster's signal: the trial saved and is queued again
+        raise stopped.reworded(
+            f"Sweep interrupted. {stopped}",
+            hint="The trial is queued again: this command (or any worker of the study) resumes it.",
+        ) from None
     _write_results(studies, study, folder, [d.key for d in varied])
     running = sum(t.state.name == "RUNNING" for t in study.get_trials(deepcopy=False))
     console.print(

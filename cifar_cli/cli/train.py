@@ -30,6 +30,7 @@ from cifar_cli.cli.common import (
 from cifar_cli.config.sections import MODEL_RECIPES, LogSettings, OptimSettings, SchedulerSettings, TrainSettings
 from cifar_cli.config.settings import Settings, available_presets, choices
 from cifar_cli.errors import UsageError
+from cifar_cli.runtime import stopping
 
 
 def train(
@@ -290,18 +291,20 @@ def launch_torchrun(nproc: int) -> int:
         if arg.startswith("--nproc="):
             continue
         args.append(arg)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "cifar_cli",
-        *args,
-    ]
-    console.print("Launching: " + " ".join(command[2:]))
-    return subprocess.call(command, env=os.environ.copy())
+    options = ["--standalone", f"--nproc_per_node={nproc}", "-m", "cifar_cli", *args]
+    console.print("Launching: torch.distributed.run " + " ".join(options))
+    # torchrun in a process group of its own, which this process passes stop signals on to: its workers save and
+    # stop. torchrun itself ignores SIGUSR1/2 (a SLURM job's warning), which would otherwise kill it at once.
+    command = [sys.executable, "-c", TORCHRUN_IGNORING_WARNINGS, *options]
+    process = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+    with stopping.forwarded_to_group(process):
+        return process.wait()
+
+
+TORCHRUN_IGNORING_WARNINGS = (
+    "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN); signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
+    "from torch.distributed.run import main; main()"
+)
 
 
 def _number(value: float | None, form: str) -> str:

@@ -284,6 +284,11 @@ class TrainSettings(_Section):
     lookahead: bool = Field(False, description="airbench's lookahead weight averaging (recipe/lookahead.py)")
     run_name: str | None = None
     resume: bool | None = Field(None, description="None: resume when last.pth of the run exists")
+    # The signal a SLURM job asks to be warned with before its time limit (`#SBATCH --signal=USR1@90`): a run
+    # stopped by it inside a SLURM job saves and requeues the job (runtime/stopping.py). none: saves only.
+    requeue_signal: Literal["SIGUSR1", "SIGUSR2", "none"] = Field(
+        "SIGUSR1", description="under SLURM: the warning signal that saves and requeues the job"
+    )
     # Threads for CPU training; 0 lets torch choose (one per core).
     num_threads: int = Field(0, ge=0)
     keep_freed_memory: bool = Field(

@@ -151,9 +151,22 @@ class BatchLoader:
         # The last batch yielded: which images, and which of them mirrored (None: none were), for a distilling
         # run's teacher whose logits were scored once per image (recipe/distill.py).
         self.last_batch: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # The epoch's random streams as they stand (flips and shifts, colour jitter), and where the next
+        # iteration starts: a run stopped mid-epoch saves the one and resumes at the other, batch for batch.
+        self.generators: tuple[torch.Generator, torch.Generator] | None = None
+        self._resume_at: tuple[int, list[torch.Tensor]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, batch: int, generator_states: list[torch.Tensor]) -> None:
+        """The next iteration (of this epoch) starts at batch `batch` (0-based), its streams in the saved states."""
+        self._resume_at = (batch, generator_states)
+
+    def generator_states(self) -> list[torch.Tensor]:
+        """The states of this epoch's streams after the last batch drawn, for `resume_at`."""
+        assert self.generators is not None, "no epoch is being drawn"
+        return [generator.get_state() for generator in self.generators]
 
     @property
     def samples_per_rank(self) -> int:
@@ -182,7 +195,12 @@ class BatchLoader:
         generator = torch.Generator(device=device).manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 1)
         # Colour jitter draws from its own stream: turning it on leaves every flip and shift as it was.
         jitter = torch.Generator(device=device).manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank + 104_729)
-        for batch_index in range(len(self)):
+        self.generators, first = (generator, jitter), 0
+        if self._resume_at is not None:
+            (first, states), self._resume_at = self._resume_at, None
+            for stream, state in zip(self.generators, states):
+                stream.set_state(state.cpu())
+        for batch_index in range(first, len(self)):
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             images, flip = self.images[index], None
             if self.train:

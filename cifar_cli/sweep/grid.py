@@ -32,6 +32,7 @@ from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import DEBUG_VARIABLE, ExitCode, SettingsError, UsageError
 from cifar_cli.files import write_text_atomically
 from cifar_cli.runs import SWEEPS_FOLDER, list_runs, recorded_differences
+from cifar_cli.runtime.stopping import REQUEUED_BY_PARENT
 from cifar_cli.sweep.axes import cartesian
 
 
@@ -342,6 +343,7 @@ def _launch(status: TrialStatus, settings: Settings, slot: Slot, work: Path) -> 
     env = {**os.environ, "OMP_NUM_THREADS": str(slot.threads), "PYTHONUNBUFFERED": "1"}
     # The settings file says everything; CIFAR_DEBUG is no setting (a trial's crash shows its traceback too).
     env = {key: value for key, value in env.items() if not key.startswith("CIFAR_") or key == DEBUG_VARIABLE}
+    env[REQUEUED_BY_PARENT] = "1"  # a cluster's warning requeues the sweep's job once, from the sweep
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
     status.log = work / f"{status.trial.name}.log"

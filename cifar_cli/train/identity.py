@@ -31,6 +31,7 @@ NOT_RECIPE = {
     "tta_share",  # which images the final evaluation scores with every view: not what the run learns
     "run_name",
     "resume",
+    "requeue_signal",
     "num_threads",
     "keep_freed_memory",
 }

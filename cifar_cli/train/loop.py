@@ -22,14 +22,26 @@ from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed
 from cifar_cli.runtime.device import Precision
 from cifar_cli.runtime.distributed import DistContext
+from cifar_cli.runtime.stopping import StopFlag
 from cifar_cli.train.setup import Loaders, Parts
-from cifar_cli.train.state import Progress
+from cifar_cli.train.state import PartialEpoch, Progress
 from cifar_cli.train.step import forward_backward
 from cifar_cli.train.tracking import Reporter
 
 # Seconds (on the run's clock) between refreshes of the live numbers, the finite-loss check, the budget's refit and
 # the deadline check: the only points where a step reads a value back from the device (and the epoch's end).
 REFRESH_SECONDS = 0.5
+# Processes of a multi-process run agree whether a stop signal arrived every this many batches (one small
+# all-reduce): each may have received it at another step, and all must save the same one.
+STOP_CHECK_BATCHES = 10
+
+
+class StoppedMidEpoch(Exception):
+    """A stop signal ended the epoch at a step boundary; `partial` is what a resume needs to go on from there."""
+
+    def __init__(self, partial: PartialEpoch) -> None:
+        super().__init__(f"stopped after batch {partial.batches} of epoch {partial.epoch}")
+        self.partial = partial
 
 
 class EpochRunner:
@@ -55,6 +67,7 @@ class EpochRunner:
         self.mixer = BatchMixer.from_settings(settings.train.augment, spec.num_classes)  # mixup / cutmix, or None
         self.teacher: Teacher | None = None  # distillation: set by the trainer
         self.after_step: Callable[[], None] | None = None  # called after each step (`cifar bench --profile`)
+        self.stop: StopFlag | None = None  # set by a stop signal: the epoch ends at the next step boundary
 
     def run(
         self,
@@ -72,14 +85,14 @@ class EpochRunner:
         steps = min(steps or len(self.loaders.train), len(self.loaders.train))
         self.reporter.start_epoch(epoch, self.settings.train.epochs, steps)
         remaining.start_epoch()
-        started = self.clock()
+        started = self._epoch_started = self.clock()
         train_stats, steps_done, steps = self._train(progress, remaining, steps, deadline, refit)
-        seconds = self.clock() - started
+        seconds = self.clock() - started + self.earlier_seconds
         evaluated = predict(
             self.parts.evaluated_model, self.loaders.evaluation, self.precision, self.device, tta_level=0
         )
         report = report_from_predictions(evaluated, list(self.spec.class_names))
-        eval_seconds = self.clock() - started - seconds
+        eval_seconds = self.clock() - started - (seconds - self.earlier_seconds)
         images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
         split = self.epoch_split
         return {
@@ -120,12 +133,12 @@ class EpochRunner:
         # The epoch's statistics stay on the device until a refresh reads them (true x predicted counts).
         confusion = torch.zeros(classes * classes, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
+        batch_index = done_before = self._resume_partial(progress, confusion, loss_sum)
         steps_per_batch = scheduler_steps_per_batch(parts.scheduler)
-        started = time.perf_counter()
-        batch_index = 0
-        self._checked = (self.clock(), 0)  # (clock, batches) at the last deadline check
+        started = time.perf_counter() - self.earlier_seconds  # the live pace counts a resumed epoch's first part
+        self._checked = (self.clock(), done_before)  # (clock, batches) at the last deadline check
         refreshed = self.clock()
-        for batch_index, (images, targets) in enumerate(loader, start=1):
+        for batch_index, (images, targets) in enumerate(loader, start=done_before + 1):
             loss, logits = self._step(images, targets)
             if steps_per_batch:
                 parts.scheduler.step()
@@ -147,6 +160,8 @@ class EpochRunner:
                     break
             if batch_index == steps:
                 break
+            if self._stop_agreed(batch_index):
+                raise StoppedMidEpoch(self._partial(progress, batch_index, steps, loss_sum, confusion))
         totals = distributed.all_reduce_sum(
             torch.stack([loss_sum, torch.tensor(float(batch_index), device=self.device)])
         )
@@ -156,6 +171,42 @@ class EpochRunner:
         if parts.lookahead is not None and (progress.epoch + 1 == self.settings.train.epochs or batch_index < steps):
             parts.lookahead.finish(parts.model)
         return {"loss": float(totals[0] / totals[1]), **computed}, batch_index, steps
+
+    def _resume_partial(self, progress: Progress, confusion: torch.Tensor, loss_sum: torch.Tensor) -> int:
+        """Where a signal stopped this epoch before (its loader's streams, its numbers so far): the batches done."""
+        partial, progress.partial = progress.partial, None
+        self.earlier_seconds = 0.0
+        if partial is None or partial.epoch != progress.epoch + 1:
+            return 0
+        self.loaders.train.resume_at(partial.batches, partial.generator_states)
+        confusion.copy_(torch.tensor(partial.confusion))
+        loss_sum.fill_(partial.loss_sum)
+        self.earlier_seconds = partial.seconds
+        return partial.batches
+
+    def _stop_agreed(self, batch_index: int) -> bool:
+        """Whether a stop signal ends the epoch after this batch: this process's flag, or, with several, whether
+        any of them has one (every STOP_CHECK_BATCHES batches, so that all stop after the same batch)."""
+        requested = self.stop is not None and self.stop.requested
+        if not self.context.enabled:
+            return requested
+        if batch_index % STOP_CHECK_BATCHES:
+            return False
+        flags = distributed.all_reduce_sum(torch.tensor([float(requested)], device=self.device))
+        return bool(flags.item() > 0)
+
+    def _partial(
+        self, progress: Progress, batches: int, steps: int, loss_sum: torch.Tensor, confusion: torch.Tensor
+    ) -> PartialEpoch:
+        return PartialEpoch(
+            epoch=progress.epoch + 1,
+            batches=batches,
+            steps=steps,
+            loss_sum=float(loss_sum),
+            confusion=confusion.tolist(),
+            seconds=self.earlier_seconds + self.clock() - self._epoch_started,
+            generator_states=self.loaders.train.generator_states(),
+        )
 
     def _past(self, deadline: float | None, batches: int) -> bool:
         """Whether the next batch would end past `deadline`, at the pace of the batches since the last check.

@@ -4,26 +4,29 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from cifar_cli.budget.keeper import BudgetKeeper
 from cifar_cli.budget.plan import RemainingTime, RunPlan, count
 from cifar_cli.config.settings import Settings, dump_yaml, fits_temperature, resolve_val_size
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
-from cifar_cli.errors import CifarError, ExitCode
+from cifar_cli.errors import TrainingInterrupted
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
 from cifar_cli.predict.inference import checkpoint_spec
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
-from cifar_cli.runtime import distributed, ranks
+from cifar_cli.runtime import distributed, ranks, stopping
 from cifar_cli.runtime.device import synchronised_clock
 from cifar_cli.runtime.distributed import DistContext
 from cifar_cli.train import state as run_state
 from cifar_cli.train.finetune import describe_start, match_source, read_source
 from cifar_cli.train.identity import default_run_name, hparams, provenance
-from cifar_cli.train.loop import EpochRunner
+from cifar_cli.train.loop import EpochRunner, StoppedMidEpoch
 from cifar_cli.train.planning import RunPlanning
 from cifar_cli.train.report import TrainResult, describe_final, final_evaluation, run_banner
 from cifar_cli.train.setup import (
@@ -38,16 +41,12 @@ from cifar_cli.train.setup import (
     seed_everything,
     setup_device,
 )
-from cifar_cli.train.state import BEST_CHECKPOINT, LAST_CHECKPOINT, Progress
+from cifar_cli.train.state import BEST_CHECKPOINT, LAST_CHECKPOINT, PartialEpoch, Progress
 from cifar_cli.train.tracking import REQUEST_FILE, NullReporter, Reporter, RunLogger
 
 FigureMaker = Callable[[list[list[int]], list[str]], Any]  # (confusion matrix, class names) -> a figure
 PLAN_FILE = "plan.json"
 PATH_SETTINGS = (("data", "processed_dir"), ("data", "raw_data_dir"), ("log", "checkpoint_dir"), ("log", "log_dir"))
-
-
-class TrainingInterrupted(CifarError):
-    exit_code = ExitCode.INTERRUPTED
 
 
 class Trainer(RunPlanning):
@@ -85,6 +84,8 @@ class Trainer(RunPlanning):
         # The epoch last.pth holds (an interrupt between an epoch and its save must not claim more), and the
         # seconds the last epoch's checkpoints and logs took.
         self.saved_epoch, self.save_seconds = 0, 0.0
+        self.saved_partial: PartialEpoch | None = None  # the part of the next epoch last.pth holds
+        self.stop = stopping.StopFlag()  # a stop signal during training: the run saves at the next step boundary
         self.teacher, self.teacher_cost = None, 0.0  # distillation's teacher and its seconds per image
         self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
         self.after_step: Callable[[], None] | None = None  # called after each training step (a profiler's)
@@ -139,9 +140,11 @@ class Trainer(RunPlanning):
         self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
             self.progress = run_state.restore(self.parts, self.last.state)
-            self.saved_epoch = self.progress.epoch
+            self.saved_epoch, self.saved_partial = self.progress.epoch, self.progress.partial
+            partial = self.progress.partial
+            within = f", at step {partial.batches} of epoch {partial.epoch}" if partial is not None else ""
             self.reporter.message(
-                f"Resuming run {self.run_name} after epoch {self.progress.epoch} ({LAST_CHECKPOINT})."
+                f"Resuming run {self.run_name} after epoch {self.progress.epoch}{within} ({LAST_CHECKPOINT})."
             )
         resumed_from = self.progress.epoch
         if self.context.is_main:
@@ -157,7 +160,8 @@ class Trainer(RunPlanning):
             return self._result({}, resumed_from, stopped_early=False)
         if resuming and self.last.state.get("temperature") and not fits_temperature(self.settings):
             self.reporter.message(run_state.DROPPED_TEMPERATURE)
-        return self._train(resumed_from)
+        with stopping.deferred(self.stop):  # a stop signal from here on: saved at the next step boundary
+            return self._train(resumed_from)
 
     def _train(self, resumed_from: int) -> TrainResult:
         # A resumed budget run trains the epochs its last plan chose; a fresh one keeps its budget as it goes.
@@ -193,7 +197,7 @@ class Trainer(RunPlanning):
             self.epoch_split,
             self.clock,
         )
-        runner.teacher, runner.after_step = self.teacher, self.after_step
+        runner.teacher, runner.after_step, runner.stop = self.teacher, self.after_step, self.stop
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
         try:
@@ -209,7 +213,14 @@ class Trainer(RunPlanning):
                     self.settings.train.epochs = budget.plan.epochs
                     return steps
 
-                record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
+                try:
+                    record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
+                except StoppedMidEpoch as stopped:  # a stop signal, at a step boundary: saved where it stopped
+                    self.progress.partial = stopped.partial
+                    if self.context.is_main:
+                        self._save(LAST_CHECKPOINT)
+                    distributed.barrier()
+                    raise self._stopped(self.stop.signum) from None
                 # The plan first, so that this epoch's checkpoint holds the epochs now planned; the epoch's time
                 # counts the previous epoch's checkpoint and logs in place of its own, still to come.
                 self._keep_budget(budget, record, self.clock() - started + self.save_seconds, remaining, logger)
@@ -221,17 +232,37 @@ class Trainer(RunPlanning):
                 alone = self.context.is_main and not (self.context.enabled or self.settings.train.compile)
                 alone = alone and self.teacher is None
                 budget.learn_speed(record, alone)
+                if self._stop_agreed() and not stopped_early and self.progress.epoch < self.settings.train.epochs:
+                    raise self._stopped(self.stop.signum)  # between epochs: last.pth holds the one just done
+            # A stop signal during the final evaluation waits for it: the run is then complete.
             final_metrics = self._finish(logger)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(
-                f"Interrupted. {LAST_CHECKPOINT} holds epoch {self.saved_epoch} of run {self.run_name}.",
-                hint=f"Resume with: cifar train --run-name {self.run_name} (plus the same options as before).",
-            ) from None
+        except KeyboardInterrupt as interrupt:  # a second Ctrl-C, or a signal outside the steps
+            raise self._stopped(getattr(interrupt, "signum", signal.SIGINT)) from None
         finally:
             self.reporter.close()
             if logger is not None:
                 logger.close()
         return self._result(final_metrics, resumed_from, stopped_early)
+
+    def _stop_agreed(self) -> bool:
+        """After an epoch: whether a stop signal arrived (in any process of a multi-process run)."""
+        if not self.context.enabled:
+            return self.stop.requested
+        flags = distributed.all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.device))
+        return bool(flags.item() > 0)
+
+    def _stopped(self, signum: int | None) -> TrainingInterrupted:
+        """What a stop says: the signal, what last.pth holds, how to resume; under SLURM, whether to requeue."""
+        cause = "Interrupted" if signum in (None, signal.SIGINT) else f"Stopped by {stopping.signal_name(signum)}"
+        held = f"{LAST_CHECKPOINT} holds epoch {self.saved_epoch} of run {self.run_name}"
+        if self.saved_partial is not None:
+            partial = self.saved_partial
+            held += f", and {partial.batches} of epoch {partial.epoch}'s {partial.steps} steps"
+        return TrainingInterrupted(
+            f"{cause}. {held}.",
+            hint=f"Resume with: cifar train --run-name {self.run_name} (plus the same options as before).",
+            requeue=stopping.asks_requeue(signum, self.settings.train.requeue_signal),
+        )
 
     def _keep_budget(
         self,
@@ -330,7 +361,7 @@ class Trainer(RunPlanning):
                 state["distilled_from"] = self.teacher.record()
             run_state.save_state(state, self.checkpoint_dir / name)
             if name == LAST_CHECKPOINT:
-                self.saved_epoch = self.progress.epoch
+                self.saved_epoch, self.saved_partial = self.progress.epoch, self.progress.partial
 
     # ------------------------------------------------------------------------------------------ the end
     def _finish(self, logger: RunLogger | None) -> dict[str, Any]:

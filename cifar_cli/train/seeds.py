@@ -105,7 +105,7 @@ def train_seeds(
         try:
             result = train_one(seed_settings(settings, seed, named))
         except TrainingInterrupted as stopped:  # Ctrl-C: the same --seeds command goes on where this one stopped
-            raise TrainingInterrupted(
+            raise stopped.reworded(
                 stopped.message,
                 hint="Run the same --seeds command again: finished seeds are kept, this one resumes, the rest train.",
             ) from None

@@ -36,14 +36,37 @@ BEST_CHECKPOINT = "best.pth"  # the epoch with the best monitored validation val
 
 
 @dataclass
+class PartialEpoch:
+    """An epoch stopped at a step boundary by a signal (runtime/stopping.py): how many of its batches are done,
+    its numbers so far and its loader's random streams, so that a resume goes on batch for batch."""
+
+    epoch: int
+    batches: int  # done, of the `steps` the epoch was to have
+    steps: int
+    loss_sum: float  # this process's summed batch losses
+    confusion: list[int]  # this process's true x predicted counts, flattened
+    seconds: float  # training time so far
+    generator_states: list[torch.Tensor]
+
+    def to_state(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> PartialEpoch | None:
+        return None if state is None else cls(**state)
+
+
+@dataclass
 class Progress:
-    """How far a run has come: finished epochs, optimiser steps, their records, and the early-stopping count."""
+    """How far a run has come: finished epochs, optimiser steps, their records, the early-stopping count, and
+    the epoch a signal stopped part way (None: the run stopped between epochs)."""
 
     epoch: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
     epochs_without_improvement: int = 0
+    partial: PartialEpoch | None = None
 
 
 class ResumePoint:
@@ -105,6 +128,7 @@ def checkpoint_state(
         "history": progress.history,
         "best_metric": progress.best_metric,
         "epochs_without_improvement": progress.epochs_without_improvement,
+        "partial_epoch": progress.partial.to_state() if progress.partial is not None else None,
         "rng": capture_rng_states(),
         "settings": settings.to_plain(),
         "class_names": list(spec.class_names),
@@ -147,6 +171,7 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
         list(state["history"])[:epoch],
         state.get("best_metric"),
         state.get("epochs_without_improvement", 0),
+        PartialEpoch.from_state(state.get("partial_epoch")),
     )
 
 

@@ -1,0 +1,224 @@
+"""Signals as a terminal or a cluster sends them: Ctrl-C, SIGTERM and SIGUSR1 save a resumable state at the next
+step boundary, and a resume goes on batch for batch; a SLURM job's warning signal requeues the job
+(runtime/stopping.py). The one-node SLURM runs of the example scripts are in test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_cli.errors import TrainingInterrupted
+from cifar_cli.runtime import stopping
+from cifar_cli.train.run import Trainer, train
+from tests.conftest import tiny_settings
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+for name in ("SLURM_JOB_ID", stopping.REQUEUED_BY_PARENT, "RANK"):
+    ENV.pop(name, None)
+
+
+def _signal_at_step(settings, step: int, signum: int) -> Trainer:  # noqa: ANN001 - Settings
+    """A trainer that sends itself `signum` during training step `step` (counted over the whole run)."""
+    trainer = Trainer(settings)
+    done = [0]
+
+    def after_step() -> None:
+        done[0] += 1
+        if done[0] == step:
+            os.kill(os.getpid(), signum)
+
+    trainer.after_step = after_step
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra", "signum"),
+    [
+        ("baseline", (), signal.SIGTERM),
+        # the moving average, mixing draws, colour jitter and lookahead go on where they stopped
+        (
+            "fast",
+            (
+                "train.ema.half_life_steps=3",
+                "train.augment.mixup=0.4",
+                "train.augment.brightness=0.2",
+                "train.lookahead=true",
+            ),
+            signal.SIGUSR1,
+        ),
+        ("fast", ("train.augment.alternate_flip=true", "train.augment.cutout=4"), signal.SIGINT),
+    ],
+)
+def test_a_signal_mid_epoch_saves_there_and_the_resume_gives_identical_weights(
+    tmp_path: Path, prepared_dir: Path, preset: str, extra: tuple, signum: int
+) -> None:
+    extra = ("model.width_multiplier=0.25", "train.epochs=3", *extra)
+    straight = train(tiny_settings(tmp_path / "a", prepared_dir, *extra, preset=preset))
+    per_epoch = straight.history[0]["steps"]
+    assert per_epoch >= 4
+    stop_at = per_epoch + 2  # the second step of epoch 2
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _signal_at_step(tiny_settings(tmp_path / "b", prepared_dir, *extra, preset=preset), stop_at, signum).run()
+    said = stopped.value.message
+    assert said.startswith("Interrupted." if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}.")
+    assert f"holds epoch 1 of run tiny, and 2 of epoch 2's {per_epoch} steps" in said
+    assert stopped.value.exit_code == 130 and not stopped.value.requeue  # not a SLURM job
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "tiny" / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial_epoch"]["batches"] == 2 and saved["global_step"] == stop_at
+
+    resumed = train(tiny_settings(tmp_path / "b", prepared_dir, *extra, preset=preset))
+    assert resumed.resumed_from_epoch == 1
+    a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
+    b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
+    for weights in ("model_state", "ema_state"):
+        for key, tensor in (a[weights] or {}).items():
+            assert torch.equal(tensor, b[weights][key]), (weights, key)
+    assert [r["epoch"] for r in b["history"]] == [1, 2, 3] and b["partial_epoch"] is None
+    # the stopped epoch's record counts all its steps, both parts
+    assert b["history"][1]["steps"] == per_epoch and b["history"][1]["train_loss"] == a["history"][1]["train_loss"]
+
+
+def test_a_signal_during_the_epochs_evaluation_stops_after_its_checkpoint(tmp_path: Path, prepared_dir: Path) -> None:
+    """Between the steps and the save (the evaluation): the epoch is finished and saved, nothing partial."""
+    from cifar_cli.train.tracking import NullReporter
+
+    class SignalAtFirstEpochEnd(NullReporter):
+        def end_epoch(self, record: dict) -> None:
+            if record["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_settings(tmp_path, prepared_dir, "train.epochs=3"), SignalAtFirstEpochEnd())
+    assert stopped.value.message == "Stopped by SIGTERM. last.pth holds epoch 1 of run tiny."
+    saved = torch.load(tmp_path / "checkpoints" / "tiny" / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["partial_epoch"] is None
+
+
+def test_a_second_ctrl_c_stops_at_once_but_a_copy_of_the_first_does_not(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: now[0])
+    flag = stopping.StopFlag()
+    flag.handle(signal.SIGINT, None)
+    now[0] += 0.05  # the same press, passed on by torchrun
+    flag.handle(signal.SIGINT, None)
+    flag.handle(signal.SIGTERM, None)  # a cluster's repeat
+    assert flag.signum == signal.SIGINT
+    now[0] += stopping.SECOND_PRESS_SECONDS
+    with pytest.raises(KeyboardInterrupt):
+        flag.handle(signal.SIGINT, None)
+
+
+def _fake_scontrol(folder: Path) -> Path:
+    """An `scontrol` that writes down how it was called (the real one runs in test_slurm.py where SLURM can)."""
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "calls.txt"}\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder / "calls.txt"
+
+
+def _train_command(tmp_path: Path, prepared_dir: Path, epochs: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cifar_cli", "train", "--preset", "baseline", "--epochs", str(epochs),
+        "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--run-name", "warned", "--progress", "plain",
+        "--processed-dir", str(prepared_dir), "--checkpoint-dir", str(tmp_path / "ck"),
+        "--log-dir", str(tmp_path / "runs"), "--set", "model.width_multiplier=2", *extra,
+    ]  # fmt: skip
+
+
+def _history(tmp_path: Path) -> list[int]:
+    try:
+        return [r["epoch"] for r in json.loads((tmp_path / "runs" / "warned" / "history.json").read_text())]
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.mark.parametrize(("slurm", "signum"), [(True, signal.SIGUSR1), (False, signal.SIGUSR1), (True, signal.SIGTERM)])
+def test_a_real_process_warned_saves_requeues_under_slurm_and_resumes(
+    tmp_path: Path, prepared_dir: Path, slurm: bool, signum: int
+) -> None:
+    """`cifar train` as a process: the signal stops it with exit 130 and no traceback; inside a SLURM job the
+    warning signal (SIGUSR1), and only it, calls `scontrol requeue JOB`; the same command resumes."""
+    calls = _fake_scontrol(tmp_path / "bin")
+    env = {**ENV, "PATH": f"{calls.parent}:{ENV['PATH']}", **({"SLURM_JOB_ID": "4242"} if slurm else {})}
+    process = subprocess.Popen(
+        _train_command(tmp_path, prepared_dir, 500), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _history(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signum)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    flat = " ".join(output.split())
+    assert process.returncode == 130, output
+    assert f"Stopped by {signal.Signals(signum).name}. last.pth holds epoch" in flat and "Traceback" not in output
+    requeued = slurm and signum == signal.SIGUSR1
+    assert calls.is_file() == requeued
+    if requeued:
+        assert calls.read_text().split() == ["requeue", "4242"] and "SLURM job 4242 requeued" in flat
+    done = torch.load(tmp_path / "ck" / "warned" / "last.pth", weights_only=True)["epoch"]
+    again = subprocess.run(
+        _train_command(tmp_path, prepared_dir, done + 1), env=ENV, cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Resuming run warned after epoch {done}" in again.stdout
+    assert _history(tmp_path) == list(range(1, done + 2))  # every epoch exactly once
+
+
+def test_requeue_is_asked_only_by_the_process_that_speaks_for_the_job(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv(stopping.REQUEUED_BY_PARENT, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert stopping.asks_requeue(signal.SIGUSR1, "SIGUSR1")
+    assert not stopping.asks_requeue(signal.SIGUSR1, "SIGUSR2") and not stopping.asks_requeue(signal.SIGUSR1, "none")
+    assert not stopping.asks_requeue(signal.SIGINT, "SIGUSR1")
+    monkeypatch.setenv("RANK", "1")  # a torchrun worker other than rank 0
+    assert not stopping.asks_requeue(signal.SIGUSR1, "SIGUSR1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(stopping.REQUEUED_BY_PARENT, "1")  # a sweep's trial: the sweep requeues
+    assert not stopping.asks_requeue(signal.SIGUSR1, "SIGUSR1")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv(stopping.REQUEUED_BY_PARENT)
+    assert not stopping.asks_requeue(signal.SIGUSR1, "SIGUSR1")
+
+
+def test_two_processes_stop_after_the_same_step_and_resume(tmp_path: Path, prepared_dir: Path) -> None:
+    """`cifar train --nproc 2`: SIGUSR1 to the launcher reaches torchrun's workers (torchrun itself ignores it),
+    which agree on one step to stop after; rank 0 saves it, and the same command resumes to the end."""
+    command = _train_command(tmp_path, prepared_dir, 500, "--nproc", "2")
+    process = subprocess.Popen(
+        command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not _history(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch
+        process.send_signal(signal.SIGUSR1)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert "Stopped by SIGUSR1. last.pth holds epoch" in " ".join(output.split()), output
+    saved = torch.load(tmp_path / "ck" / "warned" / "last.pth", weights_only=True)
+    partial = saved["partial_epoch"]
+    assert partial is None or partial["batches"] % 10 == 0  # the agreed check points of a multi-process run
+    done = saved["epoch"]
+    command[command.index("--epochs") + 1] = str(done + 1)
+    again = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _history(tmp_path) == list(range(1, done + 2))
