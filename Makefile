@@ -31,6 +31,7 @@ run: install
 	$(BIN)/cifar train $(TRAIN_ARGS)
 
 test: install
+	scripts/slurm/local-cluster.sh maybe-install
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install

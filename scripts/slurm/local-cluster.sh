@@ -2,12 +2,15 @@
 # A one-node SLURM on this machine, for the tests that run the examples in examples/slurm/ and for trying them by hand.
 #
 #   scripts/slurm/local-cluster.sh install   Debian's packages (root; seconds where they are cached)
+#   scripts/slurm/local-cluster.sh maybe-install   the same where this is root on Debian with apt-get, else
+#                                            says why not and exits 0 (`make test`: the SLURM tests then skip)
 #   scripts/slurm/local-cluster.sh up DIR    munged, slurmctld and slurmd, their files under DIR; prints SLURM_CONF
 #   scripts/slurm/local-cluster.sh down DIR  stops the three daemons this script started under DIR
 #
 # No systemd and no cgroups: processes tracked by parentage (proctrack/linuxproc), tasks not bound (task/none), the
 # node's CPUs handed out one by one (cons_tres, CR_CPU), no accounting database (ended jobs in DIR/jobs.txt).
 # Then: export SLURM_CONF=DIR/slurm.conf; sbatch, srun, squeue, scontrol and scancel talk to it.
+# SLURMCTLD_PORT and SLURMD_PORT (default 6817, 6818) let two clusters run side by side.
 set -euo pipefail
 
 command=${1:-}
@@ -23,15 +26,29 @@ install_packages() {
         { apt-get update -qq >/dev/null && apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null; }
 }
 
+maybe_install() {
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null &&
+        command -v munged >/dev/null; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "SLURM not installed (needs root and apt-get): the SLURM tests are skipped" >&2
+        return 0
+    fi
+    install_packages || echo "SLURM could not be installed: the SLURM tests are skipped" >&2
+}
+
 write_config() {
     local node cpus memory_mib
     node=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc follows OMP_NUM_THREADS otherwise
     memory_mib=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024))
     mkdir -p "$dir/state" "$dir/spool" "$dir/log"
     cat >"$dir/slurm.conf" <<CONF
 ClusterName=local
 SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=${SLURMCTLD_PORT:-6817}
+SlurmdPort=${SLURMD_PORT:-6818}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -90,6 +107,7 @@ stop_daemons() {
 
 case "$command" in
 install) install_packages ;;
+maybe-install) maybe_install ;;
 up)
     [ -n "$dir" ] || { echo "usage: $0 up DIR" >&2; exit 2; }
     dir=$(realpath -m "$dir")
@@ -102,7 +120,7 @@ down)
     stop_daemons
     ;;
 *)
-    echo "usage: $0 install | up DIR | down DIR" >&2
+    echo "usage: $0 install | maybe-install | up DIR | down DIR" >&2
     exit 2
     ;;
 esac
