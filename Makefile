@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PINS)
-	$(BIN)/pip install -e '.[dev,export,optuna]'
+	$(BIN)/pip install -e '.[dev,export,optuna,parquet]'
 	touch $@
 
 run: install

@@ -49,6 +49,32 @@ def prepare(
         ),
         Sets("data.csv_file"),
     ] = None,
+    from_parquet: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-parquet",
+            help="Prepare parquet files as the Hugging Face Hub keeps data sets (a folder or a file): an image "
+            "column (the {bytes, path} struct or binary), a label column, splits from the file names (train-*, "
+            "test-*) (sets --dataset folder; needs pyarrow).",
+        ),
+        Sets("data.parquet"),
+    ] = None,
+    image_column: Annotated[
+        str | None, typer.Option("--image-column", help="--from-parquet: the image column."), Sets("data.image_column")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option("--label-column", help="--from-parquet: the label column."), Sets("data.label_column")
+    ] = None,
+    split_column: Annotated[
+        str | None,
+        typer.Option("--split-column", help="--from-parquet: a column of train/test instead of the file names."),
+        Sets("data.split_column"),
+    ] = None,
+    validation_split: Annotated[
+        str | None,
+        typer.Option("--validation-split", help="--from-parquet: validation-* files join train, test or skip."),
+        Sets("data.parquet_validation"),
+    ] = None,
     root: Annotated[
         Path | None,
         typer.Option("--root", help="--from-csv: the folder relative paths start from (default: the CSV's)."),
@@ -84,12 +110,13 @@ def prepare(
     from cifar_cli.data import prepare_for
 
     flags = flag_settings(prepare, locals())
-    if from_folder is not None and from_csv is not None:
-        raise UsageError("Give --from-folder or --from-csv, not both.")
-    if from_folder is not None or from_csv is not None:
+    sources = {"data.folder": from_folder, "data.csv_file": from_csv, "data.parquet": from_parquet}
+    if sum(path is not None for path in sources.values()) > 1:
+        raise UsageError("Give one of --from-folder, --from-csv and --from-parquet.")
+    if any(path is not None for path in sources.values()):
         flags["data.dataset"] = "folder"
-        # The source named on the command line is the only one: a CSV list (or folder) in settings.yaml would win.
-        flags["data.csv_file" if from_folder is not None else "data.folder"] = None
+        # The source named on the command line is the only one: another in settings.yaml would win.
+        flags.update({key: None for key, path in sources.items() if path is None})
     data = resolve(config, set_options, flags).data
     with count_progress() as on_progress:
         result = prepare_for(data, on_progress=on_progress)

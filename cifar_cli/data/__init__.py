@@ -14,6 +14,7 @@ from cifar_cli.data.prepare import (
     prepare_csv,
     prepare_dataset,
     prepare_folder,
+    prepare_parquet,
     read_manifest,
 )
 from cifar_cli.errors import UsageError
@@ -57,10 +58,13 @@ def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None)
         )
         if data.csv_file is not None:
             return prepare_csv(data.csv_file, *how, data.csv_root)
+        if data.parquet is not None:
+            columns = (data.image_column, data.label_column, data.split_column)
+            return prepare_parquet(data.parquet, *how[:4], data.skip_bad_images, columns, data.parquet_validation)
         if data.folder is None:
             raise UsageError(
-                "data.dataset is folder but no folder (or CSV list) is given.",
-                hint="Run `cifar prepare --from-folder DIR` or `cifar prepare --from-csv FILE`.",
+                "data.dataset is folder but no folder, CSV list or parquet files are given.",
+                hint="Run `cifar prepare --from-folder DIR`, `--from-csv FILE` or `--from-parquet PATH`.",
             )
         return prepare_folder(data.folder, *how)
     if data.image_size != 32:
@@ -83,7 +87,7 @@ def ensure_prepared(data: DataSettings, say: Callable[[str], None] = lambda _tex
         return
     with folders_removed_on_failure(data.processed_dir, data.raw_data_dir):
         ensure_writable_folder(data.processed_dir)  # a bad path fails before a download, not after
-        if data.dataset != "folder" or (data.folder is None and data.csv_file is None):
+        if data.dataset != "folder" or (data.folder is None and data.csv_file is None and data.parquet is None):
             say(f"No prepared data in {data.processed_dir}: downloading and preparing it first.")
             result = download_for(data, on_message=say)
             say(f"Archive ready: {result.path}")

@@ -149,6 +149,53 @@ def prepare_csv(
     return _prepare_scan(scan, processed_dir, write_png, on_progress, image_size, test_fraction, skip_bad_images)
 
 
+def prepare_parquet(
+    path: Path,
+    processed_dir: Path,
+    write_png: bool = True,
+    on_progress: ProgressCallback | None = None,
+    image_size: int = 32,
+    skip_bad_images: bool = False,
+    columns: tuple[str | None, str | None, str | None] = (None, None, None),
+    validation: str = "train",
+) -> PrepareResult:
+    """Parquet files in the Hub's layout (data/parquet.py; `columns`: image, label, split) -> the same cache."""
+    from cifar_cli.data import parquet
+
+    ensure_writable_folder(processed_dir)
+    source = parquet.scan_parquet(path, *columns, validation=validation)
+    wanted = {
+        "dataset": "folder",
+        "listing": parquet.fingerprint(source),
+        "image_size": image_size,
+        "skip_bad_images": skip_bad_images,
+        "parquet_validation": validation,
+    }
+    existing = read_manifest(processed_dir)
+    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
+        return _already(processed_dir, existing)
+    owned = check_output_folder(processed_dir, trees=[source.root])
+    read = parquet.read_splits(source, image_size, skip_bad_images, on_progress)
+    splits = {name: archive.Split(read.images[name], read.labels[name]) for name in ("train", "test")}
+    notes = [f"Skipped {len(read.skipped):,} bad rows (--skip-bad-images): {'; '.join(read.skipped[:3])}."]
+    extra = {
+        **wanted,
+        "layout": "parquet",
+        "skipped_images": read.skipped,
+        "columns": [source.image_column, source.label_column],
+    }
+    prepared = _Prepared(
+        splits,
+        _spec(splits, source.class_names, image_size, "folder"),
+        str(path.resolve()),
+        parquet.content_digest(source),
+        extra,
+        notes if read.skipped else [],
+    )
+    _refuse_empty_training_classes(prepared)
+    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
+
+
 def _prepare_scan(
     scan: folder.FolderScan,
     processed_dir: Path,
