@@ -66,8 +66,9 @@ def _check_format(state: object, path: Path) -> None:
             f"{path} has checkpoint format version {version}; this version of cifar reads {FORMAT_VERSION}."
         )
     from cifar_cli.models import available_models
+    from cifar_cli.models.pretrained import is_torchvision
 
-    if state["model_name"] not in available_models():
+    if state["model_name"] not in available_models() and not is_torchvision(state["model_name"]):
         raise UsageError(
             f"{path} holds an unknown model {state['model_name']!r}.",
             hint=f"Known models: {', '.join(available_models())}.",

@@ -50,10 +50,21 @@ def train(
             "--model",
             help="One of: "
             + ", ".join(f"{name} (recipe {recipe})" for name, recipe in MODEL_RECIPES.items())
-            + ". Without --preset, the model's own recipe.",
+            + "; or torchvision:NAME, any of torchvision's classifiers (recipe baseline). Without --preset, the "
+            "model's own recipe.",
             rich_help_panel=RECIPE,
         ),
         Sets("model.name"),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights",
+            help="torchvision:NAME only: start from pretrained weights: default, a named set (IMAGENET1K_V1) or a "
+            "state dict file. torchvision downloads each once into torch's hub cache.",
+            rich_help_panel=RECIPE,
+        ),
+        Sets("model.weights"),
     ] = None,
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs to train.", rich_help_panel=RECIPE), Sets("train.epochs")

@@ -29,6 +29,17 @@ MODEL_RECIPES = {
     "airbench-wide": "balanced",
     "airbench-deep": "accurate",
 }
+# torchvision's classifiers (`--model torchvision:NAME`) train with this recipe unless a preset is named; a time
+# budget never climbs the ladder into or out of them.
+TORCHVISION_PREFIX = "torchvision:"
+TORCHVISION_RECIPE = "baseline"
+
+
+def model_recipe(model: str | None) -> str | None:
+    """The preset made for `model` (None: none is)."""
+    if model is not None and model.startswith(TORCHVISION_PREFIX):
+        return TORCHVISION_RECIPE
+    return MODEL_RECIPES.get(model) if model is not None else None
 
 
 class _Section(BaseModel):
@@ -47,6 +58,14 @@ class DataSettings(_Section):
     # relative to `csv_root` (default: the CSV's folder) or absolute.
     csv_file: Path | None = Field(None, description="folder data from a CSV: path,label[,split] rows")
     csv_root: Path | None = Field(None, description="csv_file: the folder its relative paths start from")
+    # Or parquet files as the Hugging Face Hub keeps data sets (data/parquet.py): a folder or one file.
+    parquet: Path | None = Field(None, description="folder data from parquet files (the Hub's layout)")
+    image_column: str | None = Field(None, description="parquet: the image column (default: img or image)")
+    label_column: str | None = Field(None, description="parquet: the label column (default: label)")
+    split_column: str | None = Field(None, description="parquet: a column of train/test (default: file names)")
+    parquet_validation: Literal["train", "test", "skip"] = Field(
+        "train", description="parquet: what validation-* files join"
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="folder data without a test/ tree: the share held out (stratified, seeded)"
     )
@@ -136,6 +155,9 @@ class ModelSettings(_Section):
     activation: Literal["gelu", "silu"] | None = None
     # Under a time budget on a CPU only: the activation instead (where it was measured to pay). None: `activation`.
     cpu_budget_activation: Literal["gelu", "silu"] | None = None
+    # torchvision:NAME models only: start from pretrained weights: "default", a named set (IMAGENET1K_V1) or a
+    # state dict file (models/pretrained.py). None: random weights.
+    weights: str | None = Field(None, description="torchvision models: default, a weights name, or a file")
 
     def width_for(self, device_type: str, budgeted: bool) -> float:
         """The width a run on `device_type` (with a time budget or not) plans from."""
@@ -160,8 +182,11 @@ class ModelSettings(_Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in MODEL_RECIPES:
-            raise ValueError(f"must be one of: {', '.join(MODEL_RECIPES)}")
+        # torchvision:NAME is checked against torchvision's list where the model is built (models/pretrained.py).
+        if name not in MODEL_RECIPES and not (
+            name.startswith(TORCHVISION_PREFIX) and len(name) > len(TORCHVISION_PREFIX)
+        ):
+            raise ValueError(f"must be one of: {', '.join(MODEL_RECIPES)}, or torchvision:NAME")
         return name
 
 

@@ -19,13 +19,13 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cifar_cli.config.sections import (
-    MODEL_RECIPES,
     DataSettings,
     LogSettings,
     ModelSettings,
     OptimSettings,
     SchedulerSettings,
     TrainSettings,
+    model_recipe,
 )
 from cifar_cli.config.set_options import deep_merge, parse_set_options, set_dotted  # noqa: F401  (part of this API)
 from cifar_cli.config.yaml_files import parse_yaml, read_yaml_file
@@ -134,13 +134,13 @@ def check_recipe(settings: Settings) -> Settings:
             hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
         )
     train = settings.train
-    if train.freeze_epochs and train.init_from is None:
+    if train.freeze_epochs and train.init_from is None and settings.model.weights is None:
         raise SettingsError(
             "Nothing to freeze.",
             [
                 (
                     "train.freeze_epochs",
-                    "needs train.init_from (--init-from): only loaded weights are frozen",
+                    "needs train.init_from (--init-from) or model.weights (--weights): only loaded weights are frozen",
                     str(train.freeze_epochs),
                 )
             ],
@@ -225,8 +225,8 @@ def _choose_preset(overrides: dict[str, Any], yaml_data: dict[str, Any]) -> str 
     for preset, model in layers:
         if preset is not None:
             return str(preset)
-        if model in MODEL_RECIPES:
-            return MODEL_RECIPES[model]
+        if model_recipe(model) is not None:
+            return model_recipe(model)
     return None
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from cifar_cli.errors import UsageError
+from cifar_cli.models.pretrained import architecture, is_torchvision
+from cifar_cli.models.pretrained import build as build_torchvision
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -42,9 +44,14 @@ def fixed_image_size(name: str) -> int | None:
 
 
 def require_model(name: str) -> None:
-    """Refuse a model name that no module registered, naming the ones that are."""
-    if name not in _REGISTRY:
-        raise UsageError(f"Unknown model {name!r}.", hint=f"Choose one of: {', '.join(available_models())}.")
+    """Refuse a model name that no module registered (nor torchvision has), naming the ones that are."""
+    if is_torchvision(name):
+        architecture(name)
+    elif name not in _REGISTRY:
+        raise UsageError(
+            f"Unknown model {name!r}.",
+            hint=f"Choose one of: {', '.join(available_models())}, or torchvision:NAME (e.g. torchvision:resnet18).",
+        )
 
 
 def build_model(
@@ -52,6 +59,13 @@ def build_model(
 ) -> nn.Module:
     """`activation`: None for the model's own; otherwise one of those it was registered with."""
     require_model(name)
+    if is_torchvision(name):
+        if width_multiplier != 1.0 or activation is not None:
+            raise UsageError(
+                f"{name} is torchvision's architecture as published: no width multiplier or activation choice.",
+                hint="Leave model.width_multiplier at 1 and model.activation unset.",
+            )
+        return build_torchvision(name, num_classes)
     if activation is None:
         return _REGISTRY[name](width_multiplier, num_classes)
     choices = _ACTIVATIONS.get(name, ())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifar_cli.budget.plan import count
 from cifar_cli.checkpoint import kept_weights, load_checkpoint
 from cifar_cli.config.sections import ModelSettings
 from cifar_cli.data.spec import DataSpec
@@ -136,7 +137,9 @@ def _mismatch(key: str, incoming: torch.Tensor | None, own: torch.Tensor) -> str
 
 def describe_start(record: dict[str, Any], freeze_epochs: int) -> str:
     head = "all weights loaded" if record["head"] == "loaded" else "a new head for this data's classes"
-    frozen = f"; the body frozen for the first {freeze_epochs} epochs" if freeze_epochs else ""
+    frozen = f"; the body frozen for the first {count(freeze_epochs, 'epoch')}" if freeze_epochs else ""
+    if "weights" in record:  # a torchvision model's pretrained weights (models/pretrained.py)
+        return f"Starting from the weights {record['weights']} ({record['model']}): {head}{frozen}."
     return (
         f"Starting from {record['checkpoint']} (run {record['run_name']}, epoch {record['epoch']}, "
         f"{record['model']}, {record['classes']} classes): {head}{frozen}."

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import platform
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,8 @@ def default_run_name(settings: Settings) -> str:
     # A ladder run's rung is chosen later, from this machine's speeds: the same command, the same name.
     if settings.rungs:
         return f"ladder-{digest}"
-    return f"{settings.preset}-{settings.model.name}-{digest}"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", settings.model.name)  # torchvision:resnet18 -> torchvision-resnet18
+    return f"{settings.preset}-{model}-{digest}"
 
 
 def recipe_differences(stored: dict[str, Any], current: Settings, planned: bool = False) -> list[tuple[str, Any, Any]]:

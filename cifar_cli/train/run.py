@@ -18,6 +18,7 @@ from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import TrainingInterrupted
 from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
+from cifar_cli.models.pretrained import Pretrained, checked_weights
 from cifar_cli.predict.inference import checkpoint_spec
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
 from cifar_cli.runtime import distributed, ranks, stopping
@@ -87,6 +88,7 @@ class Trainer(RunPlanning):
         self.saved_partial: PartialEpoch | None = None  # the part of the next epoch last.pth holds
         self.stop = stopping.StopFlag()  # a stop signal during training: the run saves at the next step boundary
         self.teacher, self.teacher_cost = None, 0.0  # distillation's teacher and its seconds per image
+        self.pretrained: Pretrained | None = None  # a torchvision model's pretrained weights (models/pretrained.py)
         self.temperature: dict[str, Any] | None = None  # fitted at the end (train.calibrate), saved in last.pth
         self.after_step: Callable[[], None] | None = None  # called after each training step (a profiler's)
         self.last = run_state.ResumePoint(self.checkpoint_dir, settings.train.resume, self.context, lambda: self.device)
@@ -125,6 +127,9 @@ class Trainer(RunPlanning):
         )
         if self.source is not None:
             match_source(self.source, self.settings.model, self.spec.class_names)
+        weights = None if resuming else self.settings.model.weights  # a resume's weights are its checkpoint's
+        if weights is not None:  # checked before any measurement, loaded into the model built for training
+            self.pretrained = checked_weights(self.settings.model.name, weights, self.spec.num_classes)
         check_small_images(self.settings, self.device.type, self.spec.num_classes)
         self.teacher, self.teacher_cost = self._ready_teacher(splits.train[0])
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
@@ -133,7 +138,14 @@ class Trainer(RunPlanning):
         )
         started = synchronised_clock(self.device)
         self.parts: Parts = build_parts(
-            self.settings, self.spec, self.loaders.train, self.device, self.precision, self.context, self.source
+            self.settings,
+            self.spec,
+            self.loaders.train,
+            self.device,
+            self.precision,
+            self.context,
+            self.source,
+            self.pretrained,
         )
         if self.parts.started_from is not None:
             self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
@@ -301,7 +313,8 @@ class Trainer(RunPlanning):
         ensure_prepared(self.settings.data, self.reporter.message)
         resumed = checkpoint_spec(self.last.state) if self.last.resuming else None
         trained = resumed or getattr(self.source, "spec", None)  # the input statistics the weights were trained with
-        self.spec = data_spec(self.settings.data, self.settings.model.name, trained)
+        pretrained = self.settings.model.weights is not None and not self.last.resuming
+        self.spec = data_spec(self.settings.data, self.settings.model.name, trained, pretrained)
         splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
         self.epoch_split = splits.epoch_split
         return splits

@@ -18,6 +18,8 @@ from cifar_cli.data.prepare import load_cache, read_spec
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model, fixed_image_size
+from cifar_cli.models.pretrained import Pretrained, is_torchvision
+from cifar_cli.models.pretrained import statistics as pretrained_statistics
 from cifar_cli.recipe.distill import DistillationLoss
 from cifar_cli.recipe.ema import WeightAverage
 from cifar_cli.recipe.lookahead import Lookahead
@@ -53,12 +55,23 @@ def setup_device(train: TrainSettings, context: DistContext) -> torch.device:
     return device
 
 
-def data_spec(data: DataSettings, model_name: str, trained: DataSpec | None = None) -> DataSpec:
+def data_spec(
+    data: DataSettings, model_name: str, trained: DataSpec | None = None, pretrained: bool = False
+) -> DataSpec:
     """The prepared data's classes, size and statistics; a model made for one input size refuses others. A resumed
-    run keeps the statistics its weights were trained with (`trained`)."""
+    run keeps the statistics its weights were trained with (`trained`); a torchvision model's pretrained weights
+    take the statistics they were trained with (`pretrained`)."""
     spec = read_spec(data.processed_dir)
     if trained is not None:
         spec = replace(spec, mean=trained.mean, std=trained.std)
+    elif pretrained:
+        if not is_torchvision(model_name):
+            raise UsageError(
+                f"--weights (model.weights) starts torchvision:NAME models; {model_name} is this tool's own.",
+                hint="Start it from one of your checkpoints with --init-from, or choose --model torchvision:NAME.",
+            )
+        mean, std = pretrained_statistics(model_name)
+        spec = replace(spec, mean=mean, std=std)
     fixed = fixed_image_size(model_name)
     if fixed is not None and spec.image_size != fixed:
         raise UsageError(
@@ -213,8 +226,10 @@ def build_parts(
     precision: Precision,
     context: DistContext,
     source: Source | None = None,
+    pretrained: Pretrained | None = None,
 ) -> Parts:
-    """The model (initialised from `source`'s weights where a run fine-tunes), its optimiser and the rest."""
+    """The model (initialised from `source`'s weights where a run fine-tunes, or from a torchvision model's
+    `pretrained` weights), its optimiser and the rest."""
     model = build_model(
         settings.model.name, settings.model.width_multiplier, spec.num_classes, settings.model.activation
     )
@@ -222,6 +237,8 @@ def build_parts(
     started_from = None
     if source is not None:  # before the optimiser and lookahead copy anything
         started_from = load_weights(model, source, spec.class_names)
+    elif pretrained is not None:
+        started_from = pretrained.load_into(model)
     elif init_from_data is not None:
         sample = loader.images[: min(WHITENING_SAMPLE, len(loader.images))].cpu()
         init_from_data(normalize(sample, torch.float32, False, spec))  # fp32, outside autocast
@@ -241,7 +258,8 @@ def build_parts(
         )
     if settings.train.compile:
         train_model = torch.compile(train_model)
-    frozen_epochs = settings.train.freeze_epochs if settings.train.init_from is not None else 0
+    starts_trained = settings.train.init_from is not None or settings.model.weights is not None
+    frozen_epochs = settings.train.freeze_epochs if starts_trained else 0
     freezer = BodyFreezer(model, frozen_epochs, context.enabled) if frozen_epochs else None
     return Parts(
         model,
