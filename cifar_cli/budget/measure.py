@@ -75,6 +75,7 @@ def measure_plan(
             low_res,
             time_small,
             settings.model.wider_budget_width(device.type) if own_network else None,
+            narrower=own_network and not settings.model.is_torchvision,  # loaded or published: its own width
         )
         return replace(fitted, activation=activation)
     epochs, width = train.epochs, settings.model.width_multiplier

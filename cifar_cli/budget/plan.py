@@ -170,11 +170,13 @@ def fit_budget(
     low_res: tuple[int, int] = (0, 0),
     time_small: Callable[[Calibration, float], Calibration] | None = None,
     wider: tuple[float, int] | None = None,
+    narrower: bool = True,
 ) -> RunPlan:
     """As many epochs as fit at the recipe's width, the first `low_res` = (epochs, side) on smaller images; where
     not even one full-size epoch fits after them, fewer of them, then the widest narrower network that fits one.
     `wider` = (width, epochs): first the plan at that wider width, kept where it trains at least that many epochs
-    (a narrower recipe width pays only where the wider one trains too few).
+    (a narrower recipe width pays only where the wider one trains too few). `narrower=False`: the recipe's width
+    only (weights loaded from elsewhere, a published architecture).
     `calibrate_at(width)` measures (or recalls) the speeds at a width, `time_small(calibration, width)` the small
     images' step share (only at a width where a full-size epoch fits: a short budget pays for no probe it cannot
     use); `elapsed_seconds()` is the time the run has spent so far, measurements included."""
@@ -208,7 +210,7 @@ def fit_budget(
         if fitted is not None and fitted.epochs >= wider[1]:
             return fitted
     plan = None
-    for width in [recipe_width] + [width for width in WIDTHS if width < recipe_width]:
+    for width in [recipe_width] + [width for width in WIDTHS if width < recipe_width and narrower]:
         plan, fitted = fitted_at(width)
         if fitted is not None:
             return fitted

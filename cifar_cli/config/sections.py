@@ -159,15 +159,20 @@ class ModelSettings(_Section):
     # state dict file (models/pretrained.py). None: random weights.
     weights: str | None = Field(None, description="torchvision models: default, a weights name, or a file")
 
+    @property
+    def is_torchvision(self) -> bool:
+        return self.name.startswith(TORCHVISION_PREFIX)
+
     def width_for(self, device_type: str, budgeted: bool) -> float:
-        """The width a run on `device_type` (with a time budget or not) plans from."""
-        if self.cpu_budget_width is not None and device_type == "cpu" and budgeted:
+        """The width a run on `device_type` (with a time budget or not) plans from (torchvision's models: their
+        published width, always)."""
+        if self.cpu_budget_width is not None and device_type == "cpu" and budgeted and not self.is_torchvision:
             return self.cpu_budget_width
         return self.width_multiplier
 
     def activation_for(self, device_type: str, budgeted: bool) -> str | None:
         """The activation a run on `device_type` (with a time budget or not) trains with."""
-        if self.cpu_budget_activation is not None and device_type == "cpu" and budgeted:
+        if self.cpu_budget_activation is not None and device_type == "cpu" and budgeted and not self.is_torchvision:
             return self.cpu_budget_activation
         return self.activation
 
