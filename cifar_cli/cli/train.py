@@ -211,7 +211,9 @@ def train(
     freeze_epochs: Annotated[
         int | None,
         typer.Option(
-            "--freeze-epochs", help="With --init-from: epochs that train the head only.", rich_help_panel=RECIPE
+            "--freeze-epochs",
+            help="With --init-from or --weights: epochs that train the head only.",
+            rich_help_panel=RECIPE,
         ),
         Sets("train.freeze_epochs"),
     ] = None,
