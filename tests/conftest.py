@@ -256,3 +256,14 @@ def write_image_tree(root: Path, classes: dict[str, int], size: tuple[int, int] 
             pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{index:03d}{suffix}")
     return root
+
+
+def assert_same_weights(first: Path, second: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two checkpoints hold the same weights, bit for bit (and the same moving average); returns both."""
+    import torch
+
+    a, b = (torch.load(path, weights_only=True) for path in (first, second))
+    for weights in ("model_state", "ema_state"):
+        for key, tensor in (a[weights] or {}).items():
+            assert torch.equal(tensor, b[weights][key]), (weights, key)
+    return a, b

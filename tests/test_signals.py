@@ -9,7 +9,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from cifar_cli.errors import TrainingInterrupted
 from cifar_cli.runtime import stopping
 from cifar_cli.train.run import Trainer, train
-from tests.conftest import tiny_settings
+from tests.conftest import assert_same_weights, tiny_settings
+from tests.test_faults import _resume_for_one_more_epoch, _train_command
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -78,11 +78,7 @@ def test_a_signal_mid_epoch_saves_there_and_the_resume_gives_identical_weights(
 
     resumed = train(tiny_settings(tmp_path / "b", prepared_dir, *extra, preset=preset))
     assert resumed.resumed_from_epoch == 1
-    a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
-    b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
-    for weights in ("model_state", "ema_state"):
-        for key, tensor in (a[weights] or {}).items():
-            assert torch.equal(tensor, b[weights][key]), (weights, key)
+    a, b = assert_same_weights(straight.checkpoint_dir / "last.pth", resumed.checkpoint_dir / "last.pth")
     assert [r["epoch"] for r in b["history"]] == [1, 2, 3] and b["partial_epoch"] is None
     # the stopped epoch's record counts all its steps, both parts
     assert b["history"][1]["steps"] == per_epoch
@@ -129,18 +125,9 @@ def _fake_scontrol(folder: Path) -> Path:
     return folder / "calls.txt"
 
 
-def _train_command(tmp_path: Path, prepared_dir: Path, epochs: int, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "cifar_cli", "train", "--preset", "baseline", "--epochs", str(epochs),
-        "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--run-name", "warned", "--progress", "plain",
-        "--processed-dir", str(prepared_dir), "--checkpoint-dir", str(tmp_path / "ck"),
-        "--log-dir", str(tmp_path / "runs"), "--set", "model.width_multiplier=2", *extra,
-    ]  # fmt: skip
-
-
 def _history(tmp_path: Path) -> list[int]:
     try:
-        return [r["epoch"] for r in json.loads((tmp_path / "runs" / "warned" / "history.json").read_text())]
+        return [r["epoch"] for r in json.loads((tmp_path / "runs" / "owned" / "history.json").read_text())]
     except (OSError, ValueError):
         return []
 
@@ -172,14 +159,7 @@ def test_a_real_process_warned_saves_requeues_under_slurm_and_resumes(
     assert calls.is_file() == requeued
     if requeued:
         assert calls.read_text().split() == ["requeue", "4242"] and "SLURM job 4242 requeued" in flat
-    done = torch.load(tmp_path / "ck" / "warned" / "last.pth", weights_only=True)["epoch"]
-    again = subprocess.run(
-        _train_command(tmp_path, prepared_dir, done + 1), env=ENV, cwd=tmp_path, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"Resuming run warned after epoch {done}" in again.stdout
-    assert _history(tmp_path) == list(range(1, done + 2))  # every epoch exactly once
+    _resume_for_one_more_epoch(tmp_path, prepared_dir, tmp_path / "ck" / "owned" / "last.pth")  # each epoch once
 
 
 def test_requeue_is_asked_only_by_the_process_that_speaks_for_the_job(monkeypatch) -> None:
@@ -202,7 +182,7 @@ def test_requeue_is_asked_only_by_the_process_that_speaks_for_the_job(monkeypatc
 def test_two_processes_stop_after_the_same_step_and_resume(tmp_path: Path, prepared_dir: Path) -> None:
     """`cifar train --nproc 2`: SIGUSR1 to the launcher reaches torchrun's workers (torchrun itself ignores it),
     which agree on one step to stop after; rank 0 saves it, and the same command resumes to the end."""
-    command = _train_command(tmp_path, prepared_dir, 500, "--nproc", "2")
+    command = [*_train_command(tmp_path, prepared_dir, 500), "--nproc", "2"]
     process = subprocess.Popen(
         command, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -216,7 +196,7 @@ def test_two_processes_stop_after_the_same_step_and_resume(tmp_path: Path, prepa
     finally:
         process.kill()
     assert "Stopped by SIGUSR1. last.pth holds epoch" in " ".join(output.split()), output
-    saved = torch.load(tmp_path / "ck" / "warned" / "last.pth", weights_only=True)
+    saved = torch.load(tmp_path / "ck" / "owned" / "last.pth", weights_only=True)
     partial = saved["partial_epoch"]
     assert partial is None or partial["batches"] % 10 == 0  # the agreed check points of a multi-process run
     done = saved["epoch"]

@@ -14,7 +14,7 @@ from cifar_cli.train.identity import default_run_name
 from cifar_cli.train.run import Trainer, TrainingInterrupted, train
 from cifar_cli.train.setup import load_splits
 from cifar_cli.train.tracking import NullReporter
-from tests.conftest import tiny_settings
+from tests.conftest import assert_same_weights, tiny_settings
 
 
 def test_run_writes_history_tensorboard_settings_and_checkpoints(tmp_path: Path, prepared_dir: Path) -> None:
@@ -83,11 +83,7 @@ def test_resume_gives_identical_weights(tmp_path: Path, prepared_dir: Path, pres
     straight = train(tiny_settings(tmp_path / "a", prepared_dir, *extra, preset=preset))
     resumed = _interrupted_then_resumed(tmp_path / "b", prepared_dir, *extra, preset=preset)
     assert resumed.resumed_from_epoch == 1
-    a = torch.load(straight.checkpoint_dir / "last.pth", weights_only=True)
-    b = torch.load(resumed.checkpoint_dir / "last.pth", weights_only=True)
-    for weights in ("model_state", "ema_state"):
-        for key, tensor in (a[weights] or {}).items():
-            assert torch.equal(tensor, b[weights][key]), (weights, key)
+    a, b = assert_same_weights(straight.checkpoint_dir / "last.pth", resumed.checkpoint_dir / "last.pth")
     assert [r["epoch"] for r in b["history"]] == [1, 2, 3]
     assert a["history"][2]["train_loss"] == b["history"][2]["train_loss"]
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from cifar_cli.config.sections import DataSettings
 from cifar_cli.data.archive import archive_layout
 from cifar_cli.data.download import DownloadResult, download_archive
+from cifar_cli.data.parquet import prepare_parquet
 from cifar_cli.data.prepare import (
     CACHE_FILE,
     PrepareResult,
@@ -14,7 +15,6 @@ from cifar_cli.data.prepare import (
     prepare_csv,
     prepare_dataset,
     prepare_folder,
-    prepare_parquet,
     read_manifest,
 )
 from cifar_cli.errors import UsageError

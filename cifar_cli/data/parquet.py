@@ -18,8 +18,22 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cifar_cli.data import archive
 from cifar_cli.data.images import ImageError, decode_image
+from cifar_cli.data.ownership import check_output_folder
+from cifar_cli.data.prepare import (
+    Prepared,
+    PrepareResult,
+    ProgressCallback,
+    already_prepared,
+    is_up_to_date,
+    read_manifest,
+    refuse_empty_training_classes,
+    training_spec,
+    write_prepared,
+)
 from cifar_cli.errors import UsageError
+from cifar_cli.files import ensure_writable_folder
 
 SPLIT_PATTERN = re.compile(r"^(train|test|validation|valid|val|eval)(?:[-_.]|$)")
 TRAIN_NAMES = ("train",)
@@ -285,3 +299,48 @@ def _image_bytes(value: Any, where: str) -> bytes:
     if not isinstance(value, (bytes, bytearray)) or not value:
         raise ImageError(f"{where}: no image bytes.")
     return bytes(value)
+
+
+def prepare_parquet(
+    path: Path,
+    processed_dir: Path,
+    write_png: bool = True,
+    on_progress: ProgressCallback | None = None,
+    image_size: int = 32,
+    skip_bad_images: bool = False,
+    columns: tuple[str | None, str | None, str | None] = (None, None, None),
+    validation: str = "train",
+) -> PrepareResult:
+    """Parquet files in the Hub's layout (data/parquet.py; `columns`: image, label, split) -> the same cache."""
+    ensure_writable_folder(processed_dir)
+    source = scan_parquet(path, *columns, validation=validation)
+    wanted = {
+        "dataset": "folder",
+        "listing": fingerprint(source),
+        "image_size": image_size,
+        "skip_bad_images": skip_bad_images,
+        "parquet_validation": validation,
+    }
+    existing = read_manifest(processed_dir)
+    if existing and is_up_to_date(existing, processed_dir, wanted, write_png):
+        return already_prepared(processed_dir, existing)
+    owned = check_output_folder(processed_dir, trees=[source.root])
+    read = read_splits(source, image_size, skip_bad_images, on_progress)
+    splits = {name: archive.Split(read.images[name], read.labels[name]) for name in ("train", "test")}
+    notes = [f"Skipped {len(read.skipped):,} bad rows (--skip-bad-images): {'; '.join(read.skipped[:3])}."]
+    extra = {
+        **wanted,
+        "layout": "parquet",
+        "skipped_images": read.skipped,
+        "columns": [source.image_column, source.label_column],
+    }
+    prepared = Prepared(
+        splits,
+        training_spec(splits, source.class_names, image_size, "folder"),
+        str(path.resolve()),
+        content_digest(source),
+        extra,
+        notes if read.skipped else [],
+    )
+    refuse_empty_training_classes(prepared)
+    return write_prepared(processed_dir, prepared, write_png, on_progress, owned)

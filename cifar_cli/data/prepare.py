@@ -64,7 +64,7 @@ class PrepareResult:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     """Everything a manifest describes, before it is written."""
 
     splits: dict[str, archive.Split]
@@ -97,8 +97,8 @@ def prepare_dataset(
     source_md5 = md5_of(archive_path)
     wanted = {"source_md5": source_md5, "dataset": dataset, "label_set": label_set}
     existing = read_manifest(processed_dir)
-    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
-        return _already(processed_dir, existing)
+    if existing and is_up_to_date(existing, processed_dir, wanted, write_png):
+        return already_prepared(processed_dir, existing)
     # The archive and what it extracts may lie in the output folder (--raw-dir equal to --processed-dir).
     owned = check_output_folder(processed_dir, own_files=[layout.archive_name, layout.folder])
 
@@ -109,14 +109,14 @@ def prepare_dataset(
         "test": archive.read_split(batch_folder, layout.test_files, layout),
     }
     names = CLASS_NAMES if dataset == "cifar10" else archive_names
-    prepared = _Prepared(
+    prepared = Prepared(
         splits,
-        _spec(splits, names, 32, dataset),
+        training_spec(splits, names, 32, dataset),
         str(archive_path),
         source_md5,
         {"label_set": label_set, "archive_class_names": archive_names},
     )
-    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
+    return write_prepared(processed_dir, prepared, write_png, on_progress, owned)
 
 
 def prepare_folder(
@@ -149,53 +149,6 @@ def prepare_csv(
     return _prepare_scan(scan, processed_dir, write_png, on_progress, image_size, test_fraction, skip_bad_images)
 
 
-def prepare_parquet(
-    path: Path,
-    processed_dir: Path,
-    write_png: bool = True,
-    on_progress: ProgressCallback | None = None,
-    image_size: int = 32,
-    skip_bad_images: bool = False,
-    columns: tuple[str | None, str | None, str | None] = (None, None, None),
-    validation: str = "train",
-) -> PrepareResult:
-    """Parquet files in the Hub's layout (data/parquet.py; `columns`: image, label, split) -> the same cache."""
-    from cifar_cli.data import parquet
-
-    ensure_writable_folder(processed_dir)
-    source = parquet.scan_parquet(path, *columns, validation=validation)
-    wanted = {
-        "dataset": "folder",
-        "listing": parquet.fingerprint(source),
-        "image_size": image_size,
-        "skip_bad_images": skip_bad_images,
-        "parquet_validation": validation,
-    }
-    existing = read_manifest(processed_dir)
-    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
-        return _already(processed_dir, existing)
-    owned = check_output_folder(processed_dir, trees=[source.root])
-    read = parquet.read_splits(source, image_size, skip_bad_images, on_progress)
-    splits = {name: archive.Split(read.images[name], read.labels[name]) for name in ("train", "test")}
-    notes = [f"Skipped {len(read.skipped):,} bad rows (--skip-bad-images): {'; '.join(read.skipped[:3])}."]
-    extra = {
-        **wanted,
-        "layout": "parquet",
-        "skipped_images": read.skipped,
-        "columns": [source.image_column, source.label_column],
-    }
-    prepared = _Prepared(
-        splits,
-        _spec(splits, source.class_names, image_size, "folder"),
-        str(path.resolve()),
-        parquet.content_digest(source),
-        extra,
-        notes if read.skipped else [],
-    )
-    _refuse_empty_training_classes(prepared)
-    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
-
-
 def _prepare_scan(
     scan: folder.FolderScan,
     processed_dir: Path,
@@ -211,8 +164,8 @@ def _prepare_scan(
     if scan.layout in folder.HELD_OUT_LAYOUTS:
         wanted["test_fraction"] = test_fraction
     existing = read_manifest(processed_dir)
-    if existing and _is_up_to_date(existing, processed_dir, wanted, write_png):
-        return _already(processed_dir, existing)
+    if existing and is_up_to_date(existing, processed_dir, wanted, write_png):
+        return already_prepared(processed_dir, existing)
     if scan.layout.startswith("csv"):
         listed = {item.path.parent for files in scan.files.values() for item in files}
         owned = check_output_folder(processed_dir, listed_folders=listed)
@@ -220,9 +173,9 @@ def _prepare_scan(
         owned = check_output_folder(processed_dir, trees=[scan.root])
 
     splits, digest, skipped = _read_splits(scan, image_size, skip_bad_images, on_progress)
-    prepared = _Prepared(
+    prepared = Prepared(
         splits,
-        _spec(splits, scan.class_names, image_size, "folder"),
+        training_spec(splits, scan.class_names, image_size, "folder"),
         str(scan.root),
         digest,
         {
@@ -235,8 +188,8 @@ def _prepare_scan(
         },
         _folder_notes(scan, skipped),
     )
-    _refuse_empty_training_classes(prepared)
-    return _write_prepared(processed_dir, prepared, write_png, on_progress, owned)
+    refuse_empty_training_classes(prepared)
+    return write_prepared(processed_dir, prepared, write_png, on_progress, owned)
 
 
 def _read_splits(
@@ -253,7 +206,7 @@ def _read_splits(
     return splits, hashlib.md5("".join(digests).encode()).hexdigest(), skipped
 
 
-def _spec(splits: dict[str, archive.Split], names: list[str], image_size: int, dataset: str) -> DataSpec:
+def training_spec(splits: dict[str, archive.Split], names: list[str], image_size: int, dataset: str) -> DataSpec:
     """The statistics come from the training images only (the test split is never looked at)."""
     mean, std = channel_statistics(torch.from_numpy(splits["train"].images))
     return DataSpec(tuple(names), mean, std, image_size, dataset)  # type: ignore[arg-type]
@@ -284,7 +237,7 @@ def _folder_notes(scan: folder.FolderScan, skipped: list[str]) -> list[str]:
     return notes
 
 
-def _refuse_empty_training_classes(prepared: _Prepared) -> None:
+def refuse_empty_training_classes(prepared: Prepared) -> None:
     present = set(np.unique(prepared.splits["train"].labels).tolist())
     missing = [name for label, name in enumerate(prepared.spec.class_names) if label not in present]
     if missing:
@@ -294,8 +247,8 @@ def _refuse_empty_training_classes(prepared: _Prepared) -> None:
         )
 
 
-def _write_prepared(
-    processed_dir: Path, prepared: _Prepared, write_png: bool, on_progress: ProgressCallback | None, owned: Owned
+def write_prepared(
+    processed_dir: Path, prepared: Prepared, write_png: bool, on_progress: ProgressCallback | None, owned: Owned
 ) -> PrepareResult:
     splits = prepared.splits
     require_free_space(processed_dir, _required_bytes(splits, write_png), "the prepared data", SPACE_HINT)
@@ -338,7 +291,7 @@ def _remove_unwanted_png_folders(processed_dir: Path, owned: Owned, write_png: b
             shutil.rmtree(processed_dir / split)
 
 
-def _already(processed_dir: Path, manifest: dict) -> PrepareResult:
+def already_prepared(processed_dir: Path, manifest: dict) -> PrepareResult:
     return PrepareResult(
         processed_dir, True, manifest["counts"], DataSpec.from_dict(manifest), per_class=manifest.get("per_class", {})
     )
@@ -358,7 +311,7 @@ def read_spec(processed_dir: Path) -> DataSpec:
     return DataSpec.from_dict(read_manifest(processed_dir))
 
 
-def _is_up_to_date(manifest: dict, processed_dir: Path, wanted: dict[str, Any], write_png: bool) -> bool:
+def is_up_to_date(manifest: dict, processed_dir: Path, wanted: dict[str, Any], write_png: bool) -> bool:
     return (
         manifest.get("format_version") == FORMAT_VERSION
         and all(manifest.get(key) == value for key, value in wanted.items())
@@ -413,7 +366,7 @@ def _write_png_folder(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _manifest(prepared: _Prepared, folders: list[str], png: bool) -> dict:
+def _manifest(prepared: Prepared, folders: list[str], png: bool) -> dict:
     splits = prepared.splits
     counts = {name: int(len(split.labels)) for name, split in splits.items()}
     per_class = {

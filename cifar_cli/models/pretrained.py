@@ -19,6 +19,7 @@ from torch.nn import functional
 
 from cifar_cli.config.sections import TORCHVISION_PREFIX as PREFIX
 from cifar_cli.errors import UsageError
+from cifar_cli.models.heads import head_name
 
 WITHOUT_AUX_LOGITS = {"googlenet", "inception_v3"}  # their auxiliary heads return tuples while training
 SHOWN_PROBLEMS = 4
@@ -135,8 +136,6 @@ def checked_weights(name: str, weights: str, num_classes: int) -> Pretrained:
     """`weights` read and checked against `name` built for `num_classes` (a throwaway model on the CPU), before
     any measurement or training: all tensors but the head where its shape differs; any other missing, extra or
     differently shaped tensor is refused, named."""
-    from cifar_cli.train.finetune import head_name
-
     state, shown = pretrained_state(name, weights)
     net = build(name, num_classes).net
     own = net.state_dict()

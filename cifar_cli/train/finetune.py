@@ -21,6 +21,7 @@ from cifar_cli.config.sections import ModelSettings
 from cifar_cli.data.spec import DataSpec
 from cifar_cli.errors import UsageError
 from cifar_cli.models import build_model
+from cifar_cli.models.heads import head_name
 from cifar_cli.predict.exported_model import EXPORTED_SUFFIXES
 from cifar_cli.predict.inference import checkpoint_spec
 
@@ -89,14 +90,6 @@ def match_source(source: Source, model: ModelSettings, class_names: list[str] | 
             hint=f"Add --set model.width_multiplier={source.width_multiplier:g}.",
         )
     _loadable(build_model(model.name, model.width_multiplier, len(class_names), model.activation), source, class_names)
-
-
-def head_name(model: nn.Module) -> str:
-    """The module that maps features to class scores: the model's last linear layer."""
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not linear:
-        raise UsageError(f"{type(model).__name__} has no linear head to replace.")
-    return linear[-1]
 
 
 def load_weights(model: nn.Module, source: Source, class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
