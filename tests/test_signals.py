@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,8 +110,8 @@ def test_a_second_ctrl_c_stops_at_once_but_a_copy_of_the_first_does_not(monkeypa
     flag.handle(signal.SIGINT, None)
     now[0] += 0.05  # the same press, passed on by torchrun
     flag.handle(signal.SIGINT, None)
-    flag.handle(signal.SIGTERM, None)  # a cluster's repeat
-    assert flag.signum == signal.SIGINT
+    flag.handle(signal.SIGUSR1, None)  # a cluster's signal that came with it, handled after (number order)
+    assert flag.signum == signal.SIGUSR1
     now[0] += stopping.SECOND_PRESS_SECONDS
     with pytest.raises(KeyboardInterrupt):
         flag.handle(signal.SIGINT, None)
@@ -204,3 +205,64 @@ def test_two_processes_stop_after_the_same_step_and_resume(tmp_path: Path, prepa
     again = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _history(tmp_path) == list(range(1, done + 2))
+
+
+def _wait_for_history(folder: Path, process: subprocess.Popen, seconds: float = 180) -> None:
+    """Until some run under `folder` has finished an epoch (its history.json)."""
+    deadline = time.monotonic() + seconds
+    while not any(folder.glob("*/history.json")):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.1)
+
+
+def test_a_parallel_sweep_warned_as_slurm_warns_requeues_its_job_once(tmp_path: Path, prepared_dir: Path) -> None:
+    """SLURM signals every process of the job: the sweep and each of its trials get SIGUSR1. The trials save and
+    leave the requeue to the sweep, which asks for it once, after they stopped."""
+    from tests.test_sweep import _parallel_args
+
+    calls = _fake_scontrol(tmp_path / "bin")
+    env = {**ENV, "PATH": f"{calls.parent}:{ENV['PATH']}", "SLURM_JOB_ID": "88"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "cifar_cli", *_parallel_args(tmp_path, prepared_dir, 500)], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    folder = tmp_path / "runs" / "sweeps" / "lr"
+    try:
+        _wait_for_history(folder, sweep)
+        os.killpg(sweep.pid, signal.SIGUSR1)  # the whole process group, as slurmstepd signals a job step
+        output = sweep.communicate(timeout=180)[0]
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130 and "every running trial saved its checkpoint" in output, output
+    assert calls.read_text().splitlines() == ["requeue 88"], output
+    logs = [log.read_text() for log in (folder / ".trials").glob("*.log")]
+    for log in logs:  # each trial stopped by the signal itself, wherever it was (training, or its set-up)
+        assert "SIGUSR1" in log, log[-1500:]
+    assert not any("requeued" in log for log in logs)
+
+
+def test_a_study_worker_warned_queues_its_trial_again_then_requeues(tmp_path: Path, prepared_dir: Path) -> None:
+    """A worker of a shared study inside a SLURM job: its trial saves, is queued again for the next worker (the
+    requeued job's, or any other), and only then is the job requeued."""
+    pytest.importorskip("optuna")
+    from tests.test_study import _args, _trials
+
+    calls = _fake_scontrol(tmp_path / "bin")
+    env = {**ENV, "PATH": f"{calls.parent}:{ENV['PATH']}", "SLURM_JOB_ID": "77", "PYTHONUNBUFFERED": "1"}
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cifar_cli", *_args(tmp_path, prepared_dir, storage, "0.003,0.001", 500)], env=env,
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_history(tmp_path / "runs" / "sweeps" / "lr", worker)
+        worker.send_signal(signal.SIGUSR1)
+        output = worker.communicate(timeout=180)[0]
+    finally:
+        worker.kill()
+    said = " ".join(output.split())
+    assert worker.returncode == 130 and "The trial is queued again" in said, output
+    assert calls.read_text().splitlines() == ["requeue 77"] and "SLURM job 77 requeued" in said
+    states = sorted(trial.state.name for trial in _trials(storage))
+    assert states == ["FAIL", "WAITING"], states  # the stopped attempt, and its retry for the next worker

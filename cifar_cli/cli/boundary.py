@@ -73,7 +73,8 @@ def _end_with(error: BaseException) -> NoReturn:
             error_console.print(stopping.requeue_job())
         raise typer.Exit(error.exit_code)
     if isinstance(error, KeyboardInterrupt):
-        error_console.print("Interrupted.")
+        signum = getattr(error, "signum", None)  # a stop signal other than Ctrl-C (runtime/stopping.py)
+        error_console.print(f"Stopped by {stopping.signal_name(signum)}." if signum else "Interrupted.")
         raise typer.Exit(ExitCode.INTERRUPTED)
     if isinstance(error, BrokenPipeError):
         quiet_closed_stdout()

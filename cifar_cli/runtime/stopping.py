@@ -79,10 +79,15 @@ class StopFlag:
     def handle(self, signum: int, _frame: FrameType | None) -> None:
         """The first signal is noted; the run stops at the next step boundary. A second Ctrl-C stops at once
         (the last checkpoint stays); a cluster's repeated signals change nothing."""
+        soon = time.monotonic() - self.received_at < SECOND_PRESS_SECONDS
         if self.signum is None:
             self.signum, self.received_at = signum, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self.received_at >= SECOND_PRESS_SECONDS:
+        elif signum == signal.SIGINT and not soon:
             raise StopRequested(signum)
+        elif self.signum == signal.SIGINT and soon:
+            # Signals pending together are handled in number order, SIGINT first: a cluster's signal that came
+            # with a parent's SIGINT (a sweep stopping its trials) names the stop (and decides a requeue).
+            self.signum = signum
 
 
 @contextlib.contextmanager
