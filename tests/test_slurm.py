@@ -131,8 +131,9 @@ def test_a_warned_job_saves_requeues_itself_and_resumes(cluster, tmp_path: Path,
     name, runs = f"long-{job}", tmp_path / "runs"
     _wait_for_epoch(runs, name, cluster, job)
     subprocess.run(["scancel", "--full", "--signal=USR1", job], env=cluster, check=True)
-    requeued = _wait(cluster, job, lambda state: state.get("Restarts") == "1" or _ended(state))
+    requeued = _wait(cluster, job, lambda state: state.get("JobState") == "PENDING" or _ended(state))
     assert requeued.get("Restarts") == "1", (requeued, _output(tmp_path))
+    # Held about 2 minutes (Reason=BeginTime): start it now, as an operator may.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     final = _wait(cluster, job, _ended)
     said = _output(tmp_path)
