@@ -71,3 +71,12 @@ def broadcast_from_main(value: object) -> object:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every rank's Python object, in rank order, on every rank ([value] with one process)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

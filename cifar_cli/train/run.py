@@ -151,7 +151,7 @@ class Trainer(RunPlanning):
             self.reporter.message(describe_start(self.parts.started_from, self.settings.train.freeze_epochs))
         self.init_seconds = synchronised_clock(self.device) - started  # the whitening init's share, for bench
         if resuming:
-            self.progress = run_state.restore(self.parts, self.last.state)
+            self.progress = run_state.restore(self.parts, self.last.state, self.context.rank)
             self.saved_epoch, self.saved_partial = self.progress.epoch, self.progress.partial
             partial = self.progress.partial
             within = f", at step {partial.batches} of epoch {partial.epoch}" if partial is not None else ""
@@ -229,8 +229,9 @@ class Trainer(RunPlanning):
                     record = runner.run(self.progress, remaining, budget.steps(epoch), budget.deadline(), refit)
                 except StoppedMidEpoch as stopped:  # a stop signal, at a step boundary: saved where it stopped
                     self.progress.partial = stopped.partial
+                    every_rank = distributed.gather_objects(stopped.partial.to_state())
                     if self.context.is_main:
-                        self._save(LAST_CHECKPOINT)
+                        self._save(LAST_CHECKPOINT, every_rank if self.context.enabled else None)
                     distributed.barrier()
                     raise self._stopped(self.stop.signum) from None
                 # The plan first, so that this epoch's checkpoint holds the epochs now planned; the epoch's time
@@ -364,9 +365,12 @@ class Trainer(RunPlanning):
             )
         return stop
 
-    def _save(self, name: str) -> None:
+    def _save(self, name: str, partials: list[Any] | None = None) -> None:
+        """`partials`: every rank's part of a stopped epoch, where several processes train."""
         with sigint_deferred():  # building the state too: Ctrl-C inside pydantic's serialiser is no KeyboardInterrupt
             state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
+            if partials is not None:
+                state["partial_epoch"] = partials
             state["request"] = self.request.to_plain()
             if self.temperature is not None:
                 state["temperature"] = self.temperature

@@ -52,7 +52,14 @@ class PartialEpoch:
         return dict(vars(self))
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | None) -> PartialEpoch | None:
+    def from_state(cls, state: dict[str, Any] | list[dict[str, Any]] | None, rank: int = 0) -> PartialEpoch | None:
+        """This rank's part: a multi-process run saves one per rank (its own numbers and random streams); a rank
+        that was not there before (more processes now) takes rank 0's place in the epoch, without its numbers."""
+        if isinstance(state, list):
+            if rank < len(state):
+                return cls(**state[rank])
+            first = cls(**state[0])
+            return cls(first.epoch, first.batches, first.steps, 0.0, [0] * len(first.confusion), first.seconds, [])
         return None if state is None else cls(**state)
 
 
@@ -128,6 +135,7 @@ def checkpoint_state(
         "history": progress.history,
         "best_metric": progress.best_metric,
         "epochs_without_improvement": progress.epochs_without_improvement,
+        # one per rank where several processes train (run.py gathers them): a list of these
         "partial_epoch": progress.partial.to_state() if progress.partial is not None else None,
         "rng": capture_rng_states(),
         "settings": settings.to_plain(),
@@ -148,7 +156,7 @@ def save_state(state: dict[str, Any], path: Path) -> None:
     )
 
 
-def restore(parts: Parts, state: dict[str, Any]) -> Progress:
+def restore(parts: Parts, state: dict[str, Any], rank: int = 0) -> Progress:
     """Put a checkpoint's weights, optimiser, schedule, scaler, lookahead and random generators back."""
     parts.model.load_state_dict(state["model_state"])
     parts.optimizer.load_state_dict(state["optimizer_state"])
@@ -171,7 +179,7 @@ def restore(parts: Parts, state: dict[str, Any]) -> Progress:
         list(state["history"])[:epoch],
         state.get("best_metric"),
         state.get("epochs_without_improvement", 0),
-        PartialEpoch.from_state(state.get("partial_epoch")),
+        PartialEpoch.from_state(state.get("partial_epoch"), rank),
     )
 
 
