@@ -52,7 +52,7 @@ def _data(tmp_path: Path, prepared_dir: Path) -> Path:
     return tmp_path / "p"
 
 
-def test_default_weights_come_from_torchs_cache_and_the_head_fits_the_data(hub_cache, prepared_dir: Path) -> None:
+def test_default_weights_come_from_torchs_cache_and_the_head_fits_the_data(hub_cache, tmp_path: Path) -> None:
     from cifar_cli.models import build_model
     from cifar_cli.models.pretrained import checked_weights
 
@@ -64,6 +64,12 @@ def test_default_weights_come_from_torchs_cache_and_the_head_fits_the_data(hub_c
     assert torch.equal(loaded["layer4.1.bn2.running_mean"], hub_cache["layer4.1.bn2.running_mean"])
     assert loaded["fc.weight"].shape == (10, 512)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)  # resized to 224 inside, 10 classes out
+    wrapped = tmp_path / "wrapped.pth"  # as a training script saves it: {"state_dict": ...}
+    torch.save({"state_dict": hub_cache}, wrapped)
+    again = checked_weights("torchvision:resnet18", str(wrapped), 10)
+    assert again.record["weights"] == str(wrapped) and torch.equal(
+        again.tensors["conv1.weight"], hub_cache["conv1.weight"]
+    )
 
 
 def test_weights_of_another_shape_or_model_are_refused_with_a_sentence(tmp_path: Path, prepared_dir: Path) -> None:

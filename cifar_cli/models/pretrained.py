@@ -115,6 +115,8 @@ def _state_from_file(path: Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path} is not a state dict torch can read ({type(error).__name__}).") from None
     if isinstance(state, dict) and "model_state" in state:
         raise UsageError(f"{path} is a cifar checkpoint.", hint="Start from it with --init-from instead.")
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
+        state = next(iter(state.values()))  # a training script's {"state_dict": ...} around the weights
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UsageError(f"{path} is not a state dict (a mapping of names to tensors).")
     return state
