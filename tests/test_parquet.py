@@ -91,6 +91,8 @@ def test_the_hubs_layout_prepares_to_the_archives_cache(tmp_path: Path, prepared
         "prepare", "--from-parquet", str(hub / "plain_text"), "--processed-dir", str(tmp_path / "p"), "--no-png"
     )
     assert again.exit_code == 0 and "already prepared" in flat(again.output).lower(), again.output
+    inside = run_cli("prepare", "--from-parquet", str(hub), "--processed-dir", str(hub / "out"))
+    assert inside.exit_code == 2 and not (hub / "out").exists(), inside.output  # refused, and no folder left
 
 
 @pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"{SHARED_ARCHIVE} is not on this machine")

@@ -44,8 +44,14 @@ def download_for(
 
 
 def prepare_for(data: DataSettings, on_progress: ProgressCallback | None = None) -> PrepareResult:
-    """`cifar prepare` for the settings: the CSV list at `data.csv_file`, the folder at `data.folder`, or the data
-    set's downloaded archive."""
+    """`cifar prepare` for the settings: the CSV list at `data.csv_file`, the parquet files at `data.parquet`, the
+    folder at `data.folder`, or the data set's downloaded archive. An output folder it made is removed again, while
+    still empty, where the preparation is refused (output inside the images' folder, say)."""
+    with folders_removed_on_failure(data.processed_dir):
+        return _prepare_source(data, on_progress)
+
+
+def _prepare_source(data: DataSettings, on_progress: ProgressCallback | None) -> PrepareResult:
     if data.dataset == "folder":
         # Where the images come from differs; how they are read and written does not.
         how = (
