@@ -113,7 +113,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
+def stop_signals_deferred() -> Iterator[None]:
     """Ctrl-C (and the other stop signals: SIGTERM, SIGUSR1, SIGUSR2) waits until the block is done, then takes
     effect as it would have (a checkpoint and the note of which epoch it holds are written together). A
     Python-level handler, not a signal mask: a mask holds for one thread only, and torch's worker threads would

@@ -232,11 +232,11 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_it(tmp_path: Path) -> None:
     the checkpoint and the note of the epoch it holds are written together, then KeyboardInterrupt as usual."""
     import threading
 
-    from cifar_cli.files import sigint_deferred
+    from cifar_cli.files import stop_signals_deferred
 
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
+        with stop_signals_deferred():
             sender = threading.Thread(target=lambda: os.kill(os.getpid(), signal.SIGINT))
             sender.start()
             sender.join()

@@ -310,7 +310,7 @@ def launch_torchrun(nproc: int) -> int:
     # stop. torchrun itself ignores SIGUSR1/2 (a SLURM job's warning), which would otherwise kill it at once.
     command = [sys.executable, "-c", TORCHRUN_IGNORING_WARNINGS, *options]
     process = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
-    with stopping.forwarded_to_group(process):
+    with stopping.forwarded_to_process_tree(process):
         return process.wait()
 
 

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     def rungs(self) -> dict[str, Settings]:
         return self._rungs
 
+    @property
+    def starts_from_weights(self) -> bool:
+        """Whether a fresh run loads trained weights (a checkpoint's, or a torchvision model's pretrained ones)."""
+        return self.train.init_from is not None or self.model.weights is not None
+
     def to_plain(self) -> dict[str, Any]:
         """JSON-safe nested dict (paths as strings): what checkpoints and run folders store."""
         return self.model_dump(mode="json")
@@ -134,7 +139,7 @@ def check_recipe(settings: Settings) -> Settings:
             hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
         )
     train = settings.train
-    if train.freeze_epochs and train.init_from is None and settings.model.weights is None:
+    if train.freeze_epochs and not settings.starts_from_weights:
         raise SettingsError(
             "Nothing to freeze.",
             [

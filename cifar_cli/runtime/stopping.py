@@ -106,7 +106,7 @@ def deferred(flag: StopFlag) -> Iterator[StopFlag]:
 
 
 @contextlib.contextmanager
-def forwarded_to_group(process: subprocess.Popen) -> Iterator[None]:
+def forwarded_to_process_tree(process: subprocess.Popen) -> Iterator[None]:
     """Stop signals sent to this process go on to `process` (started with start_new_session=True) and to every
     process under it: `cifar train --nproc N` passes them to torchrun and to its workers, which torchrun starts in
     sessions of their own (a process group would not reach them), and which save and stop."""

@@ -17,7 +17,7 @@ from cifar_cli.config.settings import Settings, dump_yaml, fits_temperature, res
 from cifar_cli.data import adopt_prepared, ensure_prepared
 from cifar_cli.data.prepare import read_manifest
 from cifar_cli.errors import TrainingInterrupted
-from cifar_cli.files import ensure_writable_folder, run_lock, sigint_deferred, write_text_atomically
+from cifar_cli.files import ensure_writable_folder, run_lock, stop_signals_deferred, write_text_atomically
 from cifar_cli.models.pretrained import Pretrained, checked_weights
 from cifar_cli.predict.inference import checkpoint_spec
 from cifar_cli.recipe.optim import scheduler_steps_per_batch
@@ -127,9 +127,9 @@ class Trainer(RunPlanning):
         )
         if self.source is not None:
             match_source(self.source, self.settings.model, self.spec.class_names)
-        weights = None if resuming else self.settings.model.weights  # a resume's weights are its checkpoint's
-        if weights is not None:  # checked before any measurement, loaded into the model built for training
-            self.pretrained = checked_weights(self.settings.model.name, weights, self.spec.num_classes)
+        if self._fresh_pretrained():  # checked before any measurement, loaded into the model built for training
+            model = self.settings.model
+            self.pretrained = checked_weights(model.name, model.weights, self.spec.num_classes)
         check_small_images(self.settings, self.device.type, self.spec.num_classes)
         self.teacher, self.teacher_cost = self._ready_teacher(splits.train[0])
         self.run_plan = self.plan(len(splits.train[1]), len(splits.evaluation[1]), len(splits.test[1]))
@@ -314,11 +314,14 @@ class Trainer(RunPlanning):
         ensure_prepared(self.settings.data, self.reporter.message)
         resumed = checkpoint_spec(self.last.state) if self.last.resuming else None
         trained = resumed or getattr(self.source, "spec", None)  # the input statistics the weights were trained with
-        pretrained = self.settings.model.weights is not None and not self.last.resuming
-        self.spec = data_spec(self.settings.data, self.settings.model.name, trained, pretrained)
+        self.spec = data_spec(self.settings.data, self.settings.model.name, trained, self._fresh_pretrained())
         splits = load_splits(self.settings.data, self._resolve_val_size, self.settings.train.seed)
         self.epoch_split = splits.epoch_split
         return splits
+
+    def _fresh_pretrained(self) -> bool:
+        """A torchvision model's pretrained weights are loaded (a resume's weights are its checkpoint's)."""
+        return self.settings.model.weights is not None and not self.last.resuming
 
     def _resolve_val_size(self, train_images: int) -> int:
         """auto -> a number, stored in the run's settings (a resumed run keeps its checkpoint's split)."""
@@ -367,7 +370,9 @@ class Trainer(RunPlanning):
 
     def _save(self, name: str, partials: list[Any] | None = None) -> None:
         """`partials`: every rank's part of a stopped epoch, where several processes train."""
-        with sigint_deferred():  # building the state too: Ctrl-C inside pydantic's serialiser is no KeyboardInterrupt
+        with (
+            stop_signals_deferred()
+        ):  # building the state too: Ctrl-C inside pydantic's serialiser is no KeyboardInterrupt
             state = run_state.checkpoint_state(self.parts, self.progress, self.settings, self.spec, self.run_name)
             if partials is not None:
                 state["partial_epoch"] = partials

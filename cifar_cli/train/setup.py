@@ -258,8 +258,7 @@ def build_parts(
         )
     if settings.train.compile:
         train_model = torch.compile(train_model)
-    starts_trained = settings.train.init_from is not None or settings.model.weights is not None
-    frozen_epochs = settings.train.freeze_epochs if starts_trained else 0
+    frozen_epochs = settings.train.freeze_epochs if settings.starts_from_weights else 0
     freezer = BodyFreezer(model, frozen_epochs, context.enabled) if frozen_epochs else None
     return Parts(
         model,
