@@ -151,6 +151,9 @@ class ModelSettings(_Section):
     # airbench only: epochs during which the whitening layer's bias trains; afterwards it is frozen, which also
     # spares the backward pass through the first convolution's input.
     whiten_bias_epochs: float = Field(3.0, ge=0)
+    # airbench only: the whitening bias's step size during those epochs. "main": the schedule every bias follows;
+    # "decay": its own, falling linearly from the biases' lr to 0 at the end of whiten_bias_epochs (the records').
+    whiten_bias_schedule: Literal["main", "decay"] = "main"
     # airbench models only: the activation inside the conv groups; None keeps the model's own (GELU).
     activation: Literal["gelu", "silu"] | None = None
     # Under a time budget on a CPU only: the activation instead (where it was measured to pay). None: `activation`.

@@ -138,6 +138,18 @@ def check_recipe(settings: Settings) -> Settings:
             ],
             hint="Leave data.val_size at auto (5,000 images) or give a number of images.",
         )
+    if settings.model.whiten_bias_schedule == "decay" and settings.scheduler.name in ("plateau", "onecycle"):
+        raise SettingsError(
+            "The whitening bias's own schedule needs a per-step main schedule.",
+            [
+                (
+                    "model.whiten_bias_schedule",
+                    f"decay has no place beside scheduler.name {settings.scheduler.name}, which sets every group's lr",
+                    "decay",
+                )
+            ],
+            hint="Use scheduler.name linear, cosine or none, or leave model.whiten_bias_schedule at main.",
+        )
     train = settings.train
     if train.freeze_epochs and not settings.starts_from_weights:
         raise SettingsError(

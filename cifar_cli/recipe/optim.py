@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,24 +16,34 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 
 
 def build_optimizer(
-    model: nn.Module, settings: OptimSettings, muon_dtype: torch.dtype = torch.bfloat16
+    model: nn.Module,
+    settings: OptimSettings,
+    muon_dtype: torch.dtype = torch.bfloat16,
+    decaying_apart: Sequence[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """Parameter groups: weights (`lr`, `weight_decay`) and normalisation/bias parameters (lr x `bias_lr_scale`,
     `bias_weight_decay`); with `muon`, the convolution filters form a third group that takes Muon steps, whose
-    orthogonalisation multiplies matrices in `muon_dtype` (the run's autocast dtype, else fp32)."""
-    weights, biases, filters = [], [], []
+    orthogonalisation multiplies matrices in `muon_dtype` (the run's autocast dtype, else fp32). Biases in
+    `decaying_apart` (airbench's whitening bias, on the records' schedule) form a group of their own, marked
+    `decays_apart`, whose lr build_scheduler decays on its own clock."""
+    apart = {id(parameter) for parameter in decaying_apart}
+    weights, biases, kept_apart, filters = [], [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias"):
+        if id(parameter) in apart:
+            kept_apart.append(parameter)
+        elif parameter.ndim <= 1 or name.endswith(".bias"):
             biases.append(parameter)
         elif settings.name == "muon" and parameter.ndim == 4:
             filters.append(parameter)
         else:
             weights.append(parameter)
+    bias_lr = settings.lr * settings.bias_lr_scale
     groups = [
         {"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay},
-        {"params": biases, "lr": settings.lr * settings.bias_lr_scale, "weight_decay": settings.bias_weight_decay},
+        {"params": biases, "lr": bias_lr, "weight_decay": settings.bias_weight_decay},
+        {"params": kept_apart, "lr": bias_lr, "weight_decay": settings.bias_weight_decay, "decays_apart": True},
         {"params": filters, "lr": settings.muon_lr, "momentum": settings.muon_momentum, "use_muon": True},
     ]
     groups = [group for group in groups if group["params"]]
@@ -81,9 +92,12 @@ def build_scheduler(
     epochs: int,
     steps_per_epoch: int,
     monitor_mode: str = "max",
+    apart_epochs: float = 0.0,
 ) -> Scheduler | None:
     """Per-step schedules (cosine, linear, onecycle, warm-up) or the per-epoch plateau schedule; None for `none`
-    without warm-up. `scheduler_steps_per_batch` tells the loop which kind it got."""
+    without warm-up. A group marked `decays_apart` (build_optimizer) falls linearly to 0 over its first
+    `apart_epochs` epochs instead, under a per-step schedule (settings.check_recipe refuses it beside the others).
+    `scheduler_steps_per_batch` tells the loop which kind it got."""
     total_steps = max(1, epochs * steps_per_epoch)
     warmup_steps = round(settings.warmup_epochs * steps_per_epoch)
     if settings.name == "plateau":
@@ -92,9 +106,12 @@ def build_scheduler(
         max_lrs = [group["lr"] for group in optimizer.param_groups]
         pct_start = warmup_steps / total_steps if warmup_steps else 0.25
         return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps, pct_start=min(pct_start, 0.9))
-    if settings.name == "none" and not warmup_steps:
+    decays_apart = [bool(group.get("decays_apart")) for group in optimizer.param_groups]
+    if settings.name == "none" and not warmup_steps and not any(decays_apart):
         return None
-    return LambdaLR(optimizer, _StepSchedule(settings, warmup_steps, total_steps))
+    main = _StepSchedule(settings, warmup_steps, total_steps)
+    apart = _DecayToZero(round(apart_epochs * steps_per_epoch))
+    return LambdaLR(optimizer, [apart if own else main for own in decays_apart])
 
 
 def restore_scheduler(scheduler: Scheduler, state: dict) -> None:
@@ -162,3 +179,17 @@ class _StepSchedule:
         if self.kind == "cosine":
             return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
         return 1 - (1 - self.final) * progress  # linear
+
+
+class _DecayToZero:
+    """lr multiplier falling linearly from 1 at step 0 to 0 at `steps`, then 0: airbench's whitening bias, whose
+    length is set in epochs, so a re-planned run keeps it (retarget does nothing)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def retarget(self, step: int, total_steps: int) -> None:
+        del step, total_steps
+
+    def __call__(self, step: int) -> float:
+        return max(0.0, 1 - step / self.steps) if self.steps > 0 else 0.0

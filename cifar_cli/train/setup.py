@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifar_cli.config.sections import DataSettings, TrainSettings
+from cifar_cli.config.sections import DataSettings, ModelSettings, TrainSettings
 from cifar_cli.config.settings import Settings
 from cifar_cli.data.loader import Augment, BatchLoader, normalize, stratified_split
 from cifar_cli.data.prepare import load_cache, read_spec
@@ -245,9 +245,16 @@ def build_parts(
     memory_format = torch.channels_last if settings.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     # Muon's matrix products in the step's precision: bf16 only where it was chosen for being fast here.
-    optimizer = build_optimizer(model, settings.optim, precision.autocast_dtype or torch.float32)
+    optimizer = build_optimizer(
+        model, settings.optim, precision.autocast_dtype or torch.float32, whitening_bias_apart(model, settings.model)
+    )
     scheduler = build_scheduler(
-        optimizer, settings.scheduler, settings.train.epochs, len(loader), settings.train.early_stopping.mode
+        optimizer,
+        settings.scheduler,
+        settings.train.epochs,
+        len(loader),
+        settings.train.early_stopping.mode,
+        apart_epochs=settings.model.whiten_bias_epochs,
     )
     train_model: nn.Module = model
     if context.enabled:
@@ -273,6 +280,14 @@ def build_parts(
         freezer,
         weight_average(model, settings, len(loader)),
     )
+
+
+def whitening_bias_apart(model: nn.Module, settings: ModelSettings) -> tuple[nn.Parameter, ...]:
+    """The whitening bias, where it follows a schedule of its own (airbench, `model.whiten_bias_schedule: decay`)."""
+    whiten = getattr(model, "whiten", None)
+    if settings.whiten_bias_schedule != "decay" or whiten is None or whiten.bias is None:
+        return ()
+    return (whiten.bias,)
 
 
 def weight_average(model: nn.Module, settings: Settings, steps_per_epoch: int) -> WeightAverage | None:
