@@ -111,3 +111,18 @@ def test_a_checkpoint_trained_with_silu_is_rebuilt_with_silu(tmp_path: Path, pre
     result = Trainer(tiny_settings(tmp_path, prepared_dir, *extra)).run()
     loaded = load_model(result.checkpoint_dir / "last.pth", torch.device("cpu"))
     assert {type(group.activation) for group in loaded.model.groups} == {torch.nn.SiLU}
+
+
+@pytest.mark.parametrize("name", ["airbench", "airbench-wide", "airbench-deep"])
+def test_the_records_head_pool_is_our_global_max_on_cifar_images(name: str) -> None:
+    """The records pool with MaxPool2d(3): the 2x2 whitening (no padding) leaves 31 px, the groups' pools 15, 7, 3,
+    so on a 32-px image that window is the whole 3x3 map, and our global max is the same reduction."""
+    torch.manual_seed(0)
+    model = build_model(name, 0.25).eval()
+    model.init_from_data(torch.randn(16, 3, 32, 32))
+    seen = []
+    model.pool.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    model(torch.randn(4, 3, 32, 32))
+    ((features, pooled),) = seen
+    assert features.shape[-2:] == (3, 3)
+    torch.testing.assert_close(pooled, torch.nn.MaxPool2d(3)(features), rtol=0, atol=0)

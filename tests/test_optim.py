@@ -147,3 +147,66 @@ def test_muon_orthogonalises_in_the_precision_it_is_given() -> None:
     model = build_model("airbench", 0.25)
     for dtype in (torch.float32, torch.bfloat16):
         assert build_optimizer(model, OptimSettings(name="muon"), dtype).matmul_dtype == dtype
+
+
+def _whitening_run(schedule: str, epochs: int = 8, steps_per_epoch: int = 10) -> tuple[torch.optim.Optimizer, object]:
+    """fast's optimiser and schedule for airbench with `model.whiten_bias_schedule=schedule`, as training builds them."""
+    from cifar_cli.config.settings import load_settings
+    from cifar_cli.train.setup import whitening_bias_apart
+
+    settings = load_settings(None, {"preset": "fast", "model": {"whiten_bias_schedule": schedule}})
+    model = build_model("airbench", 0.25)
+    optimizer = build_optimizer(model, settings.optim, torch.float32, whitening_bias_apart(model, settings.model))
+    scheduler = build_scheduler(
+        optimizer, settings.scheduler, epochs, steps_per_epoch, apart_epochs=settings.model.whiten_bias_epochs
+    )
+    return optimizer, scheduler
+
+
+def _lrs(optimizer: torch.optim.Optimizer, scheduler: object, steps: int) -> list[list[float]]:
+    seen = []
+    for _ in range(steps):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_the_whitening_bias_decays_to_zero_over_its_epochs_on_its_own_schedule() -> None:
+    """decay (the records'): the whitening bias's lr falls linearly from the biases' lr to 0 over
+    whiten_bias_epochs (3 x 10 steps); the other groups keep the main linear schedule over all 80 steps."""
+    optimizer, scheduler = _whitening_run("decay")
+    weights, biases, whitening, filters = optimizer.param_groups
+    assert whitening["decays_apart"] and len(whitening["params"]) == 1 and whitening["params"][0].shape == (24,)
+    seen = _lrs(optimizer, scheduler, 40)
+    bias_lr = biases["initial_lr"]
+    assert [lrs[2] for lrs in seen[:31:5]] == pytest.approx([bias_lr * (1 - s / 30) for s in range(0, 31, 5)])
+    assert {lrs[2] for lrs in seen[30:]} == {0.0}
+    assert [lrs[1] for lrs in seen] == pytest.approx([bias_lr * (1 - s / 80) for s in range(40)])
+    assert [lrs[3] for lrs in seen] == pytest.approx([filters["initial_lr"] * (1 - s / 80) for s in range(40)])
+
+
+def test_the_main_schedule_keeps_the_whitening_bias_among_the_biases() -> None:
+    optimizer, _ = _whitening_run("main")
+    assert len(optimizer.param_groups) == 3
+    assert not any(group.get("decays_apart") for group in optimizer.param_groups)
+
+
+def test_the_whitening_bias_schedule_survives_a_resume_and_a_re_plan() -> None:
+    """A resumed run (restore_scheduler) continues the decay where it was; a time budget's re-plan
+    (stretch_schedule) moves the main schedule's end but not the whitening bias's, set in epochs."""
+    from cifar_cli.recipe.optim import restore_scheduler, stretch_schedule
+
+    optimizer, scheduler = _whitening_run("decay")
+    _lrs(optimizer, scheduler, 12)
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
+    resumed_optimizer, resumed_scheduler = _whitening_run("decay")
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    restore_scheduler(resumed_scheduler, saved_scheduler)
+    resumed, continued = _lrs(resumed_optimizer, resumed_scheduler, 10), _lrs(optimizer, scheduler, 10)
+    assert sum(resumed, []) == pytest.approx(sum(continued, []))
+    assert stretch_schedule(scheduler, 22, 160)
+    after = _lrs(optimizer, scheduler, 10)  # steps 22-31
+    bias_lr = optimizer.param_groups[1]["initial_lr"]
+    assert [lrs[2] for lrs in after] == pytest.approx([bias_lr * max(0, 1 - s / 30) for s in range(22, 32)])
+    assert after[1][1] < after[0][1] and after[0][1] - after[1][1] == pytest.approx(bias_lr * (1 - 22 / 80) / 138)

@@ -73,6 +73,11 @@ def test_set_options_are_typed_yaml_scalars() -> None:
         ({"train": {"device": "tpu"}}, "train.device", "must be auto, cpu"),
         ({"train": {"epochs": "many"}}, "train.epochs", "valid integer"),
         ({"bogus": 1}, "bogus", "unknown setting"),
+        (
+            {"model": {"whiten_bias_schedule": "decay"}, "scheduler": {"name": "onecycle"}},
+            "model.whiten_bias_schedule",
+            "sets every group's lr",
+        ),
     ],
 )
 def test_rejections_name_field_problem_and_value(overrides: dict, field: str, problem: str) -> None:
