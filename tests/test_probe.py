@@ -236,6 +236,19 @@ def test_a_training_run_teaches_its_calibration(tmp_path: Path, prepared_dir: Pa
     assert min(steps) / 2 <= entry["learned_step_seconds"] <= max(steps) * 2
 
 
+def test_steps_short_of_the_batch_size_teach_the_cache_nothing(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:
+    """Batches of 1,000 on the tiny data's few hundred images: every step is a fraction of the batch the key names,
+    so its seconds would have a later run on the full data plan from far too fast a step."""
+    from cifar_cli.train.run import train
+    from tests.conftest import tiny_settings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = train(tiny_settings(tmp_path, prepared_dir, "train.epochs=2", "train.batch_size=1000"))
+    assert [record["steps"] for record in result.history] == [1, 1]
+    [entry] = json.loads((tmp_path / "cache" / "cifar" / "calibration.json").read_text()).values()
+    assert not entry.get("learned_epochs") and not entry.get("learned_step_seconds")
+
+
 def test_bench_recalibrate_forgets_and_measures_again(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     (tmp_path / "cifar").mkdir()

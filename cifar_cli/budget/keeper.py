@@ -22,6 +22,10 @@ DEADLINE_MARGIN_SECONDS = 2.0
 DEADLINE_MARGIN_SHARE = 0.02
 PACE_WINDOW = 3  # refresh intervals an in-epoch pace is measured over
 MIN_REFIT_STEPS = 1  # a refit that moves the run's end by fewer steps is not worth a schedule change
+# An epoch teaches the cache the seconds of a step of the key's batch size only where its steps held at least this
+# share of that batch on average: a training split smaller than one batch (tiny data, a subset) makes steps that
+# are faster than the key says, and a later run on the full data planned from one 2.4x too many epochs.
+FULL_STEP_SHARE = 0.9
 
 
 class BudgetKeeper:
@@ -43,10 +47,17 @@ class BudgetKeeper:
 
     def learn_speed(self, record: dict[str, Any], this_machine: bool) -> None:
         """The epoch's real speed into the calibration cache, for the next run's plan (`this_machine`: its speed
-        is what the cache key describes); epochs on smaller images teach nothing about full-size steps."""
-        if this_machine and record["steps"] and self.plan.step_cost(record["epoch"]) == 1.0:
+        is what the cache key describes); epochs on smaller images, or of steps short of the batch size, teach
+        nothing about full-size steps."""
+        if this_machine and record["steps"] and self.plan.step_cost(record["epoch"]) == 1.0 and self._full(record):
             eval_rate = self.eval_images / max(record["eval_seconds"], 1e-9)
             learn_from_epoch(self.plan.calibration, record["seconds"] / record["steps"], eval_rate)
+
+    def _full(self, record: dict[str, Any]) -> bool:
+        """Whether the epoch's steps were of about the batch size its speed is learned for."""
+        images_per_step = record["images_per_second"] * record["seconds"] / record["steps"]
+        batch_size = self.plan.calibration.key.get("batch_size") or 0
+        return images_per_step >= FULL_STEP_SHARE * batch_size
 
     def steps(self, epoch: int) -> int:
         return self.plan.steps_in_epoch(epoch)

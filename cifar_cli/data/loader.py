@@ -176,6 +176,11 @@ class BatchLoader:
         count = self.samples_per_rank
         return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
+    def images_in(self, steps: int) -> int:
+        """The images (on this rank) that the first `steps` batches of an epoch hold: a split smaller than one
+        batch makes a single short one."""
+        return min(steps * self.batch_size, self.samples_per_rank)
+
     def _order(self) -> torch.Tensor:
         if not self.train:
             return torch.arange(len(self.labels))

@@ -93,7 +93,7 @@ class EpochRunner:
         )
         report = report_from_predictions(evaluated, list(self.spec.class_names))
         eval_seconds = self.clock() - started - (seconds - self.earlier_seconds)
-        images_seen = steps_done * self.settings.train.batch_size * self.context.world_size
+        images_seen = self.loaders.train.images_in(steps_done) * self.context.world_size
         split = self.epoch_split
         return {
             "epoch": epoch,
@@ -276,7 +276,7 @@ class EpochRunner:
                 "loss": loss_total / done,
                 "accuracy": right / max(seen, 1.0),
                 "lr": self.parts.optimizer.param_groups[0]["lr"],
-                "images_per_second": done * self.settings.train.batch_size * self.context.world_size / elapsed,
+                "images_per_second": self.loaders.train.images_in(done) * self.context.world_size / elapsed,
                 "remaining_seconds": remaining.during_epoch(done),
             },
         )
