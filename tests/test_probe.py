@@ -234,26 +234,6 @@ def test_a_training_run_teaches_its_calibration(tmp_path: Path, prepared_dir: Pa
     assert entry["learned_epochs"] == 3 and entry["learned_step_seconds"] > 0
     steps = [record["seconds"] / record["steps"] for record in result.history]
     assert min(steps) / 2 <= entry["learned_step_seconds"] <= max(steps) * 2
-    # ... and its final evaluation: its real seconds over its passes at the last epoch's evaluation speed.
-    plain_rate = result.plan.val_images / result.history[-1]["eval_seconds"]
-    expected = result.final_metrics["final_eval_seconds"] / result.plan.final_pass_seconds_at(plain_rate)
-    assert entry["learned_final_ratio"] == pytest.approx(expected, rel=0.01)
-
-
-def test_the_plan_reserves_the_final_evaluation_as_slow_as_it_was_measured(fake_speeds, monkeypatch, tmp_path):
-    from cifar_cli.budget.plan import FINAL_OVERHEAD_SECONDS, RunPlan
-    from cifar_cli.budget.probe import learn_final_ratio
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    fake_speeds(AVX2_EPYC)
-    first = measure_speed(SEED_CNN, ADAM, 128, CPU)
-    plan = RunPlan(8, 1.0, 128, 100, 5000, 2, first, test_images=10_000)
-    assert plan.final_seconds_at(1000.0) == pytest.approx(10_000 * 6 / 1000 + FINAL_OVERHEAD_SECONDS)
-    learn_final_ratio(first, 1.5)
-    again = measure_speed(SEED_CNN, ADAM, 128, CPU)
-    assert again.learned_final_ratio == pytest.approx(1.5)
-    plan = RunPlan(8, 1.0, 128, 100, 5000, 2, again, test_images=10_000)
-    assert plan.final_seconds_at(1000.0) == pytest.approx(10_000 * 6 / 1000 * 1.5 + FINAL_OVERHEAD_SECONDS)
 
 
 def test_steps_short_of_the_batch_size_teach_the_cache_nothing(tmp_path: Path, prepared_dir: Path, monkeypatch) -> None:

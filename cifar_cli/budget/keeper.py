@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from cifar_cli.budget.plan import RunPlan, fit_steps
-from cifar_cli.budget.probe import learn_final_ratio, learn_from_epoch
+from cifar_cli.budget.probe import learn_from_epoch
 from cifar_cli.budget.refit import REPLAN_TARGET_SHARE, EpochTiming, Replan, replan
 from cifar_cli.recipe.optim import stretch_schedule
 from cifar_cli.runtime import distributed
@@ -53,17 +53,6 @@ class BudgetKeeper:
             eval_rate = self.eval_images / max(record["eval_seconds"], 1e-9)
             learn_from_epoch(self.plan.calibration, record["seconds"] / record["steps"], eval_rate)
 
-    def learn_final(self, final_eval_seconds: float, this_machine: bool) -> None:
-        """How much slower than plain passes the final evaluation's were (its test-time views), into the cache
-        for the next run's plan and deadlines: without it, a 7m30s budget ended 8 s late on a Xeon."""
-        if this_machine and self.timings:
-            estimate = self.plan.final_pass_seconds_at(self._eval_rate())
-            learn_final_ratio(self.plan.calibration, final_eval_seconds / max(estimate, 1e-9))
-
-    def _eval_rate(self) -> float:
-        """Images/s of the last epoch's evaluation."""
-        return self.eval_images / max(self.timings[-1].eval_seconds, 1e-6)
-
     def _full(self, record: dict[str, Any]) -> bool:
         """Whether the epoch's steps were of about the batch size its speed is learned for."""
         images_per_step = record["images_per_second"] * record["seconds"] / record["steps"]
@@ -82,7 +71,7 @@ class BudgetKeeper:
         return self.started + self.plan.budget_seconds - final - margin
 
     def _measured_final_seconds(self) -> float:
-        return self.plan.final_seconds_at(self._eval_rate())
+        return self.plan.final_seconds_at(self.eval_images / max(self.timings[-1].eval_seconds, 1e-6))
 
     def after_epoch(
         self, record: dict[str, Any], epoch_seconds: float, epochs_done: int, global_step: int, parts: Parts

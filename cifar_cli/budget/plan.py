@@ -103,15 +103,9 @@ class RunPlan:
         return self.final_seconds_at(self.calibration.eval_speed)
 
     def final_seconds_at(self, eval_images_per_second: float) -> float:
-        """The final evaluation (every test-time augmentation view) at this per-epoch evaluation speed, as far
-        slower as earlier runs' final evaluations were (Calibration.learned_final_ratio), in seconds."""
-        slower = self.calibration.learned_final_ratio or 1.0
-        return self.final_pass_seconds_at(eval_images_per_second) * slower + FINAL_OVERHEAD_SECONDS
-
-    def final_pass_seconds_at(self, eval_images_per_second: float) -> float:
-        """The final evaluation's forward passes, were they as fast as the per-epoch evaluation's, in seconds."""
+        """The final evaluation (every test-time augmentation view) at this evaluation speed, in seconds."""
         images = self.test_images or self.val_images
-        return images * final_views(self.tta_level, self.tta_share) / eval_images_per_second
+        return images * final_views(self.tta_level, self.tta_share) / eval_images_per_second + FINAL_OVERHEAD_SECONDS
 
     @property
     def total_seconds(self) -> float:

@@ -72,10 +72,6 @@ class Calibration:
     learned_step_seconds: float | None = None
     learned_eval_images_per_second: float | None = None
     learned_epochs: int = 0
-    # The final evaluation's real seconds over what the per-epoch evaluation's speed predicts for its passes
-    # (learn_final_ratio): its test-time views cost more than plain passes (pads, crops, flips: 1.5x on a Xeon
-    # with AMX). None: not yet measured, the passes taken at the plain speed.
-    learned_final_ratio: float | None = None
     # Distillation: the teacher's forward pass per training image, added to every step (recipe/distill.py).
     teacher_seconds_per_image: float = 0.0
     # train.low_res: image side in pixels -> a step on images that small as a share of a full-size step's seconds
@@ -252,26 +248,17 @@ def learn_from_epoch(calibration: Calibration, step_seconds: float, eval_images_
     """Fold one real epoch's speed into the cached entry of `calibration`'s key, so that the next run's plan starts
     from what real epochs measured; an estimate far from it (a probe taken while the machine was busy) is
     replaced. Best effort, like the cache itself."""
-    if step_seconds > 0 and eval_images_per_second > 0:
-        _learn(calibration, learned_step_seconds=step_seconds, learned_eval_images_per_second=eval_images_per_second)
-
-
-def learn_final_ratio(calibration: Calibration, ratio: float) -> None:
-    """Fold a final evaluation's real seconds over its estimate at the plain speed into the cached entry."""
-    if ratio > 0:
-        _learn(calibration, learned_final_ratio=ratio)
-
-
-def _learn(calibration: Calibration, **measured: float) -> None:
-    if not calibration.key:
+    if not calibration.key or step_seconds <= 0 or eval_images_per_second <= 0:
         return
     key_text = json.dumps(calibration.key, sort_keys=True)
     cache = _read_cache()
     entry = cache.get(key_text) or {k: v for k, v in asdict(calibration).items() if k not in ("key", "cached")}
-    for name, value in measured.items():
+    for name, value in (
+        ("learned_step_seconds", step_seconds),
+        ("learned_eval_images_per_second", eval_images_per_second),
+    ):
         entry[name] = _running(entry.get(name), value)
-    if "learned_step_seconds" in measured:
-        entry["learned_epochs"] = int(entry.get("learned_epochs") or 0) + 1
+    entry["learned_epochs"] = int(entry.get("learned_epochs") or 0) + 1
     _write_entries({**cache, key_text: entry})
 
 

@@ -212,10 +212,6 @@ class Trainer(RunPlanning):
         runner.teacher, runner.after_step, runner.stop = self.teacher, self.after_step, self.stop
         remaining = RemainingTime(self.run_plan, self.progress.epoch)
         stopped_early = False
-        # One process, no compile: other runs' speeds are another machine's, as far as the cache can tell.
-        # ... and no teacher: its passes are not this model's speed.
-        alone = self.context.is_main and not (self.context.enabled or self.settings.train.compile)
-        alone = alone and self.teacher is None
         try:
             # One epoch, in order: its steps and evaluation (loop.py, which may refit its length to the budget as it
             # goes), the budget re-planned, checkpoints and logs written, this machine's speed learned.
@@ -244,12 +240,15 @@ class Trainer(RunPlanning):
                 saving = self.clock()
                 stopped_early = self._after_epoch(record, logger, remaining) or bool(record.get("cut_short"))
                 self.save_seconds = self.clock() - saving
+                # One process, no compile: other runs' speeds are another machine's, as far as the cache can tell.
+                # ... and no teacher: its passes are not this model's speed.
+                alone = self.context.is_main and not (self.context.enabled or self.settings.train.compile)
+                alone = alone and self.teacher is None
                 budget.learn_speed(record, alone)
                 if self._stop_agreed() and not stopped_early and self.progress.epoch < self.settings.train.epochs:
                     raise self._stopped(self.stop.signum)  # between epochs: last.pth holds the one just done
             # A stop signal during the final evaluation waits for it: the run is then complete.
             final_metrics = self._finish(logger)
-            budget.learn_final(final_metrics["final_eval_seconds"], alone)
         except KeyboardInterrupt as interrupt:  # a second Ctrl-C, or a signal outside the steps
             raise self._stopped(getattr(interrupt, "signum", signal.SIGINT)) from None
         finally:
