@@ -24,7 +24,8 @@ PACE_WINDOW = 3  # refresh intervals an in-epoch pace is measured over
 MIN_REFIT_STEPS = 1  # a refit that moves the run's end by fewer steps is not worth a schedule change
 # An epoch teaches the cache the seconds of a step of the key's batch size only where its steps held at least this
 # share of that batch on average: a training split smaller than one batch (tiny data, a subset) makes steps that
-# are faster than the key says, and a later run on the full data planned from one 2.4x too many epochs.
+# are faster than the key says (a tiny-data run's 0.1 s against 1.7 s for a real 2,000-image step on a Xeon), and a
+# later full-data run planned 17 epochs where 12 fitted.
 FULL_STEP_SHARE = 0.9
 
 
